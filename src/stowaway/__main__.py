@@ -1,0 +1,5 @@
+"""`python -m stowaway` runs the CLI."""
+
+from stowaway.cli import main
+
+main()

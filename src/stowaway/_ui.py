@@ -1,0 +1,100 @@
+"""Terminal presentation for the CLI: rich progress bars and summary tables.
+
+Kept apart from the library so importing stowaway never imports rich; the CLI
+imports this module only when it draws something.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+def human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+class RichProgress:
+    """Adapter from stowaway.progress.Progress to a rich progress display."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._p = progress
+        self._tasks: dict[str, TaskID] = {}
+
+    def start(self, key: str, description: str, total: int | None) -> None:
+        self._tasks[key] = self._p.add_task(description, total=total)
+
+    def advance(self, key: str, amount: int) -> None:
+        if key in self._tasks:
+            self._p.advance(self._tasks[key], amount)
+
+    def finish(self, key: str) -> None:
+        task = self._tasks.pop(key, None)
+        if task is not None:
+            self._p.remove_task(task)
+
+
+@contextmanager
+def progress_display(enabled: bool) -> Iterator[RichProgress | None]:
+    """A live progress display on a terminal; nothing when output is not a TTY."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}", justify="left"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as p:
+        yield RichProgress(p)
+
+
+def short_paths(paths: list[str], limit: int = 2) -> str:
+    names = [p.rsplit("/", 1)[-1].split("-", 1)[-1] for p in paths]
+    if len(names) <= limit:
+        return " ".join(names) or "(customisation)"
+    return " ".join(names[:limit]) + f" +{len(names) - limit} more"
+
+
+def layer_table(title: str, rows: list[dict[str, Any]]) -> None:
+    """Print one row per layer: index, size, digest, reused, store paths."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("digest")
+    table.add_column("reused")
+    table.add_column("store paths")
+    for i, row in enumerate(rows):
+        table.add_row(
+            str(i),
+            human(int(row["size"])),
+            str(row.get("digest", ""))[7:19],
+            "yes" if row.get("reused") else "",
+            short_paths(list(row.get("store_paths", []))),
+        )
+    out.print(table)

@@ -1,0 +1,458 @@
+"""The `stowaway` command line: flag parsing and printing only; the work is library calls.
+
+Imports of heavy modules happen inside commands so `stowaway build` on a warm cache
+starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from stowaway import __version__
+from stowaway.errors import StowawayError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(err: StowawayError) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(1)
+
+
+def store_options(f: F) -> F:
+    """Flags that choose where store paths come from (shared by several commands)."""
+    for opt in reversed(
+        [
+            click.option(
+                "--store",
+                metavar="DIR",
+                help="Read store paths from DIR (e.g. a SAN mount of /nix/store) "
+                "instead of /nix/store.",
+            ),
+            click.option(
+                "--substituter",
+                "substituters",
+                multiple=True,
+                metavar="URL",
+                help="Binary cache (file:// or http(s)://) to take missing paths from; "
+                "repeatable, in priority order.",
+            ),
+            click.option(
+                "--trusted-public-key",
+                "trusted_keys",
+                multiple=True,
+                metavar="NAME:BASE64",
+                help="Key whose signatures are accepted on binary cache paths; repeatable.",
+            ),
+            click.option(
+                "--no-require-sigs",
+                is_flag=True,
+                help="Accept unsigned binary cache paths (trust the transport instead).",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def installable_options(f: F) -> F:
+    for opt in reversed(
+        [
+            click.argument("installables", nargs=-1),
+            click.option(
+                "-f",
+                "--file",
+                "nix_file",
+                metavar="FILE.nix",
+                help="Build FILE.nix with nix-build and use its outputs.",
+            ),
+            click.option(
+                "-A", "--attr", "attrs", multiple=True, help="Attribute of -f FILE to build."
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def layering_options(f: F) -> F:
+    for opt in reversed(
+        [
+            click.option(
+                "--max-layers",
+                default=100,
+                show_default=True,
+                type=int,
+                help="Most layers in the image, the customisation layer included (≤ 125).",
+            ),
+            click.option(
+                "--layering",
+                type=click.Choice(["auto", "popularity", "dominator"]),
+                default="auto",
+                show_default=True,
+                help="auto: stable groups for reuse across versions and images; "
+                "popularity: nixpkgs' popularity contest; dominator: Nixery's grouping.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _roots(installables: Sequence[str], nix_file: str | None, attrs: Sequence[str]) -> list[str]:
+    from stowaway import installables as inst
+
+    roots: list[str] = []
+    if nix_file:
+        roots += inst.build_nix_file(nix_file, attrs)
+    elif attrs:
+        raise StowawayError("-A/--attr needs -f FILE.nix")
+    roots += inst.resolve(installables)
+    if not roots:
+        raise StowawayError(
+            "nothing to build", hint="name store paths, ./result links, or -f FILE.nix"
+        )
+    return list(dict.fromkeys(roots))
+
+
+def _closure(
+    roots: Sequence[str],
+    store: str | None,
+    substituters: Sequence[str],
+    trusted_keys: Sequence[str],
+    no_require_sigs: bool,
+) -> tuple[Any, dict[str, Any]]:
+    from stowaway.store.sources import closure, open_sources
+
+    source = open_sources(store, substituters, trusted_keys, require_sigs=not no_require_sigs)
+    return source, closure(source, roots)
+
+
+def _split_command(value: str | None) -> list[str] | None:
+    """`--entrypoint` / `--cmd` take a JSON array or a shell-quoted string."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError as e:
+            raise StowawayError(f"invalid JSON array {value!r}: {e}") from None
+        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+            raise StowawayError(f"{value!r} must be a JSON array of strings")
+        return parsed
+    return shlex.split(value)
+
+
+def _created(value: str | None) -> int:
+    if value is None:
+        return 1
+    if value.isdigit():
+        return int(value)
+    if value == "now":
+        return int(datetime.now().timestamp())
+    try:
+        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        raise StowawayError(
+            f"--created {value!r} is neither epoch seconds, RFC 3339 nor 'now'"
+        ) from None
+
+
+def _labels(values: Sequence[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key:
+            raise StowawayError(f"--label {v!r} must look like KEY=VALUE")
+        labels[key] = val
+    return labels
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="stowaway")
+def main() -> None:
+    """stowaway — Nix store paths as container images.
+
+    \b
+    Examples:
+      stowaway build ./result -o oci:img:latest --entrypoint /bin/app
+      stowaway build -f app.nix -A server -o docker://localhost:5000/app:1 --dest-tls-verify=false
+      stowaway plan ./result --json
+      stowaway inspect oci:img:latest
+    """
+
+
+@main.command()
+@installable_options
+@store_options
+@layering_options
+@click.option(
+    "-o",
+    "--output",
+    "target",
+    required=True,
+    metavar="TARGET",
+    help="oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG] "
+    "or docker://HOST/REPO[:TAG].",
+)
+@click.option("--format", "fmt", type=click.Choice(["oci", "docker"]), default="oci",
+              show_default=True, help="OCI or Docker schema 2 media types.")
+@click.option("--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip",
+              show_default=True)
+@click.option("--compression-level", type=int, default=None,
+              help="Level for the compressor (gzip 1-9, default 6; zstd 1-19, default 3).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Layer cache (default: $XDG_CACHE_HOME/stowaway).")
+@click.option("--jobs", type=int, default=None, help="Parallel layer builds (default: cores).")
+@click.option("--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".')
+@click.option("--cmd", default=None, help="Default arguments (JSON array or shell words).")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable.")
+@click.option("--workdir", default=None)
+@click.option("--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd.")
+@click.option("--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable.")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable.")
+@click.option("--contents", multiple=True, metavar="STOREPATH",
+              help="Symlink this store path's tree into / (like buildEnv); repeatable.")
+@click.option("--created", default=None,
+              help="Creation time: epoch seconds, RFC 3339 or 'now' (default: epoch 1).")
+@click.option("--dest-tls-verify", type=bool, default=True, show_default=True,
+              help="For docker:// targets; false allows plain HTTP (loopback registries).")
+@click.option("--dest-creds", default=None, metavar="USER:PASS",
+              help="Credentials for docker:// targets.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
+def build(
+    installables: tuple[str, ...],
+    nix_file: str | None,
+    attrs: tuple[str, ...],
+    store: str | None,
+    substituters: tuple[str, ...],
+    trusted_keys: tuple[str, ...],
+    no_require_sigs: bool,
+    max_layers: int,
+    layering: str,
+    target: str,
+    fmt: str,
+    compression: str,
+    compression_level: int | None,
+    cache_dir: str | None,
+    jobs: int | None,
+    entrypoint: str | None,
+    cmd: str | None,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    expose: tuple[str, ...],
+    labels: tuple[str, ...],
+    contents: tuple[str, ...],
+    created: str | None,
+    dest_tls_verify: bool,
+    dest_creds: str | None,
+    as_json: bool,
+) -> None:
+    """Compose an image from Nix store paths and write it to TARGET.
+
+    Layers are cached by content: a layer is tarred and compressed once, ever.
+
+    \b
+    Examples:
+      stowaway build ./result -o oci:out:latest --entrypoint '["/bin/hello"]'
+      stowaway build /nix/store/…-app --contents /nix/store/…-busybox \\
+          -o docker-archive:app.tar:app:1 --format docker
+      stowaway build ./result --substituter file:///srv/cache \\
+          --trusted-public-key cache-1:AbC…= -o oci-archive:app.tar
+    """
+    try:
+        from stowaway.image.compose import compose
+        from stowaway.image.config import ImageOptions
+        from stowaway.image.layer_cache import LayerCache, default_cache_dir
+        from stowaway.image.layers import LayerSettings
+        from stowaway.image.tar import default_mtime
+        from stowaway.sinks import parse_target, write_image
+
+        dest = parse_target(target)
+        creds = None
+        if dest_creds is not None:
+            u, sep, p = dest_creds.partition(":")
+            if not sep:
+                raise StowawayError("--dest-creds must look like USER:PASS")
+            creds = (u, p)
+        roots = _roots(installables, nix_file, attrs)
+        from stowaway.installables import resolve
+
+        contents_paths = resolve(contents)
+        source, clo = _closure(
+            [*roots, *contents_paths], store, substituters, trusted_keys, no_require_sigs
+        )
+        options = ImageOptions(
+            entrypoint=_split_command(entrypoint),
+            cmd=_split_command(cmd),
+            env=list(env),
+            workdir=workdir,
+            user=user,
+            expose=list(expose),
+            labels=_labels(labels),
+            contents=contents_paths,
+            created=_created(created),
+        )
+        settings = LayerSettings(
+            compression=compression,  # type: ignore[arg-type]
+            level=compression_level,
+            mtime=default_mtime(),
+        )
+        cache = LayerCache(Path(cache_dir) if cache_dir else default_cache_dir())
+        from stowaway._ui import progress_display
+
+        with progress_display(not as_json) as prog:
+            kwargs: dict[str, Any] = {"progress": prog} if prog else {}
+            result = compose(
+                source,
+                [*roots, *contents_paths],
+                options,
+                closure=clo,
+                strategy=layering,
+                max_layers=max_layers,
+                settings=settings,
+                cache=cache,
+                format=fmt,  # type: ignore[arg-type]
+                **kwargs,
+            )
+            sink_result = write_image(
+                result.image, dest, tls_verify=dest_tls_verify, creds=creds, **kwargs
+            )
+    except StowawayError as e:
+        _fail(e)
+        return
+    image = result.image
+    rows = [
+        {
+            "digest": layer.digest,
+            "diff_id": layer.diff_id,
+            "size": layer.size,
+            "store_paths": list(layer.store_paths),
+            "reused": bool(layer.reused),
+        }
+        for layer in image.layers
+    ]
+    summary: dict[str, Any] = {
+        "target": target,
+        "manifest_digest": image.manifest.digest,
+        "config_digest": image.config.digest,
+        "layers": rows,
+    }
+    extra = getattr(sink_result, "to_json", None)
+    if callable(extra):
+        summary["sink"] = extra()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    from stowaway._ui import human, layer_table, out
+
+    layer_table(f"{target}  {image.manifest.digest}", rows)
+    built = sum(1 for r in rows if not r["reused"])
+    out.print(
+        f"{len(rows)} layers, {human(sum(r['size'] for r in rows))}; "
+        f"{built} built or uploaded, {len(rows) - built} reused"
+    )
+
+
+@main.command()
+@installable_options
+@store_options
+@layering_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(
+    installables: tuple[str, ...],
+    nix_file: str | None,
+    attrs: tuple[str, ...],
+    store: str | None,
+    substituters: tuple[str, ...],
+    trusted_keys: tuple[str, ...],
+    no_require_sigs: bool,
+    max_layers: int,
+    layering: str,
+    as_json: bool,
+) -> None:
+    """Show how the closure would be split into layers, without building anything.
+
+    \b
+    Examples:
+      stowaway plan ./result
+      stowaway plan ./result --layering popularity --max-layers 20 --json
+    """
+    try:
+        from stowaway.layering import plan as make_plan
+
+        roots = _roots(installables, nix_file, attrs)
+        _, clo = _closure(roots, store, substituters, trusted_keys, no_require_sigs)
+        result = make_plan(clo, roots, strategy=layering, max_layers=max_layers)
+    except StowawayError as e:
+        _fail(e)
+        return
+    layers = [
+        {
+            "paths": list(layer.paths),
+            "size": layer.size,
+            "sizes": {p: clo[p].nar_size for p in layer.paths},
+        }
+        for layer in result.layers
+    ]
+    if as_json:
+        doc = {
+            "strategy": result.strategy,
+            "roots": roots,
+            "closure_size": sum(i.nar_size for i in clo.values()),
+            "paths": len(clo),
+            "layers": layers,
+        }
+        click.echo(json.dumps(doc, indent=2))
+        return
+    from stowaway._ui import human, layer_table, out
+
+    layer_table(
+        f"plan ({result.strategy}): {len(clo)} paths in {len(layers)} store layers "
+        "+ customisation",
+        [{"size": layer["size"], "store_paths": layer["paths"]} for layer in layers],
+    )
+    out.print(f"closure: {human(sum(i.nar_size for i in clo.values()))}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def inspect(target: str, as_json: bool) -> None:
+    """Show an image's layers and the store paths each one holds.
+
+    TARGET is oci:DIR[:TAG] or oci-archive:FILE[:TAG].
+
+    \b
+    Examples:
+      stowaway inspect oci:out:latest
+      stowaway inspect oci-archive:app.tar --json
+    """
+    try:
+        from stowaway.sinks.inspect import read_image_summary
+
+        summary = read_image_summary(target)
+    except StowawayError as e:
+        _fail(e)
+        return
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    from stowaway._ui import layer_table
+
+    layer_table(f"{target}  {summary['manifest_digest']}", summary["layers"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,96 @@
+"""Read back an image written by a sink: its manifest and the store paths per layer.
+
+The store paths come from the ``containerd.io/snapshot/stowaway.paths.<i>``
+annotations the composer writes, so this works on any stowaway-built image.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from stowaway.errors import StowawayError
+from stowaway.store.model import STORE_DIR
+
+PATHS_PREFIX = "containerd.io/snapshot/stowaway.paths."
+
+
+def store_paths_from_annotations(annotations: dict[str, str]) -> list[str]:
+    """Join the split ``stowaway.paths.<i>`` annotation values back into full paths."""
+    keys = sorted(
+        (k for k in annotations if k.startswith(PATHS_PREFIX)),
+        key=lambda k: int(k[len(PATHS_PREFIX) :]) if k[len(PATHS_PREFIX) :].isdigit() else -1,
+    )
+    return [f"{STORE_DIR}/{b}" for k in keys for b in annotations[k].split()]
+
+
+class _Layout:
+    """Reads files of an OCI layout from a directory or from an oci-archive tarball."""
+
+    def __init__(self, kind: str, location: str) -> None:
+        self.kind = kind
+        self.location = location
+        self._tar: tarfile.TarFile | None = None
+        if kind == "oci-archive":
+            try:
+                self._tar = tarfile.open(location)
+            except (OSError, tarfile.TarError) as e:
+                raise StowawayError(f"cannot read OCI archive {location}: {e}") from None
+
+    def read(self, name: str) -> bytes:
+        try:
+            if self._tar is not None:
+                member = self._tar.extractfile(name)
+                if member is None:
+                    raise KeyError(name)
+                return member.read()
+            return (Path(self.location) / name).read_bytes()
+        except (KeyError, OSError):
+            raise StowawayError(f"{self.kind}:{self.location} has no {name}") from None
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name))
+        except ValueError as e:
+            raise StowawayError(f"{self.kind}:{self.location}: {name} is not JSON: {e}") from None
+
+
+def read_image_summary(target: str) -> dict[str, Any]:
+    """Manifest digest, config digest and layers (digest, size, store paths) of an image."""
+    kind, _, rest = target.partition(":")
+    if kind not in ("oci", "oci-archive") or not rest:
+        raise StowawayError(
+            f"cannot inspect {target!r}", hint="use oci:DIR[:TAG] or oci-archive:FILE[:TAG]"
+        )
+    location, _, tag = rest.partition(":")
+    layout = _Layout(kind, location)
+    index = layout.json("index.json")
+    manifests = index.get("manifests", [])
+    if tag:
+        manifests = [
+            m
+            for m in manifests
+            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
+        ]
+    if not manifests:
+        raise StowawayError(f"no image{' tagged ' + tag if tag else ''} in {target}")
+    desc = manifests[0]
+    algo, _, hexdigest = str(desc["digest"]).partition(":")
+    manifest = layout.json(f"blobs/{algo}/{hexdigest}")
+    layers = [
+        {
+            "digest": layer["digest"],
+            "size": layer["size"],
+            "media_type": layer.get("mediaType", ""),
+            "store_paths": store_paths_from_annotations(layer.get("annotations", {})),
+        }
+        for layer in manifest.get("layers", [])
+    ]
+    return {
+        "manifest_digest": desc["digest"],
+        "config_digest": manifest["config"]["digest"],
+        "media_type": manifest.get("mediaType", desc.get("mediaType", "")),
+        "layers": layers,
+    }

@@ -1,0 +1,365 @@
+"""A small client for the OCI distribution API: scheme discovery, auth, retries.
+
+Blocking ``http.client`` on a thread pool rather than aiohttp: pushes are a handful
+of large streaming requests, threads release the GIL on socket I/O and hashing, and
+the stdlib keeps the CLI's import cost near zero. One keep-alive connection per
+thread and origin.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from email.message import Message
+from typing import Protocol
+from urllib.parse import urlencode, urljoin, urlsplit
+
+from stowaway.errors import RegistryError
+from stowaway.registry.errors import RegistryApiError
+
+__all__ = ["RegistryClient", "Response", "CREDS_HINT"]
+
+#: Told to the user whenever a registry refuses us for lack of credentials.
+CREDS_HINT = "pass --dest-creds USER:PASS (or a token the registry accepts)"
+
+#: Read and send size for streamed bodies.
+CHUNK = 1 << 20
+#: Attempts for one request when the registry answers a temporary error.
+ATTEMPTS = 4
+#: First backoff delay in seconds; doubles on each retry.
+BACKOFF = 0.25
+
+_PARAM = re.compile(r'([A-Za-z_]+)=(?:"([^"]*)"|([^,\s]*))')
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1) -> bytes: ...
+
+
+@dataclass
+class Response:
+    status: int
+    headers: Message
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+
+@dataclass(frozen=True)
+class _Challenge:
+    scheme: str  # "basic" or "bearer"
+    params: Mapping[str, str]
+
+
+def parse_challenge(value: str) -> _Challenge:
+    """Parse one ``WWW-Authenticate`` value (``Bearer realm="…",service="…"``)."""
+    scheme, _, rest = value.strip().partition(" ")
+    params = {m[1].lower(): m[2] if m[2] or not m[3] else m[3] for m in _PARAM.finditer(rest)}
+    return _Challenge(scheme.lower(), params)
+
+
+class RegistryClient:
+    """Talks to one registry host; thread-safe (one connection per thread and origin)."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        tls_verify: bool = True,
+        creds: tuple[str, str] | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        self.host = host
+        self.tls_verify = tls_verify
+        self.creds = creds
+        self.timeout = timeout
+        self.base = f"https://{host}"
+        self._challenge: _Challenge | None = None
+        self._scopes: tuple[str, ...] = ()
+        self._tokens: dict[tuple[str, ...], str] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._all_conns: list[http.client.HTTPConnection] = []
+
+    # -- setup -----------------------------------------------------------------
+
+    def ping(self) -> None:
+        """``GET /v2/``: pick the scheme (https; http only when tls_verify is off)
+        and learn how the registry wants us to authenticate."""
+        schemes = ["https"] if self.tls_verify else ["https", "http"]
+        last: Exception | None = None
+        for scheme in schemes:
+            self.base = f"{scheme}://{self.host}"
+            try:
+                resp = self._once("GET", self.base + "/v2/", {}, None)
+            except (ssl.SSLError, ConnectionError, OSError) as e:
+                last = e
+                continue
+            if resp.status == 401:
+                self._challenge = self._parse_401(resp)
+                if self._challenge.scheme == "basic" and self.creds is None:
+                    raise self._unauthorized(resp, self.base + "/v2/")
+            elif resp.status != 200:
+                raise RegistryApiError.from_response(resp.status, resp.body)
+            return
+        raise self._connect_error(f"{schemes[-1]}://{self.host}/v2/", last)
+
+    def authorize(self, scopes: Sequence[str]) -> None:
+        """Scopes to ask a token server for (``repository:<repo>:pull,push``)."""
+        self._scopes = tuple(scopes)
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all_conns = self._all_conns, []
+        for c in conns:
+            c.close()
+
+    # -- requests --------------------------------------------------------------
+
+    def url(self, path: str, **query: str) -> str:
+        """Absolute URL for a ``/v2/...`` path or a ``Location`` header (relative or not)."""
+        url = urljoin(self.base + "/", path)
+        if query:
+            url += ("&" if urlsplit(url).query else "?") + urlencode(query)
+        return url
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        ok: Collection[int],
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> Response:
+        """One request with a replayable body; retries temporary failures with
+        backoff and re-authenticates once on 401; raises ``RegistryApiError``."""
+        delay = BACKOFF
+        reauthed = False
+        attempt = 1
+        while True:
+            try:
+                resp = self._once(method, url, self._auth(url, headers), body)
+            except (
+                ConnectionResetError,
+                BrokenPipeError,
+                TimeoutError,
+                http.client.HTTPException,
+            ) as e:
+                # a keep-alive connection the server closed, or a hiccup: retry afresh
+                if attempt >= ATTEMPTS:
+                    raise self._connect_error(url, e) from e
+            except OSError as e:
+                raise self._connect_error(url, e) from e
+            else:
+                if resp.status in ok:
+                    return resp
+                if resp.status == 401 and not reauthed and self._reauth(resp):
+                    reauthed = True
+                    continue
+                err = self.error(resp, url)
+                if not isinstance(err, RegistryApiError) or not err.temporary:
+                    raise err
+                if attempt >= ATTEMPTS:
+                    raise err
+            time.sleep(delay)
+            delay *= 2
+            attempt += 1
+
+    def send_stream(
+        self,
+        method: str,
+        url: str,
+        reader: Readable,
+        size: int,
+        *,
+        ok: Collection[int],
+        headers: Mapping[str, str] | None = None,
+        on_sent: Callable[[int], None] = lambda n: None,
+    ) -> Response:
+        """Stream ``size`` bytes from ``reader`` as the body (not retried: the caller
+        restarts the upload). Each chunk is sent only after the next one was read,
+        so a reader that raises at end-of-file (digest mismatch) stops us before
+        the request is complete and the registry never commits bad bytes."""
+        hdrs = dict(self._auth(url, headers))
+        hdrs["Content-Length"] = str(size)
+        conn, target = self._conn(url)
+        try:
+            conn.putrequest(method, target, skip_accept_encoding=True)
+            for k, v in hdrs.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            pending = reader.read(CHUNK)
+            sent = 0
+            while pending:
+                nxt = reader.read(CHUNK)
+                sent += len(pending)
+                if sent > size:
+                    raise RegistryError(f"{url}: body is longer than the declared {size} bytes")
+                conn.send(pending)
+                on_sent(len(pending))
+                pending = nxt
+            if sent != size:
+                raise RegistryError(f"{url}: body ended after {sent} of {size} bytes")
+            resp = self._read(conn)
+        except BaseException:
+            self._drop(url)
+            raise
+        if resp.status not in ok:
+            raise self.error(resp, url)
+        return resp
+
+    def error(self, resp: Response, url: str) -> RegistryError:
+        """The registry's error for a failed response, with a hint where we have one."""
+        if resp.status == 401:
+            return self._unauthorized(resp, url)
+        err = RegistryApiError.from_response(resp.status, resp.body)
+        err.message = f"{err.message} ({_where(url)})"
+        if resp.status == 403:
+            err.hint = f"the credentials lack push access; {CREDS_HINT}"
+        return err
+
+    # -- internals -------------------------------------------------------------
+
+    def _once(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None
+    ) -> Response:
+        conn, target = self._conn(url)
+        try:
+            conn.request(method, target, body=body, headers=dict(headers))
+            return self._read(conn, head=method == "HEAD")
+        except BaseException:
+            self._drop(url)
+            raise
+
+    def _read(self, conn: http.client.HTTPConnection, *, head: bool = False) -> Response:
+        r = conn.getresponse()
+        body = b"" if head else r.read()
+        if r.will_close:
+            conn.close()
+        return Response(r.status, r.headers, body)
+
+    def _conn(self, url: str) -> tuple[http.client.HTTPConnection, str]:
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        conns: dict[tuple[str, str], http.client.HTTPConnection] = self._local.__dict__.setdefault(
+            "conns", {}
+        )
+        conn = conns.get(key)
+        if conn is None:
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    parts.netloc, timeout=self.timeout, context=self._ssl_context()
+                )
+            elif parts.scheme == "http":
+                conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+            else:
+                raise RegistryError(f"unsupported URL scheme in {url}")
+            conns[key] = conn
+            with self._lock:
+                self._all_conns.append(conn)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        return conn, target
+
+    def _drop(self, url: str) -> None:
+        parts = urlsplit(url)
+        conn = self._local.__dict__.get("conns", {}).pop((parts.scheme, parts.netloc), None)
+        if conn is not None:
+            conn.close()
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        if not self.tls_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def _auth(self, url: str, headers: Mapping[str, str] | None) -> Mapping[str, str]:
+        out = dict(headers or {})
+        out.setdefault("User-Agent", "stowaway")
+        if urlsplit(url).netloc != urlsplit(self.base).netloc or self._challenge is None:
+            return out  # never leak credentials to another origin (e.g. a blob store)
+        if self._challenge.scheme == "basic" and self.creds is not None:
+            out["Authorization"] = "Basic " + _b64(f"{self.creds[0]}:{self.creds[1]}")
+        elif self._challenge.scheme == "bearer":
+            out["Authorization"] = "Bearer " + self._token(self._challenge, self._scopes)
+        return out
+
+    def _token(self, challenge: _Challenge, scopes: tuple[str, ...]) -> str:
+        key = (challenge.params.get("realm", ""), challenge.params.get("service", ""), *scopes)
+        with self._lock:
+            cached = self._tokens.get(key)
+        if cached is not None:
+            return cached
+        realm = challenge.params.get("realm")
+        if not realm:
+            raise RegistryError(f"{self.base}/v2/: Bearer challenge without a realm")
+        query = [("scope", s) for s in scopes]
+        if "service" in challenge.params:
+            query.insert(0, ("service", challenge.params["service"]))
+        url = realm + ("&" if urlsplit(realm).query else "?") + urlencode(query)
+        headers = {"User-Agent": "stowaway"}
+        if self.creds is not None:
+            headers["Authorization"] = "Basic " + _b64(f"{self.creds[0]}:{self.creds[1]}")
+        try:
+            resp = self._once("GET", url, headers, None)
+        except OSError as e:
+            raise self._connect_error(url, e) from e
+        if resp.status == 401:
+            raise self._unauthorized(resp, url)
+        if resp.status != 200:
+            raise RegistryApiError.from_response(resp.status, resp.body)
+        try:
+            doc = json.loads(resp.body)
+            token = str(doc.get("token") or doc["access_token"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RegistryError(f"token server {realm} answered no token") from e
+        with self._lock:
+            self._tokens[key] = token
+        return token
+
+    def _reauth(self, resp: Response) -> bool:
+        """A 401 after ping: for Bearer, fetch a token for the challenge's scope."""
+        challenge = self._parse_401(resp)
+        if challenge.scheme != "bearer":
+            return False
+        self._challenge = challenge
+        extra = challenge.params.get("scope", "").split()
+        self._scopes = tuple(dict.fromkeys([*self._scopes, *extra]))
+        return True
+
+    def _parse_401(self, resp: Response) -> _Challenge:
+        for value in resp.headers.get_all("WWW-Authenticate") or []:
+            challenge = parse_challenge(value)
+            if challenge.scheme in ("basic", "bearer"):
+                return challenge
+        return _Challenge("basic", {})
+
+    def _unauthorized(self, resp: Response, url: str) -> RegistryError:
+        detail = RegistryApiError.from_response(resp.status, resp.body).message
+        how = "the credentials were refused" if self.creds else "no credentials were given"
+        return RegistryError(f"{url}: unauthorized ({how}): {detail}", hint=CREDS_HINT)
+
+    def _connect_error(self, url: str, e: BaseException | None) -> RegistryError:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return RegistryError(f"cannot reach registry at {url}: {why}")
+
+
+def _where(url: str) -> str:
+    """The URL without its (long, opaque) query, to name where an error happened."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()

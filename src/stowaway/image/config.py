@@ -1,0 +1,298 @@
+"""Image options, the customisation layer and the image config JSON.
+
+The customisation layer is the only part of an image that is not a store path:
+``/tmp``, ``/etc/passwd``/``/etc/group`` and buildEnv-style symlinks that make the
+``contents`` paths visible at ``/bin``, ``/etc``, ... It is described first as a
+small sorted list of members, so its tar entries and its cache key come from the
+same data and the layer is cached like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from stowaway.errors import StowawayError
+from stowaway.image.model import TarEntry
+from stowaway.store.model import STORE_DIR, PathInfo, StoreSource
+
+#: PATH set when ``contents`` are given and the user sets none (Docker's default).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+           "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x",
+           "riscv64": "riscv64"}  # fmt: skip
+_PORT = re.compile(r"^([0-9]{1,5})(?:/(tcp|udp|sctp))?$")
+_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
+_ENV_KEY = re.compile(r"^[^=\x00]+$")
+_UNNAMED_UID = 1000
+
+
+class ImageOptionError(StowawayError):
+    """An image option (env, expose, user, contents, ...) that cannot be used."""
+
+
+def default_architecture() -> str:
+    """The OCI architecture name of this machine (``amd64`` on x86_64)."""
+    machine = platform.machine().lower()
+    return _ARCHES.get(machine, machine)
+
+
+def rfc3339(epoch: int) -> str:
+    """``1`` → ``1970-01-01T00:00:01Z`` (UTC, no fractions: reproducible)."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class ImageOptions:
+    """What the user says about the image beyond its store paths.
+
+    ``user`` is ``NAME``, ``UID``, ``NAME:GROUP`` or ``UID:GID``; ``expose`` items are
+    ``PORT[/tcp|udp|sctp]``; ``contents`` are store paths linked into ``/``;
+    ``created`` is epoch seconds. Validated on construction.
+    """
+
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    env: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    expose: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    contents: list[str] = field(default_factory=list)
+    created: int = 1
+    architecture: str = field(default_factory=default_architecture)
+    os: str = "linux"
+
+    def __post_init__(self) -> None:
+        for item in self.env:
+            key, sep, _ = item.partition("=")
+            if not sep or not _ENV_KEY.match(key):
+                raise ImageOptionError(
+                    f"environment entry {item!r} must look like KEY=VALUE with a non-empty KEY"
+                )
+        for port in self.expose:
+            m = _PORT.match(port)
+            if not m or not 1 <= int(m.group(1)) <= 65535:
+                raise ImageOptionError(
+                    f"exposed port {port!r} must look like PORT[/tcp|/udp|/sctp] "
+                    "with PORT in 1..65535"
+                )
+        if self.workdir is not None and not self.workdir.startswith("/"):
+            raise ImageOptionError(f"working directory {self.workdir!r} must be an absolute path")
+        if self.user is not None:
+            parse_user(self.user)
+        if self.created < 0:
+            raise ImageOptionError(f"creation time {self.created} is before 1970")
+        for path in self.contents:
+            if not path.startswith(STORE_DIR + "/") or "/" in path[len(STORE_DIR) + 1 :]:
+                raise ImageOptionError(f"contents path {path!r} is not a store path")
+
+
+@dataclass(frozen=True)
+class UserSpec:
+    """The passwd/group entries a ``--user`` value implies."""
+
+    name: str
+    uid: int
+    group: str
+    gid: int
+
+
+def parse_user(value: str) -> UserSpec:
+    """``app`` → app 1000:1000; ``1000:100`` → user1000/group100; ``root`` → 0:0.
+
+    Named users get uid 1000 (the first regular uid) so files stay writable to them
+    in volumes; numeric ids get a synthetic name so ``getpwuid`` works in the image.
+    """
+    user, sep, group = value.partition(":")
+    if not user or (sep and not group):
+        raise ImageOptionError(f"user {value!r} must look like NAME, UID, NAME:GROUP or UID:GID")
+    uid = _id_or_none(user, value)
+    if uid is None:
+        name = user
+        uid = 0 if user == "root" else _UNNAMED_UID
+    else:
+        name = "root" if uid == 0 else f"user{uid}"
+    if not sep:
+        return UserSpec(name, uid, name, uid)
+    gid = _id_or_none(group, value)
+    if gid is None:
+        return UserSpec(name, uid, group, 0 if group == "root" else uid or _UNNAMED_UID)
+    gname = "root" if gid == 0 else (name if gid == uid else f"group{gid}")
+    return UserSpec(name, uid, gname, gid)
+
+
+def _id_or_none(part: str, whole: str) -> int | None:
+    if part.isdigit():
+        if int(part) > 2**31 - 1:
+            raise ImageOptionError(f"id {part} in user {whole!r} is out of range")
+        return int(part)
+    if not _NAME.match(part):
+        raise ImageOptionError(
+            f"name {part!r} in user {whole!r} is not a valid user/group name "
+            "(lowercase letters, digits, '_' and '-', at most 31 characters)"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: bytes
+    kind: Literal["regular", "directory", "symlink"]
+    mode: int
+    data: bytes = b""
+    target: bytes = b""
+
+
+@dataclass(frozen=True)
+class Customisation:
+    """The customisation layer's members (sorted) and a stable cache key for them."""
+
+    members: tuple[_Member, ...]
+
+    @property
+    def key(self) -> str:
+        """sha256 over a canonical description of every member: same contents, same key."""
+        desc = [
+            [m.name.hex(), m.kind, m.mode, hashlib.sha256(m.data).hexdigest(), m.target.hex()]
+            for m in self.members
+        ]
+        digest = hashlib.sha256(json.dumps(desc, separators=(",", ":")).encode()).hexdigest()
+        return f"customisation-v1:{digest}"
+
+    def entries(self) -> Iterator[TarEntry]:
+        for m in self.members:
+            yield TarEntry(m.name, m.kind, m.mode, len(m.data), m.target, iter((m.data,)))
+
+
+def plan_customisation(
+    options: ImageOptions, source: StoreSource, closure: Mapping[str, PathInfo] | None = None
+) -> Customisation:
+    """Describe the customisation layer; with ``closure``, check ``contents`` are in it."""
+    members: dict[bytes, _Member] = {}
+    owner: dict[bytes, str] = {}
+    for name in (b"etc", b"tmp"):
+        members[name] = _Member(name, "directory", 0o1777 if name == b"tmp" else 0o755)
+        owner[name] = "the image's /" + name.decode()
+    passwd, group = _account_files(options.user)
+    for name, data in ((b"etc/passwd", passwd), (b"etc/group", group)):
+        members[name] = _Member(name, "regular", 0o644, data)
+        owner[name] = "the image's /" + name.decode()
+    for path in options.contents:
+        if closure is not None and path not in closure:
+            raise ImageOptionError(
+                f"contents path {path} is not in the image's closure",
+                hint="pass it as a root too, or build it first",
+            )
+        _link_contents(source, path, members, owner)
+    return Customisation(tuple(members[k] for k in sorted(members)))
+
+
+def customisation_entries(options: ImageOptions, source: StoreSource) -> Iterator[TarEntry]:
+    """Tar entries of the customisation layer, sorted by name (parents first)."""
+    return plan_customisation(options, source).entries()
+
+
+def _account_files(user: str | None) -> tuple[bytes, bytes]:
+    passwd = ["root:x:0:0:root:/root:/bin/sh"]
+    group = ["root:x:0:"]
+    if user is not None:
+        spec = parse_user(user)
+        if spec.uid != 0:
+            passwd.append(f"{spec.name}:x:{spec.uid}:{spec.gid}::/tmp:/bin/sh")
+        if spec.gid != 0:
+            group.append(f"{spec.group}:x:{spec.gid}:")
+    return ("\n".join(passwd) + "\n").encode(), ("\n".join(group) + "\n").encode()
+
+
+def _link_contents(
+    source: StoreSource, path: str, members: dict[bytes, _Member], owner: dict[bytes, str]
+) -> None:
+    """Mirror ``path``'s directories as real dirs and link every other node (buildEnv
+    at leaf level), so several contents paths can share ``bin/`` or ``etc/``."""
+    entries = source.entries(path)
+    root = next(entries, None)
+    if root is None or root.kind != "directory":
+        raise ImageOptionError(f"contents path {path} is not a directory")
+    store_prefix = path.encode()
+    for entry in entries:
+        name = entry.path
+        if name.split(b"/", 1)[0] == b"nix":
+            raise ImageOptionError(
+                f"contents path {path} provides /{name.decode(errors='replace')}, "
+                "which would clash with the image's /nix/store"
+            )
+        if entry.kind == "directory":
+            new = _Member(name, "directory", 0o755)
+        else:
+            new = _Member(name, "symlink", 0o777, target=store_prefix + b"/" + name)
+        old = members.get(name)
+        if old is not None:
+            if old.kind == "directory" and new.kind == "directory":
+                continue
+            raise ImageOptionError(
+                f"contents conflict at /{name.decode(errors='replace')}: "
+                f"provided by both {owner[name]} and {path}"
+            )
+        members[name] = new
+        owner[name] = path
+
+
+def build_config(
+    options: ImageOptions,
+    diff_ids: Sequence[str],
+    history_comments: Sequence[str],
+    format: Literal["oci", "docker"] = "oci",
+) -> bytes:
+    """The image config as canonical JSON bytes. The same JSON serves both formats
+    (only the config blob's media type differs), so ``format`` is checked, not used."""
+    if format not in ("oci", "docker"):
+        raise ImageOptionError(f"unknown image format {format!r} (expected oci or docker)")
+    if len(history_comments) != len(diff_ids):
+        raise ValueError("one history comment per layer is required")
+    created = rfc3339(options.created)
+    env = list(options.env)
+    if options.contents and not any(e.startswith("PATH=") for e in env):
+        env.insert(0, f"PATH={DEFAULT_PATH}")
+    conf: dict[str, object] = {}
+    if options.entrypoint is not None:
+        conf["Entrypoint"] = list(options.entrypoint)
+    if options.cmd is not None:
+        conf["Cmd"] = list(options.cmd)
+    if env:
+        conf["Env"] = env
+    if options.workdir:
+        conf["WorkingDir"] = options.workdir
+    if options.user:
+        conf["User"] = options.user
+    if options.expose:
+        conf["ExposedPorts"] = {_normal_port(p): {} for p in options.expose}
+    if options.labels:
+        conf["Labels"] = dict(options.labels)
+    doc = {
+        "created": created,
+        "architecture": options.architecture,
+        "os": options.os,
+        "config": conf,
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "history": [
+            {"created": created, "created_by": "stowaway", "comment": c} for c in history_comments
+        ],
+    }
+    return canonical_json(doc)
+
+
+def _normal_port(port: str) -> str:
+    return port if "/" in port else port + "/tcp"
+
+
+def canonical_json(doc: object) -> bytes:
+    """Sorted keys, no insignificant whitespace, UTF-8: one document, one byte string."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

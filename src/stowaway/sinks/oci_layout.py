@@ -1,0 +1,219 @@
+"""The ``oci:`` sink: an OCI image layout directory.
+
+Blobs go to ``blobs/sha256/<hex>``; a blob already there with the right size is
+left alone (its bytes are never read). New layer blobs are hard-linked from the
+layer cache when it is on the same filesystem, else copied. Before linking, the
+cache file is hashed once: linking is meant to be cheap, but a link would hand out
+a damaged cache entry as is, and one sequential read is far cheaper than the
+copy it saves. Every file appears by rename; ``index.json`` is written last,
+so a crash leaves either the old image list or the new one, never a broken one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from stowaway.errors import StowawayError
+from stowaway.image.config import canonical_json
+from stowaway.image.digest import CHUNK, CorruptBlob, VerifyingReader, copy_verified, parse_digest
+from stowaway.image.model import Blob, Descriptor, Image, MediaType
+from stowaway.progress import NoProgress, Progress
+from stowaway.sinks.targets import SinkResult
+
+_QUIET: Progress = NoProgress()
+
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYOUT_FILE = "oci-layout"
+LAYOUT_VERSION = "1.0.0"
+#: Blobs copied or linked at once: hashing and copying release the GIL.
+JOBS = 4
+
+Outcome = Literal["written", "linked", "skipped"]
+
+
+class LayoutError(StowawayError):
+    """A directory or index.json that is not a usable OCI image layout."""
+
+
+def write_oci_layout(
+    image: Image, directory: Path, tag: str | None, *, progress: Progress = _QUIET
+) -> SinkResult:
+    """Add ``image`` to the layout at ``directory`` (created if needed), under ``tag``."""
+    _prepare(directory)
+    blobs_dir = directory / "blobs" / "sha256"
+    blobs_dir.mkdir(parents=True, exist_ok=True)
+    result = SinkResult(target=f"oci:{directory}", manifest_digest=image.manifest.digest)
+    todo = [*image.blobs(), image.manifest]
+    with ThreadPoolExecutor(max_workers=max(1, min(JOBS, len(todo)))) as pool:
+        outcomes = list(pool.map(lambda b: put_blob(b, blobs_dir, progress), todo))
+    for blob, outcome in zip(todo, outcomes, strict=True):
+        getattr(result, outcome).append(blob.digest)
+        if outcome == "written":
+            result.bytes_written += blob.size
+    index_path = directory / "index.json"
+    index = update_index(read_index(index_path), manifest_descriptor(image, tag))
+    atomic_write(index_path, canonical_json(index))
+    return result
+
+
+def manifest_descriptor(image: Image, tag: str | None) -> Descriptor:
+    """The index entry for ``image``: its manifest, named ``tag`` if given."""
+    return image.manifest.descriptor({REF_NAME: tag} if tag else None)
+
+
+def empty_index() -> dict[str, Any]:
+    return {"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX.value, "manifests": []}
+
+
+def update_index(index: dict[str, Any], desc: Descriptor) -> dict[str, Any]:
+    """Add ``desc`` to ``index``, dropping the entry that had the same tag (or, for an
+    untagged image, the same untagged digest); other images are kept in order."""
+    name = desc.annotations.get(REF_NAME)
+
+    def replaced(entry: Any) -> bool:
+        ann = entry.get("annotations") or {}
+        if name is not None:
+            return bool(ann.get(REF_NAME) == name)
+        return REF_NAME not in ann and entry.get("digest") == desc.digest
+
+    manifests = [m for m in index.get("manifests", []) if not replaced(m)]
+    return {**index, "manifests": [*manifests, desc.to_json()]}
+
+
+def read_index(path: Path) -> dict[str, Any]:
+    """The layout's index.json, or an empty index when there is none yet."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return empty_index()
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise LayoutError(f"{path} is not valid JSON: {e}") from None
+    manifests = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
+        raise LayoutError(f"{path} is not an OCI image index (no 'manifests' list)")
+    return dict(doc)
+
+
+def _prepare(directory: Path) -> None:
+    """Create the layout or check that an existing directory is one."""
+    if directory.exists() and not directory.is_dir():
+        raise LayoutError(f"{directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / LAYOUT_FILE
+    try:
+        doc = json.loads(marker.read_bytes())
+    except FileNotFoundError:
+        if any(p.name not in ("blobs", "index.json") for p in directory.iterdir()):
+            raise LayoutError(
+                f"{directory} is not empty and holds no {LAYOUT_FILE} file",
+                hint="choose an empty or new directory, or an existing OCI layout",
+            ) from None
+        atomic_write(marker, canonical_json({"imageLayoutVersion": LAYOUT_VERSION}))
+        return
+    except ValueError as e:
+        raise LayoutError(f"{marker} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("imageLayoutVersion") != LAYOUT_VERSION:
+        raise LayoutError(f"{marker}: unsupported layout version (expected {LAYOUT_VERSION})")
+
+
+def put_blob(blob: Blob, blobs_dir: Path, progress: Progress = _QUIET) -> Outcome:
+    """Place one blob in ``blobs_dir`` unless it is already there with the right size."""
+    _, hexpart = parse_digest(blob.digest)
+    dest = blobs_dir / hexpart
+    try:
+        if dest.stat().st_size == blob.size:
+            return "skipped"
+    except FileNotFoundError:
+        pass
+    key = f"oci:{blob.digest}"
+    progress.start(key, f"write {hexpart[:12]}", blob.size)
+    try:
+        if blob.path is not None and _link_verified(blob, dest):
+            progress.advance(key, blob.size)
+            return "linked"
+        with TempFile(dest) as t:
+            copy_verified(blob, t.file)
+            t.commit()
+        progress.advance(key, blob.size)
+        return "written"
+    finally:
+        progress.finish(key)
+
+
+def _link_verified(blob: Blob, dest: Path) -> bool:
+    """Hard-link the cache file to ``dest`` after checking its digest; False when the
+    two are on different filesystems (or links are refused), so the caller copies."""
+    assert blob.path is not None
+    tmp = dest.with_name(f".link-{dest.name}-{os.getpid()}-{id(blob)}")
+    try:
+        os.link(blob.path, tmp)
+    except OSError as e:
+        if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            return False
+        raise
+    try:
+        verify_file(blob, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def verify_file(blob: Blob, path: Path) -> None:
+    """Hash ``path`` against ``blob``; on mismatch drop the cache entry, raise CorruptBlob."""
+    with open(path, "rb") as f:
+        reader = VerifyingReader(f, blob.digest, blob.size)
+        try:
+            while reader.read(CHUNK):
+                pass
+        except CorruptBlob:
+            if blob.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(blob.path)
+            raise
+
+
+class TempFile:
+    """A temp file next to its destination (so the rename is atomic); removed on
+    exit unless ``commit`` renamed it into place."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+
+    def __enter__(self) -> TempFile:
+        fd, self.name = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.tmp-")
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+        self.committed = False
+        return self
+
+    def commit(self, *, sync: bool = False) -> None:
+        self.file.flush()
+        if sync:
+            os.fsync(self.file.fileno())
+        os.fchmod(self.file.fileno(), 0o644)
+        os.replace(self.name, self.dest)
+        self.committed = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        if not self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a synced temp file and a rename."""
+    with TempFile(path) as t:
+        t.file.write(data)
+        t.commit(sync=True)

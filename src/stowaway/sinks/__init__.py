@@ -1,0 +1,85 @@
+"""Where images go: ``oci:``, ``oci-archive:``, ``docker-archive:`` and ``docker://``.
+
+``write_image`` dispatches on the parsed target; the registry push lives in
+``stowaway.sinks.registry`` and is imported only when a ``docker://`` target is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stowaway.errors import StowawayError
+from stowaway.image.model import Image
+from stowaway.progress import NoProgress, Progress
+from stowaway.sinks.targets import (
+    FORMS,
+    DockerArchiveTarget,
+    OciArchiveTarget,
+    OciTarget,
+    RegistryTarget,
+    SinkResult,
+    Target,
+    TargetError,
+    parse_target,
+)
+
+__all__ = [
+    "FORMS",
+    "DockerArchiveTarget",
+    "OciArchiveTarget",
+    "OciTarget",
+    "RegistryTarget",
+    "SinkResult",
+    "Target",
+    "TargetError",
+    "parse_target",
+    "write_image",
+]
+
+_QUIET: Progress = NoProgress()
+#: Docker Hub's API host; ``docker.io`` is only its name in references.
+_HUB_API = "registry-1.docker.io"
+
+
+def write_image(
+    image: Image, target: Target, *, progress: Progress = _QUIET, **push_opts: Any
+) -> SinkResult:
+    """Write ``image`` to ``target``. ``push_opts`` (``tls_verify``, ``creds``, ...) are
+    passed to the registry push and ignored by the file sinks."""
+    if isinstance(target, OciTarget):
+        from stowaway.sinks.oci_layout import write_oci_layout
+
+        return write_oci_layout(image, Path(target.directory), target.tag, progress=progress)
+    if isinstance(target, OciArchiveTarget):
+        from stowaway.sinks.archives import write_oci_archive
+
+        return write_oci_archive(image, Path(target.file), target.tag, progress=progress)
+    if isinstance(target, DockerArchiveTarget):
+        from stowaway.sinks.archives import write_docker_archive
+
+        return write_docker_archive(image, Path(target.file), target.reference, progress=progress)
+    return _push(image, target, progress, push_opts)
+
+
+def _push(
+    image: Image, target: RegistryTarget, progress: Progress, push_opts: dict[str, Any]
+) -> SinkResult:
+    from stowaway.sinks.registry import push
+
+    if target.digest is not None and target.digest != image.manifest.digest:
+        raise StowawayError(
+            f"{target} names digest {target.digest}, but the image's manifest is "
+            f"{image.manifest.digest}",
+            hint="push by tag, or use the manifest digest the build prints",
+        )
+    host = _HUB_API if target.registry == "docker.io" else target.registry
+    pushed = push(image, host, target.repository, target.tag, progress=progress, **push_opts)
+    return SinkResult(
+        target=str(target),
+        manifest_digest=pushed.manifest_digest,
+        written=pushed.uploaded,
+        linked=pushed.mounted,
+        skipped=pushed.existing,
+        bytes_written=pushed.uploaded_bytes,
+    )

@@ -1,0 +1,110 @@
+"""Digest-checked reads of content-addressed blobs.
+
+Cache entries are trusted only as far as their bytes hash to their name: every
+reader that copies a blob out (sinks, the registry) hashes while it reads, so a
+flipped or missing byte is caught at the moment it would be emitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import BinaryIO
+
+from stowaway.errors import StowawayError
+from stowaway.image.model import Blob
+
+#: Read size for bulk copies: large enough that hashlib releases the GIL and
+#: per-call overhead vanishes.
+CHUNK = 1 << 20
+
+
+class CorruptBlob(StowawayError):
+    """Blob bytes that do not match their digest or size (a damaged cache entry)."""
+
+    def __init__(self, message: str, *, digest: str, where: str) -> None:
+        super().__init__(
+            f"corrupt blob {digest} ({where}): {message}",
+            hint="the damaged cache entry is dropped; build again to recreate it",
+        )
+        self.digest = digest
+        self.where = where
+
+
+def parse_digest(digest: str) -> tuple[str, str]:
+    """Split ``sha256:<hex>`` into (algorithm, hex), rejecting anything else."""
+    algo, sep, hexpart = digest.partition(":")
+    width = {"sha256": 64, "sha512": 128}.get(algo)
+    if not sep or width is None or len(hexpart) != width:
+        raise StowawayError(f"invalid digest {digest!r}: expected sha256:<64 hex digits>")
+    try:
+        int(hexpart, 16)
+    except ValueError:
+        raise StowawayError(f"invalid digest {digest!r}: not hexadecimal") from None
+    if hexpart != hexpart.lower():
+        raise StowawayError(f"invalid digest {digest!r}: hex digits must be lower case")
+    return algo, hexpart
+
+
+class VerifyingReader:
+    """Wraps a binary file; hashes what passes through and raises CorruptBlob as
+    soon as the bytes cannot match (too many, too few at EOF, wrong digest once
+    ``size`` bytes were read)."""
+
+    def __init__(self, f: BinaryIO, digest: str, size: int) -> None:
+        algo, self._expected = parse_digest(digest)
+        self._f = f
+        self._digest = digest
+        self._size = size
+        self._hash = hashlib.new(algo)
+        self._count = 0
+        self._checked = False
+        self._where = str(getattr(f, "name", "<stream>"))
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if data:
+            self._count += len(data)
+            if self._count > self._size:
+                self._fail(f"longer than its recorded size {self._size}")
+            self._hash.update(data)
+            if self._count == self._size:
+                self._check_digest()
+        elif n != 0:
+            if self._count < self._size:
+                self._fail(f"truncated: {self._count} of {self._size} bytes")
+            self._check_digest()
+        return data
+
+    def _check_digest(self) -> None:
+        if not self._checked:
+            self._checked = True
+            if self._hash.hexdigest() != self._expected:
+                self._fail(f"content hashes to {self._hash.name}:{self._hash.hexdigest()}")
+
+    def _fail(self, message: str) -> None:
+        raise CorruptBlob(message, digest=self._digest, where=self._where)
+
+
+def copy_verified(blob: Blob, dst: BinaryIO) -> None:
+    """Copy ``blob`` into ``dst`` in large chunks, verifying size and digest.
+
+    A blob file that fails verification is unlinked before CorruptBlob is raised,
+    so the next cache lookup misses and the layer is rebuilt instead of re-emitted.
+    ``dst`` may have received a prefix of the bytes; callers write to temp files.
+    """
+    with blob.open() as f:
+        reader = VerifyingReader(f, blob.digest, blob.size)
+        try:
+            while True:
+                data = reader.read(CHUNK)
+                if not data:
+                    break
+                dst.write(data)
+        except CorruptBlob:
+            if blob.path is not None:
+                try:
+                    os.unlink(blob.path)
+                except FileNotFoundError:
+                    pass
+            raise

@@ -1,0 +1,181 @@
+"""Content-addressed layer cache: a layer is tarred and compressed once, ever.
+
+Layout under the root (the registry shares ``blobs/``):
+
+    blobs/sha256/<hex>     compressed layer bytes, named by their digest
+    layers/<key>.json      {"digest", "diff_id", "size", "media_type", "version"}
+
+Both are written to a temp file in the same directory, fsynced and renamed into
+place, so a crash leaves at most an unused ``.tmp-*`` file and two processes
+building the same key race harmlessly (each rename is atomic; the bytes are the
+same). ``lookup`` only checks that the blob exists with the recorded size; the
+digest is verified whenever the bytes are read (``stowaway.image.digest``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from stowaway.errors import StowawayError
+from stowaway.image.digest import parse_digest
+from stowaway.image.model import Layer
+
+INDEX_VERSION = 1
+_KEY = re.compile(r"[0-9a-f]{16,128}")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/stowaway``, else ``~/.cache/stowaway``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "stowaway"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """What the index records about one built layer."""
+
+    digest: str
+    diff_id: str
+    size: int
+    media_type: str
+
+
+class BlobWriter:
+    """A temp file inside ``blobs/sha256`` that hashes and counts what is written."""
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        self.file = file
+        self.temp_path = path
+        self.size = 0
+        self._sha = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._sha.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
+
+
+class LayerCache:
+    """The on-disk cache of built layers; safe to share between processes."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self._blobs = self.root / "blobs" / "sha256"
+        self._index = self.root / "layers"
+
+    def blob_path(self, digest: str) -> Path:
+        algo, hexpart = parse_digest(digest)
+        if algo != "sha256":
+            raise StowawayError(f"layer cache {self.root} holds only sha256 blobs, not {digest}")
+        return self._blobs / hexpart
+
+    def _entry_path(self, key: str) -> Path:
+        if not _KEY.fullmatch(key):
+            raise StowawayError(f"invalid layer cache key {key!r}: expected lower-case hex")
+        return self._index / f"{key}.json"
+
+    def lookup(self, key: str) -> Layer | None:
+        """The cached layer for ``key``; None on a miss or when the entry is unusable
+        (unreadable index, missing blob, blob of the wrong size)."""
+        try:
+            doc = json.loads(self._entry_path(key).read_bytes())
+            if doc.get("version") != INDEX_VERSION:
+                return None
+            entry = CacheEntry(
+                str(doc["digest"]), str(doc["diff_id"]), int(doc["size"]), str(doc["media_type"])
+            )
+            path = self.blob_path(entry.digest)
+            if path.stat().st_size != entry.size:
+                return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StowawayError):
+            return None
+        return Layer(
+            digest=entry.digest,
+            size=entry.size,
+            media_type=entry.media_type,
+            path=path,
+            diff_id=entry.diff_id,
+            reused=True,
+        )
+
+    def forget(self, key: str) -> None:
+        """Drop an entry (and its blob, which is presumed damaged)."""
+        entry = self._entry_path(key)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, StowawayError):
+            digest = str(json.loads(entry.read_bytes())["digest"])
+            self.blob_path(digest).unlink(missing_ok=True)
+        entry.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def blob_writer(self) -> Iterator[BlobWriter]:
+        """A temp blob file; the caller writes it, then passes it to ``commit``.
+        The temp file is removed if the block fails or the blob is not committed."""
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=self._blobs)
+        temp = Path(name)
+        try:
+            with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+                yield BlobWriter(f, temp)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def commit(self, key: str, writer: BlobWriter, diff_id: str, media_type: str) -> Layer:
+        """Move a finished blob into place and record it under ``key``."""
+        writer.file.flush()
+        os.fsync(writer.file.fileno())
+        entry = CacheEntry(writer.digest, diff_id, writer.size, media_type)
+        final = self.blob_path(entry.digest)
+        os.replace(writer.temp_path, final)
+        _fsync_dir(self._blobs)
+        self._write_entry(key, entry)
+        return Layer(
+            digest=entry.digest,
+            size=entry.size,
+            media_type=media_type,
+            path=final,
+            diff_id=diff_id,
+        )
+
+    def _write_entry(self, key: str, entry: CacheEntry) -> None:
+        path = self._entry_path(key)
+        self._index.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "version": INDEX_VERSION,
+            "digest": entry.digest,
+            "diff_id": entry.diff_id,
+            "size": entry.size,
+            "media_type": entry.media_type,
+        }
+        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=self._index)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(doc, sort_keys=True).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(name, path)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self._index)

@@ -1,0 +1,315 @@
+"""Build store-path layers through the cache, several at a time.
+
+A layer's cache key names everything its bytes depend on: the store paths *with
+their NarHashes* (a path rebuilt differently elsewhere must not hit), the tar
+and compression settings, the codec library version and our format version.
+Misses are built in a thread pool; each build streams tar → diff_id hash →
+compressor → temp blob file with bounded buffers, so memory does not grow with
+the closure. hashlib, zlib and zstd release the GIL on large buffers, which is
+what lets threads use every core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Executor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import zstandard
+
+from stowaway.errors import PathNotFound, StowawayError
+from stowaway.image.compress import DEFAULT_LEVEL, open_compressor
+from stowaway.image.layer_cache import LayerCache
+from stowaway.image.model import Layer, MediaType, TarEntry
+from stowaway.image.tar import store_basename, store_path_entries, write_tar
+from stowaway.layering.model import PlannedLayer
+from stowaway.progress import NoProgress, Progress
+from stowaway.store.model import PathInfo, StoreSource
+
+#: Bump when the tar layout or the gzip block scheme changes: old entries then miss.
+LAYER_FORMAT = "stowaway-layer-1"
+ANNOTATION_PREFIX = "containerd.io/snapshot/stowaway.paths."
+#: containerd passes annotations as snapshot labels, whose key + value must stay
+#: below this many bytes.
+ANNOTATION_LIMIT = 4096
+#: Tar pieces are coalesced to this size before hashing and compressing.
+CHUNK = 1 << 20
+
+_MEDIA_TYPES = {
+    "gzip": MediaType.OCI_LAYER_GZIP,
+    "zstd": MediaType.OCI_LAYER_ZSTD,
+    "none": MediaType.OCI_LAYER,
+}
+_LEVELS = {"gzip": range(0, 10), "zstd": range(-7, 23), "none": range(0, 1)}
+
+
+_NO_PROGRESS = NoProgress()
+
+
+class InvalidLayerSettings(StowawayError):
+    """A compression/level/mtime combination we cannot build."""
+
+
+class _Cancelled(Exception):
+    """Another layer of the same build failed; stop this one early."""
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    compression: Literal["gzip", "zstd", "none"] = "gzip"
+    level: int | None = None  # None = algorithm default (gzip 6, zstd 3)
+    mtime: int = 1
+
+    def __post_init__(self) -> None:
+        if self.compression not in _MEDIA_TYPES:
+            raise InvalidLayerSettings(
+                f"unknown layer compression {self.compression!r}: use gzip, zstd or none"
+            )
+        if self.level is not None and self.level not in _LEVELS[self.compression]:
+            levels = _LEVELS[self.compression]
+            raise InvalidLayerSettings(
+                f"{self.compression} level {self.level} is out of range"
+                f" {levels.start}..{levels.stop - 1}"
+            )
+        if not 0 <= self.mtime < 8**11:
+            raise InvalidLayerSettings(f"layer mtime {self.mtime} is out of range for tar")
+
+    @property
+    def media_type(self) -> MediaType:
+        return _MEDIA_TYPES[self.compression]
+
+    def _key_doc(self) -> dict[str, object]:
+        codec = {
+            "gzip": f"zlib-{zlib.ZLIB_RUNTIME_VERSION}",
+            "zstd": "zstd-{}.{}.{}".format(*zstandard.ZSTD_VERSION),
+            "none": "",
+        }[self.compression]
+        level = DEFAULT_LEVEL[self.compression] if self.level is None else self.level
+        return {
+            "format": LAYER_FORMAT,
+            "compression": self.compression,
+            "level": level,
+            "codec": codec,
+            "mtime": self.mtime,
+        }
+
+
+def _key(doc: dict[str, object]) -> str:
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def store_layer_key(
+    paths: Sequence[str], closure: Mapping[str, PathInfo], settings: LayerSettings
+) -> str:
+    """Cache key of a layer holding ``paths`` (each must be in ``closure``)."""
+    pinned = []
+    for path in sorted(set(paths)):
+        info = closure.get(path)
+        if info is None:
+            raise PathNotFound(f"store path {path} of a planned layer is not in the closure")
+        pinned.append([path, info.nar_hash])
+    return _key({**settings._key_doc(), "paths": pinned})
+
+
+def paths_annotations(paths: Sequence[str]) -> dict[str, str]:
+    """``containerd.io/snapshot/stowaway.paths.<i>`` → space-separated basenames,
+    packed greedily in order so every key + value stays < 4096 bytes."""
+    out: dict[str, str] = {}
+    value = ""
+    for base in (store_basename(p) for p in paths):
+        key = f"{ANNOTATION_PREFIX}{len(out)}"
+        candidate = f"{value} {base}" if value else base
+        if len(key) + len(candidate.encode()) < ANNOTATION_LIMIT:
+            value = candidate
+            continue
+        out[key] = value
+        value = base
+    if value:
+        out[f"{ANNOTATION_PREFIX}{len(out)}"] = value
+    return out
+
+
+def _build(
+    entries: Iterable[TarEntry],
+    key: str,
+    settings: LayerSettings,
+    cache: LayerCache,
+    *,
+    executor: Executor | None,
+    threads: int,
+    on_bytes: Callable[[int], None] = lambda n: None,
+    cancel: threading.Event | None = None,
+) -> Layer:
+    """Tar, hash and compress ``entries`` into a new cache entry under ``key``."""
+    diff_id = hashlib.sha256()
+    with cache.blob_writer() as blob:
+        comp = open_compressor(
+            blob, settings.compression, settings.level, executor=executor, threads=threads
+        )
+
+        def emit(data: bytes | bytearray) -> None:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
+            diff_id.update(data)
+            comp.write(data)
+            on_bytes(len(data))
+
+        buf = bytearray()
+        for piece in write_tar(entries, mtime=settings.mtime):
+            if not buf and len(piece) >= CHUNK:
+                emit(piece)
+                continue
+            buf += piece
+            if len(buf) >= CHUNK:
+                emit(buf)
+                buf = bytearray()
+        if buf:
+            emit(buf)
+        comp.close()
+        return cache.commit(key, blob, "sha256:" + diff_id.hexdigest(), settings.media_type)
+
+
+def build_entries_layer(
+    entries: Iterable[TarEntry], key: str, settings: LayerSettings, cache: LayerCache
+) -> Layer:
+    """A layer from arbitrary entries (e.g. the customisation layer). ``key`` is the
+    caller's stable description of the contents; on a hit ``entries`` is not read."""
+    cache_key = _key({**settings._key_doc(), "entries": key})
+    hit = cache.lookup(cache_key)
+    if hit is not None:
+        return hit
+    return _build(entries, cache_key, settings, cache, executor=None, threads=1)
+
+
+def _default_jobs() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def build_layers(
+    source: StoreSource,
+    planned: Sequence[PlannedLayer],
+    closure: Mapping[str, PathInfo],
+    settings: LayerSettings,
+    cache: LayerCache,
+    *,
+    progress: Progress = _NO_PROGRESS,
+    jobs: int | None = None,
+) -> list[Layer]:
+    """One Layer per PlannedLayer, in order: cached ones as they are (``reused``),
+    the rest built ``jobs`` at a time. Progress keys are the layer indexes; totals
+    are NAR size sums. ``progress`` must tolerate calls from worker threads."""
+    jobs = max(1, jobs if jobs is not None else _default_jobs())
+    keys = [store_layer_key(p.paths, closure, settings) for p in planned]
+    totals = [sum(closure[path].nar_size for path in set(p.paths)) for p in planned]
+    layers: dict[int, Layer] = {}
+    for index, key in enumerate(keys):
+        hit = cache.lookup(key)
+        if hit is not None:
+            layers[index] = hit
+            progress.start(str(index), f"layer {index} (cached)", totals[index])
+            progress.advance(str(index), totals[index])
+            progress.finish(str(index))
+    missing = [i for i in range(len(planned)) if i not in layers]
+    if missing:
+        layers.update(
+            _build_missing(source, planned, missing, keys, totals, settings, cache, progress, jobs)
+        )
+    return [
+        replace(layers[i], store_paths=tuple(plan.paths), annotations=paths_annotations(plan.paths))
+        for i, plan in enumerate(planned)
+    ]
+
+
+def _build_missing(
+    source: StoreSource,
+    planned: Sequence[PlannedLayer],
+    missing: list[int],
+    keys: list[str],
+    totals: list[int],
+    settings: LayerSettings,
+    cache: LayerCache,
+    progress: Progress,
+    jobs: int,
+) -> dict[int, Layer]:
+    """Build the missing layers ``jobs`` at a time; the first failure stops the rest."""
+    # Layers share the cores: zstd gets the cores left per concurrent layer;
+    # gzip blocks of all layers go through one shared pool.
+    threads = max(1, jobs // min(jobs, len(missing)))
+    cancel = threading.Event()
+    blocks = ThreadPoolExecutor(jobs, "stowaway-deflate") if jobs > 1 else None
+    try:
+        with ThreadPoolExecutor(jobs, "stowaway-layer") as pool:
+            futures = {
+                pool.submit(
+                    _build_store_layer,
+                    source,
+                    planned[i],
+                    i,
+                    keys[i],
+                    totals[i],
+                    settings,
+                    cache,
+                    progress,
+                    blocks,
+                    threads,
+                    cancel,
+                ): i
+                for i in missing
+            }
+            wait(futures, return_when=FIRST_EXCEPTION)
+            errors = [f.exception() for f in futures if f.done()]
+            first = next((e for e in errors if e is not None), None)
+            if first is not None:
+                cancel.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise first
+            return {i: fut.result() for fut, i in futures.items()}
+    finally:
+        if blocks is not None:
+            blocks.shutdown(wait=True)
+
+
+def _build_store_layer(
+    source: StoreSource,
+    plan: PlannedLayer,
+    index: int,
+    key: str,
+    total: int,
+    settings: LayerSettings,
+    cache: LayerCache,
+    progress: Progress,
+    blocks: Executor | None,
+    threads: int,
+    cancel: threading.Event,
+) -> Layer:
+    name = str(index)
+    progress.start(name, f"layer {index}: {len(plan.paths)} store paths", total)
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        # Tar bytes slightly exceed NAR bytes (512-byte headers); never overshoot.
+        nonlocal done
+        step = min(n, total - done)
+        if step > 0:
+            done += step
+            progress.advance(name, step)
+
+    layer = _build(
+        store_path_entries(source, plan.paths),
+        key,
+        settings,
+        cache,
+        executor=blocks,
+        threads=threads,
+        on_bytes=on_bytes,
+        cancel=cancel,
+    )
+    progress.finish(name)
+    return layer

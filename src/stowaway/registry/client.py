@@ -36,6 +36,7 @@ ATTEMPTS = 4
 #: First backoff delay in seconds; doubles on each retry.
 BACKOFF = 0.25
 
+_UA = {"User-Agent": "stowaway"}
 _PARAM = re.compile(r'([A-Za-z_]+)=(?:"([^"]*)"|([^,\s]*))')
 
 
@@ -99,7 +100,7 @@ class RegistryClient:
         for scheme in schemes:
             self.base = f"{scheme}://{self.host}"
             try:
-                resp = self._once("GET", self.base + "/v2/", {}, None)
+                resp = self._once("GET", self.base + "/v2/", _UA, None)
             except (ssl.SSLError, ConnectionError, OSError) as e:
                 last = e
                 continue
@@ -235,14 +236,14 @@ class RegistryClient:
         conn, target = self._conn(url)
         try:
             conn.request(method, target, body=body, headers=dict(headers))
-            return self._read(conn, head=method == "HEAD")
+            return self._read(conn)
         except BaseException:
             self._drop(url)
             raise
 
-    def _read(self, conn: http.client.HTTPConnection, *, head: bool = False) -> Response:
+    def _read(self, conn: http.client.HTTPConnection) -> Response:
         r = conn.getresponse()
-        body = b"" if head else r.read()
+        body = r.read()  # always drain (empty for HEAD) so the connection can be reused
         if r.will_close:
             conn.close()
         return Response(r.status, r.headers, body)
@@ -286,7 +287,7 @@ class RegistryClient:
 
     def _auth(self, url: str, headers: Mapping[str, str] | None) -> Mapping[str, str]:
         out = dict(headers or {})
-        out.setdefault("User-Agent", "stowaway")
+        out.update(_UA)
         if urlsplit(url).netloc != urlsplit(self.base).netloc or self._challenge is None:
             return out  # never leak credentials to another origin (e.g. a blob store)
         if self._challenge.scheme == "basic" and self.creds is not None:
@@ -308,7 +309,7 @@ class RegistryClient:
         if "service" in challenge.params:
             query.insert(0, ("service", challenge.params["service"]))
         url = realm + ("&" if urlsplit(realm).query else "?") + urlencode(query)
-        headers = {"User-Agent": "stowaway"}
+        headers = dict(_UA)
         if self.creds is not None:
             headers["Authorization"] = "Basic " + _b64(f"{self.creds[0]}:{self.creds[1]}")
         try:

@@ -1,0 +1,432 @@
+"""Pushing to a real private docker-registry 2.8 (and pulling back with skopeo)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import socket
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from stowaway.errors import RegistryError
+from stowaway.image.digest import CorruptBlob
+from stowaway.image.model import Blob, Image, Layer, MediaType
+from stowaway.sinks import registry as sink
+from stowaway.sinks.registry import PushRecord, push
+
+USER, PASSWORD = "alice", "s3cret-pw"
+ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[\d.]+" (?P<status>\d+)')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Request:
+    method: str
+    uri: str
+    status: int
+
+
+class Registry:
+    """A private docker-registry on a loopback port; its access log is stdout."""
+
+    def __init__(self, root: Path, *, htpasswd: bool = False) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.data = root / "data"
+        self.access = root / "access.log"
+        auth = ""
+        if htpasswd:
+            entry = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
+            (root / "htpasswd").write_text(f"{USER}:{entry}\n")
+            auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {root / 'htpasswd'}\n"
+        config = root / "config.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: info\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.data}\n"
+            f"http:\n  addr: {self.host}\n  secret: test-secret\n{auth}"
+        )
+        with open(self.access, "wb") as out, open(root / "registry.log", "wb") as err:
+            self.proc = subprocess.Popen(
+                ["docker-registry", "serve", str(config)], stdout=out, stderr=err
+            )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError((root / "registry.log").read_text()) from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def mark(self) -> int:
+        """Position in the access log; pass to ``requests`` to see what came after."""
+        time.sleep(0.05)  # let the registry flush lines of requests already answered
+        return self.access.stat().st_size
+
+    def requests(self, since: int) -> list[Request]:
+        time.sleep(0.05)
+        with open(self.access, "rb") as f:
+            f.seek(since)
+            text = f.read().decode()
+        return [
+            Request(m["method"], m["uri"], int(m["status"]))
+            for m in map(ACCESS.search, text.splitlines())
+            if m
+        ]
+
+    def blob_file(self, digest: str) -> Path:
+        hexpart = digest.split(":")[1]
+        return self.data / "docker/registry/v2/blobs/sha256" / hexpart[:2] / hexpart / "data"
+
+
+def blob_uploads(reqs: list[Request]) -> list[Request]:
+    """Requests that carry blob bytes (monolithic PUT or chunk PATCH)."""
+    return [r for r in reqs if r.method in ("PUT", "PATCH") and "/blobs/uploads/" in r.uri]
+
+
+def committed_digests(reqs: list[Request]) -> set[str]:
+    out = set()
+    for r in blob_uploads(reqs):
+        m = re.search(r"[?&]digest=sha256(?::|%3A)([0-9a-f]{64})", r.uri)
+        if r.method == "PUT" and m and r.status == 201:
+            out.add("sha256:" + m[1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    reg = Registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    reg = Registry(tmp_path_factory.mktemp("auth-registry"), htpasswd=True)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture()
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+# -- test images from real bytes ---------------------------------------------------
+
+REAL_FILES = [Path("/bin/busybox"), *sorted(Path("/usr/share/common-licenses").iterdir())[:6]]
+
+
+def _layer(blobs: Path, files: list[tuple[str, bytes]]) -> Layer:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1, 0o444
+            tar.addfile(info, io.BytesIO(data))
+    tarbytes = raw.getvalue()
+    gz = gzip.compress(tarbytes, mtime=0)
+    digest = "sha256:" + hashlib.sha256(gz).hexdigest()
+    path = blobs / digest.split(":")[1]
+    path.write_bytes(gz)
+    return Layer(
+        digest=digest,
+        size=len(gz),
+        media_type=MediaType.OCI_LAYER_GZIP,
+        path=path,
+        diff_id="sha256:" + hashlib.sha256(tarbytes).hexdigest(),
+    )
+
+
+def _json_blob(doc: object, media_type: str) -> Blob:
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data), media_type, data=data)
+
+
+def make_image(root: Path, layers: list[list[tuple[str, bytes]]]) -> Image:
+    blobs = root / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    built = [_layer(blobs, files) for files in layers]
+    config = _json_blob(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin/busybox", "sh"]},
+            "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in built]},
+        },
+        MediaType.OCI_CONFIG,
+    )
+    manifest = _json_blob(
+        {
+            "schemaVersion": 2,
+            "mediaType": MediaType.OCI_MANIFEST,
+            "config": config.descriptor().to_json(),
+            "layers": [la.descriptor().to_json() for la in built],
+        },
+        MediaType.OCI_MANIFEST,
+    )
+    return Image(built, config, manifest)
+
+
+def base_files() -> list[list[tuple[str, bytes]]]:
+    return [
+        [("bin/busybox", REAL_FILES[0].read_bytes())],
+        [(f"licenses/{p.name}", p.read_bytes()) for p in REAL_FILES[1:]],
+    ]
+
+
+@pytest.fixture()
+def image(tmp_path: Path) -> Image:
+    return make_image(tmp_path / "img", base_files())
+
+
+def pull_oci(
+    reg: Registry, ref: str, dest: Path, *creds: str
+) -> tuple[dict[str, object], set[str]]:
+    """skopeo copy the pushed image into an OCI layout; return its manifest and blob digests."""
+    cmd = ["skopeo", "copy", "--src-tls-verify=false", *creds]
+    subprocess.run([*cmd, f"docker://{reg.host}/{ref}", f"oci:{dest}"], check=True,
+                   capture_output=True)  # fmt: skip
+    index = json.loads((dest / "index.json").read_text())
+    mdigest = index["manifests"][0]["digest"]
+    manifest = json.loads((dest / "blobs/sha256" / mdigest.split(":")[1]).read_bytes())
+    blobs = {"sha256:" + p.name for p in (dest / "blobs/sha256").iterdir()}
+    return {"digest": mdigest, **manifest}, blobs
+
+
+def _status(req: urllib.request.Request | str) -> int:
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code
+
+
+def all_digests(img: Image) -> set[str]:
+    return {b.digest for b in img.blobs()}
+
+
+# -- tests -------------------------------------------------------------------------
+
+
+def test_push_then_pull_back_with_skopeo(registry: Registry, image: Image, state: Path,
+                                         tmp_path: Path) -> None:  # fmt: skip
+    mark = registry.mark()
+    result = push(image, registry.host, "demo/app", "v1", tls_verify=False, state_dir=state)
+
+    assert set(result.uploaded) == all_digests(image)
+    assert result.uploaded_bytes == sum(b.size for b in image.blobs())
+    assert result.existing == [] and result.mounted == []
+    assert result.manifest_digest == image.manifest.digest
+    assert result.manifest_url.endswith(f"/v2/demo/app/manifests/{image.manifest.digest}")
+    assert committed_digests(registry.requests(mark)) == all_digests(image)
+
+    manifest, blobs = pull_oci(registry, "demo/app:v1", tmp_path / "pulled")
+    assert manifest["digest"] == image.manifest.digest  # byte-identical manifest
+    assert blobs == all_digests(image) | {image.manifest.digest}
+    for layer in image.layers:  # and byte-identical layers
+        got = tmp_path / "pulled/blobs/sha256" / layer.digest.split(":")[1]
+        assert got.read_bytes() == layer.path.read_bytes()  # type: ignore[union-attr]
+
+
+def test_second_push_sends_only_the_manifest(registry: Registry, image: Image,
+                                             state: Path) -> None:  # fmt: skip
+    push(image, registry.host, "again", "v1", tls_verify=False, state_dir=state)
+    for layer in image.layers:
+        layer.reused = False
+    mark = registry.mark()
+    result = push(image, registry.host, "again", "v1", tls_verify=False, state_dir=state)
+
+    assert result.uploaded == [] and result.uploaded_bytes == 0
+    assert set(result.existing) == all_digests(image)
+    assert all(layer.reused for layer in image.layers)
+    reqs = registry.requests(mark)
+    assert blob_uploads(reqs) == []
+    assert not any(r.method == "POST" for r in reqs)
+    assert [r.method for r in reqs if "/manifests/" in r.uri] == ["PUT"]
+
+
+def test_changed_layer_uploads_exactly_that_layer(registry: Registry, state: Path,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    first = make_image(tmp_path / "a", base_files())
+    push(first, registry.host, "changing", "v1", tls_verify=False, state_dir=state)
+    files = base_files()
+    files[1].append(("licenses/EXTRA", b"one more real byte string\n"))
+    second = make_image(tmp_path / "b", files)
+    changed = {second.layers[1].digest, second.config.digest}
+    assert second.layers[0].digest == first.layers[0].digest
+
+    mark = registry.mark()
+    result = push(second, registry.host, "changing", "v2", tls_verify=False, state_dir=state)
+
+    assert set(result.uploaded) == changed
+    assert result.uploaded_bytes == second.layers[1].size + second.config.size
+    assert result.existing == [second.layers[0].digest]
+    assert second.layers[0].reused and not second.layers[1].reused
+    reqs = registry.requests(mark)
+    assert committed_digests(reqs) == changed
+    assert len(blob_uploads(reqs)) == 2
+    stored = sum(registry.blob_file(d).stat().st_size for d in committed_digests(reqs))
+    assert stored == result.uploaded_bytes
+
+
+def test_cross_repo_mount_from_push_record(registry: Registry, image: Image,
+                                           state: Path) -> None:  # fmt: skip
+    push(image, registry.host, "team/one", "v1", tls_verify=False, state_dir=state)
+    record = json.loads((state / "pushed" / f"127.0.0.1_{registry.port}.json").read_text())
+    assert all(record["blobs"][d] == ["team/one"] for d in all_digests(image))
+
+    mark = registry.mark()
+    result = push(image, registry.host, "team/two", "v1", tls_verify=False, state_dir=state)
+
+    assert set(result.mounted) == all_digests(image)
+    assert result.uploaded == [] and result.uploaded_bytes == 0
+    reqs = registry.requests(mark)
+    mounts = [r for r in reqs if r.method == "POST" and "mount=" in r.uri]
+    assert len(mounts) == 3 and all(r.status == 201 and "from=team%2Fone" in r.uri for r in mounts)
+    assert blob_uploads(reqs) == []
+    record = json.loads((state / "pushed" / f"127.0.0.1_{registry.port}.json").read_text())
+    assert all(record["blobs"][d] == ["team/two", "team/one"] for d in all_digests(image))
+
+
+def test_explicit_mount_from_and_failed_mount_falls_back(registry: Registry, image: Image,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    push(image, registry.host, "origin", "v1", tls_verify=False, state_dir=tmp_path / "s1")
+    # A fresh machine (no record) told where to mount from; one source has nothing.
+    mark = registry.mark()
+    result = push(image, registry.host, "copy", "v1", tls_verify=False,
+                  state_dir=tmp_path / "s2", mount_from=["nowhere", "origin"])  # fmt: skip
+    assert set(result.mounted) == all_digests(image) and result.uploaded == []
+    reqs = registry.requests(mark)
+    assert sum(1 for r in reqs if "from=nowhere" in r.uri and r.status == 202) == 3
+    assert sum(1 for r in reqs if "from=origin" in r.uri and r.status == 201) == 3
+    assert blob_uploads(reqs) == []
+
+
+def test_push_by_digest_without_tag(registry: Registry, image: Image, state: Path) -> None:
+    result = push(image, registry.host, "untagged", None, tls_verify=False, state_dir=state)
+    url = f"http://{registry.host}/v2/untagged/manifests/{image.manifest.digest}"
+    req = urllib.request.Request(url, method="GET", headers={"Accept": MediaType.OCI_MANIFEST})
+    with urllib.request.urlopen(req) as resp:
+        assert resp.read() == image.manifest.data
+    assert result.manifest_url == url
+
+
+def test_chunked_upload_of_large_blobs(
+    registry: Registry, image: Image, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = image.layers[0]
+    monkeypatch.setattr(sink, "CHUNKED_THRESHOLD", big.size // 3 + 1)
+    mark = registry.mark()
+    push(image, registry.host, "chunked", "v1", tls_verify=False, state_dir=state)
+    patches = [r for r in registry.requests(mark) if r.method == "PATCH"]
+    assert len(patches) >= 3 and all(r.status == 202 for r in patches)
+    manifest, blobs = pull_oci(registry, "chunked:v1", tmp_path / "pulled")
+    assert manifest["digest"] == image.manifest.digest
+    assert (tmp_path / "pulled/blobs/sha256" / big.digest[7:]).read_bytes() == big.path.read_bytes()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_cache_blob_is_never_stored(registry: Registry, state: Path, tmp_path: Path,
+                                            damage: str) -> None:  # fmt: skip
+    files = base_files()
+    files[0].append(("etc/unique", f"only in the {damage} test\n".encode()))  # a new digest
+    image = make_image(tmp_path / "img", files)
+    bad = image.layers[0]
+    assert bad.path is not None
+    data = bytearray(bad.path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    else:
+        del data[-100:]
+    bad.path.write_bytes(bytes(data))
+    repo = f"corrupt-{damage}"
+
+    with pytest.raises(CorruptBlob) as info:
+        push(image, registry.host, repo, "v1", tls_verify=False, state_dir=state, jobs=1)
+
+    assert bad.digest in str(info.value)
+    assert not bad.path.exists()  # the damaged cache entry is dropped so it gets rebuilt
+    assert not registry.blob_file(bad.digest).exists()
+    head = urllib.request.Request(
+        f"http://{registry.host}/v2/{repo}/blobs/{bad.digest}", method="HEAD"
+    )
+    assert _status(head) == 404
+    assert _status(f"http://{registry.host}/v2/{repo}/manifests/v1") == 404
+    assert not (state / "pushed").exists()  # a failed push records nothing
+
+
+def test_basic_auth_needs_creds(auth_registry: Registry, image: Image, state: Path,
+                                tmp_path: Path) -> None:  # fmt: skip
+    with pytest.raises(RegistryError) as info:
+        push(image, auth_registry.host, "private", "v1", tls_verify=False, state_dir=state)
+    assert "--dest-creds" in str(info.value) and auth_registry.host in str(info.value)
+    with pytest.raises(RegistryError) as info:
+        push(image, auth_registry.host, "private", "v1", tls_verify=False, state_dir=state,
+             creds=(USER, "wrong"))  # fmt: skip
+    assert "--dest-creds" in str(info.value) and "refused" in str(info.value)
+
+    result = push(image, auth_registry.host, "private", "v1", tls_verify=False,
+                  state_dir=state, creds=(USER, PASSWORD))  # fmt: skip
+    assert set(result.uploaded) == all_digests(image)
+    manifest, _ = pull_oci(auth_registry, "private:v1", tmp_path / "pulled",
+                           f"--src-creds={USER}:{PASSWORD}")  # fmt: skip
+    assert manifest["digest"] == image.manifest.digest
+
+
+def test_connection_refused_names_the_url(image: Image, state: Path) -> None:
+    port = _free_port()
+    with pytest.raises(RegistryError) as info:
+        push(image, f"127.0.0.1:{port}", "x", "v1", tls_verify=False, state_dir=state)
+    assert f"http://127.0.0.1:{port}/v2/" in str(info.value)
+    assert "refused" in str(info.value).lower()
+
+
+def test_tls_verify_refuses_plain_http(registry: Registry, image: Image, state: Path) -> None:
+    with pytest.raises(RegistryError) as info:
+        push(image, registry.host, "tls", "v1", state_dir=state)
+    assert f"https://{registry.host}/v2/" in str(info.value)
+
+
+def test_push_record_ignores_damage_and_caps(tmp_path: Path) -> None:
+    path = tmp_path / "pushed" / "h.json"
+    path.parent.mkdir()
+    path.write_text('{"version": 1, "blobs": {"sha256:aa": ["r1"]')  # torn write
+    record = PushRecord.load(path)
+    assert record.repos("sha256:aa") == []
+    for i in range(PushRecord.REPOS_PER_BLOB + 2):
+        record.add(["sha256:aa"], f"r{i}")
+    record.save()
+    again = PushRecord.load(path)
+    assert again.repos("sha256:aa")[0] == f"r{PushRecord.REPOS_PER_BLOB + 1}"
+    assert len(again.repos("sha256:aa")) == PushRecord.REPOS_PER_BLOB
+    assert [p.name for p in path.parent.iterdir()] == ["h.json"]  # no temp files left

@@ -20,6 +20,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
+from conftest import compose_demo
 from stowaway.errors import RegistryError
 from stowaway.image.digest import CorruptBlob
 from stowaway.image.model import Blob, Image, Layer, MediaType
@@ -430,3 +431,25 @@ def test_push_record_ignores_damage_and_caps(tmp_path: Path) -> None:
     assert again.repos("sha256:aa")[0] == f"r{PushRecord.REPOS_PER_BLOB + 1}"
     assert len(again.repos("sha256:aa")) == PushRecord.REPOS_PER_BLOB
     assert [p.name for p in path.parent.iterdir()] == ["h.json"]  # no temp files left
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker"])
+def test_push_composed_demo_image(registry: Registry, demo_app: str, state: Path,
+                                  tmp_path: Path, fmt: str) -> None:  # fmt: skip
+    image = compose_demo(demo_app, tmp_path / "cache", format=fmt).image
+    result = push(image, registry.host, f"demo-{fmt}", "v1", tls_verify=False, state_dir=state)
+    assert set(result.uploaded) | set(result.existing) == all_digests(image)
+
+    ref = f"docker://{registry.host}/demo-{fmt}:v1"
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", ref],
+                         check=True, capture_output=True).stdout  # fmt: skip
+    assert raw == image.manifest.data
+    dest = tmp_path / "pulled"
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", ref, f"dir:{dest}"],
+                   check=True, capture_output=True)  # fmt: skip
+    for layer in image.layers:  # dir: keeps blobs as pushed, named by hex digest
+        assert layer.path is not None
+        assert (dest / layer.digest[7:]).read_bytes() == layer.path.read_bytes()
+
+    again = push(image, registry.host, f"demo-{fmt}", "v1", tls_verify=False, state_dir=state)
+    assert again.uploaded == [] and set(again.existing) == all_digests(image)

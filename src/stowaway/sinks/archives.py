@@ -28,6 +28,7 @@ from stowaway.sinks.oci_layout import (
     TempFile,
     empty_index,
     manifest_descriptor,
+    require_oci,
     update_index,
 )
 from stowaway.sinks.targets import SinkResult
@@ -43,6 +44,7 @@ def write_oci_archive(
     image: Image, file: Path, tag: str | None, *, progress: Progress = _QUIET
 ) -> SinkResult:
     """Write ``image`` as a tarred OCI layout holding just this image."""
+    require_oci(image, f"oci-archive:{file}")
     index = update_index(empty_index(), manifest_descriptor(image, tag))
     blobs = _unique([*image.blobs(), image.manifest])
     entries = [

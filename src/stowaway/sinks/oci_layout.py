@@ -46,6 +46,7 @@ def write_oci_layout(
     image: Image, directory: Path, tag: str | None, *, progress: Progress = _QUIET
 ) -> SinkResult:
     """Add ``image`` to the layout at ``directory`` (created if needed), under ``tag``."""
+    require_oci(image, f"oci:{directory}")
     _prepare(directory)
     blobs_dir = directory / "blobs" / "sha256"
     blobs_dir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,16 @@ def write_oci_layout(
     index = update_index(read_index(index_path), manifest_descriptor(image, tag))
     atomic_write(index_path, canonical_json(index))
     return result
+
+
+def require_oci(image: Image, target: str) -> None:
+    """OCI layouts list OCI manifests only: skopeo and umoci skip any other media type,
+    so a Docker-format image written there would be invisible."""
+    if image.manifest.media_type != MediaType.OCI_MANIFEST:
+        raise LayoutError(
+            f"{target}: an OCI layout cannot hold a {image.manifest.media_type} manifest",
+            hint="use --format oci for oci: and oci-archive: destinations",
+        )
 
 
 def manifest_descriptor(image: Image, tag: str | None) -> Descriptor:

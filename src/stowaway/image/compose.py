@@ -1,0 +1,101 @@
+"""The composer pipeline: closure → layer plan → cached layers → config + manifest.
+
+Nothing here touches a sink: the result is an ``Image`` whose layers live in the
+layer cache and whose config and manifest are small in-memory blobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from stowaway import layering
+from stowaway.errors import PlanError, StowawayError
+from stowaway.image.config import ImageOptions, build_config, plan_customisation
+from stowaway.image.layer_cache import LayerCache
+from stowaway.image.layers import LayerSettings, build_entries_layer, build_layers
+from stowaway.image.manifest import (
+    build_manifest,
+    config_media_type,
+    layer_media_type,
+    manifest_media_type,
+)
+from stowaway.image.model import Blob, Image, Layer
+from stowaway.layering.model import LayerPlan
+from stowaway.progress import NoProgress, Progress
+from stowaway.store.model import PathInfo, StoreSource
+
+_QUIET: Progress = NoProgress()
+
+
+@dataclass
+class ComposeResult:
+    image: Image
+    plan: LayerPlan
+    closure: dict[str, PathInfo]
+
+
+def compose(
+    source: StoreSource,
+    roots: Sequence[str],
+    options: ImageOptions,
+    *,
+    closure: Mapping[str, PathInfo],
+    strategy: str = "auto",
+    max_layers: int = 100,
+    settings: LayerSettings,
+    cache: LayerCache,
+    format: Literal["oci", "docker"] = "oci",
+    progress: Progress = _QUIET,
+) -> ComposeResult:
+    """Compose the image of ``roots`` (whose full ``closure`` the caller computed).
+
+    Store-path layers come first in plan order, the customisation layer last, so
+    images of related closures share their bottom layers (Docker's ChainIDs).
+    """
+    if format not in ("oci", "docker"):
+        raise StowawayError(f"unknown image format {format!r} (expected oci or docker)")
+    if format == "docker" and settings.compression != "gzip":
+        raise StowawayError(
+            f"Docker schema 2 images need gzip layers, not {settings.compression}",
+            hint="use --compression gzip, or --format oci",
+        )
+    if max_layers < 2:
+        raise PlanError(
+            f"max_layers must be at least 2 (one store layer + the customisation layer), "
+            f"got {max_layers}"
+        )
+    missing = [r for r in roots if r not in closure]
+    if missing:
+        raise StowawayError(f"root {missing[0]} is not in the closure computed for the image")
+    custom = plan_customisation(options, source, closure)
+    layer_plan = layering.plan(closure, roots, strategy=strategy, max_layers=max_layers)
+    layers = build_layers(source, layer_plan.layers, closure, settings, cache, progress=progress)
+    layers.append(build_entries_layer(custom.entries(), custom.key, settings, cache))
+    if format == "docker":
+        layers = [_as_docker(layer) for layer in layers]
+    comments = [_comment(layer) for layer in layers]
+    config_bytes = build_config(options, [layer.diff_id for layer in layers], comments, format)
+    config = _blob(config_bytes, config_media_type(format))
+    manifest = _blob(build_manifest(config, layers, format), manifest_media_type(format))
+    image = Image(layers=layers, config=config, manifest=manifest, format=format)
+    return ComposeResult(image=image, plan=layer_plan, closure=dict(closure))
+
+
+def _as_docker(layer: Layer) -> Layer:
+    return dataclasses.replace(layer, media_type=layer_media_type(layer.media_type, "docker"))
+
+
+def _comment(layer: Layer) -> str:
+    if not layer.store_paths:
+        return "stowaway customisation layer"
+    names = " ".join(p.rsplit("/", 1)[-1] for p in layer.store_paths)
+    return f"store paths: {names}"
+
+
+def _blob(data: bytes, media_type: str) -> Blob:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return Blob(digest=digest, size=len(data), media_type=media_type, data=data)

@@ -92,7 +92,9 @@ def test_zstd_decompresses_with_zstd_cli_and_is_thread_independent() -> None:
 
 def test_zstd_empty_input() -> None:
     blob = compress(b"", "zstd")
-    assert subprocess.run(["zstd", "-dc"], input=blob, check=True, capture_output=True).stdout == b""
+    assert (
+        subprocess.run(["zstd", "-dc"], input=blob, check=True, capture_output=True).stdout == b""
+    )
 
 
 def test_none_passes_bytes_through() -> None:

@@ -18,8 +18,8 @@ import pytest
 from stowaway.image.model import TarEntry
 from stowaway.image.tar import TarError, default_mtime, store_path_entries, write_tar
 from stowaway.store.local import LocalStore
-from stowaway.store.nar import read_nar
 from stowaway.store.model import NarEntry
+from stowaway.store.nar import read_nar
 
 
 def tar_bytes(entries: list[TarEntry] | Iterator[TarEntry], mtime: int = 1) -> bytes:
@@ -79,7 +79,9 @@ def test_store_paths_listing_with_tarfile(local_store: LocalStore, demo_closure:
     assert len(data) % 512 == 0 and data.endswith(bytes(1024))
 
 
-def test_listing_with_gnu_tar(local_store: LocalStore, demo_closure: list[str], tmp_path: Path) -> None:
+def test_listing_with_gnu_tar(
+    local_store: LocalStore, demo_closure: list[str], tmp_path: Path
+) -> None:
     archive = tmp_path / "layer.tar"
     archive.write_bytes(tar_bytes(store_path_entries(local_store, demo_closure)))
     out = subprocess.run(
@@ -93,7 +95,9 @@ def test_listing_with_gnu_tar(local_store: LocalStore, demo_closure: list[str], 
     assert out[0].endswith(" 1970-01-01 00:00:01 nix/")
     busybox = next(line for line in out if line.endswith("-busybox/bin/busybox"))
     assert busybox.startswith("-r-xr-xr-x 0/0 ")
-    assert any(line.startswith("lrwxrwxrwx 0/0") and line.endswith("bin/sh -> busybox") for line in out)
+    assert any(
+        line.startswith("lrwxrwxrwx 0/0") and line.endswith("bin/sh -> busybox") for line in out
+    )
     # GNU tar extracts the long (PAX) names intact.
     dest = tmp_path / "x"
     dest.mkdir()
@@ -105,7 +109,9 @@ def test_listing_with_gnu_tar(local_store: LocalStore, demo_closure: list[str], 
     assert (dest / rel).read_bytes() == b"deep\n"
 
 
-def test_umoci_unpacks_the_layer(local_store: LocalStore, demo_closure: list[str], tmp_path: Path) -> None:
+def test_umoci_unpacks_the_layer(
+    local_store: LocalStore, demo_closure: list[str], tmp_path: Path
+) -> None:
     layer = tar_bytes(store_path_entries(local_store, demo_closure))
     layout = tmp_path / "oci"
     blobs = layout / "blobs" / "sha256"
@@ -118,7 +124,11 @@ def test_umoci_unpacks_the_layer(local_store: LocalStore, demo_closure: list[str
 
     diff_id = put(layer)
     config = json.dumps(
-        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
     ).encode()
     manifest = json.dumps(
         {
@@ -242,6 +252,8 @@ def test_huge_size_uses_base256() -> None:
     def chunks() -> Iterator[bytes]:
         yield from ()
 
-    header = next(iter(write_tar([TarEntry(b"big", "regular", 0o444, size=size, chunks=chunks())], mtime=1)))
+    header = next(
+        iter(write_tar([TarEntry(b"big", "regular", 0o444, size=size, chunks=chunks())], mtime=1))
+    )
     info = tarfile.TarInfo.frombuf(header[:512], "utf-8", "surrogateescape")
     assert info.size == size

@@ -99,8 +99,9 @@ class LayerCache:
     def lookup(self, key: str) -> Layer | None:
         """The cached layer for ``key``; None on a miss or when the entry is unusable
         (unreadable index, missing blob, blob of the wrong size)."""
+        entry_path = self._entry_path(key)
         try:
-            doc = json.loads(self._entry_path(key).read_bytes())
+            doc = json.loads(entry_path.read_bytes())
             if doc.get("version") != INDEX_VERSION:
                 return None
             entry = CacheEntry(

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import re
 import socket
 import subprocess
 import tarfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,13 +52,12 @@ class Request:
 class Registry:
     """A private docker-registry on a loopback port; its access log is stdout."""
 
-    def __init__(self, root: Path, *, htpasswd: bool = False) -> None:
+    def __init__(self, root: Path, *, htpasswd: bool = False, auth: str = "") -> None:
         self.root = root
         self.port = _free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.data = root / "data"
         self.access = root / "access.log"
-        auth = ""
         if htpasswd:
             entry = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
             (root / "htpasswd").write_text(f"{USER}:{entry}\n")
@@ -416,6 +420,7 @@ def test_tls_verify_refuses_plain_http(registry: Registry, image: Image, state: 
     with pytest.raises(RegistryError) as info:
         push(image, registry.host, "tls", "v1", state_dir=state)
     assert f"https://{registry.host}/v2/" in str(info.value)
+    assert "--dest-tls-verify=false" in str(info.value)
 
 
 def test_push_record_ignores_damage_and_caps(tmp_path: Path) -> None:
@@ -453,3 +458,124 @@ def test_push_composed_demo_image(registry: Registry, demo_app: str, state: Path
 
     again = push(image, registry.host, f"demo-{fmt}", "v1", tls_verify=False, state_dir=state)
     assert again.uploaded == [] and set(again.existing) == all_digests(image)
+
+
+# -- Bearer tokens: the real registry verifying tokens from a small token server ------
+
+
+class TokenServer:
+    """The Docker token protocol on a loopback port: checks Basic credentials and
+    signs ES256 JWTs (certificate in ``x5c``) granting every requested scope."""
+
+    def __init__(self, root: Path) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stowaway test tokens")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(1)
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.bundle = root / "token-ca.pem"
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.requests: list[dict[str, list[str]]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                server.requests.append(query)
+                expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+                if self.headers.get("Authorization") != expected:
+                    self.send_response(401)
+                    body = b'{"details":"bad credentials"}'
+                else:
+                    self.send_response(200)
+                    body = json.dumps({"token": server.token(query.get("scope", []))}).encode()
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def token(self, scopes: list[str]) -> str:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        der = self.cert.public_bytes(serialization.Encoding.DER)
+        header = {"typ": "JWT", "alg": "ES256", "x5c": [base64.b64encode(der).decode()]}
+        access = []
+        for scope in scopes:
+            kind, name, actions = scope.split(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        claims = {"iss": "stowaway-test", "sub": USER, "aud": "test-registry", "iat": now,
+                  "nbf": now - 60, "exp": now + 600, "jti": str(now), "access": access}  # fmt: skip
+        signing = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        r, s = decode_dss_signature(self.key.sign(signing.encode(), ec.ECDSA(hashes.SHA256())))
+        return f"{signing}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def token_registry(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Registry, TokenServer]]:
+    root = tmp_path_factory.mktemp("token-registry")
+    tokens = TokenServer(root)
+    auth = (f"auth:\n  token:\n    realm: {tokens.realm}\n    service: test-registry\n"
+            f"    issuer: stowaway-test\n    rootcertbundle: {tokens.bundle}\n")  # fmt: skip
+    reg = Registry(root, auth=auth)
+    yield reg, tokens
+    reg.stop()
+    tokens.stop()
+
+
+def test_bearer_token_auth_and_mount_scopes(token_registry: tuple[Registry, TokenServer],
+                                            image: Image, state: Path) -> None:  # fmt: skip
+    reg, tokens = token_registry
+    with pytest.raises(RegistryError) as info:
+        push(image, reg.host, "tok/one", "v1", tls_verify=False, state_dir=state)
+    assert "--dest-creds" in str(info.value) and tokens.realm in str(info.value)
+
+    tokens.requests.clear()
+    result = push(image, reg.host, "tok/one", "v1", tls_verify=False, state_dir=state,
+                  creds=(USER, PASSWORD))  # fmt: skip
+    assert set(result.uploaded) == all_digests(image)
+    assert tokens.requests == [  # one token, cached for every request of the push
+        {"service": ["test-registry"], "scope": ["repository:tok/one:pull,push"]}
+    ]
+
+    tokens.requests.clear()
+    result = push(image, reg.host, "tok/two", "v1", tls_verify=False, state_dir=state,
+                  creds=(USER, PASSWORD))  # fmt: skip
+    assert set(result.mounted) == all_digests(image)
+    assert tokens.requests[0]["scope"] == [
+        "repository:tok/two:pull,push",
+        "repository:tok/one:pull",
+    ]

@@ -86,6 +86,7 @@ class RegistryClient:
         self._challenge: _Challenge | None = None
         self._scopes: tuple[str, ...] = ()
         self._tokens: dict[tuple[str, ...], str] = {}
+        self._token_lock = threading.Lock()
         self._lock = threading.Lock()
         self._local = threading.local()
         self._all_conns: list[http.client.HTTPConnection] = []
@@ -101,7 +102,7 @@ class RegistryClient:
             self.base = f"{scheme}://{self.host}"
             try:
                 resp = self._once("GET", self.base + "/v2/", _UA, None)
-            except (ssl.SSLError, ConnectionError, OSError) as e:
+            except (OSError, http.client.HTTPException) as e:  # incl. TLS failures
                 last = e
                 continue
             if resp.status == 401:
@@ -111,7 +112,10 @@ class RegistryClient:
             elif resp.status != 200:
                 raise RegistryApiError.from_response(resp.status, resp.body)
             return
-        raise self._connect_error(f"{schemes[-1]}://{self.host}/v2/", last)
+        err = self._connect_error(f"{schemes[-1]}://{self.host}/v2/", last)
+        if isinstance(last, ssl.SSLError):
+            err.hint = "for a plain-HTTP registry pass --dest-tls-verify=false"
+        raise err
 
     def authorize(self, scopes: Sequence[str]) -> None:
         """Scopes to ask a token server for (``repository:<repo>:pull,push``)."""
@@ -298,10 +302,13 @@ class RegistryClient:
 
     def _token(self, challenge: _Challenge, scopes: tuple[str, ...]) -> str:
         key = (challenge.params.get("realm", ""), challenge.params.get("service", ""), *scopes)
-        with self._lock:
-            cached = self._tokens.get(key)
-        if cached is not None:
-            return cached
+        with self._token_lock:  # single flight: concurrent uploads share one token
+            token = self._tokens.get(key)
+            if token is None:
+                token = self._tokens[key] = self._fetch_token(challenge, scopes)
+            return token
+
+    def _fetch_token(self, challenge: _Challenge, scopes: tuple[str, ...]) -> str:
         realm = challenge.params.get("realm")
         if not realm:
             raise RegistryError(f"{self.base}/v2/: Bearer challenge without a realm")
@@ -314,7 +321,7 @@ class RegistryClient:
             headers["Authorization"] = "Basic " + _b64(f"{self.creds[0]}:{self.creds[1]}")
         try:
             resp = self._once("GET", url, headers, None)
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:
             raise self._connect_error(url, e) from e
         if resp.status == 401:
             raise self._unauthorized(resp, url)
@@ -322,21 +329,20 @@ class RegistryClient:
             raise RegistryApiError.from_response(resp.status, resp.body)
         try:
             doc = json.loads(resp.body)
-            token = str(doc.get("token") or doc["access_token"])
+            return str(doc.get("token") or doc["access_token"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RegistryError(f"token server {realm} answered no token") from e
-        with self._lock:
-            self._tokens[key] = token
-        return token
 
     def _reauth(self, resp: Response) -> bool:
         """A 401 after ping: for Bearer, fetch a token for the challenge's scope."""
         challenge = self._parse_401(resp)
         if challenge.scheme != "bearer":
             return False
-        self._challenge = challenge
         extra = challenge.params.get("scope", "").split()
-        self._scopes = tuple(dict.fromkeys([*self._scopes, *extra]))
+        with self._token_lock:  # the token may have expired: forget it, fetch afresh
+            self._challenge = challenge
+            self._scopes = tuple(dict.fromkeys([*self._scopes, *extra]))
+            self._tokens.clear()
         return True
 
     def _parse_401(self, resp: Response) -> _Challenge:

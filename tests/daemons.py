@@ -102,9 +102,10 @@ class Daemon:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if (code := self.proc.poll()) is not None:
+                self.stop()
                 raise DaemonError(
-                    f"{self.name} exited with {self.proc.returncode} while starting; "
+                    f"{self.name} exited with {code} while starting; "
                     f"log {self.log_path}:\n{_tail(self.log_path)}"
                 )
             if self.ready():

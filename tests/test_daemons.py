@@ -74,6 +74,8 @@ def test_containerd_config_has_proxy_plugin_and_cri_off(tmp_path: Path) -> None:
     assert '[proxy_plugins."stowaway"]' in cfg
     assert 'address = "/x"' in cfg and 'type = "snapshot"' in cfg
     assert 'disabled_plugins = ["io.containerd.grpc.v1.cri"]' in cfg
+    ctrd.stop()  # never started: only removes its socket dir
+    assert not ctrd.sockdir.exists()
 
 
 def test_containerd_start_failure_shows_log_tail(tmp_path: Path) -> None:
@@ -82,6 +84,7 @@ def test_containerd_start_failure_shows_log_tail(tmp_path: Path) -> None:
     with pytest.raises(DaemonError, match="containerd exited") as info:
         ctrd.start(timeout=10)
     assert "toml" in str(info.value).lower() or "config" in str(info.value).lower()
+    assert not ctrd.sockdir.exists()
 
 
 def test_registry_answers_and_skopeo_round_trips(tmp_path: Path, busybox_layout: Path) -> None:

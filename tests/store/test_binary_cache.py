@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from storetest_helpers import events
+
+from stowaway.errors import NarError, PathNotFound, SignatureError
+from stowaway.store.binary_cache import BinaryCache, CacheError, HashMismatch
+from stowaway.store.local import LocalStore
+from stowaway.store.narinfo import PublicKey
+
+COMPRESSIONS = ["xz", "zstd", "bzip2", "none"]
+
+
+def cache(url: str, *keys: str, require: bool = True) -> BinaryCache:
+    return BinaryCache(url, [PublicKey.parse(k) for k in keys], require_signatures=require)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_signed_cache_matches_local_store(
+    compression: str,
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+    demo_closure: list[str],
+) -> None:
+    c = cache(signed_caches[compression], cache_keys["good"])
+    local = LocalStore()
+    for path in demo_closure:
+        info, want = c.query(path), local.query(path)
+        assert info is not None and want is not None
+        assert (info.nar_hash, info.nar_size, info.references) == (
+            want.nar_hash,
+            want.nar_size,
+            want.references,
+        )
+        assert events(c.entries(path)) == events(local.entries(path))
+
+
+def test_http_cache(http_cache: str, cache_keys: dict[str, str], demo_closure: list[str]) -> None:
+    c = cache(http_cache, cache_keys["good"])
+    local = LocalStore()
+    for path in demo_closure:
+        assert events(c.entries(path)) == events(local.entries(path))
+    assert c.query("/nix/store/00000000000000000000000000000000-missing") is None
+
+
+def test_http_unreachable_names_url() -> None:
+    c = cache("http://127.0.0.1:9", require=False)
+    with pytest.raises(CacheError, match=re.escape("http://127.0.0.1:9/nix-cache-info")):
+        c.query("/nix/store/00000000000000000000000000000000-x")
+
+
+def assert_refused(exc: pytest.ExceptionInfo[SignatureError], path: str, url: str) -> None:
+    text = str(exc.value)
+    assert path in text and url in text
+    assert "--trusted-public-key NAME:KEY" in text and "--no-require-sigs" in text
+
+
+def test_unsigned_refused_unless_allowed(
+    unsigned_cache: str, cache_keys: dict[str, str], demo_app: str
+) -> None:
+    with pytest.raises(SignatureError, match="unsigned") as exc:
+        cache(unsigned_cache, cache_keys["good"]).query(demo_app)
+    assert_refused(exc, demo_app, unsigned_cache)
+    assert cache(unsigned_cache, require=False).query(demo_app) is not None
+
+
+def test_untrusted_key_refused(
+    signed_caches: dict[str, str], cache_keys: dict[str, str], demo_app: str
+) -> None:
+    with pytest.raises(SignatureError, match="signed by good-key-1") as exc:
+        cache(signed_caches["xz"], cache_keys["other"]).query(demo_app)
+    assert_refused(exc, demo_app, signed_caches["xz"])
+
+
+def copy_cache(url: str, dest: Path) -> Path:
+    shutil.copytree(url.removeprefix("file://"), dest)
+    return dest
+
+
+def test_bad_signature_refused(
+    tmp_path: Path, signed_caches: dict[str, str], cache_keys: dict[str, str], demo_app: str
+) -> None:
+    root = copy_cache(signed_caches["xz"], tmp_path / "c")
+    ni = root / (Path(demo_app).name[:32] + ".narinfo")
+    # a tampered reference list keeps the signature but breaks it
+    text = ni.read_text()
+    ni.write_text(re.sub(r"References: \S+ ", "References: ", text))
+    with pytest.raises(SignatureError) as exc:
+        cache(f"file://{root}", cache_keys["good"]).query(demo_app)
+    assert_refused(exc, demo_app, f"file://{root}")
+
+
+def test_corrupt_nar_detected_at_end(
+    tmp_path: Path,
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+    demo_closure: list[str],
+) -> None:
+    root = copy_cache(signed_caches["none"], tmp_path / "c")
+    busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+    ni = (root / (Path(busybox).name[:32] + ".narinfo")).read_text()
+    nar = root / re.search(r"URL: (\S+)", ni).group(1)  # type: ignore[union-attr]
+    data = bytearray(nar.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside busybox's contents: still a well-formed NAR
+    nar.chmod(0o644)
+    nar.write_bytes(bytes(data))
+    c = cache(f"file://{root}", cache_keys["good"])
+    with pytest.raises(HashMismatch, match=re.escape(str(nar.name))):
+        events(c.entries(busybox))
+    (root / (Path(busybox).name[:32] + ".narinfo")).write_text(
+        re.sub(r"FileHash: .*\n", "", ni)  # without FileHash the NarHash still catches it
+    )
+    c = cache(f"file://{root}", require=False)
+    with pytest.raises(HashMismatch, match="NAR of " + re.escape(busybox)):
+        events(c.entries(busybox))
+
+
+def test_truncated_compressed_nar(
+    tmp_path: Path, signed_caches: dict[str, str], cache_keys: dict[str, str], demo_app: str
+) -> None:
+    root = copy_cache(signed_caches["zstd"], tmp_path / "c")
+    ni = (root / (Path(demo_app).name[:32] + ".narinfo")).read_text()
+    nar = root / re.search(r"URL: (\S+)", ni).group(1)  # type: ignore[union-attr]
+    nar.chmod(0o644)
+    nar.write_bytes(nar.read_bytes()[:-20])
+    with pytest.raises((CacheError, NarError, HashMismatch), match=re.escape(str(root))):
+        events(cache(f"file://{root}", cache_keys["good"]).entries(demo_app))
+
+
+def test_store_dir_mismatch_and_missing(
+    tmp_path: Path, signed_caches: dict[str, str], demo_app: str
+) -> None:
+    root = copy_cache(signed_caches["xz"], tmp_path / "c")
+    (root / "nix-cache-info").write_text("StoreDir: /gnu/store\n")
+    with pytest.raises(CacheError, match="serves store /gnu/store"):
+        cache(f"file://{root}", require=False).query(demo_app)
+    with pytest.raises(CacheError, match="not found; is .* a Nix binary cache"):
+        cache(f"file://{tmp_path}", require=False).query(demo_app)
+
+
+def test_absent_path_and_unknown_compression(
+    tmp_path: Path, signed_caches: dict[str, str], demo_app: str
+) -> None:
+    root = copy_cache(signed_caches["xz"], tmp_path / "c")
+    c = cache(f"file://{root}", require=False)
+    assert c.query("/nix/store/00000000000000000000000000000000-missing") is None
+    with pytest.raises(PathNotFound, match="00000000000000000000000000000000-missing"):
+        c.entries("/nix/store/00000000000000000000000000000000-missing")
+    ni = root / (Path(demo_app).name[:32] + ".narinfo")
+    ni.write_text(ni.read_text().replace("Compression: xz", "Compression: lz4"))
+    with pytest.raises(CacheError, match="unsupported compression 'lz4'"):
+        events(cache(f"file://{root}", require=False).entries(demo_app))

@@ -29,7 +29,12 @@ class Composed:
 
 
 def compose_demo(
-    demo_app: str, cache_dir: Path, *, format: str = "oci", user: str = "app"
+    demo_app: str,
+    cache_dir: Path,
+    *,
+    format: str = "oci",
+    user: str = "app",
+    settings: LayerSettings | None = None,
 ) -> Composed:
     store = LocalStore()
     closure = store.closure_infos([demo_app])
@@ -43,7 +48,7 @@ def compose_demo(
         [demo_app],
         options,
         closure=closure,
-        settings=LayerSettings(),
+        settings=settings or LayerSettings(),
         cache=cache,
         format=format,  # type: ignore[arg-type]
     )

@@ -158,7 +158,7 @@ def _layer(blobs: Path, files: list[tuple[str, bytes]]) -> Layer:
             info.size, info.mtime, info.mode = len(data), 1, 0o444
             tar.addfile(info, io.BytesIO(data))
     tarbytes = raw.getvalue()
-    gz = gzip.compress(tarbytes, mtime=0)
+    gz = gzip.compress(tarbytes, compresslevel=1, mtime=0)
     digest = "sha256:" + hashlib.sha256(gz).hexdigest()
     path = blobs / digest.split(":")[1]
     path.write_bytes(gz)
@@ -240,13 +240,35 @@ def all_digests(img: Image) -> set[str]:
     return {b.digest for b in img.blobs()}
 
 
+class Recorder:
+    """A Progress that adds up what was reported per key, and checks it finished."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int | None] = {}
+        self.sent: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    def start(self, key: str, description: str, total: int | None) -> None:
+        self.totals[key], self.sent[key] = total, 0
+
+    def advance(self, key: str, amount: int) -> None:
+        self.sent[key] += amount
+
+    def finish(self, key: str) -> None:
+        assert self.sent[key] == self.totals[key]
+        self.done[key] = self.sent[key]
+
+
 # -- tests -------------------------------------------------------------------------
 
 
 def test_push_then_pull_back_with_skopeo(registry: Registry, image: Image, state: Path,
                                          tmp_path: Path) -> None:  # fmt: skip
     mark = registry.mark()
-    result = push(image, registry.host, "demo/app", "v1", tls_verify=False, state_dir=state)
+    progress = Recorder()
+    result = push(image, registry.host, "demo/app", "v1", tls_verify=False, state_dir=state,
+                  progress=progress)  # fmt: skip
+    assert progress.done == {f"push:{b.digest}": b.size for b in image.blobs()}
 
     assert set(result.uploaded) == all_digests(image)
     assert result.uploaded_bytes == sum(b.size for b in image.blobs())

@@ -266,6 +266,8 @@ def test_annotations_split_below_the_label_limit() -> None:
     joined = " ".join(annotations.values()).split(" ")
     assert joined == [Path(p).name for p in paths]
     assert paths_annotations([]) == {}
+    with pytest.raises(StowawayError, match="too long for an annotation"):
+        paths_annotations(["/nix/store/" + "x" * 5000])
 
 
 def test_memory_stays_bounded_for_big_layers(layer_cache: LayerCache) -> None:

@@ -129,6 +129,8 @@ def paths_annotations(paths: Sequence[str]) -> dict[str, str]:
         if len(key) + len(candidate.encode()) < ANNOTATION_LIMIT:
             value = candidate
             continue
+        if not value:
+            raise StowawayError(f"store path basename too long for an annotation: {base[:80]}…")
         out[key] = value
         value = base
     if value:

@@ -6,6 +6,7 @@ import base64
 import datetime
 import gzip
 import hashlib
+import http.client
 import http.server
 import io
 import json
@@ -601,3 +602,95 @@ def test_bearer_token_auth_and_mount_scopes(token_registry: tuple[Registry, Toke
         "repository:tok/two:pull,push",
         "repository:tok/one:pull",
     ]
+
+
+class FlakyProxy:
+    """A loopback HTTP proxy in front of the real registry that answers the first
+    ``fail`` blob PUTs with 503 (after reading their bodies), to exercise retries."""
+
+    def __init__(self, upstream: Registry, fail: int) -> None:
+        self.left = fail
+        self.failed: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "PUT" and "/blobs/uploads/" in self.path and proxy.left > 0:
+                    proxy.left -= 1
+                    proxy.failed.append(self.path)
+                    self._answer(503, {}, b'{"errors":[{"code":"UNAVAILABLE","message":"busy"}]}')
+                    return
+                conn = http.client.HTTPConnection(upstream.host, timeout=30)
+                conn.putrequest(self.command, self.path, skip_host=True,
+                                skip_accept_encoding=True)  # fmt: skip
+                for k, v in self.headers.items():
+                    conn.putheader(k, v)  # Host stays ours: Locations point back here
+                conn.endheaders(body)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                skip = {"content-length", "connection", "transfer-encoding"}
+                headers = {k: v for k, v in resp.getheaders() if k.lower() not in skip}
+                self._answer(resp.status, headers, data)
+
+            def _answer(self, status: int, headers: dict[str, str], data: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+def test_temporary_errors_restart_the_upload(registry: Registry, state: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(sink, "RESTART_BACKOFF", 0.01)
+    files = base_files()
+    files[1].append(("etc/flaky", b"only in the retry test\n"))
+    image = make_image(tmp_path / "img", files)
+    proxy = FlakyProxy(registry, fail=2)
+    try:
+        mark = registry.mark()
+        result = push(image, proxy.host, "flaky", "v1", tls_verify=False, state_dir=state, jobs=1)
+    finally:
+        proxy.stop()
+    assert len(proxy.failed) == 2
+    assert set(result.uploaded) | set(result.existing) == all_digests(image)
+    reqs = registry.requests(mark)
+    # each failed session was cancelled, then a fresh upload started and committed
+    assert sum(1 for r in reqs if r.method == "DELETE" and "/blobs/uploads/" in r.uri) == 2
+    assert set(result.uploaded) <= committed_digests(reqs)
+    manifest, _ = pull_oci(registry, "flaky:v1", tmp_path / "pulled")
+    assert manifest["digest"] == image.manifest.digest
+
+
+def test_too_many_temporary_errors_give_up(registry: Registry, image: Image, state: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(sink, "RESTART_BACKOFF", 0.01)
+    proxy = FlakyProxy(registry, fail=100)
+    try:
+        with pytest.raises(RegistryError) as info:
+            push(image, proxy.host, "given-up", "v1", tls_verify=False, state_dir=state, jobs=1)
+    finally:
+        proxy.stop()
+    assert "503" in str(info.value) and "UNAVAILABLE" in str(info.value)
+    assert f"http://{proxy.host}/v2/given-up/blobs/uploads/" in str(info.value)

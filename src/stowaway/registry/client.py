@@ -24,7 +24,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 from stowaway.errors import RegistryError
 from stowaway.registry.errors import RegistryApiError
 
-__all__ = ["RegistryClient", "Response", "CREDS_HINT"]
+__all__ = ["RegistryClient", "Response", "TransportError", "CREDS_HINT"]
 
 #: Told to the user whenever a registry refuses us for lack of credentials.
 CREDS_HINT = "pass --dest-creds USER:PASS (or a token the registry accepts)"
@@ -38,6 +38,13 @@ BACKOFF = 0.25
 
 _UA = {"User-Agent": "stowaway"}
 _PARAM = re.compile(r'([A-Za-z_]+)=(?:"([^"]*)"|([^,\s]*))')
+
+
+class TransportError(RegistryError):
+    """The connection failed (refused, reset, TLS, timeout); the message names the URL."""
+
+    #: A reset or timeout mid-upload is worth restarting the upload for.
+    temporary = True
 
 
 class Readable(Protocol):
@@ -215,6 +222,9 @@ class RegistryClient:
             if sent != size:
                 raise RegistryError(f"{url}: body ended after {sent} of {size} bytes")
             resp = self._read(conn)
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(url)
+            raise self._connect_error(url, e) from e
         except BaseException:
             self._drop(url)
             raise
@@ -357,9 +367,9 @@ class RegistryClient:
         how = "the credentials were refused" if self.creds else "no credentials were given"
         return RegistryError(f"{url}: unauthorized ({how}): {detail}", hint=CREDS_HINT)
 
-    def _connect_error(self, url: str, e: BaseException | None) -> RegistryError:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        return RegistryError(f"cannot reach registry at {url}: {why}")
+    def _connect_error(self, url: str, e: BaseException | None) -> TransportError:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        return TransportError(f"cannot reach registry at {_where(url)}: {why}")
 
 
 def _where(url: str) -> str:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from stowaway.errors import RegistryError
 from stowaway.image.digest import CorruptBlob, VerifyingReader
 from stowaway.image.model import Blob, Image
 from stowaway.progress import NoProgress, Progress
-from stowaway.registry.client import RegistryClient, Response
+from stowaway.registry.client import RegistryClient, Response, TransportError
 from stowaway.registry.errors import RegistryApiError
 
 __all__ = ["PushResult", "PushRecord", "push"]
@@ -33,6 +34,8 @@ __all__ = ["PushResult", "PushRecord", "push"]
 CHUNKED_THRESHOLD = 64 << 20
 #: Times one blob upload is restarted after a temporary registry error.
 UPLOAD_ATTEMPTS = 3
+#: Pause before the first restart of a failed upload, in seconds; doubles each time.
+RESTART_BACKOFF = 0.5
 #: Mount sources tried per blob (each failed mount costs a round trip).
 MAX_MOUNT_SOURCES = 3
 
@@ -170,10 +173,11 @@ def _push_blob(
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(blob.path)
                 raise
-            except RegistryApiError as e:
+            except (RegistryApiError, TransportError) as e:
                 _abandon(client, client.url(location))
                 if not e.temporary or attempt == UPLOAD_ATTEMPTS:
                     raise
+                time.sleep(RESTART_BACKOFF * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
     finally:
         progress.finish(key)

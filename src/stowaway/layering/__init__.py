@@ -1,0 +1,54 @@
+"""Layer planning: which store paths go into which image layer.
+
+``plan`` is pure and deterministic: the same closure and roots always give the
+same plan. Strategies: ``auto`` (ours, the default; see docs/layering.md),
+``popularity`` (nixpkgs buildLayeredImage) and ``dominator`` (Nixery).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from stowaway.errors import PlanError
+from stowaway.layering.auto import layers_auto
+from stowaway.layering.dominator import layers_dominator
+from stowaway.layering.graph import build_graph
+from stowaway.layering.model import LayerPlan, PlannedLayer
+from stowaway.layering.popularity import plan_popularity
+from stowaway.store.model import PathInfo
+
+__all__ = ["MAX_LAYERS_LIMIT", "STRATEGIES", "LayerPlan", "PlannedLayer", "plan"]
+
+#: Registries and runtimes start failing near 125-127 layers.
+MAX_LAYERS_LIMIT = 125
+
+STRATEGIES = {
+    "auto": layers_auto,
+    "popularity": plan_popularity,
+    "dominator": layers_dominator,
+}
+
+
+def plan(
+    closure: Mapping[str, PathInfo],
+    roots: Sequence[str],
+    *,
+    strategy: str = "auto",
+    max_layers: int = 100,
+) -> LayerPlan:
+    """Group every path of ``closure`` into layers, bottom (most shared) to top
+    (``roots``). ``max_layers`` counts every image layer, so at most
+    ``max_layers - 1`` are planned here (the composer adds the customisation layer)."""
+    if not 2 <= max_layers <= MAX_LAYERS_LIMIT:
+        raise PlanError(
+            f"max_layers must be between 2 and {MAX_LAYERS_LIMIT}, got {max_layers}",
+            hint="one layer is reserved for customisation, and registries and container "
+            "runtimes start failing near 125-127 layers",
+        )
+    planner = STRATEGIES.get(strategy)
+    if planner is None:
+        raise PlanError(
+            f"unknown layering strategy {strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}"
+        )
+    graph = build_graph(closure, roots)
+    return LayerPlan(strategy=strategy, layers=tuple(planner(graph, max_layers - 1)))

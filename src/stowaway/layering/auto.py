@@ -1,0 +1,155 @@
+"""Our default planner, built for layer reuse across versions and images.
+
+Nix is input-addressed: a path gets a new hash exactly when something in its
+closure changes. A layer is reused only if none of its paths changed, so every
+byte of an unchanged path sharing a layer with a changed one is downloaded for
+nothing. If an update starts at path ``c`` (each path equally likely), group
+``S`` wastes ``size(p)`` for each member ``p`` whose closure lacks ``c`` while
+another member's closure has it. Summed over ``c`` this has a closed form:
+
+    waste(S) = |C(S)| * bytes(S) - sum(size(p) * |closure(p)| for p in S)
+
+with ``C(S)`` the union of the members' closures, so a merge is cheap to price
+(two bitset ORs and popcounts). The planner:
+
+1. keeps the roots (the application) alone, on top;
+2. keeps the biggest paths (>= ``SOLO_MIN``) alone, up to half the budget: a
+   one-path layer is new exactly when its path is, in any later version and in
+   any other image holding that path;
+3. starts every other path alone and makes the cheapest merge (least added
+   waste, ties by name then path) until the plan fits the budget and no layer
+   is below ``TINY``. Candidate pairs: a path and a reference, and neighbouring
+   children of one referrer (ordered by closure size, then name).
+
+Prices depend only on the members' closures and sizes, never on hashes or on
+what refers to them, so an update that re-hashes some paths yields the same
+grouping and only layers holding changed paths change.
+Worked examples: docs/layering.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from stowaway.layering.graph import Graph, descendants
+from stowaway.layering.model import PlannedLayer
+
+#: Paths at least this big may get a layer of their own.
+SOLO_MIN = 1 << 20
+#: Groups smaller than this are merged even when the budget would allow them:
+#: a layer costs a request, a blob and a mount whatever its size.
+TINY = 1 << 20
+
+Label = tuple[str, str]
+
+
+def _label(path: str) -> Label:
+    """Tie-break key: the name first (stable across versions), then the path."""
+    return (path.rsplit("/", 1)[-1].partition("-")[2], path)
+
+
+class _Groups:
+    """Disjoint groups of path indices with the sums the waste formula needs."""
+
+    def __init__(self, g: Graph, fixed: set[int], clo: list[int]) -> None:
+        free = [i for i in range(len(g.paths)) if i not in fixed]
+        self.members = {i: [i] for i in free}
+        self.bytes = {i: g.sizes[i] for i in free}
+        self.cover = {i: clo[i] for i in free}
+        self.label = {i: _label(g.paths[i]) for i in free}
+        self.version = dict.fromkeys(free, 0)
+        self.neighbours: dict[int, set[int]] = {i: set() for i in free}
+
+    def link(self, a: int, b: int) -> None:
+        if a != b and a in self.members and b in self.members:
+            self.neighbours[a].add(b)
+            self.neighbours[b].add(a)
+
+    def price(self, a: int, b: int) -> int:
+        """Added waste if ``a`` and ``b`` became one group (the per-member terms
+        of the formula cancel out)."""
+        ca, cb = self.cover[a], self.cover[b]
+        ba, bb = self.bytes[a], self.bytes[b]
+        return (ca | cb).bit_count() * (ba + bb) - ca.bit_count() * ba - cb.bit_count() * bb
+
+    def merge(self, a: int, b: int) -> None:
+        """Fold group ``b`` into group ``a``."""
+        self.members[a] += self.members.pop(b)
+        self.bytes[a] += self.bytes.pop(b)
+        self.cover[a] |= self.cover.pop(b)
+        self.label[a] = min(self.label[a], self.label.pop(b))
+        self.version[a] += 1
+        del self.version[b]
+        for n in self.neighbours.pop(b):
+            self.neighbours[n].discard(b)
+            self.link(a, n)
+
+
+def layers_auto(g: Graph, budget: int) -> list[PlannedLayer]:
+    """Plan layers bottom to top within ``budget`` store-path layers."""
+    roots = set(g.roots)
+    if len(roots) >= budget:
+        roots = set()  # no room to keep the roots apart: everything is mergeable
+    big = sorted(
+        (i for i in range(len(g.paths)) if i not in roots and g.sizes[i] >= SOLO_MIN),
+        key=lambda i: (-g.sizes[i], g.paths[i]),
+    )[: (budget - len(roots)) // 2]
+    fixed = roots | set(big)
+    clo = descendants(g)
+    gs = _Groups(g, fixed, clo)
+    sizes = [c.bit_count() for c in clo]
+    for i, refs in enumerate(g.refs):
+        for j in refs:
+            gs.link(i, j)
+        kids = sorted((j for j in refs if j in gs.members), key=lambda j: (sizes[j], gs.label[j]))
+        for a, b in zip(kids, kids[1:], strict=False):
+            gs.link(a, b)
+
+    room = budget - len(fixed)
+    heap: list[tuple[int, Label, Label, int, int, int, int]] = []
+
+    def push(a: int, b: int) -> None:
+        la, lb = sorted((gs.label[a], gs.label[b]))
+        heapq.heappush(heap, (gs.price(a, b), la, lb, a, b, gs.version[a], gs.version[b]))
+
+    for a in sorted(gs.members):
+        for b in sorted(gs.neighbours[a]):
+            if a < b:
+                push(a, b)
+    while heap:
+        _, _, _, a, b, va, vb = heapq.heappop(heap)
+        if gs.version.get(a) != va or gs.version.get(b) != vb:
+            continue  # stale: one side has merged since this price was computed
+        if len(gs.members) <= room and min(gs.bytes[a], gs.bytes[b]) >= TINY:
+            continue  # within budget and neither side tiny: keep them apart
+        gs.merge(a, b)
+        for n in sorted(gs.neighbours[a]):
+            push(a, n)
+
+    groups = [[f] for f in sorted(fixed)] + [gs.members[k] for k in sorted(gs.members)]
+    if len(groups) > budget:
+        groups = _squeeze(g, groups, budget)
+    top = set(g.roots)
+
+    def order(ms: list[int]) -> tuple[bool, int, str]:
+        return (
+            any(m in top for m in ms),
+            -max(len(g.referrers[m]) for m in ms),
+            min(g.paths[m] for m in ms),
+        )
+
+    return [g.layer(ms) for ms in sorted(groups, key=order)]
+
+
+def _squeeze(g: Graph, groups: list[list[int]], budget: int) -> list[list[int]]:
+    """Last resort when no candidate pair is left (paths with no free neighbour,
+    or more roots than the budget): merge the two smallest groups (by bytes,
+    then first path) until the plan fits."""
+
+    def key(ms: list[int]) -> tuple[int, str]:
+        return (sum(g.sizes[m] for m in ms), min(g.paths[m] for m in ms))
+
+    gs = sorted(groups, key=key)
+    while len(gs) > budget:
+        gs = sorted([gs[0] + gs[1], *gs[2:]], key=key)
+    return gs

@@ -9,24 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from nixtools import closure_of, nix_build, nix_copy
+
+COMPRESSIONS = ["xz", "zstd", "bzip2", "none"]
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
-
-
-def nix_build(expr: Path, attr: str | None = None, **args: str) -> str:
-    """Build a fixture expression with the local nix; return the output store path."""
-    cmd = ["nix-build", str(expr), "--no-out-link"]
-    if attr:
-        cmd += ["-A", attr]
-    for k, v in args.items():
-        cmd += ["--argstr", k, v]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]
-
-
-def closure_of(path: str) -> list[str]:
-    out = subprocess.run(["nix-store", "-qR", path], check=True, capture_output=True, text=True)
-    return out.stdout.split()
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +38,35 @@ def demo_closure(demo_app: str) -> list[str]:
 def workdir(tmp_path: Path) -> Path:
     os.environ.setdefault("SOURCE_DATE_EPOCH", "1")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def cache_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two key pairs made by nix: 'good' signs the caches, 'other' signs nothing."""
+    d = tmp_path_factory.mktemp("keys")
+    keys = {}
+    for name in ("good", "other"):
+        subprocess.run(
+            [
+                "nix-store",
+                "--generate-binary-cache-key",
+                f"{name}-key-1",
+                str(d / f"{name}.sk"),
+                str(d / f"{name}.pk"),
+            ],
+            check=True,
+        )
+        keys[name] = (d / f"{name}.pk").read_text().strip()
+        keys[name + ".sk"] = str(d / f"{name}.sk")
+    return keys
+
+
+@pytest.fixture(scope="session")
+def signed_caches(
+    tmp_path_factory: pytest.TempPathFactory, demo_closure: list[str], cache_keys: dict[str, str]
+) -> dict[str, str]:
+    """compression → URL of a cache holding the demo closure, signed with 'good'."""
+    base = tmp_path_factory.mktemp("caches")
+    return {
+        c: nix_copy(base / c, [demo_closure[-1]], c, cache_keys["good.sk"]) for c in COMPRESSIONS
+    }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-COMPRESSIONS = ["xz", "zstd", "bzip2", "none"]
+from nixtools import nix_copy
 
 
 def make_odd_tree(root: Path) -> Path:
@@ -54,50 +54,6 @@ def odd_store_path(odd_tree: Path) -> str:
         ["nix-store", "--add", str(odd_tree)], check=True, capture_output=True, text=True
     )
     return out.stdout.strip()
-
-
-@pytest.fixture(scope="session")
-def cache_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Two key pairs made by nix: 'good' signs the caches, 'other' signs nothing."""
-    d = tmp_path_factory.mktemp("keys")
-    keys = {}
-    for name in ("good", "other"):
-        subprocess.run(
-            [
-                "nix-store",
-                "--generate-binary-cache-key",
-                f"{name}-key-1",
-                str(d / f"{name}.sk"),
-                str(d / f"{name}.pk"),
-            ],
-            check=True,
-        )
-        keys[name] = (d / f"{name}.pk").read_text().strip()
-        keys[name + ".sk"] = str(d / f"{name}.sk")
-    return keys
-
-
-def nix_copy(dest: Path, paths: list[str], compression: str, secret_key: str | None) -> str:
-    url = f"file://{dest}?compression={compression}"
-    if secret_key:
-        url += f"&secret-key={secret_key}"
-    subprocess.run(
-        ["nix", "copy", "--extra-experimental-features", "nix-command", "--to", url, *paths],
-        check=True,
-        capture_output=True,
-    )
-    return f"file://{dest}"
-
-
-@pytest.fixture(scope="session")
-def signed_caches(
-    tmp_path_factory: pytest.TempPathFactory, demo_closure: list[str], cache_keys: dict[str, str]
-) -> dict[str, str]:
-    """compression → URL of a cache holding the demo closure, signed with 'good'."""
-    base = tmp_path_factory.mktemp("caches")
-    return {
-        c: nix_copy(base / c, [demo_closure[-1]], c, cache_keys["good.sk"]) for c in COMPRESSIONS
-    }
 
 
 @pytest.fixture(scope="session")

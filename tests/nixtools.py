@@ -1,0 +1,34 @@
+"""Helpers that drive the real nix CLI for tests (building fixtures, making caches)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def nix_build(expr: Path, attr: str | None = None, **args: str) -> str:
+    """Build a fixture expression with the local nix; return the output store path."""
+    cmd = ["nix-build", str(expr), "--no-out-link"]
+    if attr:
+        cmd += ["-A", attr]
+    for k, v in args.items():
+        cmd += ["--argstr", k, v]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def closure_of(path: str) -> list[str]:
+    out = subprocess.run(["nix-store", "-qR", path], check=True, capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def nix_copy(dest: Path, paths: list[str], compression: str, secret_key: str | None) -> str:
+    url = f"file://{dest}?compression={compression}"
+    if secret_key:
+        url += f"&secret-key={secret_key}"
+    subprocess.run(
+        ["nix", "copy", "--extra-experimental-features", "nix-command", "--to", url, *paths],
+        check=True,
+        capture_output=True,
+    )
+    return f"file://{dest}"

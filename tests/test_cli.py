@@ -1,0 +1,158 @@
+"""End-to-end tests of the `stowaway` command: real nix closures, real caches, real
+containerd. These exercise the CLI as a user would, through a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemons import Containerd
+
+STOWAWAY = [sys.executable, "-m", "stowaway"]
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*STOWAWAY, *args], capture_output=True, text=True, timeout=300)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"stowaway {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def build_json(*args: str) -> dict[str, Any]:
+    return json.loads(run("build", "--json", *args).stdout)  # type: ignore[no-any-return]
+
+
+def test_build_runs_in_private_containerd(demo_app: str, tmp_path: Path) -> None:
+    archive = tmp_path / "demo.tar"
+    out = build_json(
+        demo_app,
+        "--entrypoint",
+        f"{demo_app}/bin/demo",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-o",
+        f"oci-archive:{archive}:v1",
+    )
+    assert out["manifest_digest"].startswith("sha256:")
+    assert out["layers"][-1]["store_paths"] == []  # customisation layer last
+    assert out["layers"][-2]["store_paths"] == [demo_app]  # the app alone on top
+    with Containerd(tmp_path / "ctrd") as ctrd:
+        ctrd.ctr("image", "import", "--base-name", "docker.io/library/demo", str(archive))
+        ref = ctrd.ctr("image", "ls", "-q").stdout.split()[0]
+        res = ctrd.ctr("run", "--rm", ref, "cli-demo")
+    assert res.stdout.splitlines()[0] == "hello from stowaway"
+
+
+def test_fresh_caches_give_same_digest_and_warm_build_reuses(demo_app: str, tmp_path: Path) -> None:
+    args = [demo_app, "--entrypoint", f"{demo_app}/bin/demo", "--env", "A=1"]
+    a = build_json(*args, "--cache-dir", str(tmp_path / "c1"), "-o", f"oci:{tmp_path}/a:t")
+    b = build_json(*args, "--cache-dir", str(tmp_path / "c2"), "-o", f"oci:{tmp_path}/b:t")
+    assert a["manifest_digest"] == b["manifest_digest"]
+    assert not any(layer["reused"] for layer in a["layers"])
+    warm = build_json(*args, "--cache-dir", str(tmp_path / "c1"), "-o", f"oci:{tmp_path}/c:t")
+    assert warm["manifest_digest"] == a["manifest_digest"]
+    assert all(layer["reused"] for layer in warm["layers"])
+
+
+def test_binary_cache_only_gives_same_image_as_local_store(
+    demo_app: str,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    args = [demo_app, "--entrypoint", f"{demo_app}/bin/demo"]
+    local = build_json(*args, "--cache-dir", str(tmp_path / "c1"), "-o", f"oci:{tmp_path}/a")
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    remote = build_json(
+        *args,
+        "--store",
+        str(empty),
+        "--substituter",
+        signed_caches["zstd"],
+        "--trusted-public-key",
+        cache_keys["good"],
+        "--cache-dir",
+        str(tmp_path / "c2"),
+        "-o",
+        f"oci:{tmp_path}/b",
+    )
+    assert [x["diff_id"] for x in remote["layers"]] == [x["diff_id"] for x in local["layers"]]
+    assert remote["manifest_digest"] == local["manifest_digest"]
+
+
+def test_untrusted_cache_is_refused_with_the_flag_to_use(
+    demo_app: str, signed_caches: dict[str, str], cache_keys: dict[str, str], tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    proc = run(
+        "build",
+        demo_app,
+        "--store",
+        str(empty),
+        "--substituter",
+        signed_caches["xz"],
+        "--trusted-public-key",
+        cache_keys["other"],
+        "-o",
+        f"oci:{tmp_path}/x",
+        ok=False,
+    )
+    assert proc.returncode == 1
+    assert demo_app.split("/")[-1] in proc.stderr or "stowaway-demo-app" in proc.stderr
+    assert "--trusted-public-key" in proc.stderr
+
+
+def test_plan_json_and_inspect_agree(
+    demo_app: str, demo_closure: list[str], tmp_path: Path
+) -> None:
+    plan = json.loads(run("plan", demo_app, "--json").stdout)
+    planned = [p for layer in plan["layers"] for p in layer["paths"]]
+    assert sorted(planned) == sorted(demo_closure)
+    assert plan["layers"][-1]["paths"] == [demo_app]
+    run("build", demo_app, "--cache-dir", str(tmp_path / "c"), "-o", f"oci:{tmp_path}/img:t")
+    summary = json.loads(run("inspect", f"oci:{tmp_path}/img:t", "--json").stdout)
+    assert [layer["store_paths"] for layer in summary["layers"][:-1]] == [
+        layer["paths"] for layer in plan["layers"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "ftp://x"], "oci:"),
+        (["--max-layers", "200", "-o", "oci:/tmp/never"], "125"),
+        (["--env", "NOEQUALS", "-o", "oci:/tmp/never"], "NOEQUALS"),
+        (["--dest-creds", "nocolon", "-o", "docker://127.0.0.1:1/x"], "USER:PASS"),
+    ],
+)
+def test_bad_flags_say_what_is_wrong(demo_app: str, args: list[str], message: str) -> None:
+    proc = run("build", demo_app, *args, ok=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_non_store_path_is_rejected(tmp_path: Path) -> None:
+    proc = run("build", str(tmp_path), "-o", f"oci:{tmp_path}/x", ok=False)
+    assert proc.returncode == 1
+    assert "not a store path" in proc.stderr
+
+
+def test_nix_file_installable(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    out = build_json(
+        "-f",
+        str(root / "fixtures" / "demo.nix"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "-o",
+        f"oci:{tmp_path}/img",
+    )
+    assert out["layers"][-2]["store_paths"][0].endswith("-stowaway-demo-app")

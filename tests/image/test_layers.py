@@ -235,6 +235,7 @@ def test_failures_are_clear_and_leave_no_entry(
     [
         ({"compression": "xz"}, "unknown layer compression 'xz'"),
         ({"compression": "gzip", "level": 12}, "gzip level 12 is out of range 0..9"),
+        ({"compression": "zstd", "level": 22}, "zstd level 22 is out of range -7..19"),
         ({"mtime": -1}, "layer mtime -1 is out of range"),
     ],
 )

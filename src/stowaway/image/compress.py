@@ -127,6 +127,15 @@ class ZstdWriter:
         self._out.write(self._comp.flush())
 
 
+def zstd_worker_memory(level: int) -> int:
+    """Rough bytes one zstd worker needs at ``level``: its match-finder context plus
+    in-flight job buffers (libzstd cuts jobs of 4 windows, at least 1 MiB). Used to
+    keep a build within its memory budget; high levels get fewer workers."""
+    params = zstandard.ZstdCompressionParameters.from_level(level)
+    job = 1 << max(20, params.window_log + 2)
+    return int(params.estimated_compression_context_size()) + 3 * job
+
+
 class PlainWriter:
     """No compression: bytes go straight through."""
 

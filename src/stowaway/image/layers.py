@@ -24,7 +24,7 @@ from typing import Literal
 import zstandard
 
 from stowaway.errors import PathNotFound, StowawayError
-from stowaway.image.compress import DEFAULT_LEVEL, open_compressor
+from stowaway.image.compress import DEFAULT_LEVEL, open_compressor, zstd_worker_memory
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.model import Layer, MediaType, TarEntry
 from stowaway.image.tar import store_basename, store_path_entries, write_tar
@@ -46,7 +46,10 @@ _MEDIA_TYPES = {
     "zstd": MediaType.OCI_LAYER_ZSTD,
     "none": MediaType.OCI_LAYER,
 }
-_LEVELS = {"gzip": range(0, 10), "zstd": range(-7, 23), "none": range(0, 1)}
+#: zstd stops at 19: the "ultra" levels need windows of up to 128 MiB per worker.
+_LEVELS = {"gzip": range(0, 10), "zstd": range(-7, 20), "none": range(0, 1)}
+#: What the zstd workers of one build may use together (peak RSS budget is 256 MB).
+ZSTD_MEMORY_BUDGET = 192 << 20
 
 
 _NO_PROGRESS = NoProgress()
@@ -241,13 +244,18 @@ def _build_missing(
     jobs: int,
 ) -> dict[int, Layer]:
     """Build the missing layers ``jobs`` at a time; the first failure stops the rest."""
-    # Layers share the cores: zstd gets the cores left per concurrent layer;
-    # gzip blocks of all layers go through one shared pool.
-    threads = max(1, jobs // min(jobs, len(missing)))
+    # Layers share the cores: gzip blocks of all layers go through one shared pool;
+    # zstd workers are capped by the memory budget and split between layers.
+    workers = jobs
+    if settings.compression == "zstd":
+        level = DEFAULT_LEVEL["zstd"] if settings.level is None else settings.level
+        workers = max(1, min(jobs, ZSTD_MEMORY_BUDGET // zstd_worker_memory(level)))
+    concurrent = min(workers, len(missing))
+    threads = max(1, workers // concurrent)
     cancel = threading.Event()
     blocks = ThreadPoolExecutor(jobs, "stowaway-deflate") if jobs > 1 else None
     try:
-        with ThreadPoolExecutor(jobs, "stowaway-layer") as pool:
+        with ThreadPoolExecutor(concurrent, "stowaway-layer") as pool:
             futures = {
                 pool.submit(
                     _build_store_layer,

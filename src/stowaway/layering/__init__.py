@@ -51,4 +51,8 @@ def plan(
             f"unknown layering strategy {strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}"
         )
     graph = build_graph(closure, roots)
-    return LayerPlan(strategy=strategy, layers=tuple(planner(graph, max_layers - 1)))
+    layers = planner(graph, max_layers - 1)
+    # Roots on top whatever the strategy (stable: keeps each side's order).
+    top = {graph.paths[r] for r in graph.roots}
+    layers.sort(key=lambda layer: not top.isdisjoint(layer.paths))
+    return LayerPlan(strategy=strategy, layers=tuple(layers))

@@ -30,8 +30,9 @@ Worked examples: docs/layering.md.
 from __future__ import annotations
 
 import heapq
+from functools import partial
 
-from stowaway.layering.graph import Graph, descendants
+from stowaway.layering.graph import Graph, descendants, shared_first
 from stowaway.layering.model import PlannedLayer
 
 #: Paths at least this big may get a layer of their own.
@@ -129,16 +130,7 @@ def layers_auto(g: Graph, budget: int) -> list[PlannedLayer]:
     groups = [[f] for f in sorted(fixed)] + [gs.members[k] for k in sorted(gs.members)]
     if len(groups) > budget:
         groups = _squeeze(g, groups, budget)
-    top = set(g.roots)
-
-    def order(ms: list[int]) -> tuple[bool, int, str]:
-        return (
-            any(m in top for m in ms),
-            -max(len(g.referrers[m]) for m in ms),
-            min(g.paths[m] for m in ms),
-        )
-
-    return [g.layer(ms) for ms in sorted(groups, key=order)]
+    return [g.layer(ms) for ms in sorted(groups, key=partial(shared_first, g))]
 
 
 def _squeeze(g: Graph, groups: list[list[int]], budget: int) -> list[list[int]]:

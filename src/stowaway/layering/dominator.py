@@ -16,7 +16,9 @@ size is the sum of its members' NAR sizes.
 
 from __future__ import annotations
 
-from stowaway.layering.graph import VIRTUAL, Graph, closure_sizes, dominators
+from functools import partial
+
+from stowaway.layering.graph import VIRTUAL, Graph, closure_sizes, dominators, shared_first
 from stowaway.layering.model import PlannedLayer
 
 BIG_CLOSURE = 100 * 1000 * 1000  # Nixery: 100 MB (decimal)
@@ -57,16 +59,6 @@ def plan_dominator(g: Graph, budget: int) -> list[tuple[int, list[int]]]:
 
 
 def layers_dominator(g: Graph, budget: int) -> list[PlannedLayer]:
-    """Nixery's groups ordered for an image: widely referenced at the bottom,
-    groups holding a root on top (ties by first path)."""
-    groups = plan_dominator(g, budget)
-    roots = set(g.roots)
-
-    def key(ms: list[int]) -> tuple[bool, int, str]:
-        return (
-            any(m in roots for m in ms),
-            -max(len(g.referrers[m]) for m in ms),
-            min(g.paths[m] for m in ms),
-        )
-
-    return [g.layer(ms) for ms in sorted((ms for _, ms in groups), key=key)]
+    """Nixery's groups ordered for an image (see ``graph.shared_first``)."""
+    groups = [ms for _, ms in plan_dominator(g, budget)]
+    return [g.layer(ms) for ms in sorted(groups, key=partial(shared_first, g))]

@@ -206,3 +206,9 @@ def dominators(g: Graph, extra: Sequence[int] = ()) -> list[int]:
         idom[i] = d
         depth[i] = 1 if d == VIRTUAL else depth[d] + 1
     return idom
+
+
+def shared_first(g: Graph, members: Sequence[int]) -> tuple[int, str]:
+    """Sort key putting widely shared groups at the bottom: most referrers of any
+    member first, ties by first path. (``plan`` then lifts the roots to the top.)"""
+    return (-max(len(g.referrers[m]) for m in members), min(g.paths[m] for m in members))

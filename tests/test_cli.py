@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from daemons import Containerd
 
 STOWAWAY = [sys.executable, "-m", "stowaway"]

@@ -7,7 +7,6 @@ starts fast.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -205,14 +204,29 @@ def main() -> None:
     help="oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG] "
     "or docker://HOST/REPO[:TAG].",
 )
-@click.option("--format", "fmt", type=click.Choice(["oci", "docker"]), default="oci",
-              show_default=True, help="OCI or Docker schema 2 media types.")
-@click.option("--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip",
-              show_default=True)
-@click.option("--compression-level", type=int, default=None,
-              help="Level for the compressor (gzip 1-9, default 6; zstd 1-19, default 3).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Layer cache (default: $XDG_CACHE_HOME/stowaway).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["oci", "docker"]),
+    default="oci",
+    show_default=True,
+    help="OCI or Docker schema 2 media types.",
+)
+@click.option(
+    "--compression", type=click.Choice(["gzip", "zstd", "none"]), default="gzip", show_default=True
+)
+@click.option(
+    "--compression-level",
+    type=int,
+    default=None,
+    help="Level for the compressor (gzip 1-9, default 6; zstd 1-19, default 3).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Layer cache (default: $XDG_CACHE_HOME/stowaway).",
+)
 @click.option("--jobs", type=int, default=None, help="Parallel layer builds (default: cores).")
 @click.option("--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".')
 @click.option("--cmd", default=None, help="Default arguments (JSON array or shell words).")
@@ -221,14 +235,27 @@ def main() -> None:
 @click.option("--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd.")
 @click.option("--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable.")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable.")
-@click.option("--contents", multiple=True, metavar="STOREPATH",
-              help="Symlink this store path's tree into / (like buildEnv); repeatable.")
-@click.option("--created", default=None,
-              help="Creation time: epoch seconds, RFC 3339 or 'now' (default: epoch 1).")
-@click.option("--dest-tls-verify", type=bool, default=True, show_default=True,
-              help="For docker:// targets; false allows plain HTTP (loopback registries).")
-@click.option("--dest-creds", default=None, metavar="USER:PASS",
-              help="Credentials for docker:// targets.")
+@click.option(
+    "--contents",
+    multiple=True,
+    metavar="STOREPATH",
+    help="Symlink this store path's tree into / (like buildEnv); repeatable.",
+)
+@click.option(
+    "--created",
+    default=None,
+    help="Creation time: epoch seconds, RFC 3339 or 'now' (default: epoch 1).",
+)
+@click.option(
+    "--dest-tls-verify",
+    type=bool,
+    default=True,
+    show_default=True,
+    help="For docker:// targets; false allows plain HTTP (loopback registries).",
+)
+@click.option(
+    "--dest-creds", default=None, metavar="USER:PASS", help="Credentials for docker:// targets."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
 def build(
     installables: tuple[str, ...],
@@ -359,9 +386,9 @@ def build(
 
     layer_table(f"{target}  {image.manifest.digest}", rows)
     built = sum(1 for r in rows if not r["reused"])
+    total = sum(layer.size for layer in image.layers)
     out.print(
-        f"{len(rows)} layers, {human(sum(r['size'] for r in rows))}; "
-        f"{built} built or uploaded, {len(rows) - built} reused"
+        f"{len(rows)} layers, {human(total)}; {built} built or uploaded, {len(rows) - built} reused"
     )
 
 
@@ -419,8 +446,7 @@ def plan(
     from stowaway._ui import human, layer_table, out
 
     layer_table(
-        f"plan ({result.strategy}): {len(clo)} paths in {len(layers)} store layers "
-        "+ customisation",
+        f"plan ({result.strategy}): {len(clo)} paths in {len(layers)} store layers + customisation",
         [{"size": layer["size"], "store_paths": layer["paths"]} for layer in layers],
     )
     out.print(f"closure: {human(sum(i.nar_size for i in clo.values()))}")

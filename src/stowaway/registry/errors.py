@@ -88,7 +88,9 @@ class RegistryApiError(RegistryError):
         """Parse an error body; tolerate bodies that are not the spec's JSON."""
         try:
             doc = json.loads(body or b"{}")
-            items = [(str(e.get("code", "UNKNOWN")), str(e.get("message", ""))) for e in doc["errors"]]
+            items = [
+                (str(e.get("code", "UNKNOWN")), str(e.get("message", ""))) for e in doc["errors"]
+            ]
         except (ValueError, KeyError, TypeError, AttributeError):
             snippet = body[:200].decode("utf-8", "replace").strip()
             items = [("UNKNOWN", snippet)] if snippet else []

@@ -172,19 +172,20 @@ def ideal_share(old: Mapping[str, PathInfo], new: Mapping[str, PathInfo]) -> flo
 
 
 def scenarios(spec: Spec, seed: int) -> dict[str, frozenset[int]]:
-    """The changed node for each update scenario (chosen by ``seed``)."""
+    """The changed node for each update scenario (chosen by ``seed``); prefers
+    libraries with at least two users, skips a scenario with no candidate."""
     rnd = random.Random(seed * 7919 + 1)
     users: dict[int, int] = {}
     for ds in spec.deps:
         for d in ds:
             users[d] = users.get(d, 0) + 1
-    mids = [i for i, k in enumerate(spec.kinds) if k == "mid" and users.get(i, 0) >= 2]
-    leaves = [i for i, k in enumerate(spec.kinds) if k == "leaf" and users.get(i, 0) >= 2]
-    return {
-        "a-app": frozenset({spec.roots[0]}),
-        "b-midlib": frozenset({rnd.choice(mids)}),
-        "c-leaflib": frozenset({rnd.choice(leaves)}),
-    }
+    out = {"a-app": frozenset({spec.roots[0]})}
+    for name, kind in (("b-midlib", "mid"), ("c-leaflib", "leaf")):
+        pool = [i for i, k in enumerate(spec.kinds) if k == kind and i not in spec.roots]
+        shared = [i for i in pool if users.get(i, 0) >= 2]
+        if shared or pool:
+            out[name] = frozenset({rnd.choice(shared or pool)})
+    return out
 
 
 @dataclass(frozen=True)

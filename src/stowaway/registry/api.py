@@ -1,0 +1,424 @@
+"""The OCI distribution API: request handlers over a ``Storage``.
+
+Every ``/v2/`` request goes through one dispatcher that validates the *raw*
+path (``validate.parse_route``) before anything else, so a malformed name,
+tag, digest or traversal attempt never reaches storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from stowaway.registry.auth import Authenticator
+from stowaway.registry.config import RegistryConfig
+from stowaway.registry.errors import ErrorCode, RegistryApiError
+from stowaway.registry.metrics import Metrics
+from stowaway.registry.resolver import MANIFEST_TYPES, ManifestResolver, ResolvedManifest
+from stowaway.registry.singleflight import SingleFlight
+from stowaway.registry.storage import CHUNK, Storage, too_large
+from stowaway.registry.validate import (
+    Route,
+    check_digest,
+    check_name,
+    is_digest,
+    parse_content_range,
+    parse_range,
+    parse_route,
+)
+
+log = logging.getLogger("stowaway.registry")
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
+                   "application/vnd.docker.distribution.manifest.v2+json")  # fmt: skip
+
+Stored = tuple[bytes, str, str]  # data, media type, digest
+
+
+def unsupported(message: str) -> RegistryApiError:
+    return RegistryApiError(405, [(ErrorCode.UNSUPPORTED.value, message)])
+
+
+def parse_accept(values: list[str]) -> frozenset[str]:
+    """The manifest media types a client accepts; empty means any (no Accept,
+    ``*/*``, or no manifest type named at all)."""
+    types = {v.split(";", 1)[0].strip() for value in values for v in value.split(",")}
+    if "*/*" in types:
+        return frozenset()
+    return frozenset(types & MANIFEST_TYPES)
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class RegistryApi:
+    def __init__(
+        self,
+        config: RegistryConfig,
+        storage: Storage,
+        resolver: ManifestResolver | None = None,
+    ) -> None:
+        self.config = config
+        self.storage = storage
+        self.resolver = resolver
+        self.auth = Authenticator(config)
+        self.metrics = Metrics()
+        self.flight: SingleFlight[Stored | None] = SingleFlight()
+
+    # -- entry point -----------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.raw_path.split("?", 1)[0]
+        if path in ("/v2", "/v2/"):
+            return await self.base(request)
+        route = parse_route(request.raw_path)
+        await self.auth.check(request.method, request.headers.get("Authorization"))
+        if route is None:  # pragma: no cover - parse_route answers None only for /v2/
+            return await self.base(request)
+        method = request.method
+        match route.kind, method:
+            case "manifest", "GET" | "HEAD":
+                return await self.get_manifest(request, route)
+            case "manifest", "PUT":
+                return await self.put_manifest(request, route)
+            case "manifest", "DELETE":
+                return await self.delete_manifest(route)
+            case "blob", "GET" | "HEAD":
+                return await self.get_blob(request, route)
+            case "tags", "GET":
+                return await self.list_tags(request, route)
+            case "upload_start", "POST":
+                return await self.start_upload(request, route)
+            case "upload", "GET":
+                return await self.upload_status(route)
+            case "upload", "PATCH":
+                return await self.patch_upload(request, route)
+            case "upload", "PUT":
+                return await self.finish_upload(request, route)
+            case "upload", "DELETE":
+                await self.storage.upload_cancel(route.name, route.reference)
+                return web.Response(status=204, headers=API_VERSION)
+        raise unsupported(f"{method} is not supported on {path}")
+
+    async def base(self, request: web.Request) -> web.Response:
+        # The ping answers 401 to anonymous callers whenever auth is configured,
+        # even with anonymous reads: clients learn the challenge here and would
+        # otherwise never send credentials for a push.
+        if (
+            self.auth.enabled
+            and await self.auth.identify(request.headers.get("Authorization")) is None
+        ):
+            raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "authentication required")
+        return web.json_response({}, headers=API_VERSION)
+
+    async def catalog(self, request: web.Request) -> web.Response:
+        await self.auth.check(request.method, request.headers.get("Authorization"))
+        repos = await self.storage.list_repositories()
+        return self._paginate(request, "/v2/_catalog", "repositories", repos, {})
+
+    # -- manifests -------------------------------------------------------------
+    async def get_manifest(self, request: web.Request, route: Route) -> web.Response:
+        name, ref = route.name, route.reference
+        accept = parse_accept(request.headers.getall("Accept", []))
+        stored_type = None
+        if is_digest(ref):
+            found = await self.storage.get_manifest(name, ref)
+            if found is not None:  # a digest pins the bytes: Accept does not apply
+                return self._manifest_response(request, found[0], found[1], ref)
+        else:
+            digest = await self.storage.get_tag(name, ref)
+            found = await self.storage.get_manifest(name, digest) if digest else None
+            if found is not None and digest is not None:
+                if not accept or found[1] in accept:
+                    return self._manifest_response(request, found[0], found[1], digest)
+                stored_type = found[1]
+        resolved = await self._resolve(name, ref, accept)
+        if resolved is not None:
+            return self._manifest_response(request, *resolved)
+        if stored_type is not None:
+            raise RegistryApiError.of(
+                ErrorCode.MANIFEST_UNKNOWN,
+                f"{name}:{ref} is stored as {stored_type}, which the client does not accept "
+                f"(Accept: {', '.join(sorted(accept))})",
+            )
+        raise RegistryApiError.of(ErrorCode.MANIFEST_UNKNOWN, f"manifest {name}:{ref} not found")
+
+    def _manifest_response(
+        self, request: web.Request, data: bytes, media_type: str, digest: str
+    ) -> web.Response:
+        headers = {**API_VERSION, "Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
+        resp = web.Response(body=data, content_type=media_type, headers=headers)
+        return resp
+
+    async def _resolve(self, name: str, ref: str, accept: frozenset[str]) -> Stored | None:
+        resolver = self.resolver
+        if resolver is None:
+            return None
+
+        async def work() -> Stored | None:
+            try:
+                result = await resolver.resolve(name, ref, accept)
+                if result is None:
+                    return None
+                stored = await self._ingest(name, result)
+            except RegistryApiError:
+                raise
+            except Exception:
+                self.metrics.build_failures += 1
+                raise
+            self.metrics.builds += 1
+            return stored
+
+        return await self.flight.do((name, ref, accept), work)
+
+    async def _ingest(self, name: str, result: ResolvedManifest) -> Stored:
+        """Store what a resolver produced: blobs first, then the manifest by digest."""
+        if result.media_type not in MANIFEST_TYPES:
+            raise RegistryApiError.of(
+                ErrorCode.UNKNOWN, f"resolver returned unsupported media type {result.media_type}"
+            )
+        for digest, path in sorted(result.blobs.items()):
+            await self.storage.put_blob_file(check_digest(digest), path)
+        digest = sha256_digest(result.data)
+        await self.storage.put_manifest(name, digest, result.data, result.media_type)
+        return result.data, result.media_type, digest
+
+    async def put_manifest(self, request: web.Request, route: Route) -> web.Response:
+        name, ref = route.name, route.reference
+        limit = self.config.max_manifest_size
+        if (request.content_length or 0) > limit:
+            raise too_large(limit, f"manifest {name}:{ref}")
+        data = bytearray()
+        async for chunk in request.content.iter_chunked(CHUNK):
+            data += chunk
+            if len(data) > limit:
+                raise too_large(limit, f"manifest {name}:{ref}")
+        body = bytes(data)
+        media_type = await self._validate_manifest(name, body, request.content_type)
+        digest = sha256_digest(body)
+        if is_digest(ref) and ref != digest:
+            raise RegistryApiError.of(
+                ErrorCode.DIGEST_INVALID, f"manifest digest is {digest}, but it was put as {ref}"
+            )
+        await self.storage.put_manifest(name, digest, body, media_type)
+        if not is_digest(ref):
+            await self.storage.put_tag(name, ref, digest)
+        headers = {
+            **API_VERSION,
+            "Location": f"/v2/{name}/manifests/{digest}",
+            "Docker-Content-Digest": digest,
+        }
+        return web.Response(status=201, headers=headers)
+
+    async def _validate_manifest(self, name: str, body: bytes, content_type: str) -> str:
+        """Check JSON shape and that every referenced blob/manifest exists; return
+        the media type."""
+
+        def invalid(message: str) -> RegistryApiError:
+            return RegistryApiError.of(ErrorCode.MANIFEST_INVALID, message)
+
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise invalid(f"manifest is not JSON: {err}") from None
+        if not isinstance(doc, dict):
+            raise invalid("manifest is not a JSON object")
+        declared = doc.get("mediaType")
+        media_type = content_type if content_type in MANIFEST_TYPES else declared
+        if media_type not in MANIFEST_TYPES:
+            raise invalid(f"unsupported manifest media type {content_type or declared!r}")
+        if declared is not None and declared != media_type:
+            raise invalid(f"Content-Type {media_type} but mediaType field {declared!r}")
+        if doc.get("schemaVersion") != 2:
+            raise invalid("schemaVersion must be 2")
+
+        def descriptor(d: Any, where: str) -> tuple[str, int]:
+            if not isinstance(d, dict):
+                raise invalid(f"{where} is not a descriptor object")
+            digest, size = d.get("digest"), d.get("size")
+            if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
+                raise invalid(f"{where} needs a digest string and a size")
+            try:
+                check_digest(digest)
+            except RegistryApiError as err:
+                raise invalid(f"{where}: {err.message}") from None
+            return digest, size
+
+        if media_type in IMAGE_MANIFESTS:
+            layers = doc.get("layers")
+            if not isinstance(layers, list):
+                raise invalid("manifest has no layers list")
+            refs = [descriptor(doc.get("config"), "config")]
+            refs += [descriptor(d, f"layers[{i}]") for i, d in enumerate(layers)]
+            for digest, size in refs:
+                have = await self.storage.blob_size(digest)
+                if have is None:
+                    raise RegistryApiError.of(
+                        ErrorCode.MANIFEST_BLOB_UNKNOWN, f"blob {digest} is not in the registry"
+                    )
+                if have != size:
+                    raise invalid(f"blob {digest} has {have} bytes, the manifest says {size}")
+        else:
+            manifests = doc.get("manifests")
+            if not isinstance(manifests, list):
+                raise invalid("index has no manifests list")
+            for i, d in enumerate(manifests):
+                digest, _ = descriptor(d, f"manifests[{i}]")
+                if await self.storage.get_manifest(name, digest) is None:
+                    raise RegistryApiError.of(
+                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                        f"manifest {digest} is not in repository {name}",
+                    )
+        return str(media_type)
+
+    async def delete_manifest(self, route: Route) -> web.Response:
+        if not is_digest(route.reference):
+            raise unsupported("manifests are deleted by digest, not by tag")
+        if not await self.storage.delete_manifest(route.name, route.reference):
+            raise RegistryApiError.of(
+                ErrorCode.MANIFEST_UNKNOWN, f"manifest {route.name}@{route.reference} not found"
+            )
+        return web.Response(status=202, headers=API_VERSION)
+
+    # -- blobs -----------------------------------------------------------------
+    async def get_blob(self, request: web.Request, route: Route) -> web.StreamResponse:
+        digest = route.reference
+        size = await self.storage.blob_size(digest)
+        if size is None:
+            raise RegistryApiError.of(ErrorCode.BLOB_UNKNOWN, f"blob {digest} not found")
+        span = parse_range(request.headers["Range"], size) if "Range" in request.headers else None
+        headers = {
+            **API_VERSION,
+            "Docker-Content-Digest": digest,
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{digest}"',
+        }
+        path = self.storage.blob_path(digest)
+        if path is not None:
+            # sendfile; aiohttp serves the (already validated) Range itself
+            return web.FileResponse(path, chunk_size=CHUNK, headers=headers)
+        start, end = span if span is not None else (0, size - 1)
+        resp = web.StreamResponse(status=206 if span else 200, headers=headers)
+        if span:
+            resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        resp.content_length = end - start + 1
+        await resp.prepare(request)
+        if request.method != "HEAD" and size > 0:
+            async for chunk in self.storage.read_blob(digest, start, end):
+                await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    # -- uploads ---------------------------------------------------------------
+    def _upload_headers(self, name: str, upload_id: str, size: int) -> dict[str, str]:
+        return {
+            **API_VERSION,
+            "Location": f"/v2/{name}/blobs/uploads/{upload_id}",
+            "Docker-Upload-UUID": upload_id,
+            "Range": f"0-{max(size - 1, 0)}",
+        }
+
+    def _blob_created(self, name: str, digest: str) -> web.Response:
+        headers = {
+            **API_VERSION,
+            "Location": f"/v2/{name}/blobs/{digest}",
+            "Docker-Content-Digest": digest,
+        }
+        return web.Response(status=201, headers=headers)
+
+    def _body(self, request: web.Request, already: int = 0) -> AsyncIterator[bytes]:
+        limit = self.config.max_upload_size
+        if already + (request.content_length or 0) > limit:
+            raise too_large(limit, f"upload to {request.path}")
+        return request.content.iter_chunked(CHUNK)
+
+    async def start_upload(self, request: web.Request, route: Route) -> web.Response:
+        name, query = route.name, request.query
+        if "mount" in query:
+            digest = check_digest(query["mount"])
+            if "from" in query:
+                check_name(query["from"])
+            if await self.storage.blob_size(digest) is not None:
+                return self._blob_created(name, digest)
+        elif "digest" in query:
+            digest = check_digest(query["digest"])
+            size = await self.storage.put_blob(
+                digest, self._body(request), self.config.max_upload_size
+            )
+            self.metrics.bytes_received += size
+            return self._blob_created(name, digest)
+        upload_id = await self.storage.upload_start(name)
+        return web.Response(status=202, headers=self._upload_headers(name, upload_id, 0))
+
+    async def upload_status(self, route: Route) -> web.Response:
+        size = await self.storage.upload_size(route.name, route.reference)
+        return web.Response(
+            status=204, headers=self._upload_headers(route.name, route.reference, size)
+        )
+
+    async def patch_upload(self, request: web.Request, route: Route) -> web.Response:
+        name, upload_id = route.name, route.reference
+        current = await self.storage.upload_size(name, upload_id)
+        offset = current
+        if "Content-Range" in request.headers:
+            offset, end = parse_content_range(request.headers["Content-Range"])
+            length = request.content_length
+            if length is not None and length != end - offset + 1:
+                raise RegistryApiError.of(
+                    ErrorCode.BLOB_UPLOAD_INVALID,
+                    f"Content-Range {offset}-{end} does not match Content-Length {length}",
+                )
+        body = self._body(request, offset)
+        size = await self.storage.upload_append(
+            name, upload_id, offset, body, self.config.max_upload_size
+        )
+        self.metrics.bytes_received += size - current
+        return web.Response(status=202, headers=self._upload_headers(name, upload_id, size))
+
+    async def finish_upload(self, request: web.Request, route: Route) -> web.Response:
+        name, upload_id = route.name, route.reference
+        if "digest" not in request.query:
+            raise RegistryApiError.of(ErrorCode.DIGEST_INVALID, "PUT needs a ?digest= parameter")
+        digest = check_digest(request.query["digest"])
+        current = await self.storage.upload_size(name, upload_id)
+        size = await self.storage.upload_finish(
+            name, upload_id, digest, self._body(request, current), self.config.max_upload_size
+        )
+        self.metrics.bytes_received += size - current
+        return self._blob_created(name, digest)
+
+    # -- listings --------------------------------------------------------------
+    async def list_tags(self, request: web.Request, route: Route) -> web.Response:
+        tags = await self.storage.list_tags(route.name)
+        if tags is None:
+            raise RegistryApiError.of(
+                ErrorCode.NAME_UNKNOWN, f"repository {route.name} is not known"
+            )
+        return self._paginate(
+            request, f"/v2/{route.name}/tags/list", "tags", tags, {"name": route.name}
+        )
+
+    def _paginate(
+        self, request: web.Request, path: str, key: str, items: list[str], extra: dict[str, str]
+    ) -> web.Response:
+        """Apply ``n``/``last`` and add a ``Link: <...>; rel="next"`` when cut."""
+        last = request.query.get("last")
+        if last:
+            items = [i for i in items if i > last]
+        headers = dict(API_VERSION)
+        n_param = request.query.get("n")
+        if n_param is not None:
+            if not n_param.isdigit():
+                raise RegistryApiError.of(ErrorCode.UNSUPPORTED, f"n={n_param!r} is not a count")
+            n = int(n_param)
+            if len(items) > n:
+                items = items[:n]
+                if items:
+                    headers["Link"] = f'<{path}?n={n}&last={items[-1]}>; rel="next"'
+        return web.json_response({**extra, key: items}, headers=headers)

@@ -1,0 +1,160 @@
+"""The aiohttp application (``make_app``) kept apart from the process that runs
+it (``start`` / ``serve``): tests and embedders build the app, ``stowaway serve``
+runs it with TLS, JSON access logs and graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import ssl
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+
+from stowaway.registry.api import API_VERSION, RegistryApi
+from stowaway.registry.config import RegistryConfig, open_storage
+from stowaway.registry.errors import ErrorCode, RegistryApiError
+from stowaway.registry.resolver import ManifestResolver
+from stowaway.registry.storage import Storage
+
+API_KEY = web.AppKey("registry_api", RegistryApi)
+access_log = logging.getLogger("stowaway.registry.access")
+log = logging.getLogger("stowaway.registry")
+
+
+def _error_response(request: web.Request, err: RegistryApiError) -> web.Response:
+    headers = dict(API_VERSION)
+    if err.status == 401:
+        headers["WWW-Authenticate"] = request.app[API_KEY].auth.challenge
+    return web.Response(
+        status=err.status, body=err.to_json(), content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every failure as the spec's error JSON; never leak a traceback."""
+    try:
+        return await handler(request)
+    except RegistryApiError as err:
+        return _error_response(request, err)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        failure = RegistryApiError.of(ErrorCode.UNKNOWN, "internal server error")
+        return _error_response(request, failure)
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One JSON line per request; also feeds the request/bytes metrics."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        api = request.app.get(API_KEY) if isinstance(request, web.Request) else None
+        sent = 0 if request.method == "HEAD" else (response.content_length or 0)
+        if api is not None:
+            api.metrics.observe(request.method, response.status, sent)
+            if not api.config.access_log:
+                return
+        self.logger.info(
+            json.dumps(
+                {
+                    "method": request.method,
+                    "path": request.raw_path,
+                    "status": response.status,
+                    "bytes": sent,
+                    "duration_ms": round(time * 1000, 3),
+                    "remote": request.remote,
+                }
+            )
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+
+def make_app(
+    config: RegistryConfig,
+    *,
+    storage: Storage | None = None,
+    resolver: ManifestResolver | None = None,
+) -> web.Application:
+    api = RegistryApi(config, storage or open_storage(config), resolver)
+    app = web.Application(middlewares=[errors_middleware])
+    app[API_KEY] = api
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=api.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v2/_catalog", api.catalog)
+    app.router.add_route("*", "/v2", api.handle)
+    app.router.add_route("*", "/v2/{tail:.*}", api.handle)
+    return app
+
+
+@dataclass
+class RunningServer:
+    runner: web.AppRunner
+    site: web.TCPSite
+    port: int
+    scheme: str
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.site._host or '127.0.0.1'}:{self.port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def ssl_context(config: RegistryConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    return ctx
+
+
+async def start(config: RegistryConfig, app: web.Application | None = None) -> RunningServer:
+    """Bind and start serving (port 0 picks a free port); returns at once."""
+    host, port = config.host_port
+    runner = web.AppRunner(
+        app or make_app(config),
+        access_log_class=JsonAccessLogger,
+        access_log=access_log,
+        handle_signals=False,
+    )
+    await runner.setup()
+    tls = ssl_context(config)
+    site = web.TCPSite(runner, host, port, ssl_context=tls, shutdown_timeout=10.0)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    bound = server.sockets[0].getsockname()[1]
+    return RunningServer(runner, site, bound, "https" if tls else "http")
+
+
+async def serve(config: RegistryConfig, resolver: ManifestResolver | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then finish in-flight requests and stop."""
+    running = await start(config, make_app(config, resolver=resolver))
+    log.info("stowaway registry listening on %s", running.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await running.stop()

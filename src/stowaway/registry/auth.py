@@ -1,0 +1,106 @@
+"""Basic (htpasswd, bcrypt) and static bearer-token authentication.
+
+Policy: with no htpasswd and no tokens, everything is open. Otherwise pushes
+(any method but GET/HEAD) always need credentials, and reads need them unless
+``anonymous_read``. A token may also be given as the password of HTTP basic
+auth (any user name), so ``docker login`` works with tokens.
+
+bcrypt is slow by design (~0.1 s a check), and clients send credentials on
+every request, so verified (user, sha256(password)) pairs are remembered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+from pathlib import Path
+
+import bcrypt
+
+from stowaway.registry.config import RegistryConfig, RegistryConfigError
+from stowaway.registry.errors import ErrorCode, RegistryApiError
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def load_htpasswd(path: Path) -> dict[str, bytes]:
+    """Parse ``user:$2y$...`` lines; only bcrypt entries are accepted."""
+    users: dict[str, bytes] = {}
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RegistryConfigError(f"cannot read htpasswd file {path}: {err.strerror}") from err
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
+            raise RegistryConfigError(
+                f"{path} line {lineno}: expected user:<bcrypt hash> (htpasswd -B)"
+            )
+        # bcrypt (the library) knows $2b$; $2y$ is the same algorithm under PHP's name
+        users[user] = b"$2b$" + hashed[4:].encode()
+    return users
+
+
+class Authenticator:
+    def __init__(self, config: RegistryConfig) -> None:
+        self.enabled = config.auth_enabled
+        self.anonymous_read = config.anonymous_read
+        self._tokens = [t.encode() for t in config.tokens]
+        self._users = load_htpasswd(config.htpasswd) if config.htpasswd else {}
+        self._verified: set[tuple[str, bytes]] = set()
+        self.challenge = 'Basic realm="stowaway"' if self._users else 'Bearer realm="stowaway"'
+
+    def _token_ok(self, token: str) -> bool:
+        return any(hmac.compare_digest(token.encode(), t) for t in self._tokens)
+
+    async def _password_ok(self, user: str, password: str) -> bool:
+        hashed = self._users.get(user)
+        if hashed is None:
+            return False
+        key = (user, hashlib.sha256(password.encode()).digest())
+        if key in self._verified:
+            return True
+        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        if ok:
+            self._verified.add(key)
+        return ok
+
+    async def identify(self, authorization: str | None) -> str | None:
+        """The authenticated user ("token" for bearer tokens), or None."""
+        if not authorization:
+            return None
+        scheme, _, value = authorization.partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer":
+            return "token" if self._token_ok(value) else None
+        if scheme.lower() != "basic":
+            return None
+        try:
+            user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        if not sep:
+            return None
+        if self._token_ok(password):
+            return user or "token"
+        return user if await self._password_ok(user, password) else None
+
+    async def check(self, method: str, authorization: str | None) -> str | None:
+        """Raise 401 UNAUTHORIZED unless the request may proceed; return the user."""
+        if not self.enabled:
+            return None
+        user = await self.identify(authorization)
+        if user is not None:
+            return user
+        if authorization:
+            raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "invalid credentials")
+        if method in READ_METHODS and self.anonymous_read:
+            return None
+        action = "pull" if method in READ_METHODS else "push"
+        raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, f"authentication required to {action}")

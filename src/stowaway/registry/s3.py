@@ -1,0 +1,350 @@
+"""S3-compatible storage backend, so several stateless replicas share one store.
+
+Same key layout as ``FilesystemStorage`` under ``<prefix>/``. boto3 is
+synchronous, so every call runs in the default thread executor; bulk data moves
+in 8 MiB parts. A blob becomes visible only when a multipart upload is
+*completed* (or a single ``PutObject`` made), which happens after the digest was
+verified: S3 gives us the atomic commit, and a rejected upload is aborted.
+
+Chunked uploads keep each PATCH as its own object ``_uploads/<id>/<offset>``
+(S3 cannot append, and client chunks may be smaller than S3's 5 MiB part
+minimum); the final PUT streams them back, hashing, into the blob's multipart
+upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import boto3  # type: ignore[import-untyped]
+from botocore.config import Config  # type: ignore[import-untyped]
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+from stowaway.errors import StowawayError
+from stowaway.registry.errors import ErrorCode, RegistryApiError
+from stowaway.registry.storage import (
+    CHUNK,
+    digest_mismatch,
+    rechunk,
+    too_large,
+    upload_unknown,
+)
+
+PART = 8 << 20  # > S3's 5 MiB minimum part size
+T = TypeVar("T")
+
+
+def _missing(err: ClientError) -> bool:
+    code = str(err.response.get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NotFound", "NoSuchUpload")
+
+
+class S3Storage:
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise StowawayError(f"storage URL {url!r} is not s3://bucket[/prefix]")
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self._s3: Any = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            config=Config(max_pool_connections=32, retries={"max_attempts": 3}),
+        )
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def _blob(self, digest: str) -> str:
+        return self._key("blobs", "sha256", digest.removeprefix("sha256:"))
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking boto3 call in the thread executor."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
+
+    async def _get(self, key: str) -> bytes | None:
+        try:
+            obj = await self._call(self._s3.get_object, Bucket=self.bucket, Key=key)
+        except ClientError as err:
+            if _missing(err):
+                return None
+            raise
+        data: bytes = await self._call(obj["Body"].read)
+        return data
+
+    async def _put(self, key: str, data: bytes) -> None:
+        await self._call(self._s3.put_object, Bucket=self.bucket, Key=key, Body=data)
+
+    async def _list(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object under ``prefix``, all pages."""
+        out: list[tuple[str, int]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = await self._call(self._s3.list_objects_v2, **kwargs)
+            out += [(o["Key"], int(o["Size"])) for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return out
+            token = page["NextContinuationToken"]
+
+    # -- blobs -----------------------------------------------------------------
+    async def blob_size(self, digest: str) -> int | None:
+        try:
+            head = await self._call(
+                self._s3.head_object, Bucket=self.bucket, Key=self._blob(digest)
+            )
+        except ClientError as err:
+            if _missing(err):
+                return None
+            raise
+        return int(head["ContentLength"])
+
+    def blob_path(self, digest: str) -> Path | None:
+        return None
+
+    async def read_blob(self, digest: str, start: int, end: int) -> AsyncIterator[bytes]:
+        obj = await self._call(
+            self._s3.get_object,
+            Bucket=self.bucket,
+            Key=self._blob(digest),
+            Range=f"bytes={start}-{end}",
+        )
+        body = obj["Body"]
+        try:
+            while chunk := await self._call(body.read, CHUNK):
+                yield chunk
+        finally:
+            body.close()
+
+    async def _write_verified(
+        self, key: str, digest: str, chunks: AsyncIterable[bytes], limit: int, where: str
+    ) -> int:
+        """Stream into ``key`` via multipart upload; complete only if the sha256
+        matches ``digest`` and the size stays within ``limit``, else abort."""
+        h = hashlib.sha256()
+        size = 0
+        buf = bytearray()
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+
+        async def flush() -> None:
+            nonlocal upload_id
+            if upload_id is None:
+                mpu = await self._call(
+                    self._s3.create_multipart_upload, Bucket=self.bucket, Key=key
+                )
+                upload_id = mpu["UploadId"]
+            n = len(parts) + 1
+            res = await self._call(
+                self._s3.upload_part,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=n,
+                Body=bytes(buf),
+            )
+            parts.append({"PartNumber": n, "ETag": res["ETag"]})
+            buf.clear()
+
+        try:
+            async for chunk in rechunk(chunks):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit, where)
+                await asyncio.get_running_loop().run_in_executor(None, h.update, chunk)
+                buf += chunk
+                if len(buf) >= PART:
+                    await flush()
+            actual = "sha256:" + h.hexdigest()
+            if actual != digest:
+                raise digest_mismatch(digest, actual)
+            if upload_id is None:
+                await self._put(key, bytes(buf))
+                return size
+            if buf:
+                await flush()
+            await self._call(
+                self._s3.complete_multipart_upload,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+            upload_id = None
+            return size
+        finally:
+            if upload_id is not None:
+                await self._call(
+                    self._s3.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id
+                )
+
+    async def put_blob(self, digest: str, chunks: AsyncIterable[bytes], limit: int) -> int:
+        return await self._write_verified(
+            self._blob(digest), digest, chunks, limit, f"blob {digest}"
+        )
+
+    async def put_blob_file(self, digest: str, path: Path) -> None:
+        if await self.blob_size(digest) is not None:
+            return
+
+        async def read() -> AsyncIterator[bytes]:
+            with open(path, "rb") as f:
+                while chunk := await asyncio.get_running_loop().run_in_executor(
+                    None, f.read, CHUNK
+                ):
+                    yield chunk
+
+        try:
+            await self._write_verified(self._blob(digest), digest, read(), 1 << 62, str(path))
+        except RegistryApiError as err:
+            raise RegistryApiError.of(
+                ErrorCode.BLOB_UNKNOWN, f"{path} does not hold {digest}: {err.message}"
+            ) from err
+
+    # -- manifests and tags ----------------------------------------------------
+    def _repo(self, name: str, *parts: str) -> str:
+        return self._key("repositories", name, *parts)
+
+    async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None:
+        media_type = await self._get(self._repo(name, "_manifests", digest.removeprefix("sha256:")))
+        if media_type is None:
+            return None
+        data = await self._get(self._blob(digest))
+        if data is None or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            return None
+        return data, media_type.decode()
+
+    async def put_manifest(self, name: str, digest: str, data: bytes, media_type: str) -> None:
+        await self._put(self._blob(digest), data)
+        await self._put(
+            self._repo(name, "_manifests", digest.removeprefix("sha256:")), media_type.encode()
+        )
+
+    async def delete_manifest(self, name: str, digest: str) -> bool:
+        link = self._repo(name, "_manifests", digest.removeprefix("sha256:"))
+        if await self._get(link) is None:
+            return False
+        await self._call(self._s3.delete_object, Bucket=self.bucket, Key=link)
+        for tag in await self.list_tags(name) or []:
+            if await self.get_tag(name, tag) == digest:
+                await self._call(
+                    self._s3.delete_object, Bucket=self.bucket, Key=self._repo(name, "_tags", tag)
+                )
+        return True
+
+    async def get_tag(self, name: str, tag: str) -> str | None:
+        data = await self._get(self._repo(name, "_tags", tag))
+        return data.decode().strip() if data is not None else None
+
+    async def put_tag(self, name: str, tag: str, digest: str) -> None:
+        await self._put(self._repo(name, "_tags", tag), digest.encode())
+
+    async def list_tags(self, name: str) -> list[str] | None:
+        if not await self._list(self._repo(name, "_manifests") + "/"):
+            return None
+        prefix = self._repo(name, "_tags") + "/"
+        return sorted(k[len(prefix) :] for k, _ in await self._list(prefix))
+
+    async def list_repositories(self) -> list[str]:
+        prefix = self._key("repositories") + "/"
+        marker = "/_manifests/"
+        keys = [k for k, _ in await self._list(prefix)]
+        return sorted({k[len(prefix) : k.index(marker)] for k in keys if marker in k})
+
+    # -- uploads ---------------------------------------------------------------
+    def _up(self, upload_id: str, *parts: str) -> str:
+        return self._key("_uploads", upload_id, *parts)
+
+    async def _chunks(self, name: str, upload_id: str) -> list[tuple[int, int, str]]:
+        """(offset, size, key) of the upload's chunk objects, in order."""
+        owner = await self._get(self._up(upload_id, "name"))
+        if owner is None or owner.decode() != name:
+            raise upload_unknown(upload_id)
+        prefix = self._up(upload_id, "data") + "/"
+        return sorted((int(k[len(prefix) :]), n, k) for k, n in await self._list(prefix))
+
+    @staticmethod
+    def _size(chunks: list[tuple[int, int, str]]) -> int:
+        return chunks[-1][0] + chunks[-1][1] if chunks else 0
+
+    async def upload_start(self, name: str) -> str:
+        upload_id = secrets.token_hex(16)
+        await self._put(self._up(upload_id, "name"), name.encode())
+        return upload_id
+
+    async def upload_size(self, name: str, upload_id: str) -> int:
+        return self._size(await self._chunks(name, upload_id))
+
+    async def upload_append(
+        self, name: str, upload_id: str, offset: int, chunks: AsyncIterable[bytes], limit: int
+    ) -> int:
+        size = self._size(await self._chunks(name, upload_id))
+        if offset != size:
+            raise RegistryApiError.of(
+                ErrorCode.RANGE_INVALID,
+                f"chunk starts at byte {offset}, but upload {upload_id} holds {size} bytes",
+            )
+        data = bytearray()
+        async for chunk in chunks:
+            data += chunk
+            if size + len(data) > limit:
+                raise too_large(limit, f"upload {upload_id}")
+        if data:
+            await self._put(self._up(upload_id, "data", f"{size:020d}"), bytes(data))
+        return size + len(data)
+
+    async def upload_finish(
+        self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
+    ) -> int:
+        stored = await self._chunks(name, upload_id)
+
+        async def everything() -> AsyncIterator[bytes]:
+            for _, _n, key in stored:
+                obj = await self._call(self._s3.get_object, Bucket=self.bucket, Key=key)
+                body = obj["Body"]
+                try:
+                    while piece := await self._call(body.read, CHUNK):
+                        yield piece
+                finally:
+                    body.close()
+            async for chunk in chunks:
+                yield chunk
+
+        try:
+            return await self._write_verified(
+                self._blob(digest), digest, everything(), limit, f"upload {upload_id}"
+            )
+        finally:
+            await self._drop_upload(upload_id, stored)
+
+    async def upload_cancel(self, name: str, upload_id: str) -> None:
+        await self._drop_upload(upload_id, await self._chunks(name, upload_id))
+
+    async def _drop_upload(self, upload_id: str, stored: list[tuple[int, int, str]]) -> None:
+        keys = [k for _, _, k in stored] + [self._up(upload_id, "name")]
+        for i in range(0, len(keys), 1000):
+            await self._call(
+                self._s3.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+            )

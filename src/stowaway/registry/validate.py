@@ -1,0 +1,156 @@
+"""Request validation for the distribution API, done on the *raw* request path.
+
+Every name, tag and digest is checked here before any storage access, so a
+rejected request can never touch (or create) a file. Names are matched against
+the distribution spec's grammar, which by construction has no ``.``/``..``
+components, no empty components and no characters a filesystem or S3 key
+treats specially; percent-encoding is refused outright because no valid name,
+tag or digest needs it (this is what stops ``..%2f`` and ``%2e%2e`` tricks).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from stowaway.registry.errors import ErrorCode, RegistryApiError
+
+NAME_RE = re.compile(
+    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
+)
+TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
+#: any algorithm:encoded pair the OCI spec allows; we only *support* sha256.
+DIGEST_GRAMMAR_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+MAX_NAME = 255
+
+RouteKind = Literal["manifest", "blob", "upload_start", "upload", "tags"]
+
+_ROUTES: tuple[tuple[RouteKind, re.Pattern[str]], ...] = (
+    ("tags", re.compile(r"/v2/(?P<name>.+)/tags/list")),
+    ("upload_start", re.compile(r"/v2/(?P<name>.+)/blobs/uploads/?")),
+    ("upload", re.compile(r"/v2/(?P<name>.+)/blobs/uploads/(?P<ref>[^/]+)")),
+    ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
+    ("manifest", re.compile(r"/v2/(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A parsed and validated ``/v2/<name>/...`` request target."""
+
+    kind: RouteKind
+    name: str
+    reference: str = ""  # tag or digest (manifests), digest (blobs), uuid (uploads)
+
+
+def _name_invalid(message: str) -> RegistryApiError:
+    return RegistryApiError.of(ErrorCode.NAME_INVALID, message)
+
+
+def check_raw_path(raw_path: str) -> str:
+    """Return the path part of a raw request target, refusing any encoding
+    trick: percent escapes, NUL, backslashes, empty or dot segments."""
+    path = raw_path.split("?", 1)[0]
+    if "%" in path:
+        raise _name_invalid(f"percent-encoded characters are not allowed in {path!r}")
+    if "\x00" in path or "\\" in path:
+        raise _name_invalid(f"NUL or backslash in request path {path!r}")
+    segments = path.split("/")[1:]
+    if segments and segments[-1] == "":
+        segments = segments[:-1]  # one trailing slash is fine (/v2/, uploads/)
+    for seg in segments:
+        if seg in ("", ".", ".."):
+            raise _name_invalid(f"empty or dot segment in request path {path!r}")
+    return path
+
+
+def check_name(name: str) -> str:
+    if len(name) > MAX_NAME:
+        raise _name_invalid(f"repository name is {len(name)} characters, at most {MAX_NAME}")
+    if not NAME_RE.fullmatch(name):
+        raise _name_invalid(f"invalid repository name {name!r}")
+    return name
+
+
+def check_digest(digest: str) -> str:
+    """A ``sha256:<64 lowercase hex>`` digest; other algorithms are UNSUPPORTED."""
+    if SHA256_RE.fullmatch(digest):
+        return digest
+    if DIGEST_GRAMMAR_RE.fullmatch(digest) and not digest.startswith("sha256:"):
+        raise RegistryApiError.of(
+            ErrorCode.UNSUPPORTED, f"digest algorithm of {digest!r} is not supported (sha256 only)"
+        )
+    raise RegistryApiError.of(ErrorCode.DIGEST_INVALID, f"malformed digest {digest!r}")
+
+
+def is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+def check_reference(reference: str) -> str:
+    """A manifest reference: a digest, or else a tag."""
+    if is_digest(reference):
+        return check_digest(reference)
+    if not TAG_RE.fullmatch(reference):
+        raise RegistryApiError.of(ErrorCode.MANIFEST_INVALID, f"invalid tag {reference!r}")
+    return reference
+
+
+def check_upload_id(upload_id: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{32}", upload_id):
+        raise RegistryApiError.of(ErrorCode.BLOB_UPLOAD_UNKNOWN, f"unknown upload id {upload_id!r}")
+    return upload_id
+
+
+def parse_route(raw_path: str) -> Route | None:
+    """Parse ``/v2/<name>/...``; ``None`` for ``/v2/`` itself. Raises NAME_INVALID &
+    co. for anything malformed, and NAME_INVALID for a path matching no route."""
+    path = check_raw_path(raw_path)
+    if path in ("/v2", "/v2/"):
+        return None
+    for kind, pattern in _ROUTES:
+        m = pattern.fullmatch(path)
+        if m is None:
+            continue
+        name = check_name(m["name"])
+        ref = m.groupdict().get("ref") or ""
+        if kind == "manifest":
+            ref = check_reference(ref)
+        elif kind == "blob":
+            ref = check_digest(ref)
+        elif kind == "upload":
+            ref = check_upload_id(ref)
+        return Route(kind, name, ref)
+    raise _name_invalid(f"no distribution API endpoint at {path!r}")
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """Parse a single ``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` Range header
+    against a blob of ``size`` bytes; return inclusive (start, end) or raise
+    RANGE_INVALID. Multi-range requests are refused (no registry client sends them)."""
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if m is None or (m[1] == "" and m[2] == ""):
+        raise RegistryApiError.of(ErrorCode.RANGE_INVALID, f"unsupported Range {header!r}")
+    if m[1] == "":
+        length = int(m[2])
+        if length == 0 or size == 0:
+            raise RegistryApiError.of(ErrorCode.RANGE_INVALID, f"empty Range {header!r}")
+        return max(0, size - length), size - 1
+    start = int(m[1])
+    end = int(m[2]) if m[2] else size - 1
+    if start >= size or end < start:
+        raise RegistryApiError.of(
+            ErrorCode.RANGE_INVALID, f"Range {header!r} outside blob of {size} bytes"
+        )
+    return start, min(end, size - 1)
+
+
+def parse_content_range(header: str) -> tuple[int, int]:
+    """Parse an upload chunk's ``Content-Range: <start>-<end>`` (inclusive; the
+    distribution API omits the ``bytes`` unit, but we accept it)."""
+    m = re.fullmatch(r"\s*(?:bytes[ =])?\s*(\d+)-(\d+)(?:/\S+)?\s*", header)
+    if m is None or int(m[2]) < int(m[1]):
+        raise RegistryApiError.of(ErrorCode.RANGE_INVALID, f"malformed Content-Range {header!r}")
+    return int(m[1]), int(m[2])

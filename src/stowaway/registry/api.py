@@ -199,7 +199,8 @@ class RegistryApi:
             if len(data) > limit:
                 raise too_large(limit, f"manifest {name}:{ref}")
         body = bytes(data)
-        media_type = await self._validate_manifest(name, body, request.content_type)
+        ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip()
+        media_type = await self._validate_manifest(name, body, ctype)
         digest = sha256_digest(body)
         if is_digest(ref) and ref != digest:
             raise RegistryApiError.of(
@@ -216,8 +217,9 @@ class RegistryApi:
         return web.Response(status=201, headers=headers)
 
     async def _validate_manifest(self, name: str, body: bytes, content_type: str) -> str:
-        """Check JSON shape and that every referenced blob/manifest exists; return
-        the media type."""
+        """Check JSON shape, media type (``content_type`` is the request header, ""
+        when absent) and that every referenced blob/manifest exists; return the
+        media type."""
 
         def invalid(message: str) -> RegistryApiError:
             return RegistryApiError.of(ErrorCode.MANIFEST_INVALID, message)
@@ -229,7 +231,7 @@ class RegistryApi:
         if not isinstance(doc, dict):
             raise invalid("manifest is not a JSON object")
         declared = doc.get("mediaType")
-        media_type = content_type if content_type in MANIFEST_TYPES else declared
+        media_type = content_type or declared  # the header wins; the field when it is absent
         if media_type not in MANIFEST_TYPES:
             raise invalid(f"unsupported manifest media type {content_type or declared!r}")
         if declared is not None and declared != media_type:

@@ -133,10 +133,11 @@ async def start(config: RegistryConfig, app: web.Application | None = None) -> R
         access_log_class=JsonAccessLogger,
         access_log=access_log,
         handle_signals=False,
+        shutdown_timeout=10.0,
     )
     await runner.setup()
     tls = ssl_context(config)
-    site = web.TCPSite(runner, host, port, ssl_context=tls, shutdown_timeout=10.0)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     server = site._server
     assert isinstance(server, asyncio.base_events.Server)

@@ -1,0 +1,261 @@
+"""The distribution API over real HTTP against the real server and filesystem storage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from registry_harness import Server
+
+OCI = "application/vnd.oci.image.manifest.v1+json"
+DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def stored_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def push_blob(server: Server, name: str, data: bytes) -> str:
+    d = digest(data)
+    r = server.request("POST", f"/v2/{name}/blobs/uploads/?digest={d}", data)
+    assert r.status == 201, r.body
+    return d
+
+
+def image_manifest(server: Server, name: str, media_type: str = OCI) -> bytes:
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    layer = b"layer bytes " * 100
+    cd, ld = push_blob(server, name, config), push_blob(server, name, layer)
+    config_type = "application/vnd.oci.image.config.v1+json"
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": {"mediaType": config_type, "digest": cd, "size": len(config)},
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": 1200}
+            ],
+        }
+    ).encode()
+
+
+def test_base_health_and_metrics(server: Server) -> None:
+    r = server.request("GET", "/v2/")
+    assert r.status == 200 and r.body == b"{}"
+    assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert server.request("GET", "/healthz").status == 200
+    server.request("GET", "/v2/nope/manifests/latest")
+    text = server.request("GET", "/metrics").body.decode()
+    assert 'stowaway_registry_requests_total{method="GET",status="404"} 1' in text
+    assert "stowaway_registry_builds_total 0" in text
+
+
+def test_monolithic_upload_and_blob_reads(server: Server) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    d = push_blob(server, "lib/x", data)
+    root = Path(server.config.storage)
+    assert (root / "blobs" / "sha256" / d.removeprefix("sha256:")).read_bytes() == data
+    r = server.request("GET", f"/v2/lib/x/blobs/{d}")
+    assert r.status == 200 and r.body == data
+    assert r.headers["Docker-Content-Digest"] == d
+    assert r.headers["Content-Length"] == str(len(data))
+    assert r.headers["Content-Type"] == "application/octet-stream"
+    head = server.request("HEAD", f"/v2/lib/x/blobs/{d}")
+    assert (
+        head.status == 200 and head.body == b"" and head.headers["Content-Length"] == str(len(data))
+    )
+    part = server.request("GET", f"/v2/lib/x/blobs/{d}", headers={"Range": "bytes=1000-1999"})
+    assert part.status == 206 and part.body == data[1000:2000]
+    assert part.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+    bad = server.request("GET", f"/v2/lib/x/blobs/{d}", headers={"Range": f"bytes={len(data)}-"})
+    assert bad.status == 416 and bad.code == "RANGE_INVALID"
+    missing = server.request("GET", f"/v2/lib/x/blobs/{digest(b'nope')}")
+    assert missing.status == 404 and missing.code == "BLOB_UNKNOWN"
+
+
+def test_digest_mismatch_stores_nothing(server: Server) -> None:
+    root = Path(server.config.storage)
+    before = stored_files(root)
+    r = server.request("POST", f"/v2/a/blobs/uploads/?digest={digest(b'other')}", b"data")
+    assert r.status == 400 and r.code == "DIGEST_INVALID"
+    assert stored_files(root) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/v2/a/..%2f..%2fescape/blobs/uploads/?digest=", "NAME_INVALID"),
+        ("/v2/%2e%2e/blobs/uploads/", "NAME_INVALID"),
+        ("/v2/a/../../x/blobs/uploads/", "NAME_INVALID"),
+        ("/v2/Bad/blobs/uploads/", "NAME_INVALID"),
+        ("/v2/a/blobs/uploads/?digest=sha256:short", "DIGEST_INVALID"),
+        ("/v2/a/blobs/uploads/?digest=md5:abcd", "UNSUPPORTED"),
+        ("/v2/a/manifests/sha256:XYZ", "DIGEST_INVALID"),
+    ],
+)
+def test_bad_requests_store_nothing(server: Server, path: str, code: str) -> None:
+    root = Path(server.config.storage)
+    before = stored_files(root)
+    method = "PUT" if "/manifests/" in path else "POST"
+    r = server.request(method, path, b"{}", {"Content-Type": OCI})
+    assert r.code == code and r.status in (400, 415)
+    assert stored_files(root) == before
+    assert not (root.parent / "escape").exists()
+
+
+def test_oversize_upload_is_413_and_stores_nothing(make_server: object) -> None:
+    server: Server = make_server(max_upload_size=1000)  # type: ignore[operator]
+    root = Path(server.config.storage)
+    before = stored_files(root)
+    data = b"x" * 1001
+    r = server.request("POST", f"/v2/a/blobs/uploads/?digest={digest(data)}", data)
+    assert r.status == 413 and r.code == "SIZE_INVALID"
+    # chunked: the chunk that crosses the limit is refused and rolled back
+    start = server.request("POST", "/v2/a/blobs/uploads/")
+    loc = start.headers["Location"]
+    assert server.request("PATCH", loc, b"y" * 600).status == 202
+    r = server.request("PATCH", loc, b"y" * 600)
+    assert r.status == 413 and r.code == "SIZE_INVALID"
+    assert server.request("GET", loc).headers["Range"] == "0-599"
+    assert server.request("DELETE", loc).status == 204
+    assert stored_files(root) == before
+
+
+def test_chunked_upload_out_of_order_status_and_cancel(server: Server) -> None:
+    data = b"0123456789" * 1000
+    start = server.request("POST", "/v2/a/b/blobs/uploads/")
+    assert start.status == 202
+    loc, uuid = start.headers["Location"], start.headers["Docker-Upload-UUID"]
+    assert loc.endswith(uuid) and start.headers["Range"] == "0-0"
+    r = server.request("PATCH", loc, data[:4000], {"Content-Range": "0-3999"})
+    assert r.status == 202 and r.headers["Range"] == "0-3999"
+    # out of order: a chunk that does not start where the upload ends
+    r = server.request("PATCH", loc, data[5000:6000], {"Content-Range": "5000-5999"})
+    assert r.status == 416 and r.code == "RANGE_INVALID"
+    r = server.request("PATCH", loc, data[4000:9000], {"Content-Range": "4000-8999"})
+    assert r.status == 202 and r.headers["Range"] == "0-8999"
+    st = server.request("GET", loc)
+    assert st.status == 204 and st.headers["Range"] == "0-8999"
+    # another repository cannot touch this upload
+    assert server.request("GET", loc.replace("/a/b/", "/other/")).code == "BLOB_UPLOAD_UNKNOWN"
+    r = server.request("PUT", f"{loc}?digest={digest(data)}", data[9000:])
+    assert r.status == 201 and r.headers["Docker-Content-Digest"] == digest(data)
+    assert server.request("GET", f"/v2/a/b/blobs/{digest(data)}").body == data
+    assert server.request("GET", loc).code == "BLOB_UPLOAD_UNKNOWN"
+    # cancel
+    loc2 = server.request("POST", "/v2/a/b/blobs/uploads/").headers["Location"]
+    server.request("PATCH", loc2, b"abc")
+    assert server.request("DELETE", loc2).status == 204
+    assert server.request("PATCH", loc2, b"abc").code == "BLOB_UPLOAD_UNKNOWN"
+    assert stored_files(Path(server.config.storage) / "_uploads") == []
+
+
+def test_chunked_upload_digest_mismatch_drops_upload(server: Server) -> None:
+    root = Path(server.config.storage)
+    before = stored_files(root)
+    loc = server.request("POST", "/v2/a/blobs/uploads/").headers["Location"]
+    server.request("PATCH", loc, b"some data")
+    r = server.request("PUT", f"{loc}?digest={digest(b'different')}")
+    assert r.status == 400 and r.code == "DIGEST_INVALID"
+    assert stored_files(root) == before
+
+
+def test_cross_repo_mount(server: Server) -> None:
+    d = push_blob(server, "src/repo", b"shared layer")
+    r = server.request("POST", f"/v2/dst/repo/blobs/uploads/?mount={d}&from=src/repo")
+    assert r.status == 201 and r.headers["Location"] == f"/v2/dst/repo/blobs/{d}"
+    r = server.request("POST", f"/v2/dst/repo/blobs/uploads/?mount={digest(b'x')}&from=src/repo")
+    assert r.status == 202 and "Docker-Upload-UUID" in r.headers
+    r = server.request("POST", f"/v2/dst/blobs/uploads/?mount={d}&from=..%2fsrc")
+    assert r.code == "NAME_INVALID"
+
+
+def test_manifest_put_get_tags_and_negotiation(server: Server) -> None:
+    body = image_manifest(server, "app")
+    md = digest(body)
+    r = server.request("PUT", "/v2/app/manifests/v1", body, {"Content-Type": OCI})
+    assert r.status == 201, r.body
+    assert r.headers["Docker-Content-Digest"] == md
+    assert r.headers["Location"] == f"/v2/app/manifests/{md}"
+    for ref in ("v1", md):
+        g = server.request("GET", f"/v2/app/manifests/{ref}")
+        assert g.status == 200 and g.body == body
+        assert g.headers["Content-Type"] == OCI and g.headers["Docker-Content-Digest"] == md
+        h = server.request("HEAD", f"/v2/app/manifests/{ref}")
+        assert h.body == b"" and h.headers["Content-Length"] == str(len(body))
+    # a Docker-only client cannot get an OCI manifest by tag
+    r = server.request("GET", "/v2/app/manifests/v1", headers={"Accept": DOCKER})
+    assert r.status == 404 and r.code == "MANIFEST_UNKNOWN" and "does not accept" in r.body.decode()
+    # a Docker manifest is served to Docker-only clients
+    dbody = image_manifest(server, "app", DOCKER)
+    assert (
+        server.request("PUT", "/v2/app/manifests/v2", dbody, {"Content-Type": DOCKER}).status == 201
+    )
+    r = server.request("GET", "/v2/app/manifests/v2", headers={"Accept": f"{DOCKER}, {OCI};q=0.5"})
+    assert r.status == 200 and r.headers["Content-Type"] == DOCKER
+    # tags with pagination
+    for t in ("a", "b", "c"):
+        server.request("PUT", f"/v2/app/manifests/{t}", body, {"Content-Type": OCI})
+    r = server.request("GET", "/v2/app/tags/list")
+    assert json.loads(r.body) == {"name": "app", "tags": ["a", "b", "c", "v1", "v2"]}
+    r = server.request("GET", "/v2/app/tags/list?n=2")
+    assert json.loads(r.body)["tags"] == ["a", "b"]
+    assert r.headers["Link"] == '</v2/app/tags/list?n=2&last=b>; rel="next"'
+    r = server.request("GET", "/v2/app/tags/list?n=2&last=b")
+    assert json.loads(r.body)["tags"] == ["c", "v1"]
+    assert server.request("GET", "/v2/nothing/tags/list").code == "NAME_UNKNOWN"
+    assert json.loads(server.request("GET", "/v2/_catalog").body) == {"repositories": ["app"]}
+    # delete by digest removes the manifest and its tags
+    assert server.request("DELETE", f"/v2/app/manifests/{md}").status == 202
+    assert server.request("GET", "/v2/app/manifests/v1").code == "MANIFEST_UNKNOWN"
+    assert json.loads(server.request("GET", "/v2/app/tags/list").body)["tags"] == ["v2"]
+
+
+def test_manifest_put_rejections(server: Server) -> None:
+    root = Path(server.config.storage)
+    body = image_manifest(server, "app")
+    before = stored_files(root)
+    missing = json.loads(body)
+    missing["layers"][0]["digest"] = digest(b"never pushed")
+    r = server.request(
+        "PUT", "/v2/app/manifests/x", json.dumps(missing).encode(), {"Content-Type": OCI}
+    )
+    assert (
+        r.status == 400
+        and r.code == "MANIFEST_BLOB_UNKNOWN"
+        and digest(b"never pushed") in r.body.decode()
+    )
+    for bad, ctype in (
+        (b"not json", OCI),
+        (b"[]", OCI),
+        (body, "text/plain"),
+        (body, DOCKER),  # Content-Type disagrees with the mediaType field
+        (json.dumps({**json.loads(body), "schemaVersion": 1}).encode(), OCI),
+    ):
+        r = server.request("PUT", "/v2/app/manifests/x", bad, {"Content-Type": ctype})
+        assert r.status == 400 and r.code == "MANIFEST_INVALID", (bad, ctype)
+    r = server.request("PUT", f"/v2/app/manifests/{digest(b'other')}", body, {"Content-Type": OCI})
+    assert r.code == "DIGEST_INVALID"
+    assert stored_files(root) == before
+
+
+def test_access_log_is_one_json_line_per_request(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="stowaway.registry.access"):
+        server.request("GET", "/v2/")
+        server.request("GET", "/v2/a/manifests/missing")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("access")]
+    assert [(x["method"], x["path"], x["status"]) for x in lines] == [
+        ("GET", "/v2/", 200),
+        ("GET", "/v2/a/manifests/missing", 404),
+    ]
+    assert lines[0]["bytes"] == 2 and lines[0]["remote"] == "127.0.0.1"
+    assert isinstance(lines[0]["duration_ms"], float)

@@ -1,0 +1,1 @@
+"""Runtime faces: the containerd snapshotter and the CRI image service."""

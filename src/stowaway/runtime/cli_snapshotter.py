@@ -1,0 +1,89 @@
+"""`stowaway snapshotter`: flags → SnapshotterConfig → serve_snapshotter (nothing else)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from stowaway.runtime.snapshots_service import serve_snapshotter
+from stowaway.runtime.store_snapshotter import SnapshotterConfig
+
+__all__ = ["snapshotter_command"]
+
+
+@click.command("snapshotter")
+@click.option(
+    "--socket",
+    "socket",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Unix socket containerd's proxy plugin connects to.",
+)
+@click.option(
+    "--store",
+    default="/nix/store",
+    show_default=True,
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Nix store directory (may be a read-only SAN/NFS mount).",
+)
+@click.option(
+    "--root",
+    "root",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="State directory: metadata, snapshots, skeleton cache.",
+)
+@click.option(
+    "--local-store",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Writable directory for store paths substituted from binary caches.",
+)
+@click.option(
+    "--substituter",
+    "substituters",
+    multiple=True,
+    metavar="URL",
+    help="Binary cache to fetch missing store paths from (repeatable).",
+)
+@click.option(
+    "--trusted-public-key",
+    "keys",
+    multiple=True,
+    metavar="NAME:KEY",
+    help="Key whose signatures make a cache's paths trusted (repeatable).",
+)
+@click.option(
+    "--gcroots",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory for GC roots [default: /nix/var/nix/gcroots/stowaway for "
+    "/nix/store, else ROOT/gcroots].",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["overlay", "hardlink", "copy"]),
+    help="Force a rootfs strategy instead of probing at start-up.",
+)
+def snapshotter_command(
+    socket: Path,
+    store: Path,
+    root: Path,
+    local_store: Path | None,
+    substituters: tuple[str, ...],
+    keys: tuple[str, ...],
+    gcroots: Path | None,
+    mode: str | None,
+) -> None:
+    """Serve a containerd proxy snapshotter that composes root filesystems from a Nix store."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = SnapshotterConfig(
+        root=root.absolute(),
+        store=store.absolute(),
+        local_store=local_store.absolute() if local_store else None,
+        substituters=substituters,
+        trusted_public_keys=keys,
+        gcroots=gcroots.absolute() if gcroots else None,
+        mode=mode,  # type: ignore[arg-type]
+    )
+    serve_snapshotter(config, socket.absolute())

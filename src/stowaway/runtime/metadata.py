@@ -1,0 +1,247 @@
+"""Snapshot metadata in SQLite (WAL): rows, parent links, labels and store-path uses.
+
+Why SQLite: every change is one transaction, so a crash leaves either the old or the
+new state, never half of one; a restarted snapshotter reads back exactly what it served.
+File work (directories, skeletons) happens outside this module; callers order it so a
+crash leaves at most an orphan directory, which ``Cleanup`` removes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stowaway.runtime.snapshotter import (
+    AlreadyExists,
+    FailedPrecondition,
+    Info,
+    Kind,
+    NotFound,
+)
+
+__all__ = ["MetaStore", "Record"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    parent_id INTEGER REFERENCES snapshots(id),
+    kind INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    inodes INTEGER NOT NULL DEFAULT 0,
+    nix INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE TABLE IF NOT EXISTS store_paths (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, path)
+);
+CREATE INDEX IF NOT EXISTS store_paths_path ON store_paths(path);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One snapshot row plus its parent chain (ids, nearest first)."""
+
+    id: int
+    key: str
+    parent: str
+    kind: Kind
+    created_ns: int
+    updated_ns: int
+    labels: dict[str, str]
+    size: int
+    inodes: int
+    nix: bool
+    chain: tuple[int, ...] = ()
+    chain_nix: tuple[bool, ...] = field(default=())
+
+    def info(self) -> Info:
+        return Info(
+            self.key, self.parent, self.kind, self.created_ns, self.updated_ns, dict(self.labels)
+        )
+
+
+class MetaStore:
+    """Thread-safe access to ``<root>/metadata.db``; each method is one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT; rolled back on any exception."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ reads
+
+    def _row(self, db: sqlite3.Connection, key: str) -> Record:
+        row = db.execute(
+            "SELECT s.id, s.key, COALESCE(p.key, ''), s.kind, s.created_ns, s.updated_ns,"
+            " s.labels, s.size, s.inodes, s.nix, s.parent_id"
+            " FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.key = ?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        chain: list[int] = []
+        chain_nix: list[bool] = []
+        pid = row[10]
+        while pid is not None:
+            prow = db.execute("SELECT parent_id, nix FROM snapshots WHERE id = ?", (pid,))
+            parent_id, nix = prow.fetchone()
+            chain.append(pid)
+            chain_nix.append(bool(nix))
+            pid = parent_id
+        return Record(
+            id=row[0],
+            key=row[1],
+            parent=row[2],
+            kind=Kind(row[3]),
+            created_ns=row[4],
+            updated_ns=row[5],
+            labels=json.loads(row[6]),
+            size=row[7],
+            inodes=row[8],
+            nix=bool(row[9]),
+            chain=tuple(chain),
+            chain_nix=tuple(chain_nix),
+        )
+
+    def get(self, key: str) -> Record:
+        with self.transaction() as db:
+            return self._row(db, key)
+
+    def find(self, key: str) -> Record | None:
+        try:
+            return self.get(key)
+        except NotFound:
+            return None
+
+    def all(self) -> list[Record]:
+        with self.transaction() as db:
+            keys = [k for (k,) in db.execute("SELECT key FROM snapshots ORDER BY id")]
+            return [self._row(db, k) for k in keys]
+
+    def ids(self) -> set[int]:
+        with self.transaction() as db:
+            return {i for (i,) in db.execute("SELECT id FROM snapshots")}
+
+    def store_paths(self) -> set[str]:
+        """Every store path some snapshot uses (what must stay GC-rooted)."""
+        with self.transaction() as db:
+            return {p for (p,) in db.execute("SELECT DISTINCT path FROM store_paths")}
+
+    # ------------------------------------------------------------------ writes
+
+    def create(
+        self,
+        db: sqlite3.Connection,
+        key: str,
+        parent: str,
+        kind: Kind,
+        labels: Mapping[str, str],
+        *,
+        nix: bool = False,
+        paths: Sequence[str] = (),
+        size: int = 0,
+        inodes: int = 0,
+    ) -> Record:
+        """Insert a snapshot inside the caller's transaction (so the caller can move its
+        directory into place before COMMIT)."""
+        if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
+            raise AlreadyExists(f"snapshot {key!r} already exists")
+        parent_id = None
+        if parent:
+            p = self._row(db, parent)
+            if p.kind != Kind.COMMITTED:
+                raise FailedPrecondition(
+                    f"parent {parent!r} is {p.kind.name.lower()}, not committed"
+                )
+            parent_id = p.id
+        now = time.time_ns()
+        cur = db.execute(
+            "INSERT INTO snapshots (key, parent_id, kind, created_ns, updated_ns, labels,"
+            " size, inodes, nix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, parent_id, int(kind), now, now, json.dumps(dict(labels)), size, inodes, nix),
+        )
+        sid = cur.lastrowid
+        assert sid is not None
+        db.executemany(
+            "INSERT OR IGNORE INTO store_paths (snapshot_id, path) VALUES (?, ?)",
+            [(sid, p) for p in paths],
+        )
+        return self._row(db, key)
+
+    def commit(
+        self, name: str, key: str, labels: Mapping[str, str], size: int, inodes: int
+    ) -> Record:
+        """Active ``key`` becomes committed ``name`` (same id, so the directory stays)."""
+        with self.transaction() as db:
+            rec = self._row(db, key)
+            if rec.kind != Kind.ACTIVE:
+                raise FailedPrecondition(
+                    f"snapshot {key!r} is {rec.kind.name.lower()}; only active ones commit"
+                )
+            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+            db.execute(
+                "UPDATE snapshots SET key = ?, kind = ?, labels = ?, updated_ns = ?,"
+                " size = ?, inodes = ? WHERE id = ?",
+                (
+                    name,
+                    int(Kind.COMMITTED),
+                    json.dumps(dict(labels)),
+                    time.time_ns(),
+                    size,
+                    inodes,
+                    rec.id,
+                ),
+            )
+            return self._row(db, name)
+
+    def remove(self, key: str) -> Record:
+        with self.transaction() as db:
+            rec = self._row(db, key)
+            if db.execute("SELECT 1 FROM snapshots WHERE parent_id = ?", (rec.id,)).fetchone():
+                raise FailedPrecondition(f"cannot remove snapshot {key!r}: it has children")
+            db.execute("DELETE FROM store_paths WHERE snapshot_id = ?", (rec.id,))
+            db.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
+            return rec
+
+    def set_labels(self, key: str, labels: Mapping[str, str]) -> Record:
+        with self.transaction() as db:
+            rec = self._row(db, key)
+            db.execute(
+                "UPDATE snapshots SET labels = ?, updated_ns = ? WHERE id = ?",
+                (json.dumps(dict(labels)), time.time_ns(), rec.id),
+            )
+            return self._row(db, key)

@@ -1,0 +1,63 @@
+"""The pure function from a snapshot record to the mounts containerd performs.
+
+Ordinary chains get exactly what containerd's overlayfs snapshotter returns (a bind
+mount for a parentless active snapshot or a one-parent view, else one overlay).
+A chain holding a stowaway layer in ``overlay`` mode is always one overlay whose lower
+layers end with the store directories as *data-only* layers (``…::STORE``) and which
+turns on ``metacopy`` and ``redirect_dir`` — never a bind of a skeleton, whose files
+are empty stubs without the data layer. One mount, no mount tree: containerd 1.6
+unmounts temporary rootfs mounts non-recursively.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stowaway.runtime.metadata import Record
+from stowaway.runtime.skeleton import Mode
+from stowaway.runtime.snapshotter import Kind, Mount
+
+__all__ = ["Layout", "mounts"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where snapshot directories live and how store paths reach the rootfs."""
+
+    snapshots_dir: Path
+    mode: Mode
+    data_dirs: tuple[Path, ...] = ()
+    index_off: bool = True  # as containerd: the kernel knows `index`, so turn it off
+
+    def fs(self, sid: int) -> Path:
+        return self.snapshots_dir / str(sid) / "fs"
+
+    def work(self, sid: int) -> Path:
+        return self.snapshots_dir / str(sid) / "work"
+
+
+def _bind(source: Path, rw: bool) -> list[Mount]:
+    return [Mount("bind", str(source), ("rw" if rw else "ro", "rbind"))]
+
+
+def mounts(rec: Record, layout: Layout) -> list[Mount]:
+    """Mounts for an active snapshot or view ``rec`` (parent chain in ``rec.chain``)."""
+    data_only = layout.mode == "overlay" and (rec.nix or any(rec.chain_nix))
+    active = rec.kind == Kind.ACTIVE
+    if not rec.chain:
+        return _bind(layout.fs(rec.id), active)
+    if not active and len(rec.chain) == 1 and not data_only:
+        return _bind(layout.fs(rec.chain[0]), False)
+    options: list[str] = []
+    if layout.index_off:
+        options.append("index=off")
+    if active:
+        options += [f"workdir={layout.work(rec.id)}", f"upperdir={layout.fs(rec.id)}"]
+    lower = ":".join(str(layout.fs(p)) for p in rec.chain)
+    if data_only:
+        lower += "".join(f"::{d}" for d in layout.data_dirs)
+    options.append(f"lowerdir={lower}")
+    if data_only:
+        options += ["metacopy=on", "redirect_dir=on"]
+    return [Mount("overlay", "overlay", tuple(options))]

@@ -1,0 +1,356 @@
+"""The stowaway snapshotter: containerd's overlayfs semantics plus Nix-store layers.
+
+Ordinary layers behave as with containerd's overlayfs snapshotter. A Prepare carrying
+``containerd.io/snapshot/stowaway.paths.<i>`` and ``containerd.io/snapshot.ref`` labels
+(what CRI passes from a stowaway layer's annotations) is answered from the Nix store:
+when every listed path is in ``store`` or ``local_store`` (or can be substituted into
+it), the layer is committed as a *skeleton* snapshot under a name carrying the ref label
+and containerd gets ALREADY_EXISTS, so it never downloads the blob. Otherwise it becomes
+an ordinary active snapshot and containerd unpacks the layer: never a broken rootfs.
+
+Order of work (crash safety): expensive file work in a temp dir under ``snapshots/``;
+GC roots before metadata; then one SQLite transaction inserts the row and renames the
+temp dir into place before COMMIT. A crash leaves at most an orphan dir or an extra
+root, both removed by ``cleanup`` / start-up reconciliation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stowaway.errors import InvalidStorePath, StowawayError
+from stowaway.runtime.filters import compile_filters
+from stowaway.runtime.gcroots import GcRoots
+from stowaway.runtime.metadata import MetaStore, Record
+from stowaway.runtime.mounts import Layout, mounts
+from stowaway.runtime.skeleton import Mode, SkeletonCache, materialise, probe_data_only_overlay
+from stowaway.runtime.snapshotter import (
+    AlreadyExists,
+    FailedPrecondition,
+    Info,
+    InvalidArgument,
+    Kind,
+    Mount,
+    Snapshotter,
+    Usage,
+)
+from stowaway.runtime.substitute import Substituter
+from stowaway.store.binary_cache import BinaryCache
+from stowaway.store.local import LocalStore, db_path_for
+from stowaway.store.narinfo import PublicKey
+from stowaway.store.paths import parse_basename
+
+__all__ = ["PATHS_PREFIX", "REF_LABEL", "SnapshotterConfig", "StoreSnapshotter"]
+
+log = logging.getLogger(__name__)
+
+PATHS_PREFIX = "containerd.io/snapshot/stowaway.paths."
+REF_LABEL = "containerd.io/snapshot.ref"
+DEFAULT_GCROOTS = Path("/nix/var/nix/gcroots/stowaway")
+
+
+@dataclass(frozen=True)
+class SnapshotterConfig:
+    """Start-up settings; ``mode`` None means probe (overlay, else hardlink, else copy)."""
+
+    root: Path
+    store: Path = Path("/nix/store")
+    local_store: Path | None = None
+    substituters: tuple[str, ...] = ()
+    trusted_public_keys: tuple[str, ...] = ()
+    gcroots: Path | None = None
+    mode: Mode | None = None
+
+
+def choose_mode(config: SnapshotterConfig, probe_dir: Path) -> tuple[Mode, str]:
+    """The rootfs strategy and why (for the start-up log)."""
+    if config.mode is not None:
+        return config.mode, "forced by configuration"
+    why = probe_data_only_overlay(probe_dir)
+    if why is None:
+        return "overlay", "data-only overlay with metacopy works on this kernel"
+    stores = [config.store, *([config.local_store] if config.local_store else [])]
+    if all(os.stat(s).st_dev == os.stat(config.root).st_dev for s in stores):
+        return "hardlink", f"{why}; store and state share a filesystem"
+    return "copy", f"{why}; store on another filesystem, copying files"
+
+
+def _disk_usage(path: Path) -> Usage:
+    """Bytes allocated and inodes below ``path``, each inode counted once."""
+    seen: set[int] = set()
+    size = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [".", *dirnames, *filenames]:
+            st = os.lstat(os.path.join(dirpath, name))
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                size += st.st_blocks * 512
+    return Usage(size, len(seen))
+
+
+class StoreSnapshotter(Snapshotter):
+    """See the module docstring. Thread-safe: gRPC calls arrive on a thread pool."""
+
+    def __init__(self, config: SnapshotterConfig) -> None:
+        self.config = config
+        root = config.root
+        self.snapshots_dir = root / "snapshots"
+        self.snapshots_dir.mkdir(parents=True, exist_ok=True)
+        if not config.store.is_dir():
+            raise StowawayError(f"store directory {config.store} does not exist")
+        if config.local_store:
+            config.local_store.mkdir(parents=True, exist_ok=True)
+        self.meta = MetaStore(root / "metadata.db")
+        self.skeletons = SkeletonCache(root / "skeletons")
+        self.mode, why = choose_mode(config, root)
+        log.info("stowaway snapshotter: rootfs mode %s (%s)", self.mode, why)
+        data = [config.store, *([config.local_store] if config.local_store else [])]
+        self.layout = Layout(
+            self.snapshots_dir,
+            self.mode,
+            tuple(d.resolve() for d in data),
+            index_off=os.path.exists("/sys/module/overlay/parameters/index"),
+        )
+        self.gcroots = GcRoots(config.gcroots or self._default_gcroots())
+        self.gcroots.reconcile(Path(p) for p in self.meta.store_paths())
+        self.substituter = self._substituter()
+        self._db = self._open_nix_db()
+        self._lock = threading.Lock()
+        self._name_locks: dict[str, threading.Lock] = {}
+        self._inflight: set[str] = set()
+
+    # ------------------------------------------------------------------ setup
+
+    def _default_gcroots(self) -> Path:
+        if self.config.store.resolve() == Path("/nix/store"):
+            return DEFAULT_GCROOTS
+        return self.config.root / "gcroots"
+
+    def _substituter(self) -> Substituter | None:
+        if not self.config.substituters:
+            return None
+        if self.config.local_store is None:
+            raise StowawayError(
+                "--substituter needs --local-store DIR: a writable directory for fetched paths"
+            )
+        keys = [PublicKey.parse(k) for k in self.config.trusted_public_keys]
+        caches = [BinaryCache(u, keys) for u in self.config.substituters]
+        return Substituter(caches, self.config.local_store)
+
+    def _open_nix_db(self) -> LocalStore | None:
+        """The store's Nix database, if it has one: presence there means a path is valid
+        (complete), not merely being built."""
+        if db_path_for(self.config.store).is_file():
+            return LocalStore(self.config.store)
+        return None
+
+    def close(self) -> None:
+        self.meta.close()
+        if self._db is not None:
+            self._db.close()
+
+    # ------------------------------------------------------------------ store paths
+
+    def _requested_paths(self, labels: Mapping[str, str]) -> list[str] | None:
+        """Basenames named by stowaway labels (validated), or None when there are none."""
+        keys = [k for k in labels if k.startswith(PATHS_PREFIX)]
+        if not keys:
+            return None
+        out: list[str] = []
+        for k in sorted(keys, key=lambda k: (len(k), k)):
+            if not k[len(PATHS_PREFIX) :].isdigit():
+                raise InvalidArgument(f"label {k!r}: expected {PATHS_PREFIX}<number>")
+            for base in labels[k].split():
+                try:
+                    parse_basename(base)
+                except InvalidStorePath as e:
+                    raise InvalidArgument(f"label {k!r}: {e.message}") from None
+                out.append(base)
+        if not out:
+            raise InvalidArgument(f"labels {sorted(keys)} name no store paths")
+        return out
+
+    def _locate(self, base: str) -> Path | None:
+        p = self.config.store / base
+        if os.path.lexists(p):
+            if self._db is None or self._db.query(f"/nix/store/{base}") is not None:
+                return p
+        if self.config.local_store and os.path.lexists(q := self.config.local_store / base):
+            return q
+        if self.substituter is not None:
+            return self.substituter.fetch(base)
+        return None
+
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._name_locks.setdefault(name, threading.Lock())
+
+    @staticmethod
+    def nix_name(target: str, parent: str) -> str:
+        """The committed name of a store layer: unique per (ref, parent), because the
+        same chain id may be pulled in several namespaces with different parent keys."""
+        if not parent:
+            return f"stowaway/{target}"
+        return f"stowaway/{target}@{hashlib.sha256(parent.encode()).hexdigest()[:16]}"
+
+    def _commit_store_layer(
+        self, target: str, parent: str, labels: Mapping[str, str], bases: list[str]
+    ) -> bool:
+        """Commit the skeleton snapshot for ``bases``; False when a path cannot be had."""
+        name = self.nix_name(target, parent)
+        with self._name_lock(name):
+            if (rec := self.meta.find(name)) is not None and rec.kind == Kind.COMMITTED:
+                return True
+            located: list[tuple[str, Path]] = []
+            for base in bases:
+                where = self._locate(base)
+                if where is None:
+                    log.info("layer %s: %s not available; containerd will unpack it", target, base)
+                    return False
+                located.append((base, where))
+            tmp = self._tempdir()
+            try:
+                materialise(self.mode, located, tmp / "fs", self.skeletons)
+                use = _disk_usage(tmp)
+                for _, where in located:
+                    self.gcroots.add(where)
+                with self._lock, self.meta.transaction() as db:
+                    rec = self.meta.create(
+                        db,
+                        name,
+                        parent,
+                        Kind.COMMITTED,
+                        labels,
+                        nix=True,
+                        paths=[str(w) for _, w in located],
+                        size=use.size,
+                        inodes=use.inodes,
+                    )
+                    self._place(tmp, rec.id)
+            finally:
+                self._done(tmp)
+            log.info("layer %s: committed %s from %d store paths", target, name, len(located))
+            return True
+
+    # ------------------------------------------------------------------ directories
+
+    def _tempdir(self) -> Path:
+        tmp = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
+        with self._lock:
+            self._inflight.add(tmp.name)
+        return tmp
+
+    def _done(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with self._lock:
+            self._inflight.discard(tmp.name)
+
+    def _place(self, tmp: Path, sid: int) -> None:
+        """Rename a finished temp dir to ``snapshots/<id>`` (inside the transaction)."""
+        dest = self.snapshots_dir / str(sid)
+        if os.path.lexists(dest):  # orphan of a transaction that rolled back
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+
+    def _create(self, key: str, parent: str, kind: Kind, labels: Mapping[str, str]) -> Record:
+        tmp = self._tempdir()
+        try:
+            (tmp / "fs").mkdir(0o755)
+            if kind == Kind.ACTIVE:
+                (tmp / "work").mkdir(0o711)
+            with self._lock, self.meta.transaction() as db:
+                rec = self.meta.create(db, key, parent, kind, labels)
+                self._place(tmp, rec.id)
+        finally:
+            self._done(tmp)
+        return rec
+
+    # ------------------------------------------------------------------ Snapshotter
+
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        bases = self._requested_paths(labels)
+        target = labels.get(REF_LABEL, "")
+        if bases is not None and target:
+            if self._commit_store_layer(target, parent, labels, bases):
+                raise AlreadyExists(f"target snapshot {target!r} committed from the Nix store")
+        return mounts(self._create(key, parent, Kind.ACTIVE, labels), self.layout)
+
+    def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        return mounts(self._create(key, parent, Kind.VIEW, labels), self.layout)
+
+    def mounts(self, key: str) -> list[Mount]:
+        rec = self.meta.get(key)
+        if rec.kind == Kind.COMMITTED:
+            raise FailedPrecondition(f"snapshot {key!r} is committed: it has no mounts")
+        return mounts(rec, self.layout)
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
+        rec = self.meta.get(key)
+        use = _disk_usage(self.layout.fs(rec.id)) if rec.kind == Kind.ACTIVE else Usage(0, 0)
+        self.meta.commit(name, key, labels, use.size, use.inodes)
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            rec = self.meta.remove(key)
+            gone = self.snapshots_dir / f"rm-{rec.id}"
+            if os.path.lexists(self.snapshots_dir / str(rec.id)):
+                os.rename(self.snapshots_dir / str(rec.id), gone)
+            still = {Path(p).name for p in self.meta.store_paths()}
+            for base in self.gcroots.rooted() - still:
+                self.gcroots.remove(base)
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def stat(self, key: str) -> Info:
+        return self.meta.get(key).info()
+
+    def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
+        rec = self.meta.get(info.name)
+        labels = dict(rec.labels)
+        if not fieldpaths:
+            labels = dict(info.labels)
+        for fp in fieldpaths:
+            if fp == "labels":
+                labels = dict(info.labels)
+            elif fp.startswith("labels."):
+                k = fp[len("labels.") :]
+                if k in info.labels:
+                    labels[k] = info.labels[k]
+                else:
+                    labels.pop(k, None)
+            else:
+                raise InvalidArgument(f"cannot update field {fp!r} of snapshot {info.name!r}")
+        return self.meta.set_labels(info.name, labels).info()
+
+    def walk(self, filters: Sequence[str]) -> Iterator[Info]:
+        match = compile_filters(filters)
+        for rec in self.meta.all():
+            info = rec.info()
+            if match(info):
+                yield info
+
+    def usage(self, key: str) -> Usage:
+        rec = self.meta.get(key)
+        if rec.kind == Kind.ACTIVE:
+            return _disk_usage(self.layout.fs(rec.id))
+        return Usage(rec.size, rec.inodes)
+
+    def cleanup(self) -> None:
+        with self._lock:
+            ids = {str(i) for i in self.meta.ids()}
+            for e in self.snapshots_dir.iterdir():
+                if e.name in ids or e.name in self._inflight or e.name.startswith("rm-"):
+                    continue
+                os.rename(e, self.snapshots_dir / f"rm-{e.name}")
+            if not self._inflight:  # a Prepare in flight may be linking from a skeleton
+                self.skeletons.prune({Path(p).name for p in self.meta.store_paths()})
+        for e in self.snapshots_dir.iterdir():
+            if e.name.startswith("rm-"):
+                shutil.rmtree(e, ignore_errors=True)

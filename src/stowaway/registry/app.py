@@ -50,32 +50,32 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error_response(request, failure)
 
 
-class JsonAccessLogger(AbstractAccessLogger):
-    """One JSON line per request; also feeds the request/bytes metrics."""
+def access_logger_for(api: RegistryApi) -> type[AbstractAccessLogger]:
+    """An access logger class bound to ``api``: one JSON line per request (when
+    ``access_log`` is on) and the request/bytes metrics. Bound rather than found
+    through ``request.app``, which is unset for requests that failed to parse."""
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        api = request.app.get(API_KEY) if isinstance(request, web.Request) else None
-        sent = 0 if request.method == "HEAD" else (response.content_length or 0)
-        if api is not None:
+    class JsonAccessLogger(AbstractAccessLogger):
+        def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+            sent = 0 if request.method == "HEAD" else (response.content_length or 0)
             api.metrics.observe(request.method, response.status, sent)
             if not api.config.access_log:
                 return
-        self.logger.info(
-            json.dumps(
-                {
-                    "method": request.method,
-                    "path": request.raw_path,
-                    "status": response.status,
-                    "bytes": sent,
-                    "duration_ms": round(time * 1000, 3),
-                    "remote": request.remote,
-                }
-            )
-        )
+            line = {
+                "method": request.method,
+                "path": request.raw_path,
+                "status": response.status,
+                "bytes": sent,
+                "duration_ms": round(time * 1000, 3),
+                "remote": request.remote,
+            }
+            self.logger.info(json.dumps(line))
 
-    @property
-    def enabled(self) -> bool:
-        return True
+        @property
+        def enabled(self) -> bool:
+            return True
+
+    return JsonAccessLogger
 
 
 def make_app(
@@ -128,9 +128,10 @@ def ssl_context(config: RegistryConfig) -> ssl.SSLContext | None:
 async def start(config: RegistryConfig, app: web.Application | None = None) -> RunningServer:
     """Bind and start serving (port 0 picks a free port); returns at once."""
     host, port = config.host_port
+    app = app or make_app(config)
     runner = web.AppRunner(
-        app or make_app(config),
-        access_log_class=JsonAccessLogger,
+        app,
+        access_log_class=access_logger_for(app[API_KEY]),
         access_log=access_log,
         handle_signals=False,
         shutdown_timeout=10.0,

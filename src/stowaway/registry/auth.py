@@ -71,9 +71,15 @@ class Authenticator:
             self._verified.add(key)
         return ok
 
+    @staticmethod
+    def anonymous(authorization: str | None) -> bool:
+        """No credentials, or empty basic ones (containers/image sends ``Basic Og==``
+        when it has none)."""
+        return not authorization or authorization.strip() in ("Basic Og==", "Basic")
+
     async def identify(self, authorization: str | None) -> str | None:
         """The authenticated user ("token" for bearer tokens), or None."""
-        if not authorization:
+        if authorization is None or self.anonymous(authorization):
             return None
         scheme, _, value = authorization.partition(" ")
         value = value.strip()
@@ -98,7 +104,7 @@ class Authenticator:
         user = await self.identify(authorization)
         if user is not None:
             return user
-        if authorization:
+        if not self.anonymous(authorization):
             raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "invalid credentials")
         if method in READ_METHODS and self.anonymous_read:
             return None

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+import bcrypt
+import pytest
+from registry_harness import Server
+
+from stowaway.registry.auth import load_htpasswd
+from stowaway.registry.config import RegistryConfigError
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture()
+def htpasswd(tmp_path: Path) -> Path:
+    path = tmp_path / "htpasswd"
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+    path.write_text(f"# users\nbob:$2y${hashed[4:]}\n")
+    return path
+
+
+def test_no_auth_configured_everything_open(server: Server) -> None:
+    data = b"open"
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert server.request("POST", f"/v2/a/blobs/uploads/?digest={d}", data).status == 201
+
+
+def test_private_registry(make_server: object, htpasswd: Path) -> None:
+    server: Server = make_server(htpasswd=htpasswd, tokens=("tok3n",), anonymous_read=False)  # type: ignore[operator]
+    r = server.request("GET", "/v2/")
+    assert r.status == 401 and r.code == "UNAUTHORIZED"
+    assert r.headers["WWW-Authenticate"] == 'Basic realm="stowaway"'
+    assert server.request("GET", "/v2/a/tags/list").status == 401
+    assert server.request("GET", "/v2/a/tags/list", headers=basic("bob", "nope")).status == 401
+    assert server.request("GET", "/v2/a/tags/list", headers=basic("eve", "pw")).status == 401
+    assert server.request("GET", "/v2/", headers=basic("bob", "pw")).status == 200
+    # authorised: the request goes through to the API (repo unknown)
+    r = server.request("GET", "/v2/a/tags/list", headers=basic("bob", "pw"))
+    assert r.status == 404 and r.code == "NAME_UNKNOWN"
+    r = server.request("GET", "/v2/a/tags/list", headers={"Authorization": "Bearer tok3n"})
+    assert r.status == 404
+    assert server.request("GET", "/v2/", headers={"Authorization": "Bearer wrong"}).status == 401
+    # a token also works as a basic-auth password (docker login with tokens)
+    r = server.request("POST", "/v2/a/blobs/uploads/", headers=basic("ci", "tok3n"))
+    assert r.status == 202
+
+
+def test_anonymous_read_but_authenticated_push(make_server: object, htpasswd: Path) -> None:
+    server: Server = make_server(htpasswd=htpasswd, anonymous_read=True)  # type: ignore[operator]
+    assert server.request("GET", "/v2/a/tags/list").status == 404  # read allowed
+    r = server.request("POST", "/v2/a/blobs/uploads/")
+    assert r.status == 401 and "push" in r.body.decode()
+    # the ping challenges anonymous callers so clients learn to send credentials
+    assert server.request("GET", "/v2/").status == 401
+    assert server.request("POST", "/v2/a/blobs/uploads/", headers=basic("bob", "pw")).status == 202
+
+
+def test_tokens_only_challenge_bearer(make_server: object) -> None:
+    server: Server = make_server(tokens=("t",), anonymous_read=False)  # type: ignore[operator]
+    r = server.request("GET", "/v2/")
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="stowaway"'
+
+
+def test_bad_htpasswd_lines_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "htpasswd"
+    path.write_text(
+        "ok:$2y$04$abcdefghijklmnopqrstuu5B3X0Q0sT5o1m0tJ6b2m0Kb5JjJ5Wxi\nmd5:$apr1$x$y\n"
+    )
+    with pytest.raises(RegistryConfigError, match="line 2"):
+        load_htpasswd(path)
+    with pytest.raises(RegistryConfigError, match="cannot read"):
+        load_htpasswd(tmp_path / "missing")

@@ -39,8 +39,9 @@ CANONICAL_MTIME = 1
 
 def _walk(src: Path) -> Iterator[tuple[str, os.stat_result]]:
     """(relative path, lstat) of ``src`` and everything below it, parents first."""
-    yield "", os.lstat(src)
-    stack = [""]
+    top = os.lstat(src)
+    yield "", top
+    stack = [""] if stat.S_ISDIR(top.st_mode) else []
     while stack:
         rel = stack.pop()
         with os.scandir(src / rel if rel else src) as it:

@@ -1,0 +1,135 @@
+"""Fixtures for runtime tests: the snapshotter as a real process, a containerd wired to it
+(with CRI pulling through it), and the demo image pushed to a private registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemons import Containerd, Daemon, Registry, _short_dir
+from stowaway.image.compose import compose
+from stowaway.image.config import ImageOptions
+from stowaway.image.layer_cache import LayerCache
+from stowaway.image.layers import LayerSettings
+from stowaway.sinks.registry import push
+from stowaway.store.local import LocalStore
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+class SnapshotterDaemon(Daemon):
+    """`stowaway snapshotter` in its own process (so tests can kill and restart it)."""
+
+    name = "snapshotter"
+
+    def __init__(self, tmpdir: Path, *args: str, store: str = "/nix/store") -> None:
+        super().__init__(tmpdir)
+        self.sockdir = _short_dir("snap-")
+        self.socket = str(self.sockdir / "s.sock")
+        self.root = self.dir / "root"
+        self.args = ["--store", store, "--root", str(self.root), *args]
+
+    def argv(self) -> list[str]:
+        code = "from stowaway.runtime.cli_snapshotter import snapshotter_command as c; c()"
+        return [sys.executable, "-c", code, "--socket", self.socket, *self.args]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(SRC)}
+
+    def ready(self) -> bool:
+        return os.path.exists(self.socket)
+
+    def kill(self) -> None:
+        """SIGKILL, no cleanup: what a crash looks like."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+
+class StowawayContainerd(Containerd):
+    """containerd whose CRI plugin pulls through the stowaway proxy snapshotter (with
+    snapshot annotations on) and reaches ``registry_host`` over plain HTTP."""
+
+    registry_host = ""
+
+    def _config(self, cri: bool, *args: object) -> str:  # type: ignore[override]
+        text = super()._config(cri, *args)  # type: ignore[arg-type]
+        text = text.replace(
+            'snapshotter = "overlayfs"',
+            'snapshotter = "stowaway"\n  disable_snapshot_annotations = false',
+        )
+        if self.registry_host:
+            h = self.registry_host
+            text += (
+                f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{h}"]\n'
+                f'  endpoint = ["http://{h}"]\n'
+            )
+        return text
+
+
+@pytest.fixture()
+def snapshotter(tmp_path: Path) -> Iterator[SnapshotterDaemon]:
+    with SnapshotterDaemon(tmp_path, "--gcroots", str(tmp_path / "gcroots")) as s:
+        yield s
+
+
+@pytest.fixture()
+def containerd(
+    tmp_path: Path, snapshotter: SnapshotterDaemon, registry: Registry
+) -> Iterator[Containerd]:
+    plugins = {"stowaway": {"type": "snapshot", "address": snapshotter.socket}}
+    StowawayContainerd.registry_host = registry.host
+    with StowawayContainerd(tmp_path, cri=True, proxy_plugins=plugins) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    with Registry(tmp_path_factory.mktemp("registry")) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def demo_ref(demo_app: str, registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The composed demo image pushed to the private registry; returns its reference."""
+    store = LocalStore()
+    closure = store.closure_infos([demo_app])
+    busybox = next(p for p in closure if p.endswith("-busybox"))
+    options = ImageOptions(entrypoint=[f"{demo_app}/bin/demo"], contents=[busybox])
+    result = compose(
+        store,
+        [demo_app],
+        options,
+        closure=closure,
+        settings=LayerSettings(),
+        cache=LayerCache(tmp_path_factory.mktemp("demo-cache")),
+    )
+    push(result.image, registry.host, "demo", "v1", tls_verify=False)
+    return f"{registry.host}/demo:v1"
+
+
+def busybox_oci(dest: Path) -> Path:
+    """An ordinary (non-stowaway) image made with umoci from busybox-static: oci layout."""
+    layout = dest / "bb"
+    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+    subprocess.run(["umoci", "new", "--image", f"{layout}:latest"], check=True)
+    bundle = dest / "bundle"
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)], check=True)
+    rootfs = bundle / "rootfs"
+    (rootfs / "bin").mkdir()
+    subprocess.run(["cp", "/bin/busybox", str(rootfs / "bin/busybox")], check=True)
+    for tool in ("sh", "cat", "echo", "ls"):
+        os.symlink("busybox", rootfs / "bin" / tool)
+    (rootfs / "hello.txt").write_text("ordinary layer\n")
+    subprocess.run(["umoci", "repack", "--image", f"{layout}:latest", str(bundle)], check=True)
+    subprocess.run(
+        ["umoci", "config", "--image", f"{layout}:latest", "--config.entrypoint", "/bin/sh"],
+        check=True,
+    )
+    return layout

@@ -1,0 +1,249 @@
+"""StoreSnapshotter driven directly: containerd's overlayfs semantics, store layers from
+the real demo closure (mounted for real), label validation, restart, GC roots, filters."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stowaway.runtime.filters import compile_filters
+from stowaway.runtime.snapshotter import (
+    AlreadyExists,
+    FailedPrecondition,
+    Info,
+    InvalidArgument,
+    Kind,
+    Mount,
+    NotFound,
+)
+from stowaway.runtime.store_snapshotter import (
+    PATHS_PREFIX,
+    REF_LABEL,
+    SnapshotterConfig,
+    StoreSnapshotter,
+)
+
+MISSING = "0" * 32 + "-not-here"
+
+
+@pytest.fixture()
+def snap(tmp_path: Path) -> Iterator[StoreSnapshotter]:
+    s = StoreSnapshotter(SnapshotterConfig(root=tmp_path / "root", gcroots=tmp_path / "gc"))
+    yield s
+    s.close()
+
+
+def layer_labels(paths: list[str], ref: str = "sha256:layer1") -> dict[str, str]:
+    return {REF_LABEL: ref, f"{PATHS_PREFIX}0": " ".join(os.path.basename(p) for p in paths)}
+
+
+def mounted(ms: list[Mount], where: Path) -> Path:
+    assert len(ms) == 1
+    where.mkdir(exist_ok=True)
+    m = ms[0]
+    subprocess.run(
+        ["mount", "-t", m.type, m.source, "-o", ",".join(m.options), str(where)], check=True
+    )
+    return where
+
+
+def umount(where: Path) -> None:
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def tree_hash(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        for dirpath, dirnames, filenames in sorted(os.walk(p)):
+            dirnames.sort()
+            for n in sorted(filenames):
+                f = Path(dirpath, n)
+                h.update(str(f).encode())
+                if not f.is_symlink():
+                    h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_ordinary_layers_like_overlayfs(snap: StoreSnapshotter) -> None:
+    (m,) = snap.prepare("a", "", {})
+    assert m.type == "bind" and m.options == ("rw", "rbind")
+    Path(m.source, "file").write_text("one")
+    snap.commit("A", "a", {"l": "v"})
+    assert snap.stat("A").kind == Kind.COMMITTED and snap.stat("A").labels == {"l": "v"}
+    with pytest.raises(NotFound):
+        snap.stat("a")
+    assert snap.usage("A").inodes == 2
+
+    (v,) = snap.view("v", "A", {})
+    assert v.type == "bind" and v.options == ("ro", "rbind") and Path(v.source, "file").exists()
+    (o,) = snap.prepare("b", "A", {})
+    opts = dict(x.split("=", 1) for x in o.options if "=" in x)
+    assert o.type == "overlay" and {"upperdir", "workdir", "lowerdir"} <= opts.keys()
+    assert opts["lowerdir"] == v.source
+    assert snap.mounts("b") == [o]
+
+    with pytest.raises(FailedPrecondition):
+        snap.remove("A")  # has children
+    with pytest.raises(FailedPrecondition):
+        snap.prepare("c", "b", {})  # parent not committed
+    with pytest.raises(AlreadyExists):
+        snap.prepare("b", "A", {})
+    with pytest.raises(FailedPrecondition):
+        snap.mounts("A")
+    info = snap.update(Info("A", "", Kind.COMMITTED, 0, 0, {"x": "y"}), ["labels.x"])
+    assert info.labels == {"l": "v", "x": "y"}
+    assert sorted(i.name for i in snap.walk([])) == ["A", "b", "v"]
+    assert [i.name for i in snap.walk(["kind==view", "name==nothing"])] == ["v"]
+    for k in ("b", "v", "A"):
+        snap.remove(k)
+    assert list(snap.walk([])) == []
+    assert os.listdir(snap.snapshots_dir) == []
+
+
+def test_store_layer_committed_and_mounted(
+    snap: StoreSnapshotter, demo_closure: list[str], demo_app: str, tmp_path: Path
+) -> None:
+    with pytest.raises(AlreadyExists):
+        snap.prepare("extract-1", "", layer_labels(demo_closure))
+    name = snap.nix_name("sha256:layer1", "")
+    info = snap.stat(name)
+    assert info.kind == Kind.COMMITTED and info.labels[REF_LABEL] == "sha256:layer1"
+    # what containerd's metadata layer looks for after ALREADY_EXISTS
+    flt = f'labels."{REF_LABEL}"==sha256:layer1,parent==""'
+    assert [i.name for i in snap.walk([flt])] == [name]
+    with pytest.raises(AlreadyExists):  # second pull: nothing rebuilt
+        snap.prepare("extract-2", "", layer_labels(demo_closure))
+
+    before = tree_hash(demo_closure)
+    ms = snap.prepare("ctr", name, {})
+    assert "metacopy=on" in ms[0].options[-2:]
+    root = mounted(ms, tmp_path / "mnt")
+    try:
+        assert sorted(os.listdir(root / "nix/store")) == sorted(
+            os.path.basename(p) for p in demo_closure
+        )
+        for p in demo_closure:
+            for dirpath, _, files in os.walk(p):
+                for f in files:
+                    host = Path(dirpath, f)
+                    assert (root / host.relative_to("/")).read_bytes() == host.read_bytes()
+        out = subprocess.run(
+            ["chroot", str(root), f"{demo_app}/bin/demo"], capture_output=True, text=True
+        )
+        assert "hello from stowaway" in out.stdout
+        busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+        with open(root / busybox.lstrip("/") / "bin/busybox", "ab") as f:
+            f.write(b"container write")
+    finally:
+        umount(root)
+    assert tree_hash(demo_closure) == before
+    assert snap.usage("ctr").size > 0  # the copied-up file is in the container's upper
+    snap.remove("ctr")
+    snap.remove(name)
+    assert snap.gcroots.rooted() == set()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["../../etc", "/nix/store/" + "a" * 32 + "-x", "a" * 32 + "-x/../../y", "short-name", ".."],
+)
+def test_store_labels_validated(snap: StoreSnapshotter, value: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"stowaway\.paths\.0"):
+        snap.prepare("k", "", {REF_LABEL: "sha256:x", f"{PATHS_PREFIX}0": value})
+    assert list(snap.walk([])) == []
+
+
+def test_missing_paths_fall_back_to_unpack(snap: StoreSnapshotter, demo_app: str) -> None:
+    labels = layer_labels([demo_app, MISSING])
+    (m,) = snap.prepare("extract", "", labels)
+    assert m.type == "bind" and snap.stat("extract").kind == Kind.ACTIVE
+    assert snap.gcroots.rooted() == set()
+
+
+def test_concurrent_prepare_same_layer(snap: StoreSnapshotter, demo_closure: list[str]) -> None:
+    results: list[str] = []
+
+    def pull(i: int) -> None:
+        try:
+            snap.prepare(f"extract-{i}", "", layer_labels(demo_closure))
+        except AlreadyExists:
+            results.append("exists")
+
+    threads = [threading.Thread(target=pull, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["exists"] * 4
+    assert [i.kind for i in snap.walk([])] == [Kind.COMMITTED]
+
+
+def test_restart_keeps_snapshots_and_cleans_orphans(
+    tmp_path: Path, demo_closure: list[str]
+) -> None:
+    cfg = SnapshotterConfig(root=tmp_path / "root", gcroots=tmp_path / "gc")
+    s = StoreSnapshotter(cfg)
+    with pytest.raises(AlreadyExists):
+        s.prepare("x", "", layer_labels(demo_closure))
+    name = s.nix_name("sha256:layer1", "")
+    before = s.prepare("ctr", name, {})
+    s.close()
+    (cfg.root / "snapshots" / "999").mkdir()  # what a crash mid-Prepare may leave
+    (cfg.gcroots or tmp_path).joinpath("stray").symlink_to("/nix/store")
+    s2 = StoreSnapshotter(cfg)
+    try:
+        assert s2.mounts("ctr") == before
+        assert {p.name for p in (tmp_path / "gc").iterdir()} == {
+            os.path.basename(p) for p in demo_closure
+        }
+        s2.cleanup()
+        assert not (cfg.root / "snapshots" / "999").exists()
+        assert s2.stat(name).kind == Kind.COMMITTED
+    finally:
+        s2.close()
+
+
+def test_gc_roots_protect_paths_from_nix_gc(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text(f"throwaway {tmp_path}\n")
+    path = subprocess.run(
+        ["nix-store", "--add", str(victim)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    # a root directory nix scans: below /nix/var/nix/gcroots, owned by this test
+    gc = Path("/nix/var/nix/gcroots/stowaway-test") / tmp_path.name
+    s = StoreSnapshotter(SnapshotterConfig(root=tmp_path / "root", gcroots=gc))
+    try:
+        with pytest.raises(AlreadyExists):
+            s.prepare("x", "", layer_labels([path], "sha256:victim"))
+        r = subprocess.run(["nix-store", "--delete", path], capture_output=True, text=True)
+        assert r.returncode != 0 and os.path.exists(path), r.stderr
+        s.remove(s.nix_name("sha256:victim", ""))
+        subprocess.run(["nix-store", "--delete", path], check=True, capture_output=True)
+        assert not os.path.exists(path)
+    finally:
+        s.close()
+        subprocess.run(["rm", "-rf", str(gc)], check=True)
+
+
+def test_filters() -> None:
+    info = Info("k", "p", Kind.ACTIVE, 0, 0, {"a.b/c": "x,y", "n": "1"})
+    match = [
+        'labels."a.b/c"=="x,y"',
+        "labels.n==1,parent==p",
+        "kind==active",
+        "name~=^k$",
+        "labels.n",
+        'name!="z"',
+    ]
+    for f in match:
+        assert compile_filters([f])(info), f
+    for f in ["labels.n==2", "parent==q,kind==active", "labels.missing", "kind==view"]:
+        assert not compile_filters([f])(info), f
+    with pytest.raises(InvalidArgument, match="offset"):
+        compile_filters(["bogus!"])

@@ -1,0 +1,106 @@
+#!/bin/bash
+# Build the stowaway BuildKit frontend image and load it into the docker daemon at
+# $DOCKER_HOST (default: the system one).
+#
+#   scripts/frontend-image.sh [-t TAG] [-o ARCHIVE]
+#
+# Image = a Debian bookworm minbase rootfs with python3, python3-grpcio, python3-protobuf
+# (nothing else: the frontend imports only those and the stdlib) + the frontend's modules
+# under /opt/stowaway, ENTRYPOINT python3 -m stowaway.buildkit.frontend.
+#
+# Caching (/var/cache/stowaway, override with STOWAWAY_CACHE): the debootstrap rootfs
+# tarball is made once; the finished image is saved as a `docker save` archive named by
+# the hash of rootfs + code, so later runs (and other daemons) just `docker load` it.
+# Prints the image tag on stdout. Push it with `docker tag` + `docker push` as usual.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TAG=""
+ARCHIVE=""
+while getopts "t:o:" opt; do
+  case "$opt" in
+    t) TAG="$OPTARG" ;;
+    o) ARCHIVE="$OPTARG" ;;
+    *) echo "usage: $0 [-t TAG] [-o ARCHIVE]" >&2; exit 2 ;;
+  esac
+done
+
+CACHE="${STOWAWAY_CACHE:-/var/cache/stowaway}"
+MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+DOCKER="${DOCKER:-/usr/bin/docker}"
+ROOTFS_TAR="$CACHE/frontend-rootfs-bookworm.tar"
+mkdir -p "$CACHE"
+
+# The frontend's modules: stdlib-only parts of stowaway plus the generated stubs.
+# stowaway/store/__init__.py is replaced by an empty one: the real one imports the
+# binary cache code (cryptography, zstandard), which the frontend never uses.
+FILES=(
+  src/stowaway/__init__.py
+  src/stowaway/errors.py
+  src/stowaway/store/model.py
+  src/stowaway/layering/*.py
+  src/stowaway/buildkit/__init__.py
+  src/stowaway/buildkit/drv.py
+  src/stowaway/buildkit/llb.py
+  src/stowaway/buildkit/spec.py
+  src/stowaway/buildkit/graph.py
+  src/stowaway/buildkit/frontend.py
+  src/stowaway/buildkit/pb.py
+  src/stowaway/buildkit/proto/__init__.py
+  src/stowaway/buildkit/proto/*_pb2.py
+  src/stowaway/buildkit/proto/*_pb2_grpc.py
+)
+
+if [ ! -s "$ROOTFS_TAR" ]; then
+  echo "frontend-image: debootstrap bookworm minbase (once; cached in $ROOTFS_TAR)" >&2
+  work=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  debootstrap --variant=minbase --include=python3,python3-grpcio,python3-protobuf \
+    bookworm "$work/root" "$MIRROR" >&2
+  rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"*
+  tar -C "$work/root" --numeric-owner -cf "$work/rootfs.tar" .
+  mv "$work/rootfs.tar" "$ROOTFS_TAR"
+  rm -rf "$work"
+  trap - EXIT
+fi
+
+hash=$( (sha256sum "$ROOTFS_TAR" | cut -d' ' -f1; sha256sum "${FILES[@]}" scripts/frontend-image.sh) \
+  | sha256sum | cut -c1-16)
+TAG="${TAG:-stowaway-frontend:$hash}"
+SAVED="$CACHE/stowaway-frontend-$hash.tar"
+
+if [ ! -s "$SAVED" ]; then
+  echo "frontend-image: assembling $TAG" >&2
+  work=$(mktemp -d "$CACHE/image.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  cp "$ROOTFS_TAR" "$work/image.tar"
+  mkdir -p "$work/add/opt/stowaway"
+  for f in "${FILES[@]}"; do
+    dest="$work/add/opt/stowaway/${f#src/}"
+    mkdir -p "$(dirname "$dest")"
+    cp "$f" "$dest"
+  done
+  : > "$work/add/opt/stowaway/stowaway/store/__init__.py"
+  tar -C "$work/add" --numeric-owner --owner=0 --group=0 --mtime=@1 --sort=name \
+    -rf "$work/image.tar" ./opt
+  tmp_tag="stowaway-frontend-build:$hash"
+  "$DOCKER" import \
+    --change 'ENV PATH=/usr/bin:/bin' \
+    --change 'ENV PYTHONPATH=/opt/stowaway' \
+    --change 'ENV PYTHONDONTWRITEBYTECODE=1' \
+    --change 'ENTRYPOINT ["/usr/bin/python3", "-m", "stowaway.buildkit.frontend"]' \
+    "$work/image.tar" "$tmp_tag" >&2
+  "$DOCKER" save -o "$work/saved.tar" "$tmp_tag"
+  mv "$work/saved.tar" "$SAVED"
+  "$DOCKER" rmi "$tmp_tag" >/dev/null
+  rm -rf "$work"
+  trap - EXIT
+fi
+
+"$DOCKER" load -i "$SAVED" >&2
+"$DOCKER" tag "stowaway-frontend-build:$hash" "$TAG"
+[ "$TAG" = "stowaway-frontend-build:$hash" ] || "$DOCKER" rmi "stowaway-frontend-build:$hash" >/dev/null
+if [ -n "$ARCHIVE" ]; then
+  "$DOCKER" save -o "$ARCHIVE" "$TAG"
+fi
+echo "$TAG"

@@ -1,0 +1,97 @@
+"""Command-line faces of the BuildKit frontend (registered in ``stowaway.cli``):
+
+``stowaway buildkit context`` (``buildkit_group``) writes a build context on the client;
+``stowaway frontend`` (``frontend_command``) is the frontend image's entrypoint.
+"""
+
+from __future__ import annotations
+
+import click
+
+from stowaway.errors import StowawayError
+
+__all__ = ["buildkit_group", "frontend_command"]
+
+
+@click.group("buildkit")
+def buildkit_group() -> None:
+    """Nix builds inside `docker build`: one derivation, one BuildKit step.
+
+    \b
+    Example:
+      stowaway buildkit context app.nix -A app --entrypoint /nix/store/…/bin/app -o ctx
+      DOCKER_BUILDKIT=1 docker build -f ctx/stowaway.json \\
+          --build-arg BUILDKIT_SYNTAX=stowaway-frontend:latest -t app ctx
+    """
+
+
+@buildkit_group.command("context")
+@click.argument("nix_file", metavar="FILE.nix")
+@click.option("-A", "--attr", "attrs", multiple=True, help="Attribute of FILE.nix; repeatable.")
+@click.option("-o", "--output", "out_dir", required=True, metavar="CTXDIR", help="Context dir.")
+@click.option("--max-layers", default=100, show_default=True, type=int)
+@click.option(
+    "--layering",
+    type=click.Choice(["auto", "popularity", "dominator"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".')
+@click.option("--cmd", default=None, help="Default arguments (JSON array or shell words).")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable.")
+@click.option("--workdir", default=None)
+@click.option("--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd.")
+@click.option("--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable.")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable.")
+@click.option("--created", default=None, help="Epoch seconds, RFC 3339 or 'now' (default 1).")
+def context_command(
+    nix_file: str,
+    attrs: tuple[str, ...],
+    out_dir: str,
+    max_layers: int,
+    layering: str,
+    entrypoint: str | None,
+    cmd: str | None,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    expose: tuple[str, ...],
+    labels: tuple[str, ...],
+    created: str | None,
+) -> None:
+    """Evaluate FILE.nix (nix-instantiate) and write a BuildKit context to CTXDIR:
+    the .drv closure, its input sources and stowaway.json (targets, image config)."""
+    from stowaway.buildkit.context import make_context
+    from stowaway.cli import _created, _labels, _split_command
+    from stowaway.image.config import ImageOptions
+
+    try:
+        options = ImageOptions(
+            entrypoint=_split_command(entrypoint),
+            cmd=_split_command(cmd),
+            env=list(env),
+            workdir=workdir,
+            user=user,
+            expose=list(expose),
+            labels=_labels(labels),
+            created=_created(created),
+        )
+        result = make_context(
+            nix_file, attrs, out_dir, options, layering=layering, max_layers=max_layers
+        )
+    except StowawayError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
+    refs = "exact (outputs built locally)" if result.spec.references is not None else "build-time"
+    click.echo(
+        f"{result.path}: {result.derivations} derivations, {result.sources} sources, "
+        f"references {refs}; targets: " + " ".join(t.path for t in result.spec.targets)
+    )
+
+
+@click.command("frontend")
+def frontend_command() -> None:
+    """BuildKit frontend entrypoint: speaks the gateway API on stdin/stdout."""
+    from stowaway.buildkit.frontend import main
+
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""`stowaway frontend`: the BuildKit gateway client run as the frontend image's entrypoint.
+
+BuildKit starts the frontend with the LLBBridge gRPC connection on stdin/stdout. grpcio
+only dials addresses, so a relay listens on a private unix socket and pumps bytes
+between it and fds 0/1; fd 1 is then pointed at stderr so that no stray print can
+corrupt the HTTP/2 stream. The build itself: read ``stowaway.json`` (the ``filename``
+option) and the .drv files from the client's context, turn them into LLB
+(:mod:`stowaway.buildkit.graph`), solve, and return the result with the image config.
+
+Imports stay within grpc, protobuf and the stdlib-only parts of stowaway: this module
+runs on Debian's python3 inside the frontend image.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from stowaway.buildkit import llb
+from stowaway.buildkit.drv import Derivation, parse_drv
+from stowaway.buildkit.graph import build_graph
+from stowaway.buildkit.pb import gateway, gateway_grpc
+from stowaway.buildkit.spec import Spec
+from stowaway.errors import StowawayError
+
+__all__ = ["FrontendError", "Gateway", "frontend_options", "main", "run"]
+
+_CHUNK = 1 << 20
+#: BuildKit's gRPC server accepts requests up to 4 MiB (grpc-go's default).
+_MAX_REQUEST = 4 << 20
+_REQUIRED_CAPS = ("solve.base", "readfile")
+_REQUIRED_LLB_CAPS = ("source.local", "exec.meta.base", "exec.mount.selector", "file.base")
+
+
+class FrontendError(StowawayError):
+    """The gateway refused a request or the daemon lacks something we need."""
+
+
+def frontend_options(environ: Mapping[str, str]) -> dict[str, str]:
+    """``BUILDKIT_FRONTEND_OPT_<i>=key=value`` variables as a dict."""
+    opts: dict[str, str] = {}
+    for name, value in environ.items():
+        if name.startswith("BUILDKIT_FRONTEND_OPT_"):
+            key, _, val = value.partition("=")
+            opts[key] = val
+    return opts
+
+
+class _Relay:
+    """Bytes between fd ``rfd``/``wfd`` and the one client of a private unix socket."""
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.dir = tempfile.mkdtemp(prefix="stowaway-frontend-")
+        self.path = os.path.join(self.dir, "gw.sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(1)
+        self.rfd, self.wfd = rfd, wfd
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        self.listener.close()
+        threading.Thread(target=self._pump_in, args=(conn,), daemon=True).start()
+        while data := conn.recv(_CHUNK):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.wfd, view) :]
+
+    def _pump_in(self, conn: socket.socket) -> None:
+        while data := os.read(self.rfd, _CHUNK):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
+
+@dataclass
+class Gateway:
+    """Typed calls on the LLBBridge stub."""
+
+    stub: Any
+
+    def ping(self) -> tuple[set[str], set[str]]:
+        pong = self.stub.Ping(gateway.PingRequest())
+        return (
+            {c.ID for c in pong.FrontendAPICaps if c.Enabled},
+            {c.ID for c in pong.LLBCaps if c.Enabled},
+        )
+
+    def solve(self, definition: Any) -> str:
+        """Solve ``definition``; the result's ref id ('' for an empty result)."""
+        size = definition.ByteSize()
+        if size >= _MAX_REQUEST:
+            raise FrontendError(
+                f"the build graph marshals to {size} bytes, over BuildKit's 4 MiB request limit"
+            )
+        req = gateway.SolveRequest(Definition=definition, allowResultReturn=True)
+        req.allowResultArrayRef = True
+        res = self.stub.Solve(req)
+        which = res.result.WhichOneof("result") if res.HasField("result") else None
+        if which == "ref":
+            return str(res.result.ref.id)
+        if which == "refDeprecated":
+            return str(res.result.refDeprecated)
+        return str(res.ref)
+
+    def read_file(self, ref: str, path: str) -> bytes:
+        """The whole file, read in 1 MiB ranges (responses must stay under 4 MiB)."""
+        out = bytearray()
+        while True:
+            req = gateway.ReadFileRequest(Ref=ref, FilePath=path)
+            req.Range.Offset, req.Range.Length = len(out), _CHUNK
+            data = self.stub.ReadFile(req).Data
+            out += data
+            if len(data) < _CHUNK:
+                return bytes(out)
+
+    def ret(self, ref: str | None, metadata: Mapping[str, bytes], error: str | None) -> None:
+        req = gateway.ReturnRequest()
+        if error is not None:
+            req.error.code, req.error.message = 2, error  # 2 = UNKNOWN
+        else:
+            req.result.ref.id = ref or ""
+            for k, v in metadata.items():
+                req.result.metadata[k] = v
+        self.stub.Return(req)
+
+
+def _read_inputs(
+    gw: Gateway, opts: Mapping[str, str], session: str
+) -> tuple[Spec, list[Derivation]]:
+    filename = opts.get("filename", "stowaway.json")
+    name = os.path.basename(filename)
+    spec_src = llb.local_source(
+        "dockerfile",
+        session_id=session,
+        include=[name],
+        description=f"[internal] load build definition from {name}",
+    )
+    ref = gw.solve(llb.marshal(spec_src))
+    spec = Spec.from_json(gw.read_file(ref, name), where=name)
+    drv_src = llb.local_source(
+        "context",
+        session_id=session,
+        include=sorted(set(spec.drv_files.values())),
+        description="[internal] load derivations",
+    )
+    ctx = gw.solve(llb.marshal(drv_src))
+    drvs = [parse_drv(gw.read_file(ctx, rel), path) for path, rel in sorted(spec.drv_files.items())]
+    return spec, drvs
+
+
+def run(gw: Gateway, opts: Mapping[str, str], session: str) -> None:
+    """Build the image the context describes and Return it (errors Return an error)."""
+    try:
+        caps, llb_caps = gw.ping()
+        missing = [c for c in _REQUIRED_CAPS if c not in caps]
+        missing += [c for c in _REQUIRED_LLB_CAPS if c not in llb_caps]
+        if missing:
+            raise FrontendError(f"this BuildKit lacks capabilities {', '.join(missing)}")
+        spec, drv_list = _read_inputs(gw, opts, session)
+        drvs = {d.path: d for d in drv_list}
+        sources = sorted({rel for rel in spec.source_dirs.values()})
+        context = llb.local_source(
+            "context", session_id=session, include=sources, description="[internal] load sources"
+        )
+        graph = build_graph(spec, drvs, context)
+        ref = gw.solve(llb.marshal(graph.result))
+    except StowawayError as e:
+        gw.ret(None, {}, str(e))
+        return
+    except grpc.RpcError as e:
+        gw.ret(None, {}, f"stowaway frontend: {e.details()}")
+        return
+    gw.ret(ref, {"containerimage.config": spec.config}, None)
+
+
+def main() -> int:
+    """Entrypoint: relay stdio, run the build, exit 0 once the result (or error) is
+    returned; anything else is a crash reported on stderr."""
+    rfd, wfd = os.dup(0), os.dup(1)
+    os.dup2(2, 1)  # stray prints must never reach the gRPC stream
+    sys.stdout = sys.stderr
+    relay = _Relay(rfd, wfd)
+    opts = frontend_options(os.environ)
+    session = os.environ.get("BUILDKIT_SESSION_ID", "")
+    channel = grpc.insecure_channel(
+        "unix:" + relay.path,
+        options=[
+            ("grpc.max_receive_message_length", 16 << 20),
+            ("grpc.max_send_message_length", _MAX_REQUEST),
+        ],
+    )
+    try:
+        run(Gateway(gateway_grpc.LLBBridgeStub(channel)), opts, session)
+    finally:
+        channel.close()
+        relay.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Nix derivations → LLB: one ExecOp per derivation, then the image as layered copies.
+
+Each derivation runs like a sandboxed ``nix-build`` would run it: builder + args, the
+derivation's env plus Nix's standard build env, ``/build`` as working directory, no
+network, and every input (derivation output or source) bind-mounted read-only at its
+store path. ``/nix/store`` itself is a writable scratch mount whose final state is the
+op's single output, so all of a derivation's outputs (directories or single files) come
+out of one op and a dependent selects ``/<basename>`` from it. Because BuildKit keys
+these mounts by the *content* of the selected path, a dependency rebuilt to the same
+bytes leaves its dependents cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from stowaway.buildkit.drv import Derivation
+from stowaway.buildkit.llb import Copy, MkDir, MkFile, Mount, Output, Vertex, exec_op, file_op
+from stowaway.buildkit.spec import Spec
+from stowaway.errors import StowawayError
+from stowaway.layering import plan
+from stowaway.store.model import STORE_DIR, PathInfo
+
+__all__ = ["SYSTEMS", "BuildGraph", "GraphError", "build_env", "build_graph", "platform_of"]
+
+BUILD_TOP = "/build"
+#: Nix system → (OS, architecture) of the OCI platform the ExecOp asks for.
+SYSTEMS = {
+    "x86_64-linux": ("linux", "amd64"),
+    "aarch64-linux": ("linux", "arm64"),
+    "i686-linux": ("linux", "386"),
+    "armv7l-linux": ("linux", "arm"),
+}
+
+
+class GraphError(StowawayError):
+    """A derivation graph the frontend cannot turn into BuildKit ops."""
+
+
+@dataclass(frozen=True)
+class BuildGraph:
+    """The image (``result``) and, per derivation path, the ExecOp that builds it."""
+
+    result: Output
+    builders: Mapping[str, Vertex]
+    layers: tuple[tuple[str, ...], ...]
+
+
+def platform_of(drv: Derivation) -> tuple[str, str]:
+    plat = SYSTEMS.get(drv.system)
+    if plat is None:
+        raise GraphError(
+            f"derivation {drv.path} ({drv.name}) is for system {drv.system!r}, which cannot "
+            f"run in a BuildKit container (supported: {', '.join(sorted(SYSTEMS))})",
+            hint="builtin builders such as builtin:fetchurl have to be realised by nix first",
+        )
+    return plat
+
+
+def build_env(drv: Derivation, cores: int = 1) -> dict[str, str]:
+    """The environment Nix gives a sandboxed builder (Nix 2.8 ``initEnv``): defaults,
+    then the derivation's own env, then the build-directory variables."""
+    env = {
+        "PATH": "/path-not-set",
+        "HOME": "/homeless-shelter",
+        "NIX_STORE": STORE_DIR,
+        "NIX_BUILD_CORES": str(cores),
+    }
+    pass_as_file = dict(drv.env).get("passAsFile", "").split()
+    if pass_as_file:
+        raise GraphError(
+            f"derivation {drv.path} ({drv.name}) uses passAsFile ({', '.join(pass_as_file)}), "
+            "which the stowaway BuildKit frontend does not support yet"
+        )
+    env.update(drv.env)
+    for key in ("NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"):
+        env[key] = BUILD_TOP
+    if drv.fixed_output:
+        env["NIX_OUTPUT_CHECKED"] = "1"
+    env["NIX_LOG_FD"] = "2"
+    env["TERM"] = "xterm-256color"
+    return env
+
+
+def _base(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def _build_order(drvs: Mapping[str, Derivation], roots: Sequence[str]) -> list[str]:
+    """Derivations reachable from ``roots``, dependencies first (iterative, cycle-checked)."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    for root in roots:
+        stack: list[tuple[str, bool]] = [(root, False)]
+        while stack:
+            path, leaving = stack.pop()
+            if leaving:
+                state[path] = 2
+                order.append(path)
+                continue
+            if state.get(path) == 2:
+                continue
+            if state.get(path) == 1:
+                raise GraphError(f"derivation {path} depends on itself")
+            drv = drvs.get(path)
+            if drv is None:
+                raise GraphError(
+                    f"derivation {path} is not in the build context",
+                    hint="regenerate it with `stowaway buildkit context`",
+                )
+            state[path] = 1
+            stack.append((path, True))
+            for dep, _ in reversed(drv.input_drvs):
+                if state.get(dep) != 2:
+                    if state.get(dep) == 1:
+                        raise GraphError(f"derivation {path} and {dep} depend on each other")
+                    stack.append((dep, False))
+    return order
+
+
+def build_graph(spec: Spec, drvs: Mapping[str, Derivation], context: Output) -> BuildGraph:
+    """LLB for the whole build. ``context`` is the build context holding input sources
+    at ``spec.source_dirs[path]``."""
+    providers: dict[str, tuple[Output, str]] = {
+        src: (context, "/" + rel.strip("/")) for src, rel in spec.source_dirs.items()
+    }
+    builders: dict[str, Vertex] = {}
+    for path in _build_order(drvs, [t.drv for t in spec.targets]):
+        drv = drvs[path]
+        vertex = _derivation_op(drv, drvs, providers)
+        builders[path] = vertex
+        for out in drv.outputs:
+            providers[out.path] = (Output(vertex, 0), "/" + _base(out.path))
+    for t in spec.targets:
+        if drvs[t.drv].output(t.output).path != t.path:
+            raise GraphError(
+                f"target {t.drv}!{t.output}: the .drv says {drvs[t.drv].output(t.output).path}, "
+                f"stowaway.json says {t.path}"
+            )
+    closure = _closure(spec, drvs)
+    roots = [t.path for t in spec.targets]
+    layer_plan = plan(closure, roots, strategy=spec.layering, max_layers=spec.max_layers)
+    plat = platform_of(drvs[spec.targets[0].drv])
+    image: Output | None = None
+    layers: list[tuple[str, ...]] = []
+    for i, layer in enumerate(layer_plan.layers):
+        actions: list[Copy | MkDir | MkFile] = []
+        if image is None:
+            actions.append(MkDir(STORE_DIR, 0o755))
+        for p in layer.paths:
+            if p not in providers:
+                raise GraphError(
+                    f"store path {p} is in the image but nothing in the context makes it"
+                )
+            source, selector = providers[p]
+            actions.append(Copy(source, selector, p))
+        names = " ".join(_base(p).split("-", 1)[-1] for p in layer.paths)
+        desc = f"stowaway layer {i + 1}/{len(layer_plan.layers)}: {names}"
+        image = file_op(image, actions, platform=plat, description=desc[:200])
+        layers.append(layer.paths)
+    if spec.customisation:
+        custom: list[Copy | MkDir | MkFile] = [
+            MkDir("/" + m.name, m.mode)
+            if m.kind == "directory"
+            else MkFile("/" + m.name, m.mode, m.data)
+            for m in spec.customisation
+        ]
+        image = file_op(image, custom, platform=plat, description="stowaway customisation layer")
+    assert image is not None  # a plan always has a layer: the targets are in it
+    return BuildGraph(image, builders, tuple(layers))
+
+
+def _derivation_op(
+    drv: Derivation, drvs: Mapping[str, Derivation], providers: Mapping[str, tuple[Output, str]]
+) -> Vertex:
+    inputs: list[str] = list(drv.input_srcs)
+    for dep, outs in drv.input_drvs:
+        inputs += [drvs[dep].output(o).path for o in outs]
+    mounts = [
+        Mount("/"),
+        Mount(BUILD_TOP),
+        Mount(STORE_DIR, output=True),
+    ]
+    for path in sorted(set(inputs)):
+        if path not in providers:
+            raise GraphError(
+                f"derivation {drv.path} ({drv.name}) needs {path}, which the build context "
+                "does not provide"
+            )
+        source, selector = providers[path]
+        mounts.append(Mount(path, source, selector=selector, readonly=True))
+    return exec_op(
+        [drv.builder, *drv.args],
+        build_env(drv),
+        mounts,
+        cwd=BUILD_TOP,
+        platform=platform_of(drv),
+        description=f"nix-build {drv.name} {drv.path}",
+    )
+
+
+def _closure(spec: Spec, drvs: Mapping[str, Derivation]) -> dict[str, PathInfo]:
+    """The targets' runtime closure as PathInfos for the layer planner.
+
+    With references recorded at context time (outputs built locally) this is exact.
+    Otherwise outputs' references are unknown until built, so each output is assumed to
+    reference every input of its derivation: the build-time closure, a superset.
+    """
+    refs: dict[str, tuple[str, ...]] = {}
+    if spec.references is not None:
+        refs = dict(spec.references)
+    else:
+        for drv in drvs.values():
+            deps: set[str] = set(drv.input_srcs)
+            for dep, outs in drv.input_drvs:
+                deps.update(drvs[dep].output(o).path for o in outs)
+            for out in drv.outputs:
+                refs[out.path] = tuple(sorted(deps))
+    closure: dict[str, PathInfo] = {}
+    todo = [t.path for t in spec.targets]
+    while todo:
+        p = todo.pop()
+        if p in closure:
+            continue
+        r = refs.get(p, ())
+        closure[p] = PathInfo(p, "", spec.nar_sizes.get(p, 0), tuple(sorted(r)))
+        todo.extend(x for x in r if x not in closure)
+    return closure

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench fixture-realistic
+.PHONY: setup demo test lint bench fixture-realistic frontend-image
 
 setup:
 	@bash scripts/setup.sh
@@ -24,3 +24,7 @@ lint: setup
 bench: setup
 	$(PY) bench/compose_bench.py
 	$(PY) bench/layer_reuse.py
+
+# The BuildKit frontend image (Debian minbase + our frontend), loaded into $DOCKER_HOST.
+frontend-image:
+	@bash scripts/frontend-image.sh

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,15 +35,22 @@ class SnapshotterDaemon(Daemon):
         self.root = self.dir / "root"
         self.args = ["--store", store, "--root", str(self.root), *args]
 
-    def argv(self) -> list[str]:
-        code = "from stowaway.runtime.cli_snapshotter import snapshotter_command as c; c()"
-        return [sys.executable, "-c", code, "--socket", self.socket, *self.args]
-
     def env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(SRC)}
 
+    def argv(self) -> list[str]:
+        if os.path.exists(self.socket):  # stale socket of a killed run: not ready yet
+            os.unlink(self.socket)
+        code = "from stowaway.runtime.cli_snapshotter import snapshotter_command as c; c()"
+        return [sys.executable, "-c", code, "--socket", self.socket, *self.args]
+
     def ready(self) -> bool:
-        return os.path.exists(self.socket)
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(self.socket)
+            except OSError:
+                return False
+        return True
 
     def kill(self) -> None:
         """SIGKILL, no cleanup: what a crash looks like."""

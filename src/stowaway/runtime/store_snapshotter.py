@@ -243,8 +243,8 @@ class StoreSnapshotter(Snapshotter):
     # ------------------------------------------------------------------ directories
 
     def _tempdir(self) -> Path:
-        tmp = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
-        with self._lock:
+        with self._lock:  # registered before Cleanup can see it
+            tmp = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
             self._inflight.add(tmp.name)
         return tmp
 

@@ -1,0 +1,135 @@
+"""End to end with real containerd 1.6 + runc: CRI PullImage through the stowaway
+snapshotter skips store-path blobs; `ctr run` composes the rootfs from the host store;
+an ordinary image works; the snapshotter survives kill + restart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from conftest import SnapshotterDaemon, busybox_oci
+from daemons import Containerd, Registry
+from stowaway.runtime.proto.cri import api_pb2 as cri
+from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
+from stowaway.sinks.inspect import PATHS_PREFIX
+
+NS = "k8s.io"
+
+
+def cri_pull(containerd: Containerd, ref: str) -> str:
+    with grpc.insecure_channel(f"unix:{containerd.address}") as ch:
+        stub = cri_grpc.ImageServiceStub(ch)
+        resp = stub.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
+    return str(resp.image_ref)
+
+
+def manifest_layers(registry: Registry, repo: str, tag: str) -> list[dict[str, object]]:
+    req = urllib.request.Request(
+        f"{registry.url}/v2/{repo}/manifests/{tag}",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        return list(json.load(r)["layers"])
+
+
+def blob_gets(registry: Registry) -> set[str]:
+    return set(re.findall(r'"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64})', registry.log_text()))
+
+
+def wait_reconnected(containerd: Containerd, timeout: float = 15) -> None:
+    """containerd's gRPC channel to a restarted proxy plugin reconnects with backoff."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = containerd.ctr(
+            "snapshots", "--snapshotter", "stowaway", "ls", check=False, namespace=NS
+        )
+        if r.returncode == 0 or time.monotonic() > deadline:
+            assert r.returncode == 0, r.stderr
+            return
+        time.sleep(0.2)
+
+
+def tree_hash(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        for dirpath, dirnames, filenames in os.walk(p):
+            dirnames.sort()
+            for n in sorted(filenames):
+                f = Path(dirpath, n)
+                h.update(f"{f}\0".encode() + (b"" if f.is_symlink() else f.read_bytes()))
+    return h.hexdigest()
+
+
+def test_cri_pull_skips_store_layers_and_runs(
+    containerd: Containerd,
+    registry: Registry,
+    demo_ref: str,
+    demo_closure: list[str],
+    demo_app: str,
+    snapshotter: SnapshotterDaemon,
+) -> None:
+    layers = manifest_layers(registry, "demo", "v1")
+    store_layers = {
+        str(ly["digest"])
+        for ly in layers
+        if any(k.startswith(PATHS_PREFIX) for k in dict(ly.get("annotations") or {}))  # type: ignore[call-overload]
+    }
+    assert store_layers and len(store_layers) < len(layers)
+    cri_pull(containerd, demo_ref)
+    fetched = blob_gets(registry)
+    assert not fetched & store_layers, "store-path layers were downloaded"
+    assert {str(ly["digest"]) for ly in layers} - store_layers <= fetched
+
+    before = tree_hash(demo_closure)
+    busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+    run = ["run", "--rm", "--snapshotter", "stowaway", demo_ref]
+    out = containerd.ctr(*run, "demo1", namespace=NS).stdout
+    assert "hello from stowaway" in out
+    ls = containerd.ctr(*run, "ls1", f"{busybox}/bin/ls", "/nix/store", namespace=NS).stdout
+    assert sorted(ls.split()) == sorted(os.path.basename(p) for p in demo_closure)
+    script = f"echo tampered > {demo_app}/bin/demo; cat {demo_app}/bin/demo"
+    out = containerd.ctr(*run, "w1", f"{busybox}/bin/sh", "-c", script, namespace=NS).stdout
+    assert out.strip() == "tampered"
+    assert tree_hash(demo_closure) == before  # the host store never changed
+
+    # restart: a running container survives, a new one starts from the same image
+    containerd.ctr(
+        "run", "-d", "--snapshotter", "stowaway", demo_ref, "long",
+        f"{busybox}/bin/busybox", "sleep", "60", namespace=NS,
+    )  # fmt: skip
+    snapshotter.kill()
+    snapshotter.start()
+    wait_reconnected(containerd)
+    tasks = containerd.ctr("tasks", "ls", namespace=NS).stdout
+    assert re.search(r"^long\s+\d+\s+RUNNING", tasks, re.M), tasks
+    assert "hello from stowaway" in containerd.ctr(*run, "demo2", namespace=NS).stdout
+    containerd.ctr("tasks", "kill", "-s", "SIGKILL", "long", namespace=NS)
+    time.sleep(0.3)
+    containerd.ctr("tasks", "delete", "-f", "long", namespace=NS, check=False)
+
+
+def test_ordinary_image_pull_and_run(
+    containerd: Containerd, registry: Registry, tmp_path: Path
+) -> None:
+    layout = busybox_oci(tmp_path)
+    ref = f"{registry.host}/bb:latest"
+    subprocess.run(
+        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:latest", f"docker://{ref}"],
+        check=True,
+        capture_output=True,
+    )
+    containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "stowaway", ref)
+    out = containerd.ctr(
+        "run", "--rm", "--snapshotter", "stowaway", ref, "bb1", "/bin/cat", "/hello.txt"
+    ).stdout
+    assert out == "ordinary layer\n"
+    snaps = containerd.ctr("snapshots", "--snapshotter", "stowaway", "ls").stdout
+    assert "Committed" in snaps

@@ -247,3 +247,70 @@ def test_filters() -> None:
         assert not compile_filters([f])(info), f
     with pytest.raises(InvalidArgument, match="offset"):
         compile_filters(["bogus!"])
+
+
+def test_read_only_store_plus_substituted_local_store(
+    tmp_path: Path,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+) -> None:
+    """A read-only store (bind mount, standing in for a SAN) lacking one path; that path
+    is substituted from a signed cache into --local-store; the rootfs reads both."""
+    copy, ro = tmp_path / "copy", tmp_path / "ro"
+    copy.mkdir()
+    ro.mkdir()
+    greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
+    for p in demo_closure:
+        if p != greeting:
+            subprocess.run(["cp", "-a", p, str(copy)], check=True)
+    subprocess.run(["mount", "--bind", str(copy), str(ro)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+    try:
+        cfg = SnapshotterConfig(
+            root=tmp_path / "root",
+            store=ro,
+            local_store=tmp_path / "local",
+            substituters=(signed_caches["zstd"],),
+            trusted_public_keys=(cache_keys["good"],),
+        )
+        s = StoreSnapshotter(cfg)
+        try:
+            with pytest.raises(AlreadyExists):
+                s.prepare("x", "", layer_labels(demo_closure))
+            local = tmp_path / "local" / os.path.basename(greeting)
+            assert sorted(os.listdir(local)) == sorted(os.listdir(greeting))
+            root = mounted(s.prepare("ctr", s.nix_name("sha256:layer1", ""), {}), tmp_path / "m")
+            try:
+                msg = root / greeting.lstrip("/") / "share/greeting/message"
+                assert msg.read_bytes() == Path(greeting, "share/greeting/message").read_bytes()
+            finally:
+                umount(root)
+        finally:
+            s.close()
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_untrusted_cache_falls_back_to_unpack(
+    tmp_path: Path,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+) -> None:
+    store = tmp_path / "empty-store"
+    store.mkdir()
+    cfg = SnapshotterConfig(
+        root=tmp_path / "root",
+        store=store,
+        local_store=tmp_path / "local",
+        substituters=(signed_caches["zstd"],),
+        trusted_public_keys=(cache_keys["other"],),  # the cache is signed by 'good'
+    )
+    s = StoreSnapshotter(cfg)
+    try:
+        (m,) = s.prepare("extract", "", layer_labels(demo_closure))
+        assert m.type == "bind" and s.stat("extract").kind == Kind.ACTIVE
+        assert os.listdir(tmp_path / "local") == []
+    finally:
+        s.close()

@@ -28,6 +28,14 @@ def buildkit_group() -> None:
 @buildkit_group.command("context")
 @click.argument("nix_file", metavar="FILE.nix")
 @click.option("-A", "--attr", "attrs", multiple=True, help="Attribute of FILE.nix; repeatable.")
+@click.option(
+    "--argstr",
+    "argstrs",
+    nargs=2,
+    multiple=True,
+    metavar="NAME VALUE",
+    help="Pass a string argument to FILE.nix; repeatable.",
+)
 @click.option("-o", "--output", "out_dir", required=True, metavar="CTXDIR", help="Context dir.")
 @click.option("--max-layers", default=100, show_default=True, type=int)
 @click.option(
@@ -47,6 +55,7 @@ def buildkit_group() -> None:
 def context_command(
     nix_file: str,
     attrs: tuple[str, ...],
+    argstrs: tuple[tuple[str, str], ...],
     out_dir: str,
     max_layers: int,
     layering: str,
@@ -77,7 +86,13 @@ def context_command(
             created=_created(created),
         )
         result = make_context(
-            nix_file, attrs, out_dir, options, layering=layering, max_layers=max_layers
+            nix_file,
+            attrs,
+            out_dir,
+            options,
+            layering=layering,
+            max_layers=max_layers,
+            argstrs=dict(argstrs),
         )
     except StowawayError as e:
         click.echo(f"error: {e}", err=True)

@@ -19,7 +19,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,13 +56,17 @@ def _run(cmd: Sequence[str], what: str) -> str:
     return proc.stdout
 
 
-def _instantiate(nix_file: str, attrs: Sequence[str]) -> list[tuple[str, str | None]]:
+def _instantiate(
+    nix_file: str, attrs: Sequence[str], argstrs: Mapping[str, str]
+) -> list[tuple[str, str | None]]:
     """(drv path, output name or None for the default) per instantiated attribute."""
     if not os.path.exists(nix_file):
         raise StowawayError(f"Nix file {nix_file!r} does not exist")
     cmd = ["nix-instantiate", nix_file]
     for a in attrs:
         cmd += ["-A", a]
+    for k, v in sorted(argstrs.items()):
+        cmd += ["--argstr", k, v]
     out: list[tuple[str, str | None]] = []
     for line in _run(cmd, f"evaluate {nix_file}").split():
         drv, _, output = line.partition("!")
@@ -125,9 +129,11 @@ def make_context(
     *,
     layering: str = "auto",
     max_layers: int = 100,
+    argstrs: Mapping[str, str] | None = None,
 ) -> ContextResult:
-    """Instantiate ``nix_file`` and write the build context to ``out_dir`` (replaced)."""
-    selected = _instantiate(nix_file, attrs)
+    """Instantiate ``nix_file`` (``argstrs`` as ``--argstr``) and write the build context
+    to ``out_dir`` (replacing it)."""
+    selected = _instantiate(nix_file, attrs, argstrs or {})
     drv_paths = [d for d, _ in selected]
     closure_paths = _run(["nix-store", "-qR", *drv_paths], "query the derivation closure").split()
     drvs: dict[str, Derivation] = {}

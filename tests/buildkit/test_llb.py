@@ -1,0 +1,175 @@
+"""LLB marshalling (stable digests, Definition layout, FileOp chaining) and the
+derivation graph → ExecOp mapping on the real fixture graph."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from stowaway.buildkit import llb
+from stowaway.buildkit.context import make_context
+from stowaway.buildkit.drv import parse_drv
+from stowaway.buildkit.graph import GraphError, build_env, build_graph
+from stowaway.buildkit.pb import ops
+from stowaway.buildkit.spec import Spec
+from stowaway.image.config import ImageOptions
+
+GRAPH = Path(__file__).resolve().parents[2] / "fixtures" / "buildkit" / "graph.nix"
+
+
+def _ctx() -> llb.Output:
+    return llb.local_source("context", session_id="s1", include=["sources"])
+
+
+def test_exec_op_digest_is_stable_and_env_order_free() -> None:
+    mounts = [llb.Mount("/"), llb.Mount("/nix/store", output=True)]
+    a = llb.exec_op(["/bin/sh", "-c", "true"], {"B": "1", "A": "2"}, mounts, cwd="/build")
+    b = llb.exec_op(["/bin/sh", "-c", "true"], {"A": "2", "B": "1"}, mounts, cwd="/build")
+    assert a.digest == b.digest == "sha256:" + hashlib.sha256(a.data).hexdigest()
+    # Pinned: a change here means every user's BuildKit cache is invalidated.
+    assert a.digest == "sha256:1c988267cbd019f090934f8b35b6ec35540a2c0f6caed8c577f8a99cdb418413"
+    c = llb.exec_op(["/bin/sh", "-c", "false"], {"A": "2", "B": "1"}, mounts, cwd="/build")
+    assert c.digest != a.digest
+
+
+def test_exec_op_fields() -> None:
+    src = _ctx()
+    v = llb.exec_op(
+        ["/x/sh"],
+        {"K": "V"},
+        [
+            llb.Mount("/"),
+            llb.Mount("/nix/store", output=True),
+            llb.Mount("/nix/store/a", src, selector="/sources/a", readonly=True),
+            llb.Mount("/nix/store/b", src, selector="/sources/b", readonly=True),
+        ],
+        cwd="/build",
+        platform=("linux", "amd64"),
+        description="nix-build x",
+    )
+    op = ops.Op.FromString(v.data)
+    assert [i.digest for i in op.inputs] == [src.vertex.digest]  # one input, shared
+    assert op.exec.network == ops.NONE
+    assert op.exec.meta.cwd == "/build" and list(op.exec.meta.env) == ["K=V"]
+    m = op.exec.mounts
+    assert (m[0].input, m[0].output) == (-1, -1)
+    assert (m[1].dest, m[1].input, m[1].output, m[1].readonly) == ("/nix/store", -1, 0, False)
+    assert (m[2].input, m[2].selector, m[2].output, m[2].readonly) == (0, "/sources/a", -1, True)
+    assert m[3].input == 0
+    assert (op.platform.OS, op.platform.Architecture) == ("linux", "amd64")
+
+
+def test_file_op_chains_actions_and_keeps_modes() -> None:
+    src = _ctx()
+    out = llb.file_op(
+        None,
+        [
+            llb.MkDir("/nix/store", 0o755),
+            llb.Copy(src, "/sources/a", "/nix/store/a"),
+            llb.MkFile("/etc/passwd", 0o644, b"root:x:0:0::/:/bin/sh\n"),
+        ],
+    )
+    op = ops.Op.FromString(out.vertex.data)
+    acts = op.file.actions
+    assert [a.input for a in acts] == [-1, 1, 2]  # scratch, then previous action results
+    assert [a.secondaryInput for a in acts] == [-1, 0, -1]
+    assert [a.output for a in acts] == [-1, -1, 0]
+    assert acts[1].copy.mode == -1 and acts[1].copy.timestamp == 1
+    assert acts[1].copy.dirCopyContents and acts[1].copy.createDestPath
+    with pytest.raises(ValueError):
+        llb.file_op(None, [])
+
+
+def test_marshal_orders_inputs_first_and_ends_with_bare_result() -> None:
+    src = _ctx()
+    e = llb.exec_op(["/sh"], {}, [llb.Mount("/", src), llb.Mount("/o", output=True)])
+    top = llb.file_op(None, [llb.Copy(llb.Output(e, 0), "/", "/r")], description="layer")
+    d = llb.marshal(top)
+    blobs = list(getattr(d, "def"))
+    digests = ["sha256:" + hashlib.sha256(b).hexdigest() for b in blobs]
+    assert digests[:3] == [src.vertex.digest, e.digest, top.vertex.digest]
+    tail = ops.Op.FromString(blobs[-1])
+    assert [(i.digest, i.index) for i in tail.inputs] == [(top.vertex.digest, 0)]
+    assert d.metadata[top.vertex.digest].description["llb.customname"] == "layer"
+    assert d.metadata[top.vertex.digest].caps["file.base"]
+    assert llb.marshal(top).SerializeToString(deterministic=True) == d.SerializeToString(
+        deterministic=True
+    )
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("ctx")
+    opts = ImageOptions(entrypoint=["/bin/app"])
+    return {
+        salt: make_context(
+            str(GRAPH), ["app"], base / (salt or "plain"), opts, argstrs={"salt": salt}
+        ).path
+        for salt in ("", "x")
+    }
+
+
+def _graph(ctx: Path) -> tuple[Spec, dict[str, llb.Vertex], llb.Output]:
+    spec = Spec.from_json((ctx / "stowaway.json").read_bytes())
+    drvs = {p: parse_drv((ctx / rel).read_bytes(), p) for p, rel in spec.drv_files.items()}
+    g = build_graph(spec, drvs, _ctx())
+    named = {drvs[p].name: v for p, v in g.builders.items()}
+    return spec, named, g.result
+
+
+def test_one_exec_op_per_derivation(have_nix: None, contexts: dict[str, Path]) -> None:
+    spec, named, _ = _graph(contexts[""])
+    assert len(named) == len(spec.drv_files) == 12
+    op = ops.Op.FromString(named["core"].data)
+    env = dict(e.split("=", 1) for e in op.exec.meta.env)
+    for key, value in {
+        "HOME": "/homeless-shelter",
+        "NIX_BUILD_TOP": "/build",
+        "TMPDIR": "/build",
+        "NIX_STORE": "/nix/store",
+        "NIX_LOG_FD": "2",
+        "TERM": "xterm-256color",
+    }.items():
+        assert env[key] == value
+    assert env["out"].endswith("-core") and env["PATH"].endswith("-tools/bin")
+    dests = [m.dest for m in op.exec.mounts]
+    assert dests[:3] == ["/", "/build", "/nix/store"]
+    inputs = [m for m in op.exec.mounts[3:]]
+    for m in inputs:
+        base = m.dest.rsplit("/", 1)[1]
+        assert m.readonly
+        assert m.selector == ("/sources/" if base.endswith("-busybox-static") else "/") + base
+    assert {m.dest.split("-", 1)[1] for m in inputs} == {
+        "busybox-static", "tools", "lib-ab", "lib-bc", "split", "settings", "pinned"
+    }  # fmt: skip
+    assert op.exec.network == ops.NONE
+
+
+def test_leaf_change_changes_only_it_and_dependents(
+    have_nix: None, contexts: dict[str, Path]
+) -> None:
+    _, before, _ = _graph(contexts[""])
+    _, after, _ = _graph(contexts["x"])
+    changed = {n for n in before if before[n].digest != after[n].digest}
+    assert changed == {"alpha", "lib-ab", "core", "docs", "app"}
+
+
+def test_pinned_output_gets_nix_checked_flag(have_nix: None, contexts: dict[str, Path]) -> None:
+    spec = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
+    drvs = [parse_drv((contexts[""] / rel).read_bytes(), p) for p, rel in spec.drv_files.items()]
+    pinned = next(d for d in drvs if d.name == "pinned")
+    assert build_env(pinned)["NIX_OUTPUT_CHECKED"] == "1"
+    assert "NIX_OUTPUT_CHECKED" not in build_env(next(d for d in drvs if d.name == "beta"))
+
+
+def test_missing_derivation_is_a_clear_error(have_nix: None, contexts: dict[str, Path]) -> None:
+    spec = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
+    drvs = {
+        p: parse_drv((contexts[""] / rel).read_bytes(), p)
+        for p, rel in spec.drv_files.items()
+        if not p.endswith("-beta.drv")
+    }
+    with pytest.raises(GraphError, match=r"-beta\.drv is not in the build context"):
+        build_graph(spec, drvs, _ctx())

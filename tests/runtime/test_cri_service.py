@@ -301,3 +301,56 @@ def test_remove_by_image_id_through_proxy_drops_root(
     images.RemoveImage(cri.RemoveImageRequest(image=spec(image_id)), timeout=30)
     assert not os.path.lexists(root)
     assert status(images, f"nix:0{pause_path}") is None
+
+
+def _second_service(env: dict[str, object], name: str, **kwargs: object) -> tuple[grpc.Server, str]:
+    ctrd = env["containerd"]
+    assert isinstance(ctrd, Containerd)
+    proxy = make_service(ctrd.address, snapshotter="overlayfs", **kwargs)  # type: ignore[arg-type]
+    sock = str(ctrd.sockdir / f"{name}.sock")
+    return serve(proxy, sock), sock
+
+
+def test_paths_substituted_from_signed_cache_give_the_same_image(
+    images: cri_grpc.ImageServiceStub,
+    env: dict[str, object],
+    demo_app: str,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    from stowaway.store.nar import nar_hash_and_size
+
+    expected = pull(images, f"nix:0{demo_app}")  # from /nix/store
+    store = tmp_path / "store"
+    store.mkdir()
+    for key, want in (("other", "no valid signature"), ("good", None)):
+        server, sock = _second_service(
+            env,
+            f"sub-{key}",
+            store=store,
+            substituters=(signed_caches["zstd"],),
+            keys=(cache_keys[key],),
+            gcroots=tmp_path / "gcroots",
+            cache_dir=tmp_path / f"cache-{key}",
+        )
+        try:
+            with grpc.insecure_channel(f"unix:{sock}") as ch:
+                stub = cri_grpc.ImageServiceStub(ch)
+                if want:
+                    with pytest.raises(grpc.RpcError) as info:
+                        pull(stub, f"nix:0{demo_app}")
+                    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    assert want in info.value.details()
+                    assert not any(store.iterdir())
+                else:
+                    assert pull(stub, f"nix:0{demo_app}") == expected
+        finally:
+            server.stop(None)
+    local = LocalStore()
+    for p in demo_closure:
+        info = local.query(p)
+        assert info is not None
+        assert nar_hash_and_size(store / p.rsplit("/", 1)[-1]) == (info.nar_hash, info.nar_size)
+    assert sorted(os.listdir(tmp_path / "gcroots")) == [demo_app.rsplit("/", 1)[-1]]

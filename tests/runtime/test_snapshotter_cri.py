@@ -11,11 +11,12 @@ import re
 import subprocess
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import grpc
 
-from conftest import SnapshotterDaemon, busybox_oci
+from conftest import SnapshotterDaemon, StowawayContainerd, busybox_oci
 from daemons import Containerd, Registry
 from stowaway.runtime.proto.cri import api_pb2 as cri
 from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
@@ -40,8 +41,13 @@ def manifest_layers(registry: Registry, repo: str, tag: str) -> list[dict[str, o
         return list(json.load(r)["layers"])
 
 
+def blob_get_counts(registry: Registry) -> Counter[str]:
+    """How often each blob was fetched, from the registry's access log."""
+    return Counter(re.findall(r'"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64})', registry.log_text()))
+
+
 def blob_gets(registry: Registry) -> set[str]:
-    return set(re.findall(r'"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64})', registry.log_text()))
+    return set(blob_get_counts(registry))
 
 
 def wait_reconnected(containerd: Containerd, timeout: float = 15) -> None:
@@ -133,3 +139,23 @@ def test_ordinary_image_pull_and_run(
     assert out == "ordinary layer\n"
     snaps = containerd.ctr("snapshots", "--snapshotter", "stowaway", "ls").stdout
     assert "Committed" in snaps
+
+
+def test_cri_pull_with_paths_absent_downloads_and_runs(
+    tmp_path: Path, registry: Registry, demo_ref: str
+) -> None:
+    """Store without the closure, no substituter: containerd downloads + unpacks every
+    layer through the snapshotter's ordinary path, and the image still runs."""
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    before = blob_get_counts(registry)
+    with SnapshotterDaemon(tmp_path, store=str(empty)) as snap:
+        plugins = {"stowaway": {"type": "snapshot", "address": snap.socket}}
+        StowawayContainerd.registry_host = registry.host
+        with StowawayContainerd(tmp_path, cri=True, proxy_plugins=plugins) as ctrd:
+            cri_pull(ctrd, demo_ref)
+            out = ctrd.ctr("run", "--rm", "--snapshotter", "stowaway", demo_ref, "d", namespace=NS)
+            assert "hello from stowaway" in out.stdout
+    layers = {str(ly["digest"]) for ly in manifest_layers(registry, "demo", "v1")}
+    fetched = blob_get_counts(registry) - before
+    assert layers <= set(fetched), "every layer is downloaded when the store lacks the paths"

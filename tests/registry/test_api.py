@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -252,10 +253,34 @@ def test_access_log_is_one_json_line_per_request(
     with caplog.at_level(logging.INFO, logger="stowaway.registry.access"):
         server.request("GET", "/v2/")
         server.request("GET", "/v2/a/manifests/missing")
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("access")]
+        for _ in range(100):  # the line is written just after the response is sent
+            lines = [
+                json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("access")
+            ]
+            if len(lines) == 2:
+                break
+            time.sleep(0.01)
     assert [(x["method"], x["path"], x["status"]) for x in lines] == [
         ("GET", "/v2/", 200),
         ("GET", "/v2/a/manifests/missing", 404),
     ]
     assert lines[0]["bytes"] == 2 and lines[0]["remote"] == "127.0.0.1"
     assert isinstance(lines[0]["duration_ms"], float)
+
+
+def test_streamed_oversize_body_without_length_is_cut_off(make_server: object) -> None:
+    import http.client
+
+    server: Server = make_server(max_upload_size=3 << 20)  # type: ignore[operator]
+    root = Path(server.config.storage)
+    before = stored_files(root)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    chunks = (b"q" * (1 << 20) for _ in range(5))
+    conn.request(
+        "POST", f"/v2/a/blobs/uploads/?digest={digest(b'x')}", body=chunks, encode_chunked=True
+    )
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    assert r.status == 413 and b"SIZE_INVALID" in body
+    assert stored_files(root) == before

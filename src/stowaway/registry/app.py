@@ -30,9 +30,13 @@ def _error_response(request: web.Request, err: RegistryApiError) -> web.Response
     headers = dict(API_VERSION)
     if err.status == 401:
         headers["WWW-Authenticate"] = request.app[API_KEY].auth.challenge
-    return web.Response(
+    resp = web.Response(
         status=err.status, body=err.to_json(), content_type="application/json", headers=headers
     )
+    if not request.content.at_eof():
+        # an unread (possibly huge) body: close instead of draining it
+        resp.force_close()
+    return resp
 
 
 @web.middleware
@@ -135,6 +139,9 @@ async def start(config: RegistryConfig, app: web.Application | None = None) -> R
         access_log=access_log,
         handle_signals=False,
         shutdown_timeout=10.0,
+        # after an early error answer (e.g. 413) read and discard the rest of the
+        # body for at most 2 s, so the client sees the answer instead of a reset
+        lingering_time=2.0,
     )
     await runner.setup()
     tls = ssl_context(config)

@@ -1,0 +1,144 @@
+"""The S3 backend against a real S3-protocol server (moto's server mode) on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from registry_harness import Server
+from test_skopeo import layout_manifest, skopeo
+
+from stowaway.registry.config import RegistryConfig, S3Options, open_storage
+from stowaway.registry.s3 import S3Storage
+
+CREDS = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("moto server did not start")
+        yield url
+    finally:
+        os.kill(proc.pid, 15)
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture()
+def bucket(moto_endpoint: str, request: pytest.FixtureRequest) -> str:
+    name = "reg-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:12]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def s3_server(make_server: object, endpoint: str, bucket: str, **options: object) -> Server:
+    config_s3 = S3Options(endpoint=endpoint, **CREDS)
+    storage = open_storage(RegistryConfig(storage=f"s3://{bucket}/reg", s3=config_s3))
+    assert isinstance(storage, S3Storage)
+    return make_server(storage=storage, **options)  # type: ignore[operator,no-any-return]
+
+
+def keys(storage: S3Storage) -> list[str]:
+    out = storage._s3.list_objects_v2(Bucket=storage.bucket)
+    return sorted(o["Key"] for o in out.get("Contents", []))
+
+
+def test_skopeo_round_trip_through_s3(
+    make_server: object, moto_endpoint: str, bucket: str, oci_layout: Path, tmp_path: Path
+) -> None:
+    server = s3_server(make_server, moto_endpoint, bucket)
+    dest = f"docker://{server.host}/s3/busybox:1"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{oci_layout}:t", dest)
+    storage = server.storage
+    assert isinstance(storage, S3Storage)
+    src = layout_manifest(oci_layout)
+    assert "reg/repositories/s3/busybox/_tags/1" in keys(storage)
+    out = tmp_path / "pulled"
+    skopeo("copy", "--src-tls-verify=false", dest, f"oci:{out}:p")
+    assert layout_manifest(out, "p")["digest"] == src["digest"]
+    r = server.request("GET", "/v2/s3/busybox/manifests/1")
+    layer = json.loads(r.body)["layers"][0]
+    part = server.request(
+        "GET", f"/v2/s3/busybox/blobs/{layer['digest']}", headers={"Range": "bytes=10-19"}
+    )
+    blob = (oci_layout / "blobs/sha256" / layer["digest"].removeprefix("sha256:")).read_bytes()
+    assert part.status == 206 and part.body == blob[10:20]
+    assert part.headers["Content-Range"] == f"bytes 10-19/{len(blob)}"
+    assert json.loads(server.request("GET", "/v2/_catalog").body) == {
+        "repositories": ["s3/busybox"]
+    }
+    assert not [k for k in keys(storage) if "/_uploads/" in k]
+
+
+def test_s3_chunked_multipart_and_rejections(
+    make_server: object, moto_endpoint: str, bucket: str
+) -> None:
+    server = s3_server(make_server, moto_endpoint, bucket, max_upload_size=30 << 20)
+    storage = server.storage
+    assert isinstance(storage, S3Storage)
+    data = os.urandom(1 << 20) * 11  # 11 MiB: more than one 8 MiB multipart part
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    loc = server.request("POST", "/v2/big/blobs/uploads/").headers["Location"]
+    assert (
+        server.request(
+            "PATCH", loc, data[: 3 << 20], {"Content-Range": f"0-{(3 << 20) - 1}"}
+        ).status
+        == 202
+    )
+    r = server.request("PATCH", loc, data[: 1 << 20], {"Content-Range": "0-1048575"})
+    assert r.status == 416 and r.code == "RANGE_INVALID"
+    assert server.request("PATCH", loc, data[3 << 20 : 10 << 20]).status == 202
+    assert server.request("GET", loc).headers["Range"] == f"0-{(10 << 20) - 1}"
+    r = server.request("PUT", f"{loc}?digest={d}", data[10 << 20 :])
+    assert r.status == 201, r.body
+    got = server.request("GET", f"/v2/big/blobs/{d}")
+    assert got.body == data
+    before = keys(storage)
+    # mismatch and oversize leave nothing behind (multipart aborted)
+    r = server.request("POST", f"/v2/big/blobs/uploads/?digest=sha256:{'0' * 64}", data)
+    assert r.code == "DIGEST_INVALID"
+    big = b"z" * ((30 << 20) + 1)
+    r = server.request("POST", f"/v2/big/blobs/uploads/?digest={d}", big)
+    assert r.status == 413 and r.code == "SIZE_INVALID"
+    assert keys(storage) == before
+    mpu = storage._s3.list_multipart_uploads(Bucket=storage.bucket)
+    assert not mpu.get("Uploads")

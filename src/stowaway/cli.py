@@ -177,7 +177,34 @@ def _labels(values: Sequence[str]) -> dict[str, str]:
     return labels
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+#: Faces that live in their own packages, imported only when invoked (they pull in
+#: gRPC, aiohttp, ...), so `stowaway build` on a warm cache starts fast.
+LAZY_COMMANDS = {
+    "snapshotter": "stowaway.runtime.cli_snapshotter:snapshotter_command",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose listed subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            import importlib
+
+            module, _, attr = LAZY_COMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="stowaway")
 def main() -> None:
     """stowaway — Nix store paths as container images.

@@ -73,13 +73,10 @@ class RegistryApi:
 
     # -- entry point -----------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.raw_path.split("?", 1)[0]
-        if path in ("/v2", "/v2/"):
-            return await self.base(request)
         route = parse_route(request.raw_path)
-        await self.auth.check(request.method, request.headers.get("Authorization"))
-        if route is None:  # pragma: no cover - parse_route answers None only for /v2/
+        if route is None:
             return await self.base(request)
+        await self.auth.check(request.method, request.headers.get("Authorization"))
         method = request.method
         match route.kind, method:
             case "manifest", "GET" | "HEAD":
@@ -103,7 +100,7 @@ class RegistryApi:
             case "upload", "DELETE":
                 await self.storage.upload_cancel(route.name, route.reference)
                 return web.Response(status=204, headers=API_VERSION)
-        raise unsupported(f"{method} is not supported on {path}")
+        raise unsupported(f"{method} is not supported on {request.path}")
 
     async def base(self, request: web.Request) -> web.Response:
         # The ping answers 401 to anonymous callers whenever auth is configured,
@@ -152,8 +149,7 @@ class RegistryApi:
         self, request: web.Request, data: bytes, media_type: str, digest: str
     ) -> web.Response:
         headers = {**API_VERSION, "Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
-        resp = web.Response(body=data, content_type=media_type, headers=headers)
-        return resp
+        return web.Response(body=data, content_type=media_type, headers=headers)
 
     async def _resolve(self, name: str, ref: str, accept: frozenset[str]) -> Stored | None:
         resolver = self.resolver

@@ -1,0 +1,228 @@
+"""Unit tests for nix:0 references, entrypoints, OCI-layout store paths, and the wire
+compatibility of our CRI / containerd protos with the containerd binary installed here."""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from stowaway.errors import StowawayError
+from stowaway.image.compose import compose
+from stowaway.image.config import ImageOptions
+from stowaway.image.layer_cache import LayerCache
+from stowaway.image.layers import LayerSettings
+from stowaway.runtime.cri_nix import (
+    InvalidNixReference,
+    chain_ids,
+    default_entrypoint,
+    parse_nix_ref,
+    read_layout_image,
+)
+from stowaway.runtime.proto.containerd_api import (
+    content_pb2,
+    diff_pb2,
+    images_pb2,
+    leases_pb2,
+)
+from stowaway.runtime.proto.containerd_api import (
+    descriptor_pb2 as ctrd_descriptor_pb2,
+)
+from stowaway.runtime.proto.cri import api_pb2
+from stowaway.sinks.oci_layout import write_oci_layout
+from stowaway.store.local import LocalStore
+
+H = "0" * 32
+
+
+@pytest.mark.parametrize(
+    ("ref", "path"),
+    [
+        (f"nix:0/nix/store/{H}-app", f"/nix/store/{H}-app"),
+        (f"nix:0/nix/store/{H}-app:latest", f"/nix/store/{H}-app"),
+        (f"nix:0/nix/store/{H}-a.b+c_1?=x", f"/nix/store/{H}-a.b+c_1?=x"),
+        ("docker.io/library/busybox:latest", None),
+        ("nix/store/x", None),
+        ("nix:1/nix/store/x", None),
+    ],
+)
+def test_parse_nix_ref(ref: str, path: str | None) -> None:
+    assert parse_nix_ref(ref) == path
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("nix:0/etc/passwd", "not inside the store directory /nix/store"),
+        ("nix:0/nix/store/../../etc/passwd", "not normalised"),
+        (f"nix:0/nix/store/{H}-app/../x", "not normalised"),
+        (f"nix:0/nix/store//{H}-app", "not normalised"),
+        ("nix:0/nix/store/" + "e" * 32 + "-app", "not 32 Nix base-32 characters"),
+        (f"nix:0/nix/store/{H}-app/bin/sh", "points below a store path"),
+        (f"nix:0/nix/store/{H}-a:b", "name contains ':'"),
+        ("nix:0/nix/store/short-app", "expected '<32-char hash>-<name>'"),
+        ("nix:0/", "not inside the store directory"),
+    ],
+)
+def test_bad_nix_refs_say_why(ref: str, message: str) -> None:
+    with pytest.raises(InvalidNixReference) as info:
+        parse_nix_ref(ref)
+    assert message in info.value.message and repr(ref) in info.value.message
+
+
+def test_chain_ids_follow_the_oci_definition() -> None:
+    a, b, c = (f"sha256:{x * 64}" for x in "abc")
+    ids = chain_ids([a, b, c])
+    assert ids[0] == a
+    import hashlib
+
+    assert ids[1] == "sha256:" + hashlib.sha256(f"{a} {b}".encode()).hexdigest()
+    assert ids[2] == "sha256:" + hashlib.sha256(f"{ids[1]} {c}".encode()).hexdigest()
+    assert chain_ids([]) == []
+
+
+def test_default_entrypoint(tmp_path: Path) -> None:
+    sp = f"/nix/store/{H}-x"
+    assert default_entrypoint(sp, tmp_path) is None  # no bin/
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "data").write_text("not executable")
+    assert default_entrypoint(sp, tmp_path) is None
+    (tmp_path / "bin" / "app").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "app").chmod(0o555)
+    (tmp_path / "bin" / "dangling").symlink_to("nowhere")
+    assert default_entrypoint(sp, tmp_path) == [f"{sp}/bin/app"]
+    (tmp_path / "bin" / "other").symlink_to("app")  # a second executable (via a link)
+    assert default_entrypoint(sp, tmp_path) is None
+
+
+def test_default_entrypoint_of_demo_app(demo_app: str) -> None:
+    assert default_entrypoint(demo_app, Path(demo_app)) == [f"{demo_app}/bin/demo"]
+
+
+@pytest.fixture(scope="module")
+def layout(demo_app: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    tmp = tmp_path_factory.mktemp("layout")
+    store = LocalStore()
+    result = compose(
+        store,
+        [demo_app],
+        ImageOptions(entrypoint=[f"{demo_app}/bin/demo"]),
+        closure=store.closure_infos([demo_app]),
+        settings=LayerSettings(),
+        cache=LayerCache(tmp / "cache"),
+    )
+    write_oci_layout(result.image, tmp / "img", "latest")
+    return tmp / "img", result.image.config.digest
+
+
+def test_read_layout_image(layout: tuple[Path, str]) -> None:
+    path, config_digest = layout
+    image = read_layout_image(path)
+    assert image.config.digest == config_digest
+    diff_ids = json.loads(image.config.data or b"")["rootfs"]["diff_ids"]
+    assert [layer.diff_id for layer in image.layers] == diff_ids
+    assert all(layer.path is not None and layer.path.is_file() for layer in image.layers)
+    store_layers = [layer for layer in image.layers if layer.annotations]
+    assert store_layers and all(
+        k.startswith("containerd.io/snapshot/stowaway.paths.")
+        for layer in store_layers
+        for k in layer.annotations
+    )
+
+
+def test_read_layout_image_rejects_damage(layout: tuple[Path, str], tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "img"
+    shutil.copytree(layout[0], bad)
+    index = json.loads((bad / "index.json").read_text())
+    index["manifests"] = index["manifests"] * 2
+    (bad / "index.json").write_text(json.dumps(index))
+    with pytest.raises(StowawayError, match="lists 2 manifests"):
+        read_layout_image(bad)
+    index["manifests"] = index["manifests"][:1]
+    (bad / "index.json").write_text(json.dumps(index))
+    manifest = bad / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]
+    manifest.chmod(0o644)
+    manifest.write_bytes(manifest.read_bytes() + b" ")
+    with pytest.raises(StowawayError, match="does not match its digest"):
+        read_layout_image(bad)
+    (bad / "index.json").write_text("{")
+    with pytest.raises(StowawayError, match="unreadable index.json"):
+        read_layout_image(bad)
+
+
+# ---------------------------------------------------------------- wire compatibility
+
+CONTAINERD = Path("/usr/bin/containerd")
+
+
+def _embedded_descriptors() -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    """FileDescriptorProtos the containerd binary registers (gzip-compressed, as Go's
+    protobuf runtime stores them), merged by package (several files may share one, e.g.
+    images.v1 service and events; runtime.v1 and v1alpha2 share a file name)."""
+    data = CONTAINERD.read_bytes()
+    out: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+    for m in re.finditer(re.escape(b"\x1f\x8b\x08\x00\x00\x00\x00\x00"), data):
+        try:
+            raw = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[m.start() :][: 1 << 21])
+            fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
+        except Exception:  # not a gzip stream or not a descriptor: skip it
+            continue
+        if fd.name.endswith(".proto") and fd.package:
+            merged = out.setdefault(fd.package, descriptor_pb2.FileDescriptorProto())
+            merged.package = fd.package
+            merged.message_type.extend(fd.message_type)
+            merged.service.extend(fd.service)
+            merged.enum_type.extend(fd.enum_type)
+    return out
+
+
+def _fields(
+    fd: descriptor_pb2.FileDescriptorProto,
+) -> dict[str, dict[int, tuple[str, int, int, str]]]:
+    def walk(prefix: str, msgs: object) -> dict[str, dict[int, tuple[str, int, int, str]]]:
+        res: dict[str, dict[int, tuple[str, int, int, str]]] = {}
+        for m in msgs:  # type: ignore[attr-defined]
+            name = f"{prefix}.{m.name}"
+            res[name] = {f.number: (f.name, f.type, f.label, f.type_name) for f in m.field}
+            res.update(walk(name, m.nested_type))
+        return res
+
+    return walk("." + fd.package, fd.message_type)
+
+
+@pytest.mark.skipif(not CONTAINERD.exists(), reason="containerd binary not installed")
+@pytest.mark.parametrize(
+    "ours",
+    [api_pb2, content_pb2, images_pb2, leases_pb2, diff_pb2, ctrd_descriptor_pb2],
+    ids=lambda m: m.__name__.rsplit(".", 1)[-1],
+)
+def test_protos_match_containerd_binary(ours: object) -> None:
+    upstream = _embedded_descriptors()
+    mine = descriptor_pb2.FileDescriptorProto()
+    ours.DESCRIPTOR.CopyToProto(mine)  # type: ignore[attr-defined]
+    theirs = upstream[mine.package]
+    up_fields, my_fields = _fields(theirs), _fields(mine)
+    for msg, fields in my_fields.items():
+        assert msg in up_fields, f"{msg} is not a message of containerd's {mine.package}"
+        for number, field in fields.items():
+            assert up_fields[msg].get(number) == field, f"{msg} field {number}"
+    up_services = {s.name: s for s in theirs.service}
+    for svc in mine.service:
+        up_methods = {m.name: m for m in up_services[svc.name].method}
+        for m in svc.method:
+            u = up_methods[m.name]
+            assert (m.input_type, m.output_type, m.client_streaming, m.server_streaming) == (
+                u.input_type,
+                u.output_type,
+                u.client_streaming,
+                u.server_streaming,
+            ), f"{svc.name}.{m.name}"
+    up_enums = {e.name: [(v.name, v.number) for v in e.value] for e in theirs.enum_type}
+    for e in mine.enum_type:
+        assert [(v.name, v.number) for v in e.value] == up_enums[e.name]

@@ -150,8 +150,13 @@ class NixImages:
             # Root before the record exists: a nix-collect-garbage racing with the import
             # must not take the path away.
             self.gcroots.add(Path(store_path))
-            image = self._image_of(store_path)
-            self._import(image, image_name(store_path))
+            try:
+                image = self._image_of(store_path)
+                self._import(image, image_name(store_path))
+            except BaseException:
+                if self.record(store_path) is None:  # no image keeps the path: unroot
+                    self.gcroots.remove(store_path.rsplit("/", 1)[-1])
+                raise
             return image.config.digest
 
     def _lock(self, key: str) -> threading.Lock:

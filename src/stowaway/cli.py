@@ -181,6 +181,7 @@ def _labels(values: Sequence[str]) -> dict[str, str]:
 #: gRPC, aiohttp, ...), so `stowaway build` on a warm cache starts fast.
 LAZY_COMMANDS = {
     "snapshotter": "stowaway.runtime.cli_snapshotter:snapshotter_command",
+    "cri-image-service": "stowaway.runtime.cri_cli:cri_image_service_command",
 }
 
 

@@ -82,7 +82,7 @@ if [ ! -s "$SAVED" ]; then
   done
   : > "$work/add/opt/stowaway/stowaway/store/__init__.py"
   tar -C "$work/add" --numeric-owner --owner=0 --group=0 --mtime=@1 --sort=name \
-    -rf "$work/image.tar" ./opt
+    -rf "$work/image.tar" ./opt/stowaway
   tmp_tag="stowaway-frontend-build:$hash"
   "$DOCKER" import \
     --change 'ENV PATH=/usr/bin:/bin' \

@@ -126,9 +126,17 @@ def build_graph(spec: Spec, drvs: Mapping[str, Derivation], context: Output) -> 
         src: (context, "/" + rel.strip("/")) for src, rel in spec.source_dirs.items()
     }
     builders: dict[str, Vertex] = {}
-    for path in _build_order(drvs, [t.drv for t in spec.targets]):
+    order = _build_order(drvs, [t.drv for t in spec.targets])
+    # BuildKit refuses an ExecOp whose / has no input: an empty root with mount points.
+    root = file_op(
+        None,
+        [MkDir(BUILD_TOP, 0o755), MkDir(STORE_DIR, 0o755)],
+        platform=platform_of(drvs[order[-1]]),
+        description="stowaway build root",
+    )
+    for path in order:
         drv = drvs[path]
-        vertex = _derivation_op(drv, drvs, providers)
+        vertex = _derivation_op(drv, drvs, providers, root)
         builders[path] = vertex
         for out in drv.outputs:
             providers[out.path] = (Output(vertex, 0), "/" + _base(out.path))
@@ -172,13 +180,16 @@ def build_graph(spec: Spec, drvs: Mapping[str, Derivation], context: Output) -> 
 
 
 def _derivation_op(
-    drv: Derivation, drvs: Mapping[str, Derivation], providers: Mapping[str, tuple[Output, str]]
+    drv: Derivation,
+    drvs: Mapping[str, Derivation],
+    providers: Mapping[str, tuple[Output, str]],
+    root: Output,
 ) -> Vertex:
     inputs: list[str] = list(drv.input_srcs)
     for dep, outs in drv.input_drvs:
         inputs += [drvs[dep].output(o).path for o in outs]
     mounts = [
-        Mount("/"),
+        Mount("/", root),
         Mount(BUILD_TOP),
         Mount(STORE_DIR, output=True),
     ]

@@ -1,0 +1,85 @@
+"""Frontend pieces that need no daemon: options, the spec file, the import graph."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from stowaway.buildkit.frontend import frontend_options
+from stowaway.buildkit.spec import Member, Spec, SpecError, Target
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_frontend_options_from_env() -> None:
+    env = {
+        "BUILDKIT_FRONTEND_OPT_0": "filename=stowaway.json",
+        "BUILDKIT_FRONTEND_OPT_1": "build-arg:X=a=b",
+        "PATH": "/usr/bin",
+    }
+    assert frontend_options(env) == {"filename": "stowaway.json", "build-arg:X": "a=b"}
+
+
+def _spec() -> Spec:
+    return Spec(
+        targets=(Target("/nix/store/a-x.drv", "out", "/nix/store/b-x"),),
+        drv_files={"/nix/store/a-x.drv": "drvs/a-x.drv"},
+        source_dirs={},
+        outputs={"/nix/store/a-x.drv": {"out": "/nix/store/b-x"}},
+        references={"/nix/store/b-x": ()},
+        nar_sizes={"/nix/store/b-x": 10},
+        customisation=(Member("etc/passwd", "regular", 0o644, b"root:x:0:0::/:/bin/sh\n"),),
+        config=b'{"architecture":"amd64"}',
+    )
+
+
+def test_spec_round_trip_is_byte_stable() -> None:
+    data = _spec().to_json()
+    again = Spec.from_json(data)
+    assert again == _spec()
+    assert again.to_json() == data
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s.replace(b'"version": 1', b'"version": 9'), "spec version 9"),
+        (lambda s: s.replace(b'"targets"', b'"targetz"'), "missing field 'targets'"),
+        (lambda s: s.replace(b'"maxLayers": 100', b'"maxLayers": "x"'), "'maxLayers' must be"),
+        (lambda s: s[:20], "is not JSON"),
+    ],
+)
+def test_spec_errors_name_the_field(mutate: object, message: str) -> None:
+    data = mutate(_spec().to_json())  # type: ignore[operator]
+    with pytest.raises(SpecError, match=message):
+        Spec.from_json(data, where="ctx/stowaway.json")
+
+
+def test_frontend_imports_nothing_beyond_grpc_protobuf_stdlib() -> None:
+    """What the frontend image has: Debian's python3 + grpcio + protobuf, and an empty
+    stowaway/store/__init__.py (scripts/frontend-image.sh)."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, sys, types
+        BLOCKED = {{"click", "rich", "zstandard", "aiohttp", "cryptography", "yarl"}}
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError("frontend must not import " + name)
+        sys.meta_path.insert(0, Block())
+        store = types.ModuleType("stowaway.store")
+        store.__path__ = [{str(ROOT / "src" / "stowaway" / "store")!r}]
+        sys.modules["stowaway.store"] = store
+        import stowaway.buildkit.frontend
+        mods = sorted(m for m in sys.modules if m.startswith("stowaway."))
+        print(" ".join(mods))
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "stowaway.buildkit.frontend" in r.stdout
+    assert "stowaway.image" not in r.stdout and "stowaway.store.nar" not in r.stdout

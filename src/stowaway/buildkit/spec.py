@@ -129,7 +129,12 @@ class Spec:
                 )
                 for m in r.get(doc, "customisation", list)
             ),
-            config=json.dumps(r.get(doc, "config", dict), sort_keys=True).encode(),
+            config=json.dumps(
+                r.get(doc, "config", dict),
+                sort_keys=True,
+                separators=(",", ":"),
+                ensure_ascii=False,
+            ).encode(),
         )
 
 

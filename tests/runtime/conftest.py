@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from daemons import Containerd, Daemon, Registry, _short_dir
@@ -17,6 +22,9 @@ from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
+from stowaway.runtime.proto.cri import api_pb2 as cri
+from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
+from stowaway.sinks.inspect import PATHS_PREFIX
 from stowaway.sinks.registry import push
 from stowaway.store.local import LocalStore
 
@@ -141,3 +149,40 @@ def busybox_oci(dest: Path) -> Path:
         check=True,
     )
     return layout
+
+
+NS = "k8s.io"
+
+
+def cri_pull(containerd: Containerd, ref: str) -> str:
+    with grpc.insecure_channel(f"unix:{containerd.address}") as ch:
+        stub = cri_grpc.ImageServiceStub(ch)
+        resp = stub.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
+    return str(resp.image_ref)
+
+
+def manifest_layers(registry: Registry, repo: str, tag: str) -> list[dict[str, object]]:
+    req = urllib.request.Request(
+        f"{registry.url}/v2/{repo}/manifests/{tag}",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        return list(json.load(r)["layers"])
+
+
+def blob_get_counts(registry: Registry) -> Counter[str]:
+    """How often each blob was fetched, from the registry's access log."""
+    return Counter(re.findall(r'"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64})', registry.log_text()))
+
+
+def blob_gets(registry: Registry) -> set[str]:
+    return set(blob_get_counts(registry))
+
+
+def store_layer_digests(layers: list[dict[str, object]]) -> set[str]:
+    """Digests of the layers carrying stowaway store-path annotations."""
+    return {
+        str(ly["digest"])
+        for ly in layers
+        if any(k.startswith(PATHS_PREFIX) for k in dict(ly.get("annotations") or {}))  # type: ignore[call-overload]
+    }

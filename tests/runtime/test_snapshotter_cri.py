@@ -5,49 +5,24 @@ an ordinary image works; the snapshotter survives kill + restart."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
 import time
-import urllib.request
-from collections import Counter
 from pathlib import Path
 
-import grpc
-
-from conftest import SnapshotterDaemon, StowawayContainerd, busybox_oci
+from conftest import (
+    NS,
+    SnapshotterDaemon,
+    StowawayContainerd,
+    blob_get_counts,
+    blob_gets,
+    busybox_oci,
+    cri_pull,
+    manifest_layers,
+    store_layer_digests,
+)
 from daemons import Containerd, Registry
-from stowaway.runtime.proto.cri import api_pb2 as cri
-from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
-from stowaway.sinks.inspect import PATHS_PREFIX
-
-NS = "k8s.io"
-
-
-def cri_pull(containerd: Containerd, ref: str) -> str:
-    with grpc.insecure_channel(f"unix:{containerd.address}") as ch:
-        stub = cri_grpc.ImageServiceStub(ch)
-        resp = stub.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
-    return str(resp.image_ref)
-
-
-def manifest_layers(registry: Registry, repo: str, tag: str) -> list[dict[str, object]]:
-    req = urllib.request.Request(
-        f"{registry.url}/v2/{repo}/manifests/{tag}",
-        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
-    )
-    with urllib.request.urlopen(req) as r:
-        return list(json.load(r)["layers"])
-
-
-def blob_get_counts(registry: Registry) -> Counter[str]:
-    """How often each blob was fetched, from the registry's access log."""
-    return Counter(re.findall(r'"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64})', registry.log_text()))
-
-
-def blob_gets(registry: Registry) -> set[str]:
-    return set(blob_get_counts(registry))
 
 
 def wait_reconnected(containerd: Containerd, timeout: float = 15) -> None:
@@ -83,11 +58,7 @@ def test_cri_pull_skips_store_layers_and_runs(
     snapshotter: SnapshotterDaemon,
 ) -> None:
     layers = manifest_layers(registry, "demo", "v1")
-    store_layers = {
-        str(ly["digest"])
-        for ly in layers
-        if any(k.startswith(PATHS_PREFIX) for k in dict(ly.get("annotations") or {}))  # type: ignore[call-overload]
-    }
+    store_layers = store_layer_digests(layers)
     assert store_layers and len(store_layers) < len(layers)
     cri_pull(containerd, demo_ref)
     fetched = blob_gets(registry)

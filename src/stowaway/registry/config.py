@@ -17,6 +17,25 @@ Example (every key optional)::
     region = "us-east-1"
     access_key = "..."
     secret_key = "..."
+
+    [nix]                                  # images composed on demand (NixResolver)
+    enabled = true
+    index = "/srv/stowaway/index.json"     # package set of the tag "latest"
+    indexes = { stable = "/srv/stowaway/stable.json" }   # other tags
+    meta = { shell = ["bashInteractive", "coreutils", "moreutils", "nano"] }
+    always = ["cacert"]                    # added to every package image
+    env = ["PATH=/bin:/usr/bin:/sbin:/usr/sbin"]
+    store = "/nix/store"                   # local store or SAN mount (default: /nix/store)
+    substituters = ["https://cache.example.org"]
+    trusted_public_keys = ["cache.example.org-1:..."]
+    require_sigs = true
+    cache_dir = "/var/cache/stowaway"      # default: the storage dir (shared blobs)
+    max_layers = 100
+    layering = "auto"                      # auto | popularity | dominator
+    compression = "gzip"                   # gzip | zstd | none (OCI clients only)
+    nix_build = false                      # resolve names missing from "latest" by nix-build
+    nix_expr = "<nixpkgs>"                 # file or <path> given to nix-build
+    nix_build_args = ["--option", "substituters", ""]
 """
 
 from __future__ import annotations
@@ -42,11 +61,102 @@ class S3Options:
     secret_key: str | None = None
 
 
+def _default_meta() -> dict[str, tuple[str, ...]]:
+    return {"shell": ("bashInteractive", "coreutils", "moreutils", "nano")}
+
+
+@dataclass(frozen=True)
+class NixOptions:
+    """How names become images (see the module docstring's ``[nix]`` table)."""
+
+    enabled: bool = True
+    index: Path | None = None
+    indexes: dict[str, Path] = field(default_factory=dict)
+    meta: dict[str, tuple[str, ...]] = field(default_factory=_default_meta)
+    always: tuple[str, ...] = ()
+    env: tuple[str, ...] = ("PATH=/bin:/usr/bin:/sbin:/usr/sbin",)
+    store: str | None = None
+    substituters: tuple[str, ...] = ()
+    trusted_public_keys: tuple[str, ...] = ()
+    require_sigs: bool = True
+    cache_dir: Path | None = None
+    max_layers: int = 100
+    layering: str = "auto"
+    compression: str = "gzip"
+    nix_build: bool = False
+    nix_expr: str = "<nixpkgs>"
+    nix_build_args: tuple[str, ...] = ()
+
+
+_NIX_TYPES: dict[str, type] = {
+    "enabled": bool,
+    "index": str,
+    "indexes": dict,
+    "meta": dict,
+    "always": list,
+    "env": list,
+    "store": str,
+    "substituters": list,
+    "trusted_public_keys": list,
+    "require_sigs": bool,
+    "cache_dir": str,
+    "max_layers": int,
+    "layering": str,
+    "compression": str,
+    "nix_build": bool,
+    "nix_expr": str,
+    "nix_build_args": list,
+}
+
+
+def _strings(value: list[Any], where: str) -> tuple[str, ...]:
+    if not all(isinstance(v, str) for v in value):
+        raise RegistryConfigError(f"{where} must be a list of strings")
+    return tuple(value)
+
+
+def nix_options_from_dict(doc: dict[str, Any], where: str) -> NixOptions:
+    kwargs: dict[str, Any] = {}
+    for key, raw in doc.items():
+        value: Any = raw
+        at = f"{where}: [nix] {key}"
+        want = _NIX_TYPES.get(key)
+        if want is None:
+            raise RegistryConfigError(f"{where}: [nix] has no key {key!r}")
+        if not isinstance(raw, want) or (isinstance(raw, bool) and want is not bool):
+            raise RegistryConfigError(f"{at} has the wrong type {type(value).__name__}")
+        if key in ("index", "cache_dir"):
+            value = Path(value)
+        elif key == "indexes":
+            if not all(isinstance(v, str) for v in value.values()):
+                raise RegistryConfigError(f"{at} must map tags to index files")
+            if "latest" in value:
+                raise RegistryConfigError(f"{at}: the tag latest is set by [nix] index")
+            value = {tag: Path(v) for tag, v in value.items()}
+        elif key == "meta":
+            value = {
+                k: _strings(v if isinstance(v, list) else [None], f"{at}.{k}")
+                for k, v in value.items()
+            }
+        elif isinstance(value, list):
+            value = _strings(value, at)
+        kwargs[key] = value
+    options = NixOptions(**kwargs)
+    if options.layering not in ("auto", "popularity", "dominator"):
+        raise RegistryConfigError(f"{where}: [nix] layering must be auto, popularity or dominator")
+    if options.compression not in ("gzip", "zstd", "none"):
+        raise RegistryConfigError(f"{where}: [nix] compression must be gzip, zstd or none")
+    if not 2 <= options.max_layers <= 125:
+        raise RegistryConfigError(f"{where}: [nix] max_layers must be in 2..125")
+    return options
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
     listen: str = "127.0.0.1:5000"
     storage: str = "/var/lib/stowaway/registry"
     s3: S3Options = field(default_factory=S3Options)
+    nix: NixOptions = field(default_factory=NixOptions)
     max_upload_size: int = 10 << 30
     max_manifest_size: int = 4 << 20
     tls_cert: Path | None = None
@@ -105,6 +215,11 @@ def config_from_dict(doc: dict[str, Any], where: str = "config") -> RegistryConf
                     f"{where}: [s3] takes endpoint, region, access_key, secret_key"
                 )
             kwargs["s3"] = S3Options(**{k: str(v) for k, v in value.items()})
+            continue
+        if key == "nix":
+            if not isinstance(value, dict):
+                raise RegistryConfigError(f"{where}: nix must be a table")
+            kwargs["nix"] = nix_options_from_dict(value, where)
             continue
         if not isinstance(value, _TYPES[key]) or (
             isinstance(value, bool) and bool not in _TYPES[key]

@@ -1,0 +1,306 @@
+"""``NixResolver``: the registry's on-demand images (a ``ManifestResolver``).
+
+name + tag → store paths (package index, ``store/<hash>`` lookup, optionally
+``nix-build``) → closure over the sources (local/SAN store first, then binary
+caches, as the composer) → ``stowaway.image.compose`` through the layer cache.
+The registry's filesystem storage root is the layer cache root by default, so
+the blobs a composition produces are already in storage (the API's copy of a
+resolved blob finds it present and skips it).
+
+Manifests are cached per (sorted store paths, format); the image options are
+fixed per resolver, so names resolving to the same paths share one manifest,
+and a changed index simply resolves to other paths. Compositions run in a
+thread pool under single-flight per key: a hundred first pulls compose once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+from stowaway.errors import StowawayError
+from stowaway.image.compose import compose
+from stowaway.image.config import ImageOptions
+from stowaway.image.layer_cache import LayerCache
+from stowaway.image.layers import LayerSettings
+from stowaway.image.model import Blob, MediaType
+from stowaway.registry.config import NixOptions
+from stowaway.registry.errors import ErrorCode, RegistryApiError
+from stowaway.registry.names import (
+    DEFAULT_TAG,
+    ImageName,
+    expand_packages,
+    parse_image_name,
+    resolve_packages,
+    select_package_set,
+)
+from stowaway.registry.package_index import IndexFile, NixBuild, PackageIndex
+from stowaway.registry.resolver import ResolvedManifest
+from stowaway.registry.singleflight import SingleFlight
+from stowaway.registry.validate import is_digest
+from stowaway.store.binary_cache import BinaryCache, CacheError
+from stowaway.store.local import DirectoryStore, LocalStore
+from stowaway.store.model import StoreSource
+from stowaway.store.narinfo import Narinfo
+from stowaway.store.sources import Sources, closure, open_sources
+
+log = logging.getLogger("stowaway.registry")
+Format = Literal["oci", "docker"]
+Key = tuple[tuple[str, ...], Format]
+MANIFEST_CACHE_SIZE = 4096
+_EMPTY = PackageIndex({})
+
+
+class _NeedsThread(Exception):
+    """Raised by the non-blocking fast path when a step would block the loop."""
+
+
+def choose_format(accept: frozenset[str]) -> Format | None:
+    """OCI unless the client accepts only Docker schema 2; None if neither."""
+    if not accept or MediaType.OCI_MANIFEST.value in accept:
+        return "oci"
+    if MediaType.DOCKER_MANIFEST.value in accept:
+        return "docker"
+    return None
+
+
+class NixResolver:
+    def __init__(
+        self,
+        options: NixOptions,
+        cache: LayerCache,
+        *,
+        source: StoreSource | None = None,
+        workers: int = 4,
+    ) -> None:
+        self.options = options
+        self.cache = cache
+        self._source = source
+        self._source_lock = threading.Lock()
+        self.sets: dict[str, IndexFile | None] = {DEFAULT_TAG: None}
+        if options.index is not None:
+            self.sets[DEFAULT_TAG] = IndexFile(options.index)
+        for tag, path in options.indexes.items():
+            self.sets[tag] = IndexFile(path)
+        self.nix_build = (
+            NixBuild(options.nix_expr, cache.root / "nix-roots", options.nix_build_args)
+            if options.nix_build
+            else None
+        )
+        self.settings = LayerSettings(compression=options.compression)  # type: ignore[arg-type]
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="stowaway-resolve")
+        self._flight: SingleFlight[ResolvedManifest] = SingleFlight()
+        self._manifests: OrderedDict[Key, ResolvedManifest] = OrderedDict()
+        self._hashes: dict[str, str] = {}
+        #: compositions actually run (tests and metrics)
+        self.composes = 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- the ManifestResolver hook --------------------------------------------------
+    async def resolve(
+        self, name: str, reference: str, accept: frozenset[str]
+    ) -> ResolvedManifest | None:
+        if is_digest(reference):
+            return None  # a digest names bytes; only storage can have them
+        fmt = choose_format(accept)
+        if fmt is None:
+            return None
+        request = parse_image_name(name)
+        try:
+            try:
+                roots = self._roots(request, name, reference, blocking=False)
+            except _NeedsThread:
+                roots = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._roots, request, name, reference, True
+                )
+            key: Key = (roots, fmt)
+            hit = self._manifests.get(key)
+            if hit is not None:
+                self._manifests.move_to_end(key)
+                return hit
+            return await self._flight.do(key, lambda: self._compose(key))
+        except RegistryApiError:
+            raise
+        except CacheError as err:
+            log.warning("composing %s:%s: %s", name, reference, err)
+            message = f"{name}:{reference}: {err.message}"
+            raise RegistryApiError(502, [(ErrorCode.UNKNOWN.value, message)]) from err
+        except StowawayError as err:
+            log.warning("composing %s:%s: %s", name, reference, err)
+            raise RegistryApiError.of(
+                ErrorCode.MANIFEST_UNKNOWN, f"cannot compose {name}:{reference}: {err.message}"
+            ) from err
+
+    # -- names → store paths ---------------------------------------------------------
+    def _roots(self, request: ImageName, name: str, tag: str, blocking: bool) -> tuple[str, ...]:
+        if request.is_store:
+            if tag != DEFAULT_TAG:
+                raise RegistryApiError.of(
+                    ErrorCode.MANIFEST_UNKNOWN,
+                    f"{name}:{tag}: store/ names have the single tag {DEFAULT_TAG}",
+                )
+            paths = {self._path_of_hash(h, name, blocking) for h in request.store_hashes}
+            return tuple(sorted(paths))
+        index_file = select_package_set(tag, self.sets, name)
+        if index_file is None:
+            index = _EMPTY
+        elif blocking:
+            index = index_file.get()
+        else:
+            current = index_file.current()
+            if current is None:
+                raise _NeedsThread
+            index = current
+        wanted = expand_packages(request.packages, self.options.meta, self.options.always)
+
+        def lookup(pkg: str) -> tuple[str, ...] | None:
+            path = index.lookup(pkg)
+            if path is not None:
+                return (path,)
+            if self.nix_build is None or tag != DEFAULT_TAG:
+                return None
+            if not blocking:
+                raise _NeedsThread
+            return self.nix_build.build(pkg)
+
+        found = resolve_packages(wanted, lookup, f"{name}:{tag}")
+        return tuple(sorted({p for paths in found.values() for p in paths}))
+
+    def source(self) -> StoreSource:
+        with self._source_lock:
+            if self._source is None:
+                o = self.options
+                self._source = open_sources(
+                    o.store, o.substituters, o.trusted_public_keys, require_sigs=o.require_sigs
+                )
+            return self._source
+
+    def _path_of_hash(self, hash_part: str, name: str, blocking: bool) -> str:
+        """The full store path with ``hash_part``; cached (a hash names one path forever)."""
+        hit = self._hashes.get(hash_part)
+        if hit is not None:
+            return hit
+        if not blocking:
+            raise _NeedsThread
+        source = self.source()
+        for src in source.sources if isinstance(source, Sources) else [source]:
+            path = _find_hash(src, hash_part)
+            if path is not None and source.query(path) is not None:
+                self._hashes[hash_part] = path
+                return path
+        raise RegistryApiError.of(
+            ErrorCode.MANIFEST_UNKNOWN,
+            f"{name}: no store path with hash {hash_part} in {source.name}",
+        )
+
+    # -- composition ----------------------------------------------------------------
+    async def _compose(self, key: Key) -> ResolvedManifest:
+        result = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._compose_blocking, key
+        )
+        self._manifests[key] = result
+        while len(self._manifests) > MANIFEST_CACHE_SIZE:
+            self._manifests.popitem(last=False)
+        return result
+
+    def _compose_blocking(self, key: Key) -> ResolvedManifest:
+        roots, fmt = key
+        source = self.source()
+        clo = closure(source, roots)
+        options = ImageOptions(env=list(self.options.env), contents=list(roots))
+        # Docker schema 2 has no zstd or uncompressed layer types
+        settings = self.settings if fmt == "oci" else LayerSettings(compression="gzip")
+        image = compose(
+            source,
+            list(roots),
+            options,
+            closure=clo,
+            strategy=self.options.layering,
+            max_layers=self.options.max_layers,
+            settings=settings,
+            cache=self.cache,
+            format=fmt,
+        ).image
+        self.composes += 1
+        blobs: dict[str, Path] = {image.config.digest: self._store_small_blob(image.config)}
+        for layer in image.layers:
+            assert layer.path is not None, "composed layers live in the layer cache"
+            blobs[layer.digest] = layer.path
+        assert image.manifest.data is not None
+        return ResolvedManifest(image.manifest.data, image.manifest.media_type, blobs)
+
+    def _store_small_blob(self, blob: Blob) -> Path:
+        """Put an in-memory blob (the config) into the cache's blob directory."""
+        assert blob.data is not None
+        path = self.cache.blob_path(blob.digest)
+        if path.is_file() and path.stat().st_size == blob.size:
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob.data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    # -- for the landing page -------------------------------------------------------
+    def package_sets(self) -> Mapping[str, Sequence[str]]:
+        """Tag → package names it offers (meta-packages first)."""
+        out: dict[str, list[str]] = {}
+        for tag, index_file in sorted(self.sets.items()):
+            try:
+                index = index_file.get() if index_file is not None else _EMPTY
+            except StowawayError:
+                index = _EMPTY
+            out[tag] = [*sorted(self.options.meta), *index.names()]
+        return out
+
+
+def _find_hash(src: StoreSource, hash_part: str) -> str | None:
+    """The path with ``hash_part`` in one source, or None."""
+    if isinstance(src, LocalStore):
+        uri = f"file:{urllib.parse.quote(str(src.db_path.resolve()))}?mode=ro"
+        prefix = f"{src.logical_store_dir}/{hash_part}"
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            # '-' < '.' in ASCII: the range holds exactly the paths "<prefix>-*"
+            row = db.execute(
+                "SELECT path FROM ValidPaths WHERE path > ? AND path < ? LIMIT 1",
+                (prefix + "-", prefix + "."),
+            ).fetchone()
+        except sqlite3.Error as err:
+            raise StowawayError(f"reading Nix database {src.db_path}: {err}") from None
+        finally:
+            db.close()
+        return str(row[0]) if row else None
+    if isinstance(src, DirectoryStore):
+        with os.scandir(src.physical_dir) as it:
+            for entry in it:
+                if entry.name.startswith(hash_part + "-") and not entry.name.endswith(".lock"):
+                    return f"{src.logical_store_dir}/{entry.name}"
+        return None
+    if isinstance(src, BinaryCache):
+        # the narinfo is named by the hash part; its StorePath line gives the name
+        # (trust is checked by the caller's query of the full path)
+        text = src._text(f"{hash_part}.narinfo")
+        if text is None:
+            return None
+        return Narinfo.parse(text, f"{src.url}/{hash_part}.narinfo", src.store_dir).store_path
+    return None

@@ -49,13 +49,15 @@ RUN --mount=type=cache,target=/nix,id=stowaway-bench-nix \\
 
 
 def nix_rootfs() -> Path:
-    """Debian minbase + nix-bin + busybox-static (the fixture's bootstrap), cached."""
+    """Debian minbase + nix-bin + busybox-static (the fixture's bootstrap), cached.
+    libdbi-perl is named because debootstrap does not resolve virtual packages
+    (nix-bin → libdbd-sqlite3-perl → perl-dbdabi-94)."""
     if NIX_ROOTFS.exists():
         return NIX_ROOTFS
     work = Path(tempfile.mkdtemp(dir=CACHE))
     try:
         subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=nix-bin,busybox-static",
+            ["debootstrap", "--variant=minbase", "--include=nix-bin,busybox-static,libdbi-perl",
              "bookworm", str(work / "root"), "http://deb.debian.org/debian"],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip

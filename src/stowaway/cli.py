@@ -182,6 +182,8 @@ def _labels(values: Sequence[str]) -> dict[str, str]:
 LAZY_COMMANDS = {
     "snapshotter": "stowaway.runtime.cli_snapshotter:snapshotter_command",
     "cri-image-service": "stowaway.runtime.cri_cli:cri_image_service_command",
+    "serve": "stowaway.registry.cli_serve:serve_command",
+    "index": "stowaway.registry.cli_serve:index_command",
 }
 
 

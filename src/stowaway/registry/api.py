@@ -70,6 +70,9 @@ class RegistryApi:
         self.auth = Authenticator(config)
         self.metrics = Metrics()
         self.flight: SingleFlight[Stored | None] = SingleFlight()
+        #: (name, digest) of resolver output already in storage: a cached manifest
+        #: pulled again by tag is answered without touching storage
+        self._ingested: set[tuple[str, str]] = set()
 
     # -- entry point -----------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -178,10 +181,15 @@ class RegistryApi:
             raise RegistryApiError.of(
                 ErrorCode.UNKNOWN, f"resolver returned unsupported media type {result.media_type}"
             )
-        for digest, path in sorted(result.blobs.items()):
-            await self.storage.put_blob_file(check_digest(digest), path)
         digest = sha256_digest(result.data)
+        if (name, digest) in self._ingested:
+            return result.data, result.media_type, digest
+        for blob, path in sorted(result.blobs.items()):
+            await self.storage.put_blob_file(check_digest(blob), path)
         await self.storage.put_manifest(name, digest, result.data, result.media_type)
+        if len(self._ingested) >= 100_000:
+            self._ingested.clear()
+        self._ingested.add((name, digest))
         return result.data, result.media_type, digest
 
     async def put_manifest(self, request: web.Request, route: Route) -> web.Response:
@@ -277,6 +285,7 @@ class RegistryApi:
     async def delete_manifest(self, route: Route) -> web.Response:
         if not is_digest(route.reference):
             raise unsupported("manifests are deleted by digest, not by tag")
+        self._ingested.discard((route.name, route.reference))
         if not await self.storage.delete_manifest(route.name, route.reference):
             raise RegistryApiError.of(
                 ErrorCode.MANIFEST_UNKNOWN, f"manifest {route.name}@{route.reference} not found"

@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler
 from stowaway.registry.api import API_VERSION, RegistryApi
 from stowaway.registry.config import RegistryConfig, open_storage
 from stowaway.registry.errors import ErrorCode, RegistryApiError
+from stowaway.registry.landing import PackageSets, render_landing
 from stowaway.registry.resolver import ManifestResolver
 from stowaway.registry.storage import Storage
 
@@ -87,7 +88,9 @@ def make_app(
     *,
     storage: Storage | None = None,
     resolver: ManifestResolver | None = None,
+    landing: PackageSets | None = None,
 ) -> web.Application:
+    """The registry app; ``landing`` lists the package sets on the page at ``/``."""
     api = RegistryApi(config, storage or open_storage(config), resolver)
     app = web.Application(middlewares=[errors_middleware])
     app[API_KEY] = api
@@ -98,6 +101,12 @@ def make_app(
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=api.metrics.render(), content_type="text/plain", charset="utf-8")
 
+    async def index_page(request: web.Request) -> web.Response:
+        sets = landing.package_sets() if landing is not None else {}
+        text = render_landing(request.host, sets)
+        return web.Response(text=text, content_type="text/html", charset="utf-8")
+
+    app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v2/_catalog", api.catalog)
@@ -153,9 +162,16 @@ async def start(config: RegistryConfig, app: web.Application | None = None) -> R
     return RunningServer(runner, site, bound, "https" if tls else "http")
 
 
-async def serve(config: RegistryConfig, resolver: ManifestResolver | None = None) -> None:
+async def serve(
+    config: RegistryConfig,
+    resolver: ManifestResolver | None = None,
+    *,
+    storage: Storage | None = None,
+    landing: PackageSets | None = None,
+) -> None:
     """Run until SIGTERM or SIGINT, then finish in-flight requests and stop."""
-    running = await start(config, make_app(config, resolver=resolver))
+    app = make_app(config, storage=storage, resolver=resolver, landing=landing)
+    running = await start(config, app)
     log.info("stowaway registry listening on %s", running.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,7 +18,6 @@ from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
 from stowaway.runtime.cri_nix import (
     InvalidNixReference,
-    chain_ids,
     default_entrypoint,
     parse_nix_ref,
     read_layout_image,
@@ -33,6 +32,7 @@ from stowaway.runtime.proto.containerd_api import (
     descriptor_pb2 as ctrd_descriptor_pb2,
 )
 from stowaway.runtime.proto.cri import api_pb2
+from stowaway.runtime.unpack import chain_ids
 from stowaway.sinks.oci_layout import write_oci_layout
 from stowaway.store.local import LocalStore
 

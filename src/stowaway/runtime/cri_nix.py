@@ -34,8 +34,6 @@ import os
 import posixpath
 import stat
 import threading
-import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +44,10 @@ from stowaway.image.config import ImageOptions
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
 from stowaway.image.model import Blob, Descriptor, Image, Layer, MediaType
-from stowaway.runtime.containerd_client import ContainerdClient, ContainerdError, ImageRecord
+from stowaway.runtime.containerd_client import ContainerdClient, ImageRecord
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.runtime.substitute import Substituter
+from stowaway.runtime.unpack import unpack_layers
 from stowaway.store.binary_cache import BinaryCache
 from stowaway.store.local import LocalStore
 from stowaway.store.model import STORE_DIR, PathInfo
@@ -68,8 +67,6 @@ log = logging.getLogger(__name__)
 NIX_PREFIX = "nix:0"
 #: CRI's marker for images it manages (containerd 1.6 pkg/cri: imageLabelKey/Value).
 IMAGE_ID_LABEL = {"io.cri-containerd.image": "managed"}
-SNAPSHOT_ANNOTATION_PREFIX = "containerd.io/snapshot/"
-SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
 _DEFAULT_TAG = ":latest"
 
 
@@ -102,17 +99,6 @@ def parse_nix_ref(ref: str) -> str | None:
 def image_name(store_path: str) -> str:
     """The canonical reference (and containerd image name) of a store path."""
     return NIX_PREFIX + store_path
-
-
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """OCI chain IDs: ChainID(L0) = DiffID(L0),
-    ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(
-            d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest()
-        )
-    return out
 
 
 @dataclass
@@ -226,51 +212,21 @@ class NixImages:
             gc[f"containerd.io/gc.ref.content.l.{i}"] = layer.digest
         with c.lease():
             c.put_blob(image.config)
-            for layer in image.layers:
-                c.put_blob(layer, {"containerd.io/uncompressed": layer.diff_id})
             c.put_blob(image.manifest, gc)
-            top = self._unpack(image)
+            # Like CRI's pull: a layer's blob goes into the content store only when it
+            # must be applied, not when the snapshotter committed it from the store.
+            top, _ = unpack_layers(
+                c,
+                self.snapshotter,
+                image.layers,
+                lambda layer: c.put_blob(layer, {"containerd.io/uncompressed": layer.diff_id}),
+            )
             c.set_content_labels(
                 image.config.digest, {f"containerd.io/gc.ref.snapshot.{self.snapshotter}": top}
             )
             # Records last: CRI reads the image when it sees the create event.
             for n in (name, name + _DEFAULT_TAG, image.config.digest):
                 c.put_image(n, manifest, IMAGE_ID_LABEL)
-
-    def _unpack(self, image: Image) -> str:
-        """Unpack layers the way containerd's unpacker does; returns the top chain ID."""
-        c, sn = self.client, self.snapshotter
-        chains = chain_ids([layer.diff_id for layer in image.layers])
-        parent = ""
-        for layer, chain in zip(image.layers, chains, strict=True):
-            if not c.snapshot_exists(sn, chain):
-                labels = {
-                    k: v
-                    for k, v in layer.annotations.items()
-                    if k.startswith(SNAPSHOT_ANNOTATION_PREFIX)
-                }
-                labels[SNAPSHOT_REF_LABEL] = chain
-                key = f"extract-{uuid.uuid4().hex} {chain}"
-                mounts = c.prepare(sn, key, parent, labels)
-                if mounts is None:  # the snapshotter had the layer already
-                    if not c.snapshot_exists(sn, chain):
-                        raise ContainerdError(
-                            f"snapshotter {sn} answered ALREADY_EXISTS for {chain} "
-                            "but has no such snapshot"
-                        )
-                else:
-                    try:
-                        got = c.apply(layer.descriptor(), mounts)
-                        if got != layer.diff_id:
-                            raise ContainerdError(
-                                f"layer {layer.digest} unpacked to {got}, the image config "
-                                f"says {layer.diff_id}"
-                            )
-                        c.commit(sn, chain, key, labels)
-                    finally:
-                        c.remove_snapshot(sn, key)  # gone after commit; cleanup on failure
-            parent = chain
-        return parent
 
     # ------------------------------------------------------------------ status, remove
 

@@ -184,6 +184,7 @@ LAZY_COMMANDS = {
     "cri-image-service": "stowaway.runtime.cri_cli:cri_image_service_command",
     "serve": "stowaway.registry.cli_serve:serve_command",
     "index": "stowaway.registry.cli_serve:index_command",
+    "pull": "stowaway.runtime.cli_pull:pull_command",
 }
 
 

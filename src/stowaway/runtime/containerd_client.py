@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -168,11 +168,19 @@ class ContainerdClient:
         except grpc.RpcError as e:
             raise self._error(f"content read of {digest}", e) from None
 
-    def put_blob(self, blob: Blob, labels: Mapping[str, str] | None = None) -> bool:
+    def put_blob(
+        self,
+        blob: Blob,
+        labels: Mapping[str, str] | None = None,
+        source: Callable[[], BinaryIO] | None = None,
+    ) -> bool:
         """Make sure containerd holds ``blob`` (with ``labels``); True if bytes were sent.
 
-        Bytes are streamed in 1 MiB chunks and hashed on the way (a damaged cache entry
-        fails here, not in containerd), and containerd checks size and digest at commit.
+        The bytes come from ``source()`` (e.g. a registry response), by default from
+        ``blob.open()``; it is called only when containerd lacks the blob. Bytes are
+        streamed in 1 MiB chunks and hashed on the way (a damaged cache entry or
+        download fails here, not in containerd), and containerd checks size and digest
+        at commit.
         """
         labels = dict(labels or {})
         have = self.content_labels(blob.digest)
@@ -183,7 +191,9 @@ class ContainerdClient:
         ref = f"stowaway-{blob.digest}"
         try:
             responses = self._content.Write(
-                self._write_requests(blob, ref, labels), metadata=self._md(), timeout=self.timeout
+                self._write_requests(blob, source or blob.open, ref, labels),
+                metadata=self._md(),
+                timeout=self.timeout,
             )
             for _ in responses:
                 pass
@@ -197,8 +207,10 @@ class ContainerdClient:
             raise err from None
         return True
 
-    def _write_requests(self, blob: Blob, ref: str, labels: dict[str, str]) -> Iterator[Any]:
-        with blob.open() as f:
+    def _write_requests(
+        self, blob: Blob, source: Callable[[], BinaryIO], ref: str, labels: dict[str, str]
+    ) -> Iterator[Any]:
+        with source() as f:
             reader = VerifyingReader(f, blob.digest, blob.size)
             offset = 0
             while chunk := reader.read(CHUNK):

@@ -68,6 +68,22 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+class _Stream:
+    """A response body whose ``with`` block closes its (unshared) connection too."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        self.conn, self.resp = conn, resp
+
+    def read(self, n: int = -1) -> bytes:
+        return self.resp.read(n)
+
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
 class _Source:
     """Manifests and blobs of one repository; blobs streamed, following redirects."""
 
@@ -107,16 +123,15 @@ class _Source:
             # the registry client's auth headers (basic or bearer for our scope)
             conn.request("GET", target, headers=dict(self.reg._auth(url, None)))
             resp = conn.getresponse()
-            conn.close()  # the response keeps the socket open until it is closed itself
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 url = urljoin(url, resp.getheader("Location") or "")
-                resp.close()
+                conn.close()
                 continue
             if resp.status != 200:
                 body = resp.read(4096)
-                resp.close()
+                conn.close()
                 raise RegistryError(f"GET {url}: HTTP {resp.status}: {body[:200]!r}")
-            return cast(BinaryIO, resp)
+            return cast(BinaryIO, _Stream(conn, resp))
         raise RegistryError(f"GET {url}: more than {_MAX_REDIRECTS} redirects")
 
     def small_blob(self, desc: Descriptor) -> bytes:

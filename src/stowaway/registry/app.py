@@ -90,7 +90,10 @@ def make_app(
     resolver: ManifestResolver | None = None,
     landing: PackageSets | None = None,
 ) -> web.Application:
-    """The registry app; ``landing`` lists the package sets on the page at ``/``."""
+    """The registry app; ``landing`` (default: the resolver, if it can) lists the
+    package sets on the page at ``/``."""
+    if landing is None and isinstance(resolver, PackageSets):
+        landing = resolver
     api = RegistryApi(config, storage or open_storage(config), resolver)
     app = web.Application(middlewares=[errors_middleware])
     app[API_KEY] = api

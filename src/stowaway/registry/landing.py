@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from html import escape
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 SAMPLE = 12  # package names shown per set
 
 
+@runtime_checkable
 class PackageSets(Protocol):
     def package_sets(self) -> Mapping[str, Sequence[str]]:
         """Tag → package names (meta-packages first)."""

@@ -176,7 +176,9 @@ def index_command(
         if (paths or paths_from) and not cache_url:
             raise StowawayError("store paths are only read with --from-cache")
         if nix_env is not None:
-            index = pi.from_nix_env_json(nix_env.read(), nix_env.name, strip_prefix)
+            index = pi.from_nix_env_json(
+                nix_env.read(), getattr(nix_env, "name", "<stdin>"), strip_prefix
+            )
         elif cache_url is not None:
             from stowaway.store.binary_cache import BinaryCache
             from stowaway.store.narinfo import PublicKey

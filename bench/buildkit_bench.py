@@ -44,6 +44,7 @@ COPY graph.nix /src/graph.nix
 ARG SALT
 RUN --mount=type=cache,target=/nix,id=stowaway-bench-nix \\
     mkdir -p /out && nix-build /src/graph.nix -A app --argstr salt "$SALT" -o /out/result \\
+       --option build-users-group "" --option substituters "" \\
     && nix-store -qR /out/result | xargs -I{} cp -a --parents {} /out
 """
 
@@ -117,7 +118,8 @@ def main() -> None:
 
         def nix_build(salt: str) -> None:
             subprocess.run(
-                ["nix-build", str(GRAPH), "-A", "app", "--no-out-link", "--argstr", "salt", salt],
+                ["nix-build", str(GRAPH), "-A", "app", "--no-out-link", "--argstr", "salt", salt,
+                 "--option", "substituters", ""],
                 check=True, capture_output=True,
             )  # fmt: skip
 

@@ -185,6 +185,8 @@ LAZY_COMMANDS = {
     "serve": "stowaway.registry.cli_serve:serve_command",
     "index": "stowaway.registry.cli_serve:index_command",
     "pull": "stowaway.runtime.cli_pull:pull_command",
+    "buildkit": "stowaway.buildkit.cli_buildkit:buildkit_group",
+    "frontend": "stowaway.buildkit.cli_buildkit:frontend_command",
 }
 
 

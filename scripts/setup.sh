@@ -9,6 +9,7 @@ DEBS=(
   nix-bin containerd runc skopeo umoci busybox-static docker-registry docker.io
   containernetworking-plugins apache2-utils iptables
   pigz xz-utils zstd bzip2 patchelf time curl ca-certificates
+  debootstrap iproute2 util-linux sqlite3
 )
 
 missing=()

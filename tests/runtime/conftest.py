@@ -73,12 +73,13 @@ class StowawayContainerd(Containerd):
     snapshot annotations on) and reaches ``registry_host`` over plain HTTP."""
 
     registry_host = ""
+    cri_snapshotter = "stowaway"  # the benchmark's baseline sets "overlayfs"
 
     def _config(self, cri: bool, *args: object) -> str:  # type: ignore[override]
         text = super()._config(cri, *args)  # type: ignore[arg-type]
         text = text.replace(
             'snapshotter = "overlayfs"',
-            'snapshotter = "stowaway"\n  disable_snapshot_annotations = false',
+            f'snapshotter = "{self.cri_snapshotter}"\n  disable_snapshot_annotations = false',
         )
         if self.registry_host:
             h = self.registry_host

@@ -85,7 +85,7 @@ def test_ordinary_layers_like_overlayfs(snap: StoreSnapshotter) -> None:
     (o,) = snap.prepare("b", "A", {})
     opts = dict(x.split("=", 1) for x in o.options if "=" in x)
     assert o.type == "overlay" and {"upperdir", "workdir", "lowerdir"} <= opts.keys()
-    assert opts["lowerdir"] == v.source
+    assert os.path.realpath(opts["lowerdir"]) == v.source  # via a short link
     assert snap.mounts("b") == [o]
 
     with pytest.raises(FailedPrecondition):
@@ -314,3 +314,38 @@ def test_untrusted_cache_falls_back_to_unpack(
         assert os.listdir(tmp_path / "local") == []
     finally:
         s.close()
+
+
+def test_many_layers_fit_one_mount(tmp_path: Path, demo_closure: list[str]) -> None:
+    """125 layers under a long state dir: the lowerdir (with `::STORE`, which containerd
+    1.6 cannot shorten) still fits in one page thanks to the short links, and mounts."""
+    root = tmp_path / ("long-state-directory-name-" * 3) / "root"
+    s = StoreSnapshotter(SnapshotterConfig(root=root, gcroots=tmp_path / "gc"))
+    try:
+        parent = ""
+        for i in range(125):
+            (m,) = s.prepare(f"k{i}", parent, {})
+            Path(
+                m.source
+                if m.type == "bind"
+                else dict(o.split("=", 1) for o in m.options if "=" in o)["upperdir"],
+                f"f{i}",
+            ).write_text(str(i))
+            s.commit(f"L{i}", f"k{i}", {})
+            parent = f"L{i}"
+        with pytest.raises(AlreadyExists):
+            s.prepare("x", parent, layer_labels(demo_closure))
+        ms = s.prepare("ctr", s.nix_name("sha256:layer1", parent), {})
+        assert len(str(s.layout.fs(1))) * 125 > 4096  # would not fit without the links
+        assert len(",".join(ms[0].options)) < 4096
+        root_fs = mounted(ms, tmp_path / "mnt")
+        try:
+            assert (root_fs / "f0").read_text() == "0" and (root_fs / "f124").read_text() == "124"
+            demo = next(p for p in demo_closure if p.endswith("-greeting-data"))
+            msg = "share/greeting/message"
+            assert (root_fs / demo.lstrip("/") / msg).read_bytes() == Path(demo, msg).read_bytes()
+        finally:
+            umount(root_fs)
+    finally:
+        s.close()
+    assert not s.link_dir.exists()

@@ -29,9 +29,16 @@ class Layout:
     mode: Mode
     data_dirs: tuple[Path, ...] = ()
     index_off: bool = True  # as containerd: the kernel knows `index`, so turn it off
+    #: Short symlinks ``<link_dir>/<id>`` to each ``fs`` dir, used in ``lowerdir``: the
+    #: options must fit in one page, and containerd 1.6 cannot shorten (by chdir) a
+    #: lowerdir holding ``::``. ~25 bytes a layer instead of ~60: > 120 layers fit.
+    link_dir: Path | None = None
 
     def fs(self, sid: int) -> Path:
         return self.snapshots_dir / str(sid) / "fs"
+
+    def lower(self, sid: int) -> Path:
+        return self.link_dir / str(sid) if self.link_dir else self.fs(sid)
 
     def work(self, sid: int) -> Path:
         return self.snapshots_dir / str(sid) / "work"
@@ -54,7 +61,7 @@ def mounts(rec: Record, layout: Layout) -> list[Mount]:
         options.append("index=off")
     if active:
         options += [f"workdir={layout.work(rec.id)}", f"upperdir={layout.fs(rec.id)}"]
-    lower = ":".join(str(layout.fs(p)) for p in rec.chain)
+    lower = ":".join(str(layout.lower(p)) for p in rec.chain)
     if data_only:
         lower += "".join(f"::{d}" for d in layout.data_dirs)
     options.append(f"lowerdir={lower}")

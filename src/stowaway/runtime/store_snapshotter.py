@@ -16,6 +16,7 @@ root, both removed by ``cleanup`` / start-up reconciliation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 PATHS_PREFIX = "containerd.io/snapshot/stowaway.paths."
 REF_LABEL = "containerd.io/snapshot.ref"
 DEFAULT_GCROOTS = Path("/nix/var/nix/gcroots/stowaway")
+LINKS_BASE = Path("/run/stowaway")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,13 @@ class SnapshotterConfig:
     trusted_public_keys: tuple[str, ...] = ()
     gcroots: Path | None = None
     mode: Mode | None = None
+    link_dir: Path | None = None  # default: link_dir_for(root)
+
+
+def link_dir_for(root: Path) -> Path:
+    """A short directory for the lowerdir links, unique per state dir (on tmpfs: the
+    links are rebuilt at start-up)."""
+    return LINKS_BASE / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
 
 
 def choose_mode(config: SnapshotterConfig, probe_dir: Path) -> tuple[Mode, str]:
@@ -110,6 +119,7 @@ class StoreSnapshotter(Snapshotter):
             config.local_store.mkdir(parents=True, exist_ok=True)
         self.meta = MetaStore(root / "metadata.db")
         self.skeletons = SkeletonCache(root / "skeletons")
+        self.link_dir = config.link_dir or link_dir_for(root)
         self.mode, why = choose_mode(config, root)
         log.info("stowaway snapshotter: rootfs mode %s (%s)", self.mode, why)
         data = [config.store, *([config.local_store] if config.local_store else [])]
@@ -118,7 +128,9 @@ class StoreSnapshotter(Snapshotter):
             self.mode,
             tuple(d.resolve() for d in data),
             index_off=os.path.exists("/sys/module/overlay/parameters/index"),
+            link_dir=self.link_dir,
         )
+        self._sync_links()
         self.gcroots = GcRoots(config.gcroots or self._default_gcroots())
         self.gcroots.reconcile(Path(p) for p in self.meta.store_paths())
         self.substituter = self._substituter()
@@ -153,6 +165,8 @@ class StoreSnapshotter(Snapshotter):
         return None
 
     def close(self) -> None:
+        # the links matter only while containerd mounts what we return; rebuilt at start
+        shutil.rmtree(self.link_dir, ignore_errors=True)
         self.meta.close()
         if self._db is not None:
             self._db.close()
@@ -242,6 +256,26 @@ class StoreSnapshotter(Snapshotter):
 
     # ------------------------------------------------------------------ directories
 
+    def _link(self, sid: int) -> None:
+        """(Re)point ``<link_dir>/<id>`` at the snapshot's fs dir, atomically."""
+        d = self.link_dir
+        tmp = d / f".{sid}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(self.layout.fs(sid), tmp)
+        os.replace(tmp, d / str(sid))
+
+    def _sync_links(self) -> None:
+        """Exactly one link per snapshot (a reboot empties /run; a crash may leave extras)."""
+        d = self.link_dir
+        d.mkdir(parents=True, exist_ok=True)
+        ids = self.meta.ids()
+        for e in d.iterdir():
+            if not (e.name.isdigit() and int(e.name) in ids):
+                e.unlink()
+        for sid in ids:
+            self._link(sid)
+
     def _tempdir(self) -> Path:
         with self._lock:  # registered before Cleanup can see it
             tmp = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
@@ -259,6 +293,7 @@ class StoreSnapshotter(Snapshotter):
         if os.path.lexists(dest):  # orphan of a transaction that rolled back
             shutil.rmtree(dest)
         os.rename(tmp, dest)
+        self._link(sid)
 
     def _create(self, key: str, parent: str, kind: Kind, labels: Mapping[str, str]) -> Record:
         tmp = self._tempdir()
@@ -301,6 +336,8 @@ class StoreSnapshotter(Snapshotter):
         with self._lock:
             rec = self.meta.remove(key)
             gone = self.snapshots_dir / f"rm-{rec.id}"
+            with contextlib.suppress(FileNotFoundError):
+                (self.link_dir / str(rec.id)).unlink()
             if os.path.lexists(self.snapshots_dir / str(rec.id)):
                 os.rename(self.snapshots_dir / str(rec.id), gone)
             still = {Path(p).name for p in self.meta.store_paths()}

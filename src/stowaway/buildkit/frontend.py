@@ -13,6 +13,7 @@ runs on Debian's python3 inside the frontend image.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -26,12 +27,21 @@ import grpc
 
 from stowaway.buildkit import llb
 from stowaway.buildkit.drv import Derivation, parse_drv
-from stowaway.buildkit.graph import build_graph
+from stowaway.buildkit.graph import STORE_PATHS_LABEL, build_graph, platform_of
 from stowaway.buildkit.pb import gateway, gateway_grpc
 from stowaway.buildkit.spec import Spec
 from stowaway.errors import StowawayError
+from stowaway.store.model import STORE_DIR
 
-__all__ = ["FrontendError", "Gateway", "frontend_options", "main", "run"]
+__all__ = [
+    "CacheImport",
+    "FrontendError",
+    "Gateway",
+    "cache_imports",
+    "frontend_options",
+    "main",
+    "run",
+]
 
 _CHUNK = 1 << 20
 #: BuildKit's gRPC server accepts requests up to 4 MiB (grpc-go's default).
@@ -52,6 +62,54 @@ def frontend_options(environ: Mapping[str, str]) -> dict[str, str]:
             key, _, val = value.partition("=")
             opts[key] = val
     return opts
+
+
+@dataclass(frozen=True)
+class CacheImport:
+    """A cache BuildKit may load results from: ``type`` ("registry", "local", …) + attrs."""
+
+    type: str
+    attrs: Mapping[str, str]
+
+
+def cache_imports(opts: Mapping[str, str]) -> list[CacheImport]:
+    """The caches the client asked to import, as the Dockerfile frontend reads them.
+
+    ``cache-imports`` is JSON ``[{"Type": …, "Attrs": {…}}]`` (buildx, BuildKit >= v0.4);
+    ``cache-from`` is the older comma-separated list of registry refs that dockerd 20.10
+    passes for ``docker build --cache-from REF``. BuildKit only applies imports named in
+    each Solve request, so the frontend must forward them or nothing is reused.
+    """
+    out: list[CacheImport] = []
+    raw = opts.get("cache-imports", "")
+    if raw:
+        try:
+            entries = json.loads(raw)
+        except ValueError as e:
+            raise FrontendError(f"frontend option cache-imports is not JSON: {e}") from None
+        if not isinstance(entries, list):
+            raise FrontendError("frontend option cache-imports must be a JSON list")
+        for i, entry in enumerate(entries):
+            typ = entry.get("Type") if isinstance(entry, dict) else None
+            attrs = entry.get("Attrs") or {} if isinstance(entry, dict) else None
+            if (
+                not isinstance(typ, str)
+                or not isinstance(attrs, dict)
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in attrs.items())
+            ):
+                raise FrontendError(
+                    f"frontend option cache-imports: entry {i} must be "
+                    '{"Type": string, "Attrs": {string: string}}'
+                )
+            out.append(CacheImport(typ, dict(attrs)))
+    for ref in opts.get("cache-from", "").split(","):
+        if ref.strip():
+            out.append(CacheImport("registry", {"ref": ref.strip()}))
+    unique: list[CacheImport] = []
+    for c in out:
+        if c not in unique:
+            unique.append(c)
+    return unique
 
 
 class _Relay:
@@ -93,6 +151,10 @@ class Gateway:
     """Typed calls on the LLBBridge stub."""
 
     stub: Any
+    #: Forwarded on solves of the build graph (not on reads of the client's files).
+    caches: tuple[CacheImport, ...] = ()
+    #: BuildKit takes ``CacheImports`` (cap "importcaches"); else registry refs only.
+    typed_caches: bool = True
 
     def ping(self) -> tuple[set[str], set[str]]:
         pong = self.stub.Ping(gateway.PingRequest())
@@ -101,8 +163,9 @@ class Gateway:
             {c.ID for c in pong.LLBCaps if c.Enabled},
         )
 
-    def solve(self, definition: Any) -> str:
-        """Solve ``definition``; the result's ref id ('' for an empty result)."""
+    def solve(self, definition: Any, use_caches: bool = False) -> str:
+        """Solve ``definition``; the result's ref id ('' for an empty result).
+        ``use_caches`` lets BuildKit load results from the imported caches."""
         size = definition.ByteSize()
         if size >= _MAX_REQUEST:
             raise FrontendError(
@@ -110,6 +173,11 @@ class Gateway:
             )
         req = gateway.SolveRequest(Definition=definition, allowResultReturn=True)
         req.allowResultArrayRef = True
+        for c in self.caches if use_caches else ():
+            if self.typed_caches:
+                req.CacheImports.add(Type=c.type, Attrs=c.attrs)
+            elif c.type == "registry" and "ref" in c.attrs:
+                req.ImportCacheRefsDeprecated.append(c.attrs["ref"])
         res = self.stub.Solve(req)
         which = res.result.WhichOneof("result") if res.HasField("result") else None
         if which == "ref":
@@ -117,6 +185,13 @@ class Gateway:
         if which == "refDeprecated":
             return str(res.result.refDeprecated)
         return str(res.ref)
+
+    def resolve_image_config(self, ref: str, platform: tuple[str, str]) -> tuple[str, bytes]:
+        """The manifest digest and config of image ``ref`` (from its registry)."""
+        req = gateway.ResolveImageConfigRequest(Ref=ref, LogName=f"[stowaway] resolve {ref}")
+        req.Platform.OS, req.Platform.Architecture = platform
+        res = self.stub.ResolveImageConfig(req)
+        return str(res.Digest), bytes(res.Config)
 
     def read_file(self, ref: str, path: str) -> bytes:
         """The whole file, read in 1 MiB ranges (responses must stay under 4 MiB)."""
@@ -164,6 +239,50 @@ def _read_inputs(
     return spec, drvs
 
 
+def _substitutes(gw: Gateway, platform: tuple[str, str]) -> dict[str, llb.Output]:
+    """Store paths held by the images named as caches (earlier stowaway builds carry
+    the label STORE_PATHS_LABEL), each from its image pinned by digest.
+
+    BuildKit v0.8 (dockerd 20.10) exports only an inline cache, which holds results of
+    the image's layers but not of the ExecOps that built them; taking unchanged store
+    paths from the previous image is what saves rebuilding them on a fresh builder. An
+    image that cannot be resolved is skipped, as BuildKit skips a missing cache.
+    """
+    subs: dict[str, llb.Output] = {}
+    for cache in gw.caches:
+        ref = cache.attrs.get("ref", "")
+        if cache.type != "registry" or not ref:
+            continue
+        try:
+            digest, config = gw.resolve_image_config(ref, platform)
+            labels = json.loads(config).get("config", {}).get("Labels") or {}
+        except grpc.RpcError as e:
+            print(f"stowaway frontend: cache image {ref} skipped: {e.details()}", file=sys.stderr)
+            continue
+        except (ValueError, AttributeError):
+            print(f"stowaway frontend: cache image {ref} has no JSON config", file=sys.stderr)
+            continue
+        names = str(labels.get(STORE_PATHS_LABEL, "")).split()
+        if not names:
+            continue
+        image = llb.image_source(
+            f"{ref.split('@', 1)[0]}@{digest}",
+            platform=platform,
+            description=f"[stowaway] substitute {len(names)} store paths from {ref}",
+        )
+        for name in names:
+            subs.setdefault(f"{STORE_DIR}/{name}", image)
+    return subs
+
+
+def _labelled(config: bytes, layers: tuple[tuple[str, ...], ...]) -> bytes:
+    """``config`` with STORE_PATHS_LABEL naming every store path of the image."""
+    doc = json.loads(config)
+    names = sorted(p.rsplit("/", 1)[-1] for layer in layers for p in layer)
+    doc.setdefault("config", {}).setdefault("Labels", {})[STORE_PATHS_LABEL] = " ".join(names)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def run(gw: Gateway, opts: Mapping[str, str], session: str) -> None:
     """Build the image the context describes and Return it (errors Return an error)."""
     try:
@@ -172,21 +291,26 @@ def run(gw: Gateway, opts: Mapping[str, str], session: str) -> None:
         missing += [c for c in _REQUIRED_LLB_CAPS if c not in llb_caps]
         if missing:
             raise FrontendError(f"this BuildKit lacks capabilities {', '.join(missing)}")
+        gw.caches = tuple(cache_imports(opts))
+        gw.typed_caches = "importcaches" in caps
         spec, drv_list = _read_inputs(gw, opts, session)
         drvs = {d.path: d for d in drv_list}
         sources = sorted({rel for rel in spec.source_dirs.values()})
         context = llb.local_source(
             "context", session_id=session, include=sources, description="[internal] load sources"
         )
-        graph = build_graph(spec, drvs, context)
-        ref = gw.solve(llb.marshal(graph.result))
+        subs: dict[str, llb.Output] = {}
+        if "resolveimage" in caps and "source.image" in llb_caps:
+            subs = _substitutes(gw, platform_of(drvs[spec.targets[0].drv]))
+        graph = build_graph(spec, drvs, context, subs)
+        ref = gw.solve(llb.marshal(graph.result), use_caches=True)
     except StowawayError as e:
         gw.ret(None, {}, str(e))
         return
     except grpc.RpcError as e:
         gw.ret(None, {}, f"stowaway frontend: {e.details()}")
         return
-    gw.ret(ref, {"containerimage.config": spec.config}, None)
+    gw.ret(ref, {"containerimage.config": _labelled(spec.config, graph.layers)}, None)
 
 
 def main() -> int:

@@ -22,9 +22,20 @@ from stowaway.errors import StowawayError
 from stowaway.layering import plan
 from stowaway.store.model import STORE_DIR, PathInfo
 
-__all__ = ["SYSTEMS", "BuildGraph", "GraphError", "build_env", "build_graph", "platform_of"]
+__all__ = [
+    "STORE_PATHS_LABEL",
+    "SYSTEMS",
+    "BuildGraph",
+    "GraphError",
+    "build_env",
+    "build_graph",
+    "platform_of",
+]
 
 BUILD_TOP = "/build"
+#: Image config label listing the store path basenames an image holds, so that a later
+#: build can substitute them from it (``docker build --cache-from IMAGE``).
+STORE_PATHS_LABEL = "stowaway.store-paths"
 #: Nix system → (OS, architecture) of the OCI platform the ExecOp asks for.
 SYSTEMS = {
     "x86_64-linux": ("linux", "amd64"),
@@ -45,6 +56,7 @@ class BuildGraph:
     result: Output
     builders: Mapping[str, Vertex]
     layers: tuple[tuple[str, ...], ...]
+    substituted: frozenset[str] = frozenset()
 
 
 def platform_of(drv: Derivation) -> tuple[str, str]:
@@ -87,8 +99,11 @@ def _base(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
-def _build_order(drvs: Mapping[str, Derivation], roots: Sequence[str]) -> list[str]:
-    """Derivations reachable from ``roots``, dependencies first (iterative, cycle-checked)."""
+def _build_order(
+    drvs: Mapping[str, Derivation], roots: Sequence[str], leaves: frozenset[str] = frozenset()
+) -> list[str]:
+    """Derivations reachable from ``roots``, dependencies first (iterative, cycle-checked);
+    the inputs of ``leaves`` (substituted derivations) are not needed, so not visited."""
     order: list[str] = []
     state: dict[str, int] = {}  # 1 = on the stack, 2 = done
     for root in roots:
@@ -111,7 +126,7 @@ def _build_order(drvs: Mapping[str, Derivation], roots: Sequence[str]) -> list[s
                 )
             state[path] = 1
             stack.append((path, True))
-            for dep, _ in reversed(drv.input_drvs):
+            for dep, _ in () if path in leaves else reversed(drv.input_drvs):
                 if state.get(dep) != 2:
                     if state.get(dep) == 1:
                         raise GraphError(f"derivation {path} and {dep} depend on each other")
@@ -119,14 +134,27 @@ def _build_order(drvs: Mapping[str, Derivation], roots: Sequence[str]) -> list[s
     return order
 
 
-def build_graph(spec: Spec, drvs: Mapping[str, Derivation], context: Output) -> BuildGraph:
+def build_graph(
+    spec: Spec,
+    drvs: Mapping[str, Derivation],
+    context: Output,
+    substitutes: Mapping[str, Output] | None = None,
+) -> BuildGraph:
     """LLB for the whole build. ``context`` is the build context holding input sources
-    at ``spec.source_dirs[path]``."""
+    at ``spec.source_dirs[path]``. ``substitutes`` maps store paths to an image that
+    holds them at their store path (an earlier build's image): a derivation whose
+    outputs are all there is taken from it, like Nix substituting from a binary cache,
+    instead of being built; ``builders`` and ``substituted`` tell which was which."""
+    subs = substitutes or {}
     providers: dict[str, tuple[Output, str]] = {
         src: (context, "/" + rel.strip("/")) for src, rel in spec.source_dirs.items()
     }
+    providers.update((p, (image, p)) for p, image in subs.items())
     builders: dict[str, Vertex] = {}
-    order = _build_order(drvs, [t.drv for t in spec.targets])
+    substitutable = frozenset(
+        p for p, d in drvs.items() if d.outputs and all(o.path in subs for o in d.outputs)
+    )
+    order = _build_order(drvs, [t.drv for t in spec.targets], substitutable)
     # BuildKit refuses an ExecOp whose / has no input: an empty root with mount points.
     root = file_op(
         None,
@@ -134,8 +162,12 @@ def build_graph(spec: Spec, drvs: Mapping[str, Derivation], context: Output) -> 
         platform=platform_of(drvs[order[-1]]),
         description="stowaway build root",
     )
+    substituted: set[str] = set()
     for path in order:
         drv = drvs[path]
+        if path in substitutable:
+            substituted.add(path)
+            continue
         vertex = _derivation_op(drv, drvs, providers, root)
         builders[path] = vertex
         for out in drv.outputs:
@@ -146,7 +178,7 @@ def build_graph(spec: Spec, drvs: Mapping[str, Derivation], context: Output) -> 
                 f"target {t.drv}!{t.output}: the .drv says {drvs[t.drv].output(t.output).path}, "
                 f"stowaway.json says {t.path}"
             )
-    closure = _closure(spec, drvs)
+    closure = _closure(spec, drvs, subs)
     roots = [t.path for t in spec.targets]
     layer_plan = plan(closure, roots, strategy=spec.layering, max_layers=spec.max_layers)
     plat = platform_of(drvs[spec.targets[0].drv])
@@ -176,7 +208,7 @@ def build_graph(spec: Spec, drvs: Mapping[str, Derivation], context: Output) -> 
         ]
         image = file_op(image, custom, platform=plat, description="stowaway customisation layer")
     assert image is not None  # a plan always has a layer: the targets are in it
-    return BuildGraph(image, builders, tuple(layers))
+    return BuildGraph(image, builders, tuple(layers), frozenset(substituted))
 
 
 def _derivation_op(
@@ -211,12 +243,16 @@ def _derivation_op(
     )
 
 
-def _closure(spec: Spec, drvs: Mapping[str, Derivation]) -> dict[str, PathInfo]:
+def _closure(
+    spec: Spec, drvs: Mapping[str, Derivation], subs: Mapping[str, Output]
+) -> dict[str, PathInfo]:
     """The targets' runtime closure as PathInfos for the layer planner.
 
     With references recorded at context time (outputs built locally) this is exact.
     Otherwise outputs' references are unknown until built, so each output is assumed to
-    reference every input of its derivation: the build-time closure, a superset.
+    reference every input of its derivation: the build-time closure, a superset. A
+    substituted output came from an image holding its whole runtime closure, so its
+    references are among the inputs that image holds.
     """
     refs: dict[str, tuple[str, ...]] = {}
     if spec.references is not None:
@@ -227,7 +263,8 @@ def _closure(spec: Spec, drvs: Mapping[str, Derivation]) -> dict[str, PathInfo]:
             for dep, outs in drv.input_drvs:
                 deps.update(drvs[dep].output(o).path for o in outs)
             for out in drv.outputs:
-                refs[out.path] = tuple(sorted(deps))
+                held = deps if out.path not in subs else {d for d in deps if d in subs}
+                refs[out.path] = tuple(sorted(held))
     closure: dict[str, PathInfo] = {}
     todo = [t.path for t in spec.targets]
     while todo:

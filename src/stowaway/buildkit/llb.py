@@ -28,6 +28,7 @@ __all__ = [
     "Vertex",
     "exec_op",
     "file_op",
+    "image_source",
     "local_source",
     "marshal",
 ]
@@ -135,6 +136,17 @@ def local_source(
     op.source.attrs.update(attrs)
     desc = {"llb.customname": description} if description else None
     return Output(_vertex(op, [], desc, ["source.local"]))
+
+
+def image_source(
+    ref: str, *, platform: tuple[str, str] | None = None, description: str | None = None
+) -> Output:
+    """``docker-image://REF``: an image's filesystem (pin REF by digest to be reproducible)."""
+    op = ops.Op()
+    op.source.identifier = f"docker-image://{ref}"
+    _platform(op, platform)
+    desc = {"llb.customname": description} if description else None
+    return Output(_vertex(op, [], desc, ["source.image"]))
 
 
 def exec_op(

@@ -15,7 +15,7 @@ from stowaway.buildkit.proto import ops_pb2 as stowaway_dot_buildkit_dot_proto_d
 from stowaway.buildkit.proto import caps_pb2 as stowaway_dot_buildkit_dot_proto_dot_caps__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%stowaway/buildkit/proto/gateway.proto\x12\x19moby.buildkit.v1.frontend\x1a!stowaway/buildkit/proto/ops.proto\x1a\"stowaway/buildkit/proto/caps.proto\"\xc8\x02\n\x06Result\x12\x17\n\rrefDeprecated\x18\x01 \x01(\tH\x00\x12\x45\n\x0erefsDeprecated\x18\x02 \x01(\x0b\x32+.moby.buildkit.v1.frontend.RefMapDeprecatedH\x00\x12-\n\x03ref\x18\x03 \x01(\x0b\x32\x1e.moby.buildkit.v1.frontend.RefH\x00\x12\x31\n\x04refs\x18\x04 \x01(\x0b\x32!.moby.buildkit.v1.frontend.RefMapH\x00\x12\x41\n\x08metadata\x18\n \x03(\x0b\x32/.moby.buildkit.v1.frontend.Result.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x42\x08\n\x06result\"\x84\x01\n\x10RefMapDeprecated\x12\x43\n\x04refs\x18\x01 \x03(\x0b\x32\x35.moby.buildkit.v1.frontend.RefMapDeprecated.RefsEntry\x1a+\n\tRefsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x03Ref\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1b\n\x03\x64\x65\x66\x18\x02 \x01(\x0b\x32\x0e.pb.Definition\"\x90\x01\n\x06RefMap\x12\x39\n\x04refs\x18\x01 \x03(\x0b\x32+.moby.buildkit.v1.frontend.RefMap.RefsEntry\x1aK\n\tRefsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x05value\x18\x02 \x01(\x0b\x32\x1e.moby.buildkit.v1.frontend.Ref:\x02\x38\x01\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"t\n\rReturnRequest\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32!.moby.buildkit.v1.frontend.Result\x12\x30\n\x05\x65rror\x18\x02 \x01(\x0b\x32!.moby.buildkit.v1.frontend.Status\"\x10\n\x0eReturnResponse\"\xa4\x02\n\x0cSolveRequest\x12\"\n\nDefinition\x18\x01 \x01(\x0b\x32\x0e.pb.Definition\x12\x10\n\x08\x46rontend\x18\x02 \x01(\t\x12M\n\x0b\x46rontendOpt\x18\x03 \x03(\x0b\x32\x38.moby.buildkit.v1.frontend.SolveRequest.FrontendOptEntry\x12\x19\n\x11\x61llowResultReturn\x18\x05 \x01(\x08\x12\x1b\n\x13\x61llowResultArrayRef\x18\x06 \x01(\x08\x12\r\n\x05\x46inal\x18\n \x01(\x08\x12\x14\n\x0c\x45xporterAttr\x18\x0b \x01(\x0c\x1a\x32\n\x10\x46rontendOptEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\rSolveResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x31\n\x06result\x18\x03 \x01(\x0b\x32!.moby.buildkit.v1.frontend.Result\"e\n\x0fReadFileRequest\x12\x0b\n\x03Ref\x18\x01 \x01(\t\x12\x10\n\x08\x46ilePath\x18\x02 \x01(\t\x12\x33\n\x05Range\x18\x03 \x01(\x0b\x32$.moby.buildkit.v1.frontend.FileRange\"+\n\tFileRange\x12\x0e\n\x06Offset\x18\x01 \x01(\x03\x12\x0e\n\x06Length\x18\x02 \x01(\x03\" \n\x10ReadFileResponse\x12\x0c\n\x04\x44\x61ta\x18\x01 \x01(\x0c\"\r\n\x0bPingRequest\"|\n\x0cPongResponse\x12\x39\n\x0f\x46rontendAPICaps\x18\x01 \x03(\x0b\x32 .moby.buildkit.v1.apicaps.APICap\x12\x31\n\x07LLBCaps\x18\x02 \x03(\x0b\x32 .moby.buildkit.v1.apicaps.APICap2\x84\x03\n\tLLBBridge\x12Z\n\x05Solve\x12\'.moby.buildkit.v1.frontend.SolveRequest\x1a(.moby.buildkit.v1.frontend.SolveResponse\x12\x63\n\x08ReadFile\x12*.moby.buildkit.v1.frontend.ReadFileRequest\x1a+.moby.buildkit.v1.frontend.ReadFileResponse\x12W\n\x04Ping\x12&.moby.buildkit.v1.frontend.PingRequest\x1a\'.moby.buildkit.v1.frontend.PongResponse\x12]\n\x06Return\x12(.moby.buildkit.v1.frontend.ReturnRequest\x1a).moby.buildkit.v1.frontend.ReturnResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%stowaway/buildkit/proto/gateway.proto\x12\x19moby.buildkit.v1.frontend\x1a!stowaway/buildkit/proto/ops.proto\x1a\"stowaway/buildkit/proto/caps.proto\"\xc8\x02\n\x06Result\x12\x17\n\rrefDeprecated\x18\x01 \x01(\tH\x00\x12\x45\n\x0erefsDeprecated\x18\x02 \x01(\x0b\x32+.moby.buildkit.v1.frontend.RefMapDeprecatedH\x00\x12-\n\x03ref\x18\x03 \x01(\x0b\x32\x1e.moby.buildkit.v1.frontend.RefH\x00\x12\x31\n\x04refs\x18\x04 \x01(\x0b\x32!.moby.buildkit.v1.frontend.RefMapH\x00\x12\x41\n\x08metadata\x18\n \x03(\x0b\x32/.moby.buildkit.v1.frontend.Result.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x42\x08\n\x06result\"\x84\x01\n\x10RefMapDeprecated\x12\x43\n\x04refs\x18\x01 \x03(\x0b\x32\x35.moby.buildkit.v1.frontend.RefMapDeprecated.RefsEntry\x1a+\n\tRefsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x03Ref\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1b\n\x03\x64\x65\x66\x18\x02 \x01(\x0b\x32\x0e.pb.Definition\"\x90\x01\n\x06RefMap\x12\x39\n\x04refs\x18\x01 \x03(\x0b\x32+.moby.buildkit.v1.frontend.RefMap.RefsEntry\x1aK\n\tRefsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12-\n\x05value\x18\x02 \x01(\x0b\x32\x1e.moby.buildkit.v1.frontend.Ref:\x02\x38\x01\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"n\n\x19ResolveImageConfigRequest\x12\x0b\n\x03Ref\x18\x01 \x01(\t\x12\x1e\n\x08Platform\x18\x02 \x01(\x0b\x32\x0c.pb.Platform\x12\x13\n\x0bResolveMode\x18\x03 \x01(\t\x12\x0f\n\x07LogName\x18\x04 \x01(\t\"<\n\x1aResolveImageConfigResponse\x12\x0e\n\x06\x44igest\x18\x01 \x01(\t\x12\x0e\n\x06\x43onfig\x18\x02 \x01(\x0c\"t\n\rReturnRequest\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32!.moby.buildkit.v1.frontend.Result\x12\x30\n\x05\x65rror\x18\x02 \x01(\x0b\x32!.moby.buildkit.v1.frontend.Status\"\x10\n\x0eReturnResponse\"\x8b\x03\n\x0cSolveRequest\x12\"\n\nDefinition\x18\x01 \x01(\x0b\x32\x0e.pb.Definition\x12\x10\n\x08\x46rontend\x18\x02 \x01(\t\x12M\n\x0b\x46rontendOpt\x18\x03 \x03(\x0b\x32\x38.moby.buildkit.v1.frontend.SolveRequest.FrontendOptEntry\x12!\n\x19ImportCacheRefsDeprecated\x18\x04 \x03(\t\x12\x19\n\x11\x61llowResultReturn\x18\x05 \x01(\x08\x12\x1b\n\x13\x61llowResultArrayRef\x18\x06 \x01(\x08\x12\r\n\x05\x46inal\x18\n \x01(\x08\x12\x14\n\x0c\x45xporterAttr\x18\x0b \x01(\x0c\x12\x42\n\x0c\x43\x61\x63heImports\x18\x0c \x03(\x0b\x32,.moby.buildkit.v1.frontend.CacheOptionsEntry\x1a\x32\n\x10\x46rontendOptEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x11\x43\x61\x63heOptionsEntry\x12\x0c\n\x04Type\x18\x01 \x01(\t\x12\x46\n\x05\x41ttrs\x18\x02 \x03(\x0b\x32\x37.moby.buildkit.v1.frontend.CacheOptionsEntry.AttrsEntry\x1a,\n\nAttrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\rSolveResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x31\n\x06result\x18\x03 \x01(\x0b\x32!.moby.buildkit.v1.frontend.Result\"e\n\x0fReadFileRequest\x12\x0b\n\x03Ref\x18\x01 \x01(\t\x12\x10\n\x08\x46ilePath\x18\x02 \x01(\t\x12\x33\n\x05Range\x18\x03 \x01(\x0b\x32$.moby.buildkit.v1.frontend.FileRange\"+\n\tFileRange\x12\x0e\n\x06Offset\x18\x01 \x01(\x03\x12\x0e\n\x06Length\x18\x02 \x01(\x03\" \n\x10ReadFileResponse\x12\x0c\n\x04\x44\x61ta\x18\x01 \x01(\x0c\"\r\n\x0bPingRequest\"|\n\x0cPongResponse\x12\x39\n\x0f\x46rontendAPICaps\x18\x01 \x03(\x0b\x32 .moby.buildkit.v1.apicaps.APICap\x12\x31\n\x07LLBCaps\x18\x02 \x03(\x0b\x32 .moby.buildkit.v1.apicaps.APICap2\x88\x04\n\tLLBBridge\x12\x81\x01\n\x12ResolveImageConfig\x12\x34.moby.buildkit.v1.frontend.ResolveImageConfigRequest\x1a\x35.moby.buildkit.v1.frontend.ResolveImageConfigResponse\x12Z\n\x05Solve\x12\'.moby.buildkit.v1.frontend.SolveRequest\x1a(.moby.buildkit.v1.frontend.SolveResponse\x12\x63\n\x08ReadFile\x12*.moby.buildkit.v1.frontend.ReadFileRequest\x1a+.moby.buildkit.v1.frontend.ReadFileResponse\x12W\n\x04Ping\x12&.moby.buildkit.v1.frontend.PingRequest\x1a\'.moby.buildkit.v1.frontend.PongResponse\x12]\n\x06Return\x12(.moby.buildkit.v1.frontend.ReturnRequest\x1a).moby.buildkit.v1.frontend.ReturnResponseb\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stowaway.buildkit.proto.gateway_pb2', globals())
@@ -30,6 +30,8 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _REFMAP_REFSENTRY._serialized_options = b'8\001'
   _SOLVEREQUEST_FRONTENDOPTENTRY._options = None
   _SOLVEREQUEST_FRONTENDOPTENTRY._serialized_options = b'8\001'
+  _CACHEOPTIONSENTRY_ATTRSENTRY._options = None
+  _CACHEOPTIONSENTRY_ATTRSENTRY._serialized_options = b'8\001'
   _RESULT._serialized_start=140
   _RESULT._serialized_end=468
   _RESULT_METADATAENTRY._serialized_start=411
@@ -46,26 +48,34 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _REFMAP_REFSENTRY._serialized_end=798
   _STATUS._serialized_start=800
   _STATUS._serialized_end=839
-  _RETURNREQUEST._serialized_start=841
-  _RETURNREQUEST._serialized_end=957
-  _RETURNRESPONSE._serialized_start=959
-  _RETURNRESPONSE._serialized_end=975
-  _SOLVEREQUEST._serialized_start=978
-  _SOLVEREQUEST._serialized_end=1270
-  _SOLVEREQUEST_FRONTENDOPTENTRY._serialized_start=1220
-  _SOLVEREQUEST_FRONTENDOPTENTRY._serialized_end=1270
-  _SOLVERESPONSE._serialized_start=1272
-  _SOLVERESPONSE._serialized_end=1351
-  _READFILEREQUEST._serialized_start=1353
-  _READFILEREQUEST._serialized_end=1454
-  _FILERANGE._serialized_start=1456
-  _FILERANGE._serialized_end=1499
-  _READFILERESPONSE._serialized_start=1501
-  _READFILERESPONSE._serialized_end=1533
-  _PINGREQUEST._serialized_start=1535
-  _PINGREQUEST._serialized_end=1548
-  _PONGRESPONSE._serialized_start=1550
-  _PONGRESPONSE._serialized_end=1674
-  _LLBBRIDGE._serialized_start=1677
-  _LLBBRIDGE._serialized_end=2065
+  _RESOLVEIMAGECONFIGREQUEST._serialized_start=841
+  _RESOLVEIMAGECONFIGREQUEST._serialized_end=951
+  _RESOLVEIMAGECONFIGRESPONSE._serialized_start=953
+  _RESOLVEIMAGECONFIGRESPONSE._serialized_end=1013
+  _RETURNREQUEST._serialized_start=1015
+  _RETURNREQUEST._serialized_end=1131
+  _RETURNRESPONSE._serialized_start=1133
+  _RETURNRESPONSE._serialized_end=1149
+  _SOLVEREQUEST._serialized_start=1152
+  _SOLVEREQUEST._serialized_end=1547
+  _SOLVEREQUEST_FRONTENDOPTENTRY._serialized_start=1497
+  _SOLVEREQUEST_FRONTENDOPTENTRY._serialized_end=1547
+  _CACHEOPTIONSENTRY._serialized_start=1550
+  _CACHEOPTIONSENTRY._serialized_end=1701
+  _CACHEOPTIONSENTRY_ATTRSENTRY._serialized_start=1657
+  _CACHEOPTIONSENTRY_ATTRSENTRY._serialized_end=1701
+  _SOLVERESPONSE._serialized_start=1703
+  _SOLVERESPONSE._serialized_end=1782
+  _READFILEREQUEST._serialized_start=1784
+  _READFILEREQUEST._serialized_end=1885
+  _FILERANGE._serialized_start=1887
+  _FILERANGE._serialized_end=1930
+  _READFILERESPONSE._serialized_start=1932
+  _READFILERESPONSE._serialized_end=1964
+  _PINGREQUEST._serialized_start=1966
+  _PINGREQUEST._serialized_end=1979
+  _PONGRESPONSE._serialized_start=1981
+  _PONGRESPONSE._serialized_end=2105
+  _LLBBRIDGE._serialized_start=2108
+  _LLBBRIDGE._serialized_end=2628
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,21 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CacheOptionsEntry(_message.Message):
+    __slots__ = ["Attrs", "Type"]
+    class AttrsEntry(_message.Message):
+        __slots__ = ["key", "value"]
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    Attrs: _containers.ScalarMap[str, str]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    Type: str
+    def __init__(self, Type: _Optional[str] = ..., Attrs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class FileRange(_message.Message):
     __slots__ = ["Length", "Offset"]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +91,26 @@ class RefMapDeprecated(_message.Message):
     refs: _containers.ScalarMap[str, str]
     def __init__(self, refs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class ResolveImageConfigRequest(_message.Message):
+    __slots__ = ["LogName", "Platform", "Ref", "ResolveMode"]
+    LOGNAME_FIELD_NUMBER: _ClassVar[int]
+    LogName: str
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    Platform: _ops_pb2.Platform
+    REF_FIELD_NUMBER: _ClassVar[int]
+    RESOLVEMODE_FIELD_NUMBER: _ClassVar[int]
+    Ref: str
+    ResolveMode: str
+    def __init__(self, Ref: _Optional[str] = ..., Platform: _Optional[_Union[_ops_pb2.Platform, _Mapping]] = ..., ResolveMode: _Optional[str] = ..., LogName: _Optional[str] = ...) -> None: ...
+
+class ResolveImageConfigResponse(_message.Message):
+    __slots__ = ["Config", "Digest"]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    Config: bytes
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    Digest: str
+    def __init__(self, Digest: _Optional[str] = ..., Config: _Optional[bytes] = ...) -> None: ...
+
 class Result(_message.Message):
     __slots__ = ["metadata", "ref", "refDeprecated", "refs", "refsDeprecated"]
     class MetadataEntry(_message.Message):
@@ -110,7 +145,7 @@ class ReturnResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class SolveRequest(_message.Message):
-    __slots__ = ["Definition", "ExporterAttr", "Final", "Frontend", "FrontendOpt", "allowResultArrayRef", "allowResultReturn"]
+    __slots__ = ["CacheImports", "Definition", "ExporterAttr", "Final", "Frontend", "FrontendOpt", "ImportCacheRefsDeprecated", "allowResultArrayRef", "allowResultReturn"]
     class FrontendOptEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +155,8 @@ class SolveRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ALLOWRESULTARRAYREF_FIELD_NUMBER: _ClassVar[int]
     ALLOWRESULTRETURN_FIELD_NUMBER: _ClassVar[int]
+    CACHEIMPORTS_FIELD_NUMBER: _ClassVar[int]
+    CacheImports: _containers.RepeatedCompositeFieldContainer[CacheOptionsEntry]
     DEFINITION_FIELD_NUMBER: _ClassVar[int]
     Definition: _ops_pb2.Definition
     EXPORTERATTR_FIELD_NUMBER: _ClassVar[int]
@@ -130,9 +167,11 @@ class SolveRequest(_message.Message):
     Final: bool
     Frontend: str
     FrontendOpt: _containers.ScalarMap[str, str]
+    IMPORTCACHEREFSDEPRECATED_FIELD_NUMBER: _ClassVar[int]
+    ImportCacheRefsDeprecated: _containers.RepeatedScalarFieldContainer[str]
     allowResultArrayRef: bool
     allowResultReturn: bool
-    def __init__(self, Definition: _Optional[_Union[_ops_pb2.Definition, _Mapping]] = ..., Frontend: _Optional[str] = ..., FrontendOpt: _Optional[_Mapping[str, str]] = ..., allowResultReturn: bool = ..., allowResultArrayRef: bool = ..., Final: bool = ..., ExporterAttr: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, Definition: _Optional[_Union[_ops_pb2.Definition, _Mapping]] = ..., Frontend: _Optional[str] = ..., FrontendOpt: _Optional[_Mapping[str, str]] = ..., ImportCacheRefsDeprecated: _Optional[_Iterable[str]] = ..., allowResultReturn: bool = ..., allowResultArrayRef: bool = ..., Final: bool = ..., ExporterAttr: _Optional[bytes] = ..., CacheImports: _Optional[_Iterable[_Union[CacheOptionsEntry, _Mapping]]] = ...) -> None: ...
 
 class SolveResponse(_message.Message):
     __slots__ = ["ref", "result"]

@@ -14,6 +14,11 @@ class LLBBridgeStub(object):
         Args:
             channel: A grpc.Channel.
         """
+        self.ResolveImageConfig = channel.unary_unary(
+                '/moby.buildkit.v1.frontend.LLBBridge/ResolveImageConfig',
+                request_serializer=stowaway_dot_buildkit_dot_proto_dot_gateway__pb2.ResolveImageConfigRequest.SerializeToString,
+                response_deserializer=stowaway_dot_buildkit_dot_proto_dot_gateway__pb2.ResolveImageConfigResponse.FromString,
+                )
         self.Solve = channel.unary_unary(
                 '/moby.buildkit.v1.frontend.LLBBridge/Solve',
                 request_serializer=stowaway_dot_buildkit_dot_proto_dot_gateway__pb2.SolveRequest.SerializeToString,
@@ -38,6 +43,12 @@ class LLBBridgeStub(object):
 
 class LLBBridgeServicer(object):
     """Missing associated documentation comment in .proto file."""
+
+    def ResolveImageConfig(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Solve(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -66,6 +77,11 @@ class LLBBridgeServicer(object):
 
 def add_LLBBridgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'ResolveImageConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveImageConfig,
+                    request_deserializer=stowaway_dot_buildkit_dot_proto_dot_gateway__pb2.ResolveImageConfigRequest.FromString,
+                    response_serializer=stowaway_dot_buildkit_dot_proto_dot_gateway__pb2.ResolveImageConfigResponse.SerializeToString,
+            ),
             'Solve': grpc.unary_unary_rpc_method_handler(
                     servicer.Solve,
                     request_deserializer=stowaway_dot_buildkit_dot_proto_dot_gateway__pb2.SolveRequest.FromString,
@@ -95,6 +111,23 @@ def add_LLBBridgeServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class LLBBridge(object):
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def ResolveImageConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/moby.buildkit.v1.frontend.LLBBridge/ResolveImageConfig',
+            stowaway_dot_buildkit_dot_proto_dot_gateway__pb2.ResolveImageConfigRequest.SerializeToString,
+            stowaway_dot_buildkit_dot_proto_dot_gateway__pb2.ResolveImageConfigResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
     @staticmethod
     def Solve(request,

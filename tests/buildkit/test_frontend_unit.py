@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stowaway.buildkit.frontend import frontend_options
+from stowaway.buildkit.frontend import CacheImport, FrontendError, cache_imports, frontend_options
 from stowaway.buildkit.spec import Member, Spec, SpecError, Target
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,3 +83,26 @@ def test_frontend_imports_nothing_beyond_grpc_protobuf_stdlib() -> None:
     assert r.returncode == 0, r.stderr
     assert "stowaway.buildkit.frontend" in r.stdout
     assert "stowaway.image" not in r.stdout and "stowaway.store.nar" not in r.stdout
+
+
+def test_cache_imports_from_both_options() -> None:
+    opts = {
+        "cache-imports": '[{"Type": "local", "Attrs": {"src": "/c"}},'
+        ' {"Type": "registry", "Attrs": {"ref": "r:5000/a:c"}}]',
+        "cache-from": "r:5000/a:c, r:5000/b:c",
+    }
+    assert cache_imports(opts) == [
+        CacheImport("local", {"src": "/c"}),
+        CacheImport("registry", {"ref": "r:5000/a:c"}),
+        CacheImport("registry", {"ref": "r:5000/b:c"}),
+    ]
+    assert cache_imports({}) == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [("[", "not JSON"), ('{"Type": "x"}', "must be a JSON list"), ('[{"Attrs": {}}]', "entry 0")],
+)
+def test_bad_cache_imports_are_clear_errors(raw: str, message: str) -> None:
+    with pytest.raises(FrontendError, match=message):
+        cache_imports({"cache-imports": raw})

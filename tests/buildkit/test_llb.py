@@ -173,3 +173,24 @@ def test_missing_derivation_is_a_clear_error(have_nix: None, contexts: dict[str,
     }
     with pytest.raises(GraphError, match=r"-beta\.drv is not in the build context"):
         build_graph(spec, drvs, _ctx())
+
+
+def test_substituted_derivations_get_no_exec_op(have_nix: None, contexts: dict[str, Path]) -> None:
+    """Store paths held by a cache image replace their derivations' ExecOps; only what
+    changed (alpha and its dependents) and build-only inputs that the image lacks run."""
+    spec = Spec.from_json((contexts["x"] / "stowaway.json").read_bytes())
+    drvs = {p: parse_drv((contexts["x"] / r).read_bytes(), p) for p, r in spec.drv_files.items()}
+    old = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
+    image = llb.image_source("127.0.0.1:5000/app:cache@sha256:" + "0" * 64)
+    held = {p for o in old.outputs.values() for p in o.values()}  # every old output
+    g = build_graph(spec, drvs, _ctx(), {p: image for p in held})
+    built = {drvs[p].name for p in g.builders}
+    assert built == {"alpha", "lib-ab", "core", "docs", "app"}
+    # gamma is not even visited: only lib-bc needed it, and lib-bc is substituted
+    assert {drvs[p].name for p in g.substituted} == {
+        "tools", "beta", "lib-bc", "split", "settings", "pinned"
+    }  # fmt: skip
+    core = ops.Op.FromString(next(v for p, v in g.builders.items() if drvs[p].name == "core").data)
+    lib_bc = next(m for m in core.exec.mounts if m.dest.endswith("-lib-bc"))
+    assert lib_bc.selector == lib_bc.dest  # from the image, at its store path
+    assert core.inputs[lib_bc.input].digest == image.vertex.digest

@@ -161,7 +161,9 @@ def open_compressor(
     (None = inline); ``threads`` is the zstd worker count."""
     effective = DEFAULT_LEVEL[compression] if level is None else level
     if compression == "gzip":
-        return ParallelGzipWriter(out, effective, executor, max_inflight=2 * max(1, threads) + 2)
+        # A deep queue (16 blocks = 2 MiB of input per layer) keeps both cores busy when
+        # block costs vary; with 4 blocks the producer stalled on the slowest one.
+        return ParallelGzipWriter(out, effective, executor, max_inflight=max(16, 4 * threads))
     if compression == "zstd":
         return ZstdWriter(out, effective, threads)
     return PlainWriter(out)

@@ -21,6 +21,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -217,6 +218,7 @@ class NixResolver:
 
     def _compose_blocking(self, key: Key) -> ResolvedManifest:
         roots, fmt = key
+        started = time.perf_counter()
         source = self.source()
         clo = closure(source, roots)
         options = ImageOptions(env=list(self.options.env), contents=list(roots))
@@ -234,6 +236,14 @@ class NixResolver:
             format=fmt,
         ).image
         self.composes += 1
+        log.info(
+            "composed %s (%s, %d paths, %d layers) in %.2fs",
+            " ".join(p.rsplit("/", 1)[1] for p in roots)[:200],
+            fmt,
+            len(clo),
+            len(image.layers),
+            time.perf_counter() - started,
+        )
         blobs: dict[str, Path] = {image.config.digest: self._store_small_blob(image.config)}
         for layer in image.layers:
             assert layer.path is not None, "composed layers live in the layer cache"

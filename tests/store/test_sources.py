@@ -100,3 +100,22 @@ def test_open_sources_store_with_db_is_local(tmp_path: Path) -> None:
     src = open_sources(str(store), [], [])
     assert isinstance(src.sources[0], LocalStore)
     assert re.search(str(store), src.name)
+
+
+def test_path_for_hash_in_every_kind_of_source(
+    demo_app: str,
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+    copied_store: Path,
+) -> None:
+    hash_part = demo_app.split("/")[-1][:32]
+    unknown = "0" * 32
+    cache = BinaryCache(signed_caches["xz"], [PublicKey.parse(cache_keys["good"])])
+    for src in (LocalStore(), DirectoryStore(copied_store), cache):
+        assert src.path_for_hash(hash_part) == demo_app, src.name
+        assert src.path_for_hash(unknown) is None, src.name
+    untrusted = BinaryCache(signed_caches["xz"], [PublicKey.parse(cache_keys["other"])])
+    # the narinfo names the path, but Sources only answers for paths it can provide
+    with pytest.raises(SignatureError):
+        Sources([untrusted]).path_for_hash(hash_part)
+    assert Sources([DirectoryStore(copied_store), cache]).path_for_hash(hash_part) == demo_app

@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,10 +47,8 @@ from stowaway.registry.package_index import IndexFile, NixBuild, PackageIndex
 from stowaway.registry.resolver import ResolvedManifest
 from stowaway.registry.singleflight import SingleFlight
 from stowaway.registry.validate import is_digest
-from stowaway.store.binary_cache import BinaryCache, CacheError
-from stowaway.store.local import DirectoryStore, LocalStore
+from stowaway.store.binary_cache import CacheError
 from stowaway.store.model import StoreSource
-from stowaway.store.narinfo import Narinfo
 from stowaway.store.sources import Sources, closure, open_sources
 
 log = logging.getLogger("stowaway.registry")
@@ -196,11 +192,11 @@ class NixResolver:
         if not blocking:
             raise _NeedsThread
         source = self.source()
-        for src in source.sources if isinstance(source, Sources) else [source]:
-            path = _find_hash(src, hash_part)
-            if path is not None and source.query(path) is not None:
-                self._hashes[hash_part] = path
-                return path
+        sources = source if isinstance(source, Sources) else Sources([source])
+        path = sources.path_for_hash(hash_part)
+        if path is not None:
+            self._hashes[hash_part] = path
+            return path
         raise RegistryApiError.of(
             ErrorCode.MANIFEST_UNKNOWN,
             f"{name}: no store path with hash {hash_part} in {source.name}",
@@ -281,36 +277,3 @@ class NixResolver:
                 index = _EMPTY
             out[tag] = [*sorted(self.options.meta), *index.names()]
         return out
-
-
-def _find_hash(src: StoreSource, hash_part: str) -> str | None:
-    """The path with ``hash_part`` in one source, or None."""
-    if isinstance(src, LocalStore):
-        uri = f"file:{urllib.parse.quote(str(src.db_path.resolve()))}?mode=ro"
-        prefix = f"{src.logical_store_dir}/{hash_part}"
-        db = sqlite3.connect(uri, uri=True)
-        try:
-            # '-' < '.' in ASCII: the range holds exactly the paths "<prefix>-*"
-            row = db.execute(
-                "SELECT path FROM ValidPaths WHERE path > ? AND path < ? LIMIT 1",
-                (prefix + "-", prefix + "."),
-            ).fetchone()
-        except sqlite3.Error as err:
-            raise StowawayError(f"reading Nix database {src.db_path}: {err}") from None
-        finally:
-            db.close()
-        return str(row[0]) if row else None
-    if isinstance(src, DirectoryStore):
-        with os.scandir(src.physical_dir) as it:
-            for entry in it:
-                if entry.name.startswith(hash_part + "-") and not entry.name.endswith(".lock"):
-                    return f"{src.logical_store_dir}/{entry.name}"
-        return None
-    if isinstance(src, BinaryCache):
-        # the narinfo is named by the hash part; its StorePath line gives the name
-        # (trust is checked by the caller's query of the full path)
-        text = src._text(f"{hash_part}.narinfo")
-        if text is None:
-            return None
-        return Narinfo.parse(text, f"{src.url}/{hash_part}.narinfo", src.store_dir).store_path
-    return None

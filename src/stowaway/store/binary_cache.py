@@ -185,6 +185,15 @@ class BinaryCache:
             self._narinfos[sp.path] = ni
         return ni
 
+    def path_for_hash(self, hash_part: str) -> str | None:
+        """The store path the cache's ``<hash_part>.narinfo`` describes, or None.
+        Trust is not checked here: ``query``/``narinfo`` of the path does that."""
+        rel = f"{hash_part}.narinfo"
+        text = self._text(rel)
+        if text is None:
+            return None
+        return Narinfo.parse(text, f"{self.url}/{rel}", self.store_dir).store_path
+
     def _check_trust(self, ni: Narinfo) -> None:
         if not self.require_signatures or ni.valid_signers(list(self.trusted_keys)):
             return

@@ -125,6 +125,16 @@ class LocalStore(_PathsOnDisk):
         self.parse(path)
         return self._infos(self._rows(self._SELECT + " WHERE v.path = ?", [path])).get(path)
 
+    def path_for_hash(self, hash_part: str) -> str | None:
+        """The valid path whose hash part is ``hash_part``, or None."""
+        prefix = f"{self.logical_store_dir}/{hash_part}"
+        # '-' < '.' in ASCII: the range holds exactly the paths "<prefix>-*"
+        rows = self._rows(
+            "SELECT path FROM ValidPaths WHERE path > ? AND path < ? LIMIT 1",
+            [prefix + "-", prefix + "."],
+        )
+        return str(rows[0][0]) if rows else None
+
     def closure_infos(self, roots: Iterable[str]) -> dict[str, PathInfo]:
         """Every path in the closure of ``roots`` in one recursive query.
 
@@ -194,6 +204,13 @@ class DirectoryStore(_PathsOnDisk):
                     out[sp.hash_part] = name
             self._candidates = out
         return self._candidates
+
+    def path_for_hash(self, hash_part: str) -> str | None:
+        """The path in the directory whose hash part is ``hash_part``, or None."""
+        name = self._hash_to_basename().get(hash_part)
+        if name is None or name.endswith(".lock"):
+            return None
+        return f"{self.logical_store_dir}/{name}"
 
     def _hash_and_scan(self, fs: Path, scan: bool) -> tuple[str, int, set[str]]:
         """NAR hash and size of ``fs`` and, if ``scan``, the hash parts it mentions;

@@ -49,6 +49,16 @@ class Sources:
         hit = self.find(path)
         return hit[1] if hit else None
 
+    def path_for_hash(self, hash_part: str) -> str | None:
+        """The full store path with ``hash_part`` that some source can provide, or None
+        (``store/<hash>`` image names need it)."""
+        for src in self.sources:
+            if isinstance(src, LocalStore | DirectoryStore | BinaryCache):
+                path = src.path_for_hash(hash_part)
+                if path is not None and self.query(path) is not None:
+                    return path
+        return None
+
     def entries(self, path: str) -> Iterator[NarEntry]:
         hit = self.find(path)
         if hit is None:

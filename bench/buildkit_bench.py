@@ -1,16 +1,23 @@
-"""Incremental rebuild after one leaf change in fixtures/buildkit/graph.nix.
+"""BuildKit: the stowaway frontend vs a monolithic `nix-build` in one RUN vs local nix-build.
 
-Three ways to rebuild after the leaf ``alpha`` changes (a warm build of the previous
-version comes first in each case):
+Scenarios (each prints times and ratios to stowaway):
 
-* stowaway frontend: one BuildKit ExecOp per derivation; only alpha and its dependents run.
-* monolithic (buildkit-nix's approach): a Dockerfile on a Debian+nix image copies the
-  expression in and runs one ``nix-build`` in one RUN step, with /nix in a cache mount
-  so earlier outputs are reused (what buildkit-nix does).
-* local ``nix-build``.
+* ``small``: fixtures/buildkit/graph.nix (13 tiny derivations, builders take
+  milliseconds), incremental rebuild after the leaf ``alpha`` changes on a warm builder.
+  Fixed costs (frontend start-up, context transfer, solves) dominate here.
+* ``heavy``: fixtures/buildkit/heavy.nix (15 derivations of ~1 s CPU each, four
+  independent branches): cold build, no-op rebuild, rebuild after leaf ``a1`` changes.
+* ``fresh``: the CI runner case on heavy.nix. A first dockerd builds with
+  ``BUILDKIT_INLINE_CACHE=1`` and pushes to a registry; a *new* dockerd (empty local
+  cache) rebuilds after the leaf change with ``--cache-from``. The monolithic build's
+  /nix cache mount is in no cache export, so it starts from nothing.
 
-Runs a private containerd + dockerd (own netns); prints times and ratios.
-Usage: .venv/bin/python bench/buildkit_bench.py [--rounds N]
+Monolithic = buildkit-nix's approach: a Debian+nix image, the expression copied in, one
+RUN ``nix-build`` with /nix in a cache mount (reused on the same builder), the closure
+copied out. Local nix-build and the monolithic one both get ``--max-jobs 2`` (2 cores).
+
+Runs private containerd + dockerd (in a network namespace shared with a registry).
+Usage: .venv/bin/python bench/buildkit_bench.py [--scenario small|heavy|fresh]... [--rounds N]
 """
 
 from __future__ import annotations
@@ -22,29 +29,32 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "buildkit")]
 
 from dockerd_netns import NetnsDockerd  # noqa: E402
+from netns import Netns, NetnsRegistry  # noqa: E402
 
-from daemons import Containerd  # noqa: E402
+from daemons import Containerd, Dockerd  # noqa: E402
 from stowaway.buildkit.context import make_context  # noqa: E402
 from stowaway.image.config import ImageOptions  # noqa: E402
 
-GRAPH = ROOT / "fixtures" / "buildkit" / "graph.nix"
+FIXTURES = ROOT / "fixtures" / "buildkit"
 CACHE = Path(os.environ.get("STOWAWAY_CACHE", "/var/cache/stowaway"))
 NIX_ROOTFS = CACHE / "bench-nix-rootfs-bookworm.tar"
+NIX_OPTS = ["--option", "substituters", "", "--max-jobs", "2"]
 
 DOCKERFILE = """\
 FROM stowaway-bench-nix
-COPY graph.nix /src/graph.nix
-ARG SALT
+COPY expr.nix /src/expr.nix
+ARG ARGS
 RUN --mount=type=cache,target=/nix,id=stowaway-bench-nix \\
-    mkdir -p /out && nix-build /src/graph.nix -A app --argstr salt "$SALT" -o /out/result \\
-       --option build-users-group "" --option substituters "" \\
+    mkdir -p /out && nix-build /src/expr.nix -A app $ARGS -o /out/result \\
+       --option build-users-group "" --option substituters "" --max-jobs 2 \\
     && nix-store -qR /out/result | xargs -I{} cp -a --parents {} /out
 """
 
@@ -72,73 +82,160 @@ def nix_rootfs() -> Path:
     return NIX_ROOTFS
 
 
-def timed(fn: Callable[[str], None], arg: str) -> float:
-    t = time.perf_counter()
-    fn(arg)
-    return time.perf_counter() - t
+class Bench:
+    """The three ways to build one fixture, on one dockerd."""
 
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bkbench-"))
-    rootfs = nix_rootfs()
-    results: dict[str, list[float]] = {"stowaway": [], "monolithic": [], "nix-build": []}
-    with Containerd(tmp) as ctrd, NetnsDockerd(tmp, containerd=ctrd) as dockerd:
+    def __init__(self, dockerd: Dockerd, tmp: Path, expr: Path) -> None:
+        self.dockerd, self.tmp, self.expr = dockerd, tmp, expr
         env = dockerd.client_env()
-        frontend = subprocess.run(
+        self.frontend = subprocess.run(
             ["bash", str(ROOT / "scripts" / "frontend-image.sh")],
             check=True, capture_output=True, text=True, env=env,
         ).stdout.split()[-1]  # fmt: skip
         subprocess.run(
             ["/usr/bin/docker", "import", "--change", "ENV PATH=/usr/bin:/bin",
-             str(rootfs), "stowaway-bench-nix"],
+             str(nix_rootfs()), "stowaway-bench-nix"],
             check=True, capture_output=True, env=env,
         )  # fmt: skip
-        mono = tmp / "mono"
-        mono.mkdir()
-        shutil.copy(GRAPH, mono / "graph.nix")
-        (mono / "Dockerfile").write_text(DOCKERFILE)
+        self.mono = tmp / f"mono-{expr.stem}"
+        self.mono.mkdir(exist_ok=True)
+        shutil.copy(expr, self.mono / "expr.nix")
+        (self.mono / "Dockerfile").write_text(DOCKERFILE)
 
-        def stowaway_build(salt: str) -> None:
-            ctx = make_context(
-                str(GRAPH), ["app"], tmp / f"ctx{salt}", ImageOptions(), argstrs={"salt": salt}
-            ).path
-            dockerd.docker(
-                "build", "-f", str(ctx / "stowaway.json"),
-                "--build-arg", f"BUILDKIT_SYNTAX={frontend}", "-t", "bench-app", str(ctx),
-            )  # fmt: skip
+    def stowaway(self, args: dict[str, str], *extra: str) -> None:
+        name = "-".join(f"{k}{v}" for k, v in sorted(args.items())) or "plain"
+        ctx = make_context(
+            str(self.expr), ["app"], self.tmp / f"ctx-{self.expr.stem}-{name}", ImageOptions(),
+            argstrs=args,
+        ).path  # fmt: skip
+        self.dockerd.docker(
+            "build", "-f", str(ctx / "stowaway.json"),
+            "--build-arg", f"BUILDKIT_SYNTAX={self.frontend}", *extra, str(ctx), timeout=1800,
+        )  # fmt: skip
 
-        def mono_build(salt: str) -> None:
-            dockerd.docker(
-                "build", "--network", "none", "--build-arg", f"SALT={salt}",
-                "-t", "bench-mono", str(mono),
-            )  # fmt: skip
+    def monolithic(self, args: dict[str, str], *extra: str) -> None:
+        argstr = " ".join(f"--argstr {k} {v}" for k, v in sorted(args.items()))
+        self.dockerd.docker(
+            "build", "--network", "none", "--build-arg", f"ARGS={argstr}", *extra,
+            str(self.mono), timeout=1800,
+        )  # fmt: skip
 
-        def nix_build(salt: str) -> None:
-            subprocess.run(
-                ["nix-build", str(GRAPH), "-A", "app", "--no-out-link", "--argstr", "salt", salt,
-                 "--option", "substituters", ""],
-                check=True, capture_output=True,
-            )  # fmt: skip
+    def nix_build(self, args: dict[str, str]) -> None:
+        nix_build(self.expr, args)
 
-        stamp = str(time.time_ns())
-        for r in range(args.rounds):
-            warm, changed = f"-{stamp}-{r}a", f"-{stamp}-{r}b"
+
+def nix_build(expr: Path, args: dict[str, str]) -> None:
+    """Local nix-build (no substituters, two jobs)."""
+    argv = ["nix-build", str(expr), "-A", "app", "--no-out-link", *NIX_OPTS]
+    for k, v in sorted(args.items()):
+        argv += ["--argstr", k, v]
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def timed(fn: Callable[..., None], *args: object) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+@contextmanager
+def builder(tmp: Path, netns: Netns, expr: Path) -> Iterator[Bench]:
+    with Containerd(tmp) as ctrd, NetnsDockerd(tmp, containerd=ctrd, netns=netns) as dockerd:
+        yield Bench(dockerd, tmp, expr)
+
+
+def report(title: str, rows: dict[str, dict[str, float]]) -> None:
+    print(title)
+    for case, times in rows.items():
+        base = times.get("stowaway")
+        cells = []
+        for name, t in times.items():
+            ratio = f" ({t / base:.2f}x)" if base and name != "stowaway" else ""
+            cells.append(f"{name} {t:6.2f} s{ratio}")
+        print(f"  {case:<22} " + " | ".join(cells))
+    sys.stdout.flush()
+
+
+def small(tmp: Path, netns: Netns, rounds: int) -> None:
+    stamp = str(time.time_ns())
+    best: dict[str, float] = {}
+    with builder(tmp / "small", netns, FIXTURES / "graph.nix") as b:
+        for r in range(rounds):
+            warm, changed = {"salt": f"-{stamp}-{r}a"}, {"salt": f"-{stamp}-{r}b"}
             for name, fn in (
-                ("stowaway", stowaway_build),
-                ("monolithic", mono_build),
-                ("nix-build", nix_build),
+                ("stowaway", b.stowaway),
+                ("monolithic", b.monolithic),
+                ("nix-build", b.nix_build),
             ):
-                fn(warm)  # the previous version, built and cached
-                results[name].append(timed(fn, changed))
-    shutil.rmtree(tmp, ignore_errors=True)
-    best = {k: min(v) for k, v in results.items()}
-    print("incremental rebuild after one leaf change (13 derivations, 5 rebuilt), best of "
-          f"{args.rounds}:")  # fmt: skip
-    for name, t in best.items():
-        print(f"  {name:<11} {t:6.2f} s   ({t / best['stowaway']:.2f}x stowaway)")
+                fn(warm)
+                t = timed(fn, changed)
+                best[name] = min(best.get(name, t), t)
+    report(f"small (graph.nix, 13 tiny derivations), best of {rounds}:", {"leaf change": best})
+
+
+def heavy(tmp: Path, netns: Netns, rounds: int) -> None:
+    stamp = time.time_ns() % 100000
+    rows: dict[str, dict[str, float]] = {"cold": {}, "no-op rebuild": {}, "leaf change": {}}
+    with builder(tmp / "heavy", netns, FIXTURES / "heavy.nix") as b:
+        for r in range(rounds):
+            work = str(800000 + stamp * 10 + r)  # new for every round: all 15 build
+            cold, changed = {"work": work}, {"work": work, "salt": "-b"}
+            for name, fn in (
+                ("stowaway", b.stowaway),
+                ("monolithic", b.monolithic),
+                ("nix-build", b.nix_build),
+            ):
+                for case, args in (
+                    ("cold", cold),
+                    ("no-op rebuild", cold),
+                    ("leaf change", changed),
+                ):
+                    t = timed(fn, args)
+                    rows[case][name] = min(rows[case].get(name, t), t)
+    report(f"heavy (heavy.nix, 15 derivations of ~1 s), best of {rounds}:", rows)
+
+
+def fresh(tmp: Path, netns: Netns, rounds: int) -> None:
+    rows: dict[str, dict[str, float]] = {"fresh builder, leaf": {}, "fresh builder, no-op": {}}
+    expr = FIXTURES / "heavy.nix"
+    with NetnsRegistry(tmp / "fresh", netns) as reg:
+        for r in range(rounds):
+            work = str(900000 + time.time_ns() % 100000)
+            first, changed = {"work": work}, {"work": work, "salt": "-b"}
+            refs = {n: f"{reg.host}/{n}:cache{r}" for n in ("stowaway", "monolithic")}
+            inline = ("--build-arg", "BUILDKIT_INLINE_CACHE=1")
+            with builder(tmp / f"fresh{r}a", netns, expr) as a:
+                a.stowaway(first, *inline, "-t", refs["stowaway"])
+                a.monolithic(first, *inline, "-t", refs["monolithic"])
+                for ref in refs.values():
+                    a.dockerd.docker("push", ref, timeout=1800)
+            for case, args in (("fresh builder, leaf", changed), ("fresh builder, no-op", first)):
+                with builder(tmp / f"fresh{r}{case[-2:]}", netns, expr) as b:
+                    for name, fn in (("stowaway", b.stowaway), ("monolithic", b.monolithic)):
+                        t = timed(fn, args, "--cache-from", refs[name])
+                        rows[case][name] = min(rows[case].get(name, t), t)
+            # a fresh machine has no /nix/store to reuse: local nix-build builds all 15
+            cold = {"work": str(int(work) + 1), "salt": "-b"}
+            t = timed(nix_build, expr, cold)
+            for case in rows:
+                rows[case]["nix-build, empty store"] = min(
+                    rows[case].get("nix-build, empty store", t), t
+                )
+    report(f"fresh builder (heavy.nix, cache imported from a registry), best of {rounds}:", rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--scenario", action="append", choices=["small", "heavy", "fresh"])
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bkbench-", dir="/var/tmp"))
+    try:
+        with Netns() as netns:
+            for name in args.scenario or ["small", "heavy", "fresh"]:
+                {"small": small, "heavy": heavy, "fresh": fresh}[name](tmp, netns, args.rounds)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

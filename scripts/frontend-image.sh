@@ -91,6 +91,8 @@ if [ ! -s "$SAVED" ]; then
     --change 'ENTRYPOINT ["/usr/bin/python3", "-m", "stowaway.buildkit.frontend"]' \
     "$work/image.tar" "$tmp_tag" >&2
   "$DOCKER" save -o "$work/saved.tar" "$tmp_tag"
+  # only the current code's image is worth keeping: drop archives of older versions
+  find "$CACHE" -maxdepth 1 -name 'stowaway-frontend-*.tar' ! -name "${SAVED##*/}" -delete
   mv "$work/saved.tar" "$SAVED"
   "$DOCKER" rmi "$tmp_tag" >/dev/null
   rm -rf "$work"

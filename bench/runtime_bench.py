@@ -53,6 +53,10 @@ FIXTURE_SCRIPT = ROOT / "scripts" / "realistic-fixture.py"
 #: Survives runs: signing key and binary cache of the fixture closure (≈ 1 min to make).
 CACHE = Path("/var/cache/stowaway/runtime-bench")
 NS = "k8s.io"
+#: Row names for --only: the three timings and the disk measurement.
+ROWS = {"overlayfs": "overlayfs", "present": "stowaway (paths present)",
+        "substituted": "stowaway (substituted)", "disk": "disk"}  # fmt: skip
+SNAP_LOG_LEVEL = "info"  # --snapshotter-log
 _ACCESS = re.compile(r'"GET (/v2/\S+) HTTP/[\d.]+" 200 (\d+)')
 
 
@@ -110,7 +114,9 @@ def node(
     shutil.rmtree(work, ignore_errors=True)  # a previous run's leftovers (--work)
     work.mkdir(parents=True)
     snap_cm = (
-        SnapshotterDaemon(work, "--gcroots", str(work / "gcroots"), *snap_args)
+        SnapshotterDaemon(
+            work, "--gcroots", str(work / "gcroots"), "--log-level", SNAP_LOG_LEVEL, *snap_args
+        )
         if snap_args is not None
         else nullcontext(None)
     )
@@ -133,6 +139,8 @@ def pull_and_run(
         first = run_first_output(ctrd, ref, snapshotter, "bench")
         nbytes, requests = registry_bytes(reg, since)
         mode = re.search(r"rootfs mode (\w+)", snap.log_text()) if snap else None
+        if snap:  # kept for profiling (per-call times with --snapshotter-log debug)
+            (work.parent / f"{work.name}-snapshotter.log").write_text(snap.log_text())
     shutil.rmtree(work, ignore_errors=True)
     return {
         "pull_s": pulled,
@@ -199,7 +207,21 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs per timing (best kept)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--work", type=Path, help="keep the work dir here (default: a temp dir)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=list(ROWS),
+        help="run only these rows (repeatable; default: all)",
+    )
+    ap.add_argument(
+        "--snapshotter-log",
+        choices=["debug", "info"],
+        default="info",
+        help="debug: the snapshotter logs each gRPC call's time (kept in WORK/node-*.log)",
+    )
     args = ap.parse_args()
+    global SNAP_LOG_LEVEL
+    SNAP_LOG_LEVEL = args.snapshotter_log
     if os.geteuid() != 0:
         print("runtime_bench: needs root (containerd, mounts)", file=sys.stderr)
         return 1
@@ -261,8 +283,11 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 ],
             ),  # fmt: skip
         }
+        only = {ROWS[o] for o in args.only or ROWS}
         timing: dict[str, Any] = {}
         for name, (sn, snap_args) in scenarios.items():
+            if name not in only:
+                continue
             runs = []
             for r in range(args.repeat):
                 log(f"{name}: run {r + 1}/{args.repeat}")
@@ -271,7 +296,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             timing[name] = best(runs)
         results["pull_and_run"] = timing
         disk: dict[str, Any] = {}
-        for name, (sn, snap_args) in list(scenarios.items())[:2]:
+        for name, (sn, snap_args) in list(scenarios.items())[:2] if "disk" in only else []:
             log(f"disk: {args.variants} images under {name}")
             disk[name] = disk_for(work / "disk", reg, refs, sn, snap_args)
         results["disk"] = disk
@@ -290,7 +315,7 @@ def print_table(res: dict[str, Any]) -> None:
         f"{fmt_bytes(img['config_bytes'] + img['customisation_layer_bytes'])}"
     )
     t = res["pull_and_run"]
-    base = t["overlayfs"]["total_s"]
+    base = t["overlayfs"]["total_s"] if "overlayfs" in t else float("nan")
     print(f"\n{'CRI pull + ctr run':28} {'pull':>8} {'run→out':>8} {'total':>8} {'speed-up':>9} "
           f"{'downloaded':>12} {'GETs':>5}")  # fmt: skip
     for name, r in t.items():
@@ -299,6 +324,8 @@ def print_table(res: dict[str, Any]) -> None:
             f"{base / r['total_s']:8.1f}× {fmt_bytes(r['bytes_downloaded']):>12} "
             f"{r['registry_gets']:>5}"
         )
+    if not res["disk"]:
+        return
     print(f"\n{'disk, ' + str(next(iter(res['disk'].values()))['images']) + ' images':28} "
           f"{'containerd+snapshotter':>24} {'content store':>14}")  # fmt: skip
     for name, d in res["disk"].items():

@@ -65,6 +65,13 @@ __all__ = ["snapshotter_command"]
     type=click.Choice(["overlay", "hardlink", "copy"]),
     help="Force a rootfs strategy instead of probing at start-up.",
 )
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning"]),
+    default="info",
+    show_default=True,
+    help="debug also logs the time spent in every gRPC call.",
+)
 def snapshotter_command(
     socket: Path,
     store: Path,
@@ -74,9 +81,10 @@ def snapshotter_command(
     keys: tuple[str, ...],
     gcroots: Path | None,
     mode: str | None,
+    log_level: str,
 ) -> None:
     """Serve a containerd proxy snapshotter that composes root filesystems from a Nix store."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     config = SnapshotterConfig(
         root=root.absolute(),
         store=store.absolute(),

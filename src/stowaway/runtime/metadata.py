@@ -147,13 +147,59 @@ class MetaStore:
             return None
 
     def all(self) -> list[Record]:
+        """Every snapshot, in one query: containerd lists (with filters) after each
+        layer of a pull, so this must not cost a query per parent per row."""
         with self.transaction() as db:
-            keys = [k for (k,) in db.execute("SELECT key FROM snapshots ORDER BY id")]
-            return [self._row(db, k) for k in keys]
+            rows = db.execute(
+                "SELECT id, key, parent_id, kind, created_ns, updated_ns, labels, size,"
+                " inodes, nix FROM snapshots ORDER BY id"
+            ).fetchall()
+        by_id = {r[0]: r for r in rows}
+        out: list[Record] = []
+        for r in rows:
+            chain: list[int] = []
+            pid = r[2]
+            while pid is not None:
+                chain.append(pid)
+                pid = by_id[pid][2]
+            out.append(
+                Record(
+                    id=r[0],
+                    key=r[1],
+                    parent=by_id[r[2]][1] if r[2] is not None else "",
+                    kind=Kind(r[3]),
+                    created_ns=r[4],
+                    updated_ns=r[5],
+                    labels=json.loads(r[6]),
+                    size=r[7],
+                    inodes=r[8],
+                    nix=bool(r[9]),
+                    chain=tuple(chain),
+                    chain_nix=tuple(bool(by_id[c][9]) for c in chain),
+                )
+            )
+        return out
 
     def ids(self) -> set[int]:
         with self.transaction() as db:
             return {i for (i,) in db.execute("SELECT id FROM snapshots")}
+
+    def nix_ids(self) -> set[int]:
+        """Snapshots committed from the store (their trees can be rebuilt from it)."""
+        with self.transaction() as db:
+            return {i for (i,) in db.execute("SELECT id FROM snapshots WHERE nix = 1")}
+
+    def paths_of(self, sid: int) -> list[str]:
+        """The store paths (on disk) snapshot ``sid`` uses."""
+        with self.transaction() as db:
+            q = "SELECT path FROM store_paths WHERE snapshot_id = ? ORDER BY path"
+            return [p for (p,) in db.execute(q, (sid,))]
+
+    def users_of(self, path: str) -> list[int]:
+        """Snapshots using store path ``path`` (on disk)."""
+        with self.transaction() as db:
+            q = "SELECT snapshot_id FROM store_paths WHERE path = ? ORDER BY snapshot_id"
+            return [i for (i,) in db.execute(q, (path,))]
 
     def store_paths(self) -> set[str]:
         """Every store path some snapshot uses (what must stay GC-rooted)."""

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -77,6 +78,7 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
         self.s = snapshotter
 
     def _call(self, context: Any, what: str, fn: Callable[[], T]) -> T:
+        t0 = time.perf_counter()
         try:
             return fn()
         except StowawayError as e:
@@ -89,6 +91,8 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):  # type: ignore[misc]
             log.exception("%s failed", what)
             context.abort(grpc.StatusCode.INTERNAL, f"{what}: {e}")
             raise
+        finally:  # server-side time per call: what profiling a pull starts from
+            log.debug("%s: %.1f ms", what, (time.perf_counter() - t0) * 1000)
 
     def Prepare(self, req: Any, context: Any) -> Any:
         ms = self._call(

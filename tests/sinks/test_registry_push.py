@@ -22,11 +22,11 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import pytest
 
-from conftest import compose_demo
 from stowaway.errors import RegistryError
 from stowaway.image.digest import CorruptBlob
 from stowaway.image.model import Blob, Image, Layer, MediaType
@@ -463,8 +463,8 @@ def test_push_record_ignores_damage_and_caps(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["oci", "docker"])
 def test_push_composed_demo_image(registry: Registry, demo_app: str, state: Path,
-                                  tmp_path: Path, fmt: str) -> None:  # fmt: skip
-    image = compose_demo(demo_app, tmp_path / "cache", format=fmt).image
+                                  tmp_path: Path, fmt: str, make_demo: Any) -> None:  # fmt: skip
+    image = make_demo(demo_app, tmp_path / "cache", format=fmt).image
     result = push(image, registry.host, f"demo-{fmt}", "v1", tls_verify=False, state_dir=state)
     assert set(result.uploaded) | set(result.existing) == all_digests(image)
 

@@ -17,9 +17,12 @@ reconciliation.
 Where the time goes (profiled on the benchmark's 82-layer, 25k-file image): creating
 the metacopy stubs. So in ``overlay`` mode they live on a private tmpfs mounted on the
 link dir (``<link dir>/<id>`` *is* the layer's lower dir): stubs hold no data, and a
-tmpfs is derived state — after a reboot the trees are rebuilt from the store at
-start-up. The tmpfs stays mounted while any overlay uses it (restarts never disturb
-running containers) and is dropped by ``close`` once nothing does.
+tree is derived state — rebuilt from the store at start-up when missing (a reboot, or a
+crash before it was finished). Hence a store layer is committed as soon as its paths
+are located and rooted, and its tree is built in the background while containerd goes
+on with the next layer; whatever mounts a chain (Prepare/View/Mounts) first waits for
+the trees in it. The tmpfs stays mounted while any overlay uses it (restarts never
+disturb running containers) and is dropped by ``close`` once nothing does.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +165,9 @@ class StoreSnapshotter(Snapshotter):
         self.mode, why = choose_mode(config, self.link_dir)  # probe where stubs will live
         # stub trees: syscall-bound, so threads overlap well (the GIL is released)
         self._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "stowaway-stubs")
+        # one tree at a time, in commit order (each fans out on _pool; never the reverse)
+        self._builds = ThreadPoolExecutor(1, "stowaway-trees")
+        self._pending: dict[int, Future[None]] = {}
         log.info("stowaway snapshotter: rootfs mode %s (%s)", self.mode, why)
         data = [config.store, *([config.local_store] if config.local_store else [])]
         self.layout = Layout(
@@ -206,6 +212,7 @@ class StoreSnapshotter(Snapshotter):
         return None
 
     def close(self) -> None:
+        self._builds.shutdown(cancel_futures=True)  # unbuilt trees: rebuilt at start-up
         self._pool.shutdown()
         self.meta.close()
         if self._db is not None:
@@ -275,12 +282,10 @@ class StoreSnapshotter(Snapshotter):
                     return False
                 located.append((base, where))
             tmp = self._tempdir()
-            tree: Path | None = None
             try:
-                if self.mode == "overlay":
+                if self.mode == "overlay":  # the tree is built after COMMIT (docstring)
                     (tmp / "fs").mkdir(0o755)
-                    tree, inodes = self._build_tree(located)
-                    use = Usage(0, inodes)  # tmpfs: stubs and directories take no blocks
+                    use = Usage(0, 0)  # usage() measures the tree
                 else:
                     materialise(self.mode, located, tmp / "fs")
                     use = _disk_usage(tmp)
@@ -298,27 +303,59 @@ class StoreSnapshotter(Snapshotter):
                         size=use.size,
                         inodes=use.inodes,
                     )
-                    self._place(tmp, rec.id, tree)
+                    self._place(tmp, rec.id, link=self.mode != "overlay")
+                    if self.mode == "overlay":  # registered before anyone can see the row
+                        self._pending[rec.id] = self._builds.submit(
+                            self._make_tree, rec.id, located
+                        )
             finally:
                 self._done(tmp)
-                if tree is not None:  # still there only if the transaction failed
-                    shutil.rmtree(tree, ignore_errors=True)
             log.info("layer %s: committed %s from %d store paths", target, name, len(located))
             return True
 
     # ------------------------------------------------------------------ directories
 
-    def _build_tree(self, located: Sequence[tuple[str, Path]]) -> tuple[Path, int]:
-        """A stub tree for ``located`` in a temp dir under the link dir (same tmpfs as
-        its final name ``<link dir>/<id>``); returns it and the inodes it made."""
+    def _make_tree(self, sid: int, located: Sequence[tuple[str, Path]]) -> None:
+        """Build snapshot ``sid``'s stub tree in a temp dir under the link dir (the same
+        tmpfs) and rename it to ``<link dir>/<id>``; a concurrent builder may win."""
         tree = Path(tempfile.mkdtemp(prefix=".new-", dir=self.link_dir))
         try:
             os.chmod(tree, 0o755)  # a view's root shows the top lower dir's mode
-            inodes = stub_layer(located, tree, self._pool, self._stub_source(located))
-        except BaseException:
+            stub_layer(located, tree, self._pool, self._stub_source(located))
+            os.rename(tree, self.link_dir / str(sid))
+        except OSError:
+            if not (self.link_dir / str(sid)).is_dir():
+                raise
+        finally:
             shutil.rmtree(tree, ignore_errors=True)
-            raise
-        return tree, inodes
+
+    def _rebuild_tree(self, sid: int) -> None:
+        paths = [Path(p) for p in self.meta.paths_of(sid)]
+        self._make_tree(sid, [(p.name, p) for p in paths])
+        log.info("snapshot %d: stub tree of %d store paths rebuilt", sid, len(paths))
+
+    def _wait_trees(self, rec: Record) -> None:
+        """Wait for the background stub trees of ``rec`` and its parents; a failed one
+        is retried here once, else the mount is refused (never an incomplete rootfs)."""
+        for sid in (rec.id, *rec.chain):
+            with self._lock:
+                fut = self._pending.get(sid)
+            if fut is None:
+                continue
+            try:
+                fut.result()
+            except Exception as e:
+                log.warning("snapshot %d: stub tree failed (%s); retrying", sid, e)
+                try:
+                    self._rebuild_tree(sid)
+                except (OSError, StowawayError) as e2:
+                    raise FailedPrecondition(
+                        f"snapshot {rec.key!r}: the stub tree of layer {sid} cannot be built "
+                        f"in {self.link_dir}: {e2}"
+                    ) from e2
+            with self._lock:
+                if self._pending.get(sid) is fut:
+                    del self._pending[sid]
 
     def _stub_source(self, located: Sequence[tuple[str, Path]]) -> Callable[[str], Path | None]:
         """For each basename: a stub tree of that store path another snapshot holds."""
@@ -361,10 +398,7 @@ class StoreSnapshotter(Snapshotter):
                 self._link(sid)
             elif entry.is_symlink() or not entry.is_dir():
                 _rmtree(entry)
-                paths = [Path(p) for p in self.meta.paths_of(sid)]
-                tree, _ = self._build_tree([(p.name, p) for p in paths])
-                os.rename(tree, entry)
-                log.info("snapshot %d: stub tree of %d store paths rebuilt", sid, len(paths))
+                self._rebuild_tree(sid)
 
     def _tempdir(self) -> Path:
         with self._lock:  # registered before Cleanup can see it
@@ -377,18 +411,16 @@ class StoreSnapshotter(Snapshotter):
         with self._lock:
             self._inflight.discard(tmp.name)
 
-    def _place(self, tmp: Path, sid: int, tree: Path | None = None) -> None:
-        """Rename a finished temp dir to ``snapshots/<id>`` and ``tree`` (if any) to
-        ``<link dir>/<id>``, else link that to the fs dir (inside the transaction)."""
+    def _place(self, tmp: Path, sid: int, *, link: bool = True) -> None:
+        """Rename a finished temp dir to ``snapshots/<id>`` and (unless its lower dir
+        will be a stub tree) link ``<link dir>/<id>`` to it; inside the transaction."""
         dest = self.snapshots_dir / str(sid)
         if os.path.lexists(dest):  # orphan of a transaction that rolled back
             shutil.rmtree(dest)
         os.rename(tmp, dest)
-        if tree is None:
+        _rmtree(self.link_dir / str(sid))  # an orphan of a failed COMMIT
+        if link:
             self._link(sid)
-            return
-        _rmtree(self.link_dir / str(sid))
-        os.rename(tree, self.link_dir / str(sid))
 
     def _create(self, key: str, parent: str, kind: Kind, labels: Mapping[str, str]) -> Record:
         tmp = self._tempdir()
@@ -411,16 +443,20 @@ class StoreSnapshotter(Snapshotter):
         if bases is not None and target:
             if self._commit_store_layer(target, parent, labels, bases):
                 raise AlreadyExists(f"target snapshot {target!r} committed from the Nix store")
-        return mounts(self._create(key, parent, Kind.ACTIVE, labels), self.layout)
+        return self._mounts(self._create(key, parent, Kind.ACTIVE, labels))
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
-        return mounts(self._create(key, parent, Kind.VIEW, labels), self.layout)
+        return self._mounts(self._create(key, parent, Kind.VIEW, labels))
+
+    def _mounts(self, rec: Record) -> list[Mount]:
+        self._wait_trees(rec)  # containerd mounts what we return right away
+        return mounts(rec, self.layout)
 
     def mounts(self, key: str) -> list[Mount]:
         rec = self.meta.get(key)
         if rec.kind == Kind.COMMITTED:
             raise FailedPrecondition(f"snapshot {key!r} is committed: it has no mounts")
-        return mounts(rec, self.layout)
+        return self._mounts(rec)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         rec = self.meta.get(key)
@@ -428,6 +464,11 @@ class StoreSnapshotter(Snapshotter):
         self.meta.commit(name, key, labels, use.size, use.inodes)
 
     def remove(self, key: str) -> None:
+        with self._lock:
+            fut = self._pending.pop(self.meta.get(key).id, None)
+        if fut is not None:  # let its builder finish before the tree goes
+            with contextlib.suppress(Exception):
+                fut.result()
         with self._lock:
             rec = self.meta.remove(key)
             gone = self.snapshots_dir / f"rm-{rec.id}"
@@ -477,6 +518,9 @@ class StoreSnapshotter(Snapshotter):
         rec = self.meta.get(key)
         if rec.kind == Kind.ACTIVE:
             return _disk_usage(self.layout.fs(rec.id))
+        if self._is_tree(rec.id, {rec.id} if rec.nix else set()):
+            self._wait_trees(rec)
+            return _disk_usage(self.link_dir / str(rec.id))  # tmpfs: inodes, no blocks
         return Usage(rec.size, rec.inodes)
 
     def cleanup(self) -> None:

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench fixture-realistic frontend-image
+.PHONY: setup demo test lint bench fixture-realistic frontend-image nix-image
 
 setup:
 	@bash scripts/setup.sh
@@ -28,3 +28,7 @@ bench: setup
 # The BuildKit frontend image (Debian minbase + our frontend), loaded into $DOCKER_HOST.
 frontend-image:
 	@bash scripts/frontend-image.sh
+
+# The Nix image `docker build -f app.nix` evaluates in (Debian minbase + nix-bin).
+nix-image:
+	@bash scripts/nix-image.sh

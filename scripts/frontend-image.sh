@@ -33,16 +33,20 @@ mkdir -p "$CACHE"
 
 # The frontend's modules: stdlib-only parts of stowaway plus the generated stubs.
 # stowaway/store/__init__.py is replaced by an empty one: the real one imports the
-# binary cache code (cryptography, zstandard), which the frontend never uses.
+# binary cache code (cryptography, zstandard), which the frontend never uses; so is
+# stowaway/image/__init__.py, whose package the frontend only needs config and model of.
 FILES=(
   src/stowaway/__init__.py
   src/stowaway/errors.py
   src/stowaway/store/model.py
+  src/stowaway/image/model.py
+  src/stowaway/image/config.py
   src/stowaway/layering/*.py
   src/stowaway/buildkit/__init__.py
   src/stowaway/buildkit/drv.py
   src/stowaway/buildkit/llb.py
   src/stowaway/buildkit/spec.py
+  src/stowaway/buildkit/evaluate.py
   src/stowaway/buildkit/graph.py
   src/stowaway/buildkit/frontend.py
   src/stowaway/buildkit/pb.py
@@ -81,6 +85,7 @@ if [ ! -s "$SAVED" ]; then
     cp "$f" "$dest"
   done
   : > "$work/add/opt/stowaway/stowaway/store/__init__.py"
+  : > "$work/add/opt/stowaway/stowaway/image/__init__.py"
   tar -C "$work/add" --numeric-owner --owner=0 --group=0 --mtime=@1 --sort=name \
     -rf "$work/image.tar" ./opt/stowaway
   tmp_tag="stowaway-frontend-build:$hash"

@@ -19,16 +19,17 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from stowaway.buildkit.drv import Derivation, parse_drv
-from stowaway.buildkit.spec import Member, Spec, Target
+from stowaway.buildkit.evaluate import NoStore, targets_of
+from stowaway.buildkit.spec import Member, Spec
 from stowaway.errors import StowawayError
 from stowaway.image.config import ImageOptions, build_config, plan_customisation
 from stowaway.store.local import LocalStore
-from stowaway.store.model import NarEntry, PathInfo
+from stowaway.store.model import PathInfo
 
 __all__ = ["ContextResult", "make_context"]
 
@@ -143,13 +144,7 @@ def make_context(
             texts[p] = Path(p).read_bytes()
             drvs[p] = parse_drv(texts[p], p)
     sources = sorted(p for p in closure_paths if not p.endswith(".drv"))
-    targets = []
-    for drv_path, output in selected:
-        drv = drvs[drv_path]
-        name = output or (
-            "out" if any(o.name == "out" for o in drv.outputs) else drv.outputs[0].name
-        )
-        targets.append(Target(drv_path, name, drv.output(name).path))
+    targets = targets_of(selected, drvs)
     roots = [t.path for t in targets]
     closure, store = _runtime_closure([*roots, *options.contents], _open_store())
     if options.contents and closure is None:
@@ -160,7 +155,7 @@ def make_context(
     custom = (
         plan_customisation(options, store, closure)
         if store is not None
-        else plan_customisation(options, _NoStore())
+        else plan_customisation(options, NoStore())
     )
     spec = Spec(
         targets=tuple(targets),
@@ -205,19 +200,6 @@ def make_context(
         _rmtree(tmp)
         raise
     return ContextResult(out, spec, len(drvs), len(sources))
-
-
-class _NoStore:
-    """A store source that has nothing: the customisation layer without --contents
-    never asks it for anything."""
-
-    name = "no store"
-
-    def query(self, path: str) -> PathInfo | None:
-        return None
-
-    def entries(self, path: str) -> Iterator[NarEntry]:
-        raise StowawayError(f"{path} is not available without a local store")
 
 
 def _rmtree(path: Path) -> None:

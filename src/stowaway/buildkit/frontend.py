@@ -4,7 +4,8 @@ BuildKit starts the frontend with the LLBBridge gRPC connection on stdin/stdout.
 only dials addresses, so a relay listens on a private unix socket and pumps bytes
 between it and fds 0/1; fd 1 is then pointed at stderr so that no stray print can
 corrupt the HTTP/2 stream. The build itself: read ``stowaway.json`` (the ``filename``
-option) and the .drv files from the client's context, turn them into LLB
+option) and the .drv files from the client's context, or evaluate the ``.nix`` file
+named by ``filename`` in an ExecOp (:mod:`stowaway.buildkit.evaluate`), turn them into LLB
 (:mod:`stowaway.buildkit.graph`), solve, and return the result with the image config.
 
 Imports stay within grpc, protobuf and the stdlib-only parts of stowaway: this module
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -27,6 +29,14 @@ import grpc
 
 from stowaway.buildkit import llb
 from stowaway.buildkit.drv import Derivation, parse_drv
+from stowaway.buildkit.evaluate import (
+    EvalError,
+    EvalRequest,
+    eval_op,
+    eval_request,
+    spec_from_eval,
+    store_paths,
+)
 from stowaway.buildkit.graph import STORE_PATHS_LABEL, build_graph, platform_of
 from stowaway.buildkit.pb import gateway, gateway_grpc
 from stowaway.buildkit.spec import Spec
@@ -239,6 +249,36 @@ def _read_inputs(
     return spec, drvs
 
 
+def _evaluate(
+    gw: Gateway, req: EvalRequest, session: str
+) -> tuple[Spec, list[Derivation], llb.Output]:
+    """Evaluate the Nix file in an ExecOp on the Nix image (see evaluate.py) and read
+    back the spec and derivations; the op's output also holds the input sources."""
+    context = llb.local_source(
+        "context", session_id=session, description="[internal] load build context"
+    )
+    out = eval_op(req, context)
+    try:
+        ref = gw.solve(llb.marshal(out))
+    except grpc.RpcError as e:
+        detail = str(e.details())
+        code = re.search(r"exit code: \d+", detail)
+        raise EvalError(
+            f"evaluating {req.nix_file} in {req.nix_image} failed "
+            f"({code.group(0) if code else detail}); nix-instantiate's error is in the log "
+            "of the step `nix-instantiate …` above"
+        ) from None
+    instantiated = gw.read_file(ref, "instantiated")
+    closure = gw.read_file(ref, "closure")
+    drvs = [
+        parse_drv(gw.read_file(ref, "drvs/" + p.rsplit("/", 1)[-1]), p)
+        for p in store_paths(closure, "eval output 'closure'")
+        if p.endswith(".drv")
+    ]
+    spec = spec_from_eval(req, instantiated, closure, {d.path: d for d in drvs})
+    return spec, drvs, out
+
+
 def _substitutes(gw: Gateway, platform: tuple[str, str]) -> dict[str, llb.Output]:
     """Store paths held by the images named as caches (earlier stowaway builds carry
     the label STORE_PATHS_LABEL), each from its image pinned by digest.
@@ -293,12 +333,18 @@ def run(gw: Gateway, opts: Mapping[str, str], session: str) -> None:
             raise FrontendError(f"this BuildKit lacks capabilities {', '.join(missing)}")
         gw.caches = tuple(cache_imports(opts))
         gw.typed_caches = "importcaches" in caps
-        spec, drv_list = _read_inputs(gw, opts, session)
+        req = eval_request(opts)
+        if req is not None:
+            spec, drv_list, context = _evaluate(gw, req, session)
+        else:
+            spec, drv_list = _read_inputs(gw, opts, session)
+            context = llb.local_source(
+                "context",
+                session_id=session,
+                include=sorted(set(spec.source_dirs.values())),
+                description="[internal] load sources",
+            )
         drvs = {d.path: d for d in drv_list}
-        sources = sorted({rel for rel in spec.source_dirs.values()})
-        context = llb.local_source(
-            "context", session_id=session, include=sources, description="[internal] load sources"
-        )
         subs: dict[str, llb.Output] = {}
         if "resolveimage" in caps and "source.image" in llb_caps:
             subs = _substitutes(gw, platform_of(drvs[spec.targets[0].drv]))

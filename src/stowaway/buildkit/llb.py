@@ -31,6 +31,7 @@ __all__ = [
     "image_source",
     "local_source",
     "marshal",
+    "normalize_ref",
 ]
 
 #: Index meaning "no input" (an empty directory) in mounts and file actions.
@@ -138,12 +139,26 @@ def local_source(
     return Output(_vertex(op, [], desc, ["source.local"]))
 
 
+def normalize_ref(ref: str) -> str:
+    """``app:1`` → ``docker.io/library/app:1``, as Docker reads names: BuildKit parses
+    source identifiers as URLs and refuses short names (``app:1`` looks like host:port).
+    A first component with ``.`` or ``:``, or ``localhost``, is a registry; no tag or
+    digest means ``:latest``."""
+    name, at, digest = ref.partition("@")
+    first, slash, _ = name.partition("/")
+    if not slash or not ("." in first or ":" in first or first == "localhost"):
+        name = "docker.io/" + (name if slash else "library/" + name)
+    if not at and ":" not in name.rsplit("/", 1)[-1]:
+        name += ":latest"
+    return name + at + digest
+
+
 def image_source(
     ref: str, *, platform: tuple[str, str] | None = None, description: str | None = None
 ) -> Output:
     """``docker-image://REF``: an image's filesystem (pin REF by digest to be reproducible)."""
     op = ops.Op()
-    op.source.identifier = f"docker-image://{ref}"
+    op.source.identifier = f"docker-image://{normalize_ref(ref)}"
     _platform(op, platform)
     desc = {"llb.customname": description} if description else None
     return Output(_vertex(op, [], desc, ["source.image"]))

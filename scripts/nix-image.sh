@@ -1,0 +1,75 @@
+#!/bin/bash
+# Build the Nix image the stowaway frontend evaluates `.nix` files in (`docker build -f
+# app.nix --build-arg nix-image=TAG …`, see docs/buildkit.md) and load it into the docker
+# daemon at $DOCKER_HOST (default: the system one).
+#
+#   scripts/nix-image.sh [-t TAG] [-o ARCHIVE]
+#
+# Image = Debian bookworm minbase + nix-bin (nix-instantiate, nix-store) + busybox-static
+# (the fixtures' bootstrap binary, /usr/bin/busybox, which they import with builtins.path).
+# libdbi-perl is named because debootstrap does not resolve virtual packages
+# (nix-bin → libdbd-sqlite3-perl → perl-dbdabi-94).
+#
+# Caching (/var/cache/stowaway, override with STOWAWAY_CACHE): the debootstrap rootfs
+# tarball is made once and shared with bench/buildkit_bench.py (same packages); the
+# finished image is saved as a `docker save` archive named by the hash of rootfs + this
+# script, so later runs (and other daemons) just `docker load` it. Prints the image tag.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TAG=""
+ARCHIVE=""
+while getopts "t:o:" opt; do
+  case "$opt" in
+    t) TAG="$OPTARG" ;;
+    o) ARCHIVE="$OPTARG" ;;
+    *) echo "usage: $0 [-t TAG] [-o ARCHIVE]" >&2; exit 2 ;;
+  esac
+done
+
+CACHE="${STOWAWAY_CACHE:-/var/cache/stowaway}"
+MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+DOCKER="${DOCKER:-/usr/bin/docker}"
+ROOTFS_TAR="$CACHE/bench-nix-rootfs-bookworm.tar"
+mkdir -p "$CACHE"
+
+if [ ! -s "$ROOTFS_TAR" ]; then
+  echo "nix-image: debootstrap bookworm minbase + nix-bin (once; cached in $ROOTFS_TAR)" >&2
+  work=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  debootstrap --variant=minbase --include=nix-bin,busybox-static,libdbi-perl \
+    bookworm "$work/root" "$MIRROR" >&2
+  tar -C "$work/root" --numeric-owner -cf "$work/rootfs.tar" .
+  mv "$work/rootfs.tar" "$ROOTFS_TAR"
+  rm -rf "$work"
+  trap - EXIT
+fi
+
+# The rootfs is hashed by size + mtime, not content: 350 MB through sha256sum costs
+# seconds on every run, and the tarball is only ever replaced as a whole (mv above).
+hash=$( (stat -c '%s %Y' "$ROOTFS_TAR"; sha256sum scripts/nix-image.sh) | sha256sum | cut -c1-16)
+TAG="${TAG:-stowaway-nix:$hash}"
+SAVED="$CACHE/stowaway-nix-$hash.tar"
+BUILD_TAG="stowaway-nix-build:$hash"
+
+if [ ! -s "$SAVED" ]; then
+  echo "nix-image: assembling $TAG" >&2
+  work=$(mktemp -d "$CACHE/nix-image.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  "$DOCKER" import --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin' \
+    "$ROOTFS_TAR" "$BUILD_TAG" >&2
+  "$DOCKER" save -o "$work/saved.tar" "$BUILD_TAG"
+  find "$CACHE" -maxdepth 1 -name 'stowaway-nix-*.tar' ! -name "${SAVED##*/}" -delete
+  mv "$work/saved.tar" "$SAVED"
+  "$DOCKER" rmi "$BUILD_TAG" >/dev/null
+  rm -rf "$work"
+  trap - EXIT
+fi
+
+"$DOCKER" load -i "$SAVED" >&2
+"$DOCKER" tag "$BUILD_TAG" "$TAG"
+[ "$TAG" = "$BUILD_TAG" ] || "$DOCKER" rmi "$BUILD_TAG" >/dev/null
+if [ -n "$ARCHIVE" ]; then
+  "$DOCKER" save -o "$ARCHIVE" "$TAG"
+fi
+echo "$TAG"

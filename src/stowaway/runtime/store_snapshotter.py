@@ -243,16 +243,23 @@ class StoreSnapshotter(Snapshotter):
             raise InvalidArgument(f"labels {sorted(keys)} name no store paths")
         return out
 
-    def _locate(self, base: str) -> Path | None:
+    def _present(self, base: str) -> Path | None:
         p = self.config.store / base
         if os.path.lexists(p):
             if self._db is None or self._db.query(f"/nix/store/{base}") is not None:
                 return p
         if self.config.local_store and os.path.lexists(q := self.config.local_store / base):
             return q
-        if self.substituter is not None:
-            return self.substituter.fetch(base)
         return None
+
+    def _locate(self, bases: Sequence[str]) -> list[Path | None]:
+        """Each path in the store or local store, else substituted (in parallel)."""
+        found = [self._present(b) for b in bases]
+        missing = [b for b, w in zip(bases, found, strict=True) if w is None]
+        if missing and self.substituter is not None:
+            got = dict(zip(missing, self.substituter.fetch_all(missing, self._pool), strict=True))
+            found = [w or got[b] for b, w in zip(bases, found, strict=True)]
+        return found
 
     def _name_lock(self, name: str) -> threading.Lock:
         with self._lock:
@@ -275,18 +282,17 @@ class StoreSnapshotter(Snapshotter):
             if (rec := self.meta.find(name)) is not None and rec.kind == Kind.COMMITTED:
                 return True
             located: list[tuple[str, Path]] = []
-            for base in bases:
-                where = self._locate(base)
+            for base, where in zip(bases, self._locate(bases), strict=True):
                 if where is None:
                     log.info("layer %s: %s not available; containerd will unpack it", target, base)
                     return False
                 located.append((base, where))
-            tmp = self._tempdir()
+            # overlay: no directory under snapshots/ at all; the tree is built after
+            # COMMIT (see the module docstring) and usage() measures it
+            tmp = None if self.mode == "overlay" else self._tempdir()
             try:
-                if self.mode == "overlay":  # the tree is built after COMMIT (docstring)
-                    (tmp / "fs").mkdir(0o755)
-                    use = Usage(0, 0)  # usage() measures the tree
-                else:
+                use = Usage(0, 0)
+                if tmp is not None:
                     materialise(self.mode, located, tmp / "fs")
                     use = _disk_usage(tmp)
                 for _, where in located:
@@ -303,13 +309,16 @@ class StoreSnapshotter(Snapshotter):
                         size=use.size,
                         inodes=use.inodes,
                     )
-                    self._place(tmp, rec.id, link=self.mode != "overlay")
-                    if self.mode == "overlay":  # registered before anyone can see the row
+                    if tmp is not None:
+                        self._place(tmp, rec.id)
+                    else:  # registered before anyone can see the row
+                        _rmtree(self.link_dir / str(rec.id))  # orphan of a failed COMMIT
                         self._pending[rec.id] = self._builds.submit(
                             self._make_tree, rec.id, located
                         )
             finally:
-                self._done(tmp)
+                if tmp is not None:
+                    self._done(tmp)
             log.info("layer %s: committed %s from %d store paths", target, name, len(located))
             return True
 
@@ -411,16 +420,14 @@ class StoreSnapshotter(Snapshotter):
         with self._lock:
             self._inflight.discard(tmp.name)
 
-    def _place(self, tmp: Path, sid: int, *, link: bool = True) -> None:
-        """Rename a finished temp dir to ``snapshots/<id>`` and (unless its lower dir
-        will be a stub tree) link ``<link dir>/<id>`` to it; inside the transaction."""
+    def _place(self, tmp: Path, sid: int) -> None:
+        """Rename a finished temp dir to ``snapshots/<id>`` and link ``<link dir>/<id>``
+        to its fs dir (inside the transaction)."""
         dest = self.snapshots_dir / str(sid)
         if os.path.lexists(dest):  # orphan of a transaction that rolled back
             shutil.rmtree(dest)
         os.rename(tmp, dest)
-        _rmtree(self.link_dir / str(sid))  # an orphan of a failed COMMIT
-        if link:
-            self._link(sid)
+        self._link(sid)
 
     def _create(self, key: str, parent: str, kind: Kind, labels: Mapping[str, str]) -> Record:
         tmp = self._tempdir()

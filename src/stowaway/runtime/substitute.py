@@ -6,15 +6,21 @@ unpacked into ``<local>/.tmp-…`` and renamed into place only after the cache's
 and NarSize checked out (``BinaryCache.entries`` verifies them when the stream ends), so
 a crash or a corrupt download never leaves a half path that looks valid. Files get the
 store's canonical form: 0444/0555, directories 0555, mtime 1.
+
+Durability costs one ``syncfs`` per path, not an fsync per file: on the benchmark's
+25k-file closure per-file fsyncs alone took about a minute. Fetches of different paths
+run in parallel (``fetch_all``): decompression, hashing and writes release the GIL.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 
 from stowaway.errors import StowawayError
@@ -26,6 +32,18 @@ __all__ = ["Substituter"]
 
 log = logging.getLogger(__name__)
 _NS = CANONICAL_MTIME * 10**9
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the filesystem holding ``path`` (syncfs(2); the os module lacks it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 class Substituter:
@@ -34,6 +52,10 @@ class Substituter:
     def __init__(self, caches: Sequence[BinaryCache], local_store: Path) -> None:
         self.caches = list(caches)
         self.local_store = local_store
+
+    def fetch_all(self, basenames: Sequence[str], pool: Executor) -> list[Path | None]:
+        """``fetch`` for each basename, in parallel on ``pool``."""
+        return list(pool.map(self.fetch, basenames))
 
     def fetch(self, basename: str) -> Path | None:
         final = self.local_store / basename
@@ -63,15 +85,21 @@ class Substituter:
                     os.symlink(os.fsdecode(entry.target), dest)
                     os.utime(dest, ns=(_NS, _NS), follow_symlinks=False)
                 else:
-                    with open(dest, "xb", buffering=0) as f:
+                    mode = 0o555 if entry.executable else 0o444
+                    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+                    try:
                         for chunk in entry.chunks:
-                            f.write(chunk)
-                        os.fsync(f.fileno())
-                    os.chmod(dest, 0o555 if entry.executable else 0o444)
-                    os.utime(dest, ns=(_NS, _NS))
+                            view = memoryview(chunk)
+                            while view:  # os.write may write less than asked
+                                view = view[os.write(fd, view) :]
+                        os.utime(fd, ns=(_NS, _NS))
+                    finally:
+                        os.close(fd)
             for d in reversed(dirs):
                 os.chmod(d, 0o555)
                 os.utime(d, ns=(_NS, _NS))
+            # the stream ended, so NarHash/NarSize checked out: make it durable, publish
+            _syncfs(tmp)
             if os.path.lexists(final):
                 return  # a concurrent fetch won; same hash, same contents
             os.rename(root, final)

@@ -1,15 +1,24 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
+import json
 from pathlib import Path
 
 import bcrypt
 import pytest
 from registry_harness import Server
 
+from stowaway.errors import RegistryError
+from stowaway.image.model import Blob, Image, Layer, MediaType
 from stowaway.registry.auth import load_htpasswd
 from stowaway.registry.config import RegistryConfigError
+from stowaway.sinks.registry import push
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -60,10 +69,50 @@ def test_anonymous_read_but_authenticated_push(make_server: object, htpasswd: Pa
     assert server.request("POST", "/v2/a/blobs/uploads/", headers=basic("bob", "pw")).status == 202
 
 
-def test_tokens_only_challenge_bearer(make_server: object) -> None:
+def test_tokens_only_challenge_is_basic(make_server: object) -> None:
+    # a Bearer challenge would send clients to a token service URL there is none of
     server: Server = make_server(tokens=("t",), anonymous_read=False)  # type: ignore[operator]
     r = server.request("GET", "/v2/")
-    assert r.headers["WWW-Authenticate"] == 'Bearer realm="stowaway"'
+    assert r.status == 401
+    assert r.headers["WWW-Authenticate"] == 'Basic realm="stowaway"'
+    assert server.request("GET", "/v2/", headers=basic("anyone", "t")).status == 200
+
+
+def _tiny_image() -> Image:
+    layer_data = gzip.compress(b"not really a tar, the registry does not care", mtime=0)
+    layer = Layer(sha256(layer_data), len(layer_data), MediaType.OCI_LAYER_GZIP, data=layer_data)
+    config_data = json.dumps({"rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    config = Blob(sha256(config_data), len(config_data), MediaType.OCI_CONFIG, data=config_data)
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MediaType.OCI_MANIFEST.value,
+        "config": config.descriptor().to_json(),
+        "layers": [layer.descriptor().to_json()],
+    }
+    data = json.dumps(doc).encode()
+    return Image([layer], config, Blob(sha256(data), len(data), MediaType.OCI_MANIFEST, data=data))
+
+
+def test_push_client_with_user_and_token_on_tokens_only_server(
+    make_server: object, tmp_path: Path
+) -> None:
+    """``stowaway build -o docker://... --dest-creds USER:TOKEN`` against ``tokens = [...]``."""
+    server: Server = make_server(tokens=("t0k3n",), anonymous_read=False)  # type: ignore[operator]
+    image = _tiny_image()
+    with pytest.raises(RegistryError):
+        push(image, server.host, "ci/app", "v1", tls_verify=False, state_dir=tmp_path)
+    result = push(
+        image,
+        server.host,
+        "ci/app",
+        "v1",
+        tls_verify=False,
+        creds=("ci", "t0k3n"),
+        state_dir=tmp_path,
+    )
+    assert sorted(result.uploaded) == sorted(b.digest for b in image.blobs())
+    r = server.request("GET", "/v2/ci/app/manifests/v1", headers=basic("ci", "t0k3n"))
+    assert r.status == 200 and r.body == image.manifest.data
 
 
 def test_bad_htpasswd_lines_are_reported(tmp_path: Path) -> None:

@@ -54,7 +54,10 @@ class Authenticator:
         self._tokens = [t.encode() for t in config.tokens]
         self._users = load_htpasswd(config.htpasswd) if config.htpasswd else {}
         self._verified: set[tuple[str, bytes]] = set()
-        self.challenge = 'Basic realm="stowaway"' if self._users else 'Bearer realm="stowaway"'
+        # Always Basic, also with tokens only: a Bearer challenge names a token
+        # service URL in its realm, which clients (docker, our own push client) call,
+        # and there is none. Tokens work as the basic-auth password instead.
+        self.challenge = 'Basic realm="stowaway"'
 
     def _token_ok(self, token: str) -> bool:
         return any(hmac.compare_digest(token.encode(), t) for t in self._tokens)

@@ -7,15 +7,17 @@ import hashlib
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stowaway.errors import StowawayError
-from stowaway.image.digest import CorruptBlob, VerifyingReader, copy_verified
+from stowaway.image.digest import CorruptBlob, VerifyingReader, copy_verified, dropping_corrupt
 from stowaway.image.layer_cache import LayerCache, default_cache_dir
 from stowaway.image.layers import LayerSettings, build_entries_layer
 from stowaway.image.model import Layer, TarEntry
@@ -110,15 +112,37 @@ def test_corrupt_blob_is_detected_dropped_and_rebuilt(layer_cache: LayerCache) -
     assert rebuilt.path.read_bytes() == good
 
 
-def test_forget_drops_entry_and_blob(layer_cache: LayerCache) -> None:
+@pytest.fixture()
+def strict_umask() -> Iterator[None]:
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_entries_are_world_readable_whatever_the_umask(
+    layer_cache: LayerCache, strict_umask: None
+) -> None:
+    """``serve`` running as another user reads the cache build wrote."""
     layer = build(layer_cache)
     [index] = index_files(layer_cache)
-    layer_cache.forget(index.stem)
-    assert layer.path is not None and not layer.path.exists()
-    assert index_files(layer_cache) == []
-    assert layer_cache.lookup(index.stem) is None
-    layer_cache.forget(index.stem)  # idempotent
-    assert not build(layer_cache).reused
+    assert layer.path is not None
+    assert stat.S_IMODE(layer.path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(index.stat().st_mode) == 0o644
+
+
+def test_dropping_corrupt_unlinks_only_on_corrupt_blob(layer_cache: LayerCache) -> None:
+    layer = build(layer_cache)
+    assert layer.path is not None
+    with pytest.raises(OSError), dropping_corrupt(layer):
+        raise OSError("not about the bytes")
+    assert layer.path.exists()
+    with pytest.raises(CorruptBlob), dropping_corrupt(layer):
+        raise CorruptBlob("bad", digest=layer.digest, where="test")
+    assert not layer.path.exists()
+    with pytest.raises(CorruptBlob), dropping_corrupt(layer):  # already gone: still raises
+        raise CorruptBlob("bad", digest=layer.digest, where="test")
 
 
 def test_copy_verified_copies_good_blobs(layer_cache: LayerCache) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -210,3 +211,26 @@ def test_refuses_foreign_directories_and_broken_indexes(demo_image: Any, tmp_pat
     (layout / "index.json").write_text("{not json")
     with pytest.raises(LayoutError, match="index.json is not valid JSON"):
         write_oci_layout(demo_image.image, layout, "v2")
+
+
+def test_layout_files_are_0644_linked_or_copied(
+    make_demo: Callable[..., Any], demo_app: str, tmp_path: Path
+) -> None:
+    """Same modes whichever way a blob arrives, even under a strict umask and from a
+    cache entry an older stowaway left at 0600."""
+    old_umask = os.umask(0o077)
+    try:
+        composed = make_demo(demo_app, tmp_path / "cache")
+        old_entry = composed.image.layers[0].path
+        assert old_entry is not None
+        old_entry.chmod(0o600)
+        layout = tmp_path / "layout"
+        result = write_oci_layout(composed.image, layout, "v1")
+    finally:
+        os.umask(old_umask)
+    assert result.linked and result.written
+    files = [p for p in layout.rglob("*") if p.is_file()]
+    assert len(files) == len(composed.image.layers) + 4  # + config, manifest, index, marker
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
+        p.name: "0o644" for p in files
+    }

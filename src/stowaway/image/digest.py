@@ -7,8 +7,10 @@ flipped or missing byte is caught at the moment it would be emitted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from stowaway.errors import StowawayError
@@ -86,25 +88,25 @@ class VerifyingReader:
         raise CorruptBlob(message, digest=self._digest, where=self._where)
 
 
-def copy_verified(blob: Blob, dst: BinaryIO) -> None:
-    """Copy ``blob`` into ``dst`` in large chunks, verifying size and digest.
+@contextlib.contextmanager
+def dropping_corrupt(blob: Blob) -> Iterator[None]:
+    """Run a verified read of ``blob``; if it raises CorruptBlob, unlink the blob's
+    cache file before re-raising, so the next cache lookup misses and the layer is
+    rebuilt instead of emitted again."""
+    try:
+        yield
+    except CorruptBlob:
+        if blob.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(blob.path)
+        raise
 
-    A blob file that fails verification is unlinked before CorruptBlob is raised,
-    so the next cache lookup misses and the layer is rebuilt instead of re-emitted.
-    ``dst`` may have received a prefix of the bytes; callers write to temp files.
-    """
-    with blob.open() as f:
+
+def copy_verified(blob: Blob, dst: BinaryIO) -> None:
+    """Copy ``blob`` into ``dst`` in large chunks, verifying size and digest; a
+    damaged cache file is dropped (``dropping_corrupt``). ``dst`` may have received
+    a prefix of the bytes; callers write to temp files."""
+    with dropping_corrupt(blob), blob.open() as f:
         reader = VerifyingReader(f, blob.digest, blob.size)
-        try:
-            while True:
-                data = reader.read(CHUNK)
-                if not data:
-                    break
-                dst.write(data)
-        except CorruptBlob:
-            if blob.path is not None:
-                try:
-                    os.unlink(blob.path)
-                except FileNotFoundError:
-                    pass
-            raise
+        while data := reader.read(CHUNK):
+            dst.write(data)

@@ -5,11 +5,12 @@ Layout under the root (the registry shares ``blobs/``):
     blobs/sha256/<hex>     compressed layer bytes, named by their digest
     layers/<key>.json      {"digest", "diff_id", "size", "media_type", "version"}
 
-Both are written to a temp file in the same directory, fsynced and renamed into
-place, so a crash leaves at most an unused ``.tmp-*`` file and two processes
-building the same key race harmlessly (each rename is atomic; the bytes are the
-same). ``lookup`` only checks that the blob exists with the recorded size; the
-digest is verified whenever the bytes are read (``stowaway.image.digest``).
+Both are published with ``stowaway.fsutil`` (temp file in the same directory,
+fsync, mode 0644 so ``serve`` running as another user can read them, rename), so
+a crash leaves at most an unused ``.tmp-*`` file and two processes building the
+same key race harmlessly (each rename is atomic; the bytes are the same).
+``lookup`` only checks that the blob exists with the recorded size; the digest is
+verified whenever the bytes are read (``stowaway.image.digest``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from stowaway.errors import StowawayError
+from stowaway.fsutil import AtomicFile, atomic_write
 from stowaway.image.digest import parse_digest
 from stowaway.image.model import Layer
 
@@ -38,14 +38,6 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "stowaway"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -61,9 +53,9 @@ class CacheEntry:
 class BlobWriter:
     """A temp file inside ``blobs/sha256`` that hashes and counts what is written."""
 
-    def __init__(self, file: BinaryIO, path: Path) -> None:
-        self.file = file
-        self.temp_path = path
+    def __init__(self, temp: AtomicFile) -> None:
+        self.temp = temp
+        self.file = temp.file
         self.size = 0
         self._sha = hashlib.sha256()
 
@@ -121,35 +113,19 @@ class LayerCache:
             reused=True,
         )
 
-    def forget(self, key: str) -> None:
-        """Drop an entry (and its blob, which is presumed damaged)."""
-        entry = self._entry_path(key)
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, StowawayError):
-            digest = str(json.loads(entry.read_bytes())["digest"])
-            self.blob_path(digest).unlink(missing_ok=True)
-        entry.unlink(missing_ok=True)
-
     @contextlib.contextmanager
     def blob_writer(self) -> Iterator[BlobWriter]:
         """A temp blob file; the caller writes it, then passes it to ``commit``.
         The temp file is removed if the block fails or the blob is not committed."""
         self._blobs.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=self._blobs)
-        temp = Path(name)
-        try:
-            with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-                yield BlobWriter(f, temp)
-        finally:
-            temp.unlink(missing_ok=True)
+        with AtomicFile(self._blobs) as temp:
+            yield BlobWriter(temp)
 
     def commit(self, key: str, writer: BlobWriter, diff_id: str, media_type: str) -> Layer:
-        """Move a finished blob into place and record it under ``key``."""
-        writer.file.flush()
-        os.fsync(writer.file.fileno())
+        """Move a finished blob into place (synced, mode 0644) and record it under ``key``."""
         entry = CacheEntry(writer.digest, diff_id, writer.size, media_type)
         final = self.blob_path(entry.digest)
-        os.replace(writer.temp_path, final)
-        _fsync_dir(self._blobs)
+        writer.temp.commit(final)
         self._write_entry(key, entry)
         return Layer(
             digest=entry.digest,
@@ -161,7 +137,6 @@ class LayerCache:
 
     def _write_entry(self, key: str, entry: CacheEntry) -> None:
         path = self._entry_path(key)
-        self._index.mkdir(parents=True, exist_ok=True)
         doc = {
             "version": INDEX_VERSION,
             "digest": entry.digest,
@@ -169,14 +144,4 @@ class LayerCache:
             "size": entry.size,
             "media_type": entry.media_type,
         }
-        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=self._index)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(doc, sort_keys=True).encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(name, path)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self._index)
+        atomic_write(path, json.dumps(doc, sort_keys=True).encode() + b"\n")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from stowaway.errors import StowawayError
+from stowaway.fsutil import atomic_write
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
 from stowaway.image.layer_cache import LayerCache
@@ -253,17 +252,7 @@ class NixResolver:
         path = self.cache.blob_path(blob.digest)
         if path.is_file() and path.stat().st_size == blob.size:
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob.data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, blob.data)
         return path
 
     # -- for the landing page -------------------------------------------------------

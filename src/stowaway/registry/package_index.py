@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from stowaway.errors import InvalidStorePath, StowawayError
+from stowaway.fsutil import atomic_write
 from stowaway.store.model import STORE_DIR, StoreSource
 from stowaway.store.paths import parse_basename, parse_store_path
 
@@ -148,19 +148,8 @@ def load_index(path: Path) -> PackageIndex:
 
 
 def write_index(path: Path, index: PackageIndex) -> None:
-    """Write atomically: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(index.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (``stowaway.fsutil.atomic_write``)."""
+    atomic_write(Path(path), index.to_json())
 
 
 # -- names and versions of store paths --------------------------------------------

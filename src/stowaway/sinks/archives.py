@@ -12,20 +12,18 @@ decompress them), and files live under ``blobs/sha256/`` as in an OCI layout.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from stowaway.errors import StowawayError
+from stowaway.fsutil import AtomicFile
 from stowaway.image.config import canonical_json
-from stowaway.image.digest import CHUNK, CorruptBlob, VerifyingReader, parse_digest
+from stowaway.image.digest import CHUNK, VerifyingReader, dropping_corrupt, parse_digest
 from stowaway.image.model import Blob, Image, MediaType, TarEntry
 from stowaway.image.tar import default_mtime, write_tar
 from stowaway.progress import NoProgress, Progress
 from stowaway.sinks.oci_layout import (
     LAYOUT_VERSION,
-    TempFile,
     empty_index,
     manifest_descriptor,
     require_oci,
@@ -89,10 +87,10 @@ def _write(
         raise ArchiveError(f"{file} is a directory; an archive destination must be a file")
     if not file.parent.is_dir():
         raise ArchiveError(f"directory {file.parent} of archive {file} does not exist")
-    with TempFile(file) as t:
+    with AtomicFile(file.parent) as t:
         for piece in write_tar(entries, mtime=default_mtime()):
             t.file.write(piece)
-        t.commit(sync=True)
+        t.commit(file)
     return SinkResult(
         target=target,
         manifest_digest=image.manifest.digest,
@@ -129,15 +127,10 @@ def _verified(blob: Blob, progress: Progress) -> Iterator[bytes]:
     key = f"archive:{blob.digest}"
     progress.start(key, f"pack {blob.digest[7:19]}", blob.size)
     try:
-        with blob.open() as f:
+        with dropping_corrupt(blob), blob.open() as f:
             reader = VerifyingReader(f, blob.digest, blob.size)
             while data := reader.read(CHUNK):
                 progress.advance(key, len(data))
                 yield data
-    except CorruptBlob:
-        if blob.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(blob.path)
-        raise
     finally:
         progress.finish(key)

@@ -5,8 +5,9 @@ left alone (its bytes are never read). New layer blobs are hard-linked from the
 layer cache when it is on the same filesystem, else copied. Before linking, the
 cache file is hashed once: linking is meant to be cheap, but a link would hand out
 a damaged cache entry as is, and one sequential read is far cheaper than the
-copy it saves. Every file appears by rename; ``index.json`` is written last,
-so a crash leaves either the old image list or the new one, never a broken one.
+copy it saves. Every file appears by rename (``stowaway.fsutil``: synced, mode
+0644 whether linked or copied); ``index.json`` is written last, so a crash leaves
+either the old image list or the new one, never a broken one.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ import contextlib
 import errno
 import json
 import os
-import tempfile
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 from stowaway.errors import StowawayError
+from stowaway.fsutil import FILE_MODE, AtomicFile, atomic_write, fsync_dir
 from stowaway.image.config import canonical_json
-from stowaway.image.digest import CHUNK, CorruptBlob, VerifyingReader, copy_verified, parse_digest
+from stowaway.image.digest import (
+    CHUNK,
+    VerifyingReader,
+    copy_verified,
+    dropping_corrupt,
+    parse_digest,
+)
 from stowaway.image.model import Blob, Descriptor, Image, MediaType
 from stowaway.progress import NoProgress, Progress
 from stowaway.sinks.targets import SinkResult
@@ -151,9 +159,9 @@ def put_blob(blob: Blob, blobs_dir: Path, progress: Progress = _QUIET) -> Outcom
         if blob.path is not None and _link_verified(blob, dest):
             progress.advance(key, blob.size)
             return "linked"
-        with TempFile(dest) as t:
+        with AtomicFile(dest.parent) as t:
             copy_verified(blob, t.file)
-            t.commit()
+            t.commit(dest)
         progress.advance(key, blob.size)
         return "written"
     finally:
@@ -162,7 +170,8 @@ def put_blob(blob: Blob, blobs_dir: Path, progress: Progress = _QUIET) -> Outcom
 
 def _link_verified(blob: Blob, dest: Path) -> bool:
     """Hard-link the cache file to ``dest`` after checking its digest; False when the
-    two are on different filesystems (or links are refused), so the caller copies."""
+    two are on different filesystems, links are refused, or the file does not have
+    mode 0644 and is not ours to change (an old cache entry), so the caller copies."""
     assert blob.path is not None
     tmp = dest.with_name(f".link-{dest.name}-{os.getpid()}-{id(blob)}")
     try:
@@ -173,7 +182,14 @@ def _link_verified(blob: Blob, dest: Path) -> bool:
         raise
     try:
         verify_file(blob, tmp)
-        os.replace(tmp, dest)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != FILE_MODE:
+            try:
+                os.chmod(tmp, FILE_MODE)  # the same inode: the cache file is fixed too
+            except PermissionError:
+                os.unlink(tmp)
+                return False
+        os.replace(tmp, dest)  # not publish: chmod needs ownership even to keep the mode
+        fsync_dir(dest.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -183,48 +199,7 @@ def _link_verified(blob: Blob, dest: Path) -> bool:
 
 def verify_file(blob: Blob, path: Path) -> None:
     """Hash ``path`` against ``blob``; on mismatch drop the cache entry, raise CorruptBlob."""
-    with open(path, "rb") as f:
+    with dropping_corrupt(blob), open(path, "rb") as f:
         reader = VerifyingReader(f, blob.digest, blob.size)
-        try:
-            while reader.read(CHUNK):
-                pass
-        except CorruptBlob:
-            if blob.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(blob.path)
-            raise
-
-
-class TempFile:
-    """A temp file next to its destination (so the rename is atomic); removed on
-    exit unless ``commit`` renamed it into place."""
-
-    def __init__(self, dest: Path) -> None:
-        self.dest = dest
-
-    def __enter__(self) -> TempFile:
-        fd, self.name = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.tmp-")
-        self.file: BinaryIO = os.fdopen(fd, "wb")
-        self.committed = False
-        return self
-
-    def commit(self, *, sync: bool = False) -> None:
-        self.file.flush()
-        if sync:
-            os.fsync(self.file.fileno())
-        os.fchmod(self.file.fileno(), 0o644)
-        os.replace(self.name, self.dest)
-        self.committed = True
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()
-        if not self.committed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.name)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a synced temp file and a rename."""
-    with TempFile(path) as t:
-        t.file.write(data)
-        t.commit(sync=True)
+        while reader.read(CHUNK):
+            pass

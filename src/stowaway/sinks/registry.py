@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -21,7 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from stowaway.errors import RegistryError
-from stowaway.image.digest import CorruptBlob, VerifyingReader
+from stowaway.fsutil import atomic_write
+from stowaway.image.digest import CorruptBlob, VerifyingReader, dropping_corrupt
 from stowaway.image.model import Blob, Image
 from stowaway.progress import NoProgress, Progress
 from stowaway.registry.client import RegistryClient, Response, TransportError
@@ -165,13 +164,11 @@ def _push_blob(
                 resp = client.request("POST", client.url(f"/v2/{repo}/blobs/uploads/"), ok=(202,))
                 location = _location(resp, f"start upload of {blob.digest}")
             try:
-                _upload(client, client.url(location), blob, lambda n: progress.advance(key, n))
+                with dropping_corrupt(blob):  # a damaged cache entry is dropped, rebuilt later
+                    _upload(client, client.url(location), blob, lambda n: progress.advance(key, n))
                 return "uploaded"
             except CorruptBlob:
                 _abandon(client, client.url(location))
-                if blob.path is not None:  # drop the damaged cache entry so it is rebuilt
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(blob.path)
                 raise
             except (RegistryApiError, TransportError) as e:
                 _abandon(client, client.url(location))
@@ -285,16 +282,8 @@ class PushRecord:
             old = merged.pop(d, [])
             merged[d] = list(dict.fromkeys([*repos, *old]))[: self.REPOS_PER_BLOB]
         keep = dict(list(merged.items())[-self.MAX_BLOBS :])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".pushed-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": 1, "blobs": keep}, f, separators=(",", ":"))
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        doc = {"version": 1, "blobs": keep}
+        atomic_write(self.path, json.dumps(doc, separators=(",", ":")).encode())
         self.blobs = keep
 
 

@@ -60,8 +60,8 @@ def test_spec_errors_name_the_field(mutate: object, message: str) -> None:
 
 
 def test_frontend_imports_nothing_beyond_grpc_protobuf_stdlib() -> None:
-    """What the frontend image has: Debian's python3 + grpcio + protobuf, and an empty
-    stowaway/store/__init__.py (scripts/frontend-image.sh)."""
+    """What the frontend image has: Debian's python3 + grpcio + protobuf, the modules
+    scripts/frontend-image.sh lists and empty stowaway/{store,image}/__init__.py."""
     code = textwrap.dedent(
         f"""
         import importlib.abc, sys, types
@@ -82,7 +82,15 @@ def test_frontend_imports_nothing_beyond_grpc_protobuf_stdlib() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "stowaway.buildkit.frontend" in r.stdout
-    assert "stowaway.image" not in r.stdout and "stowaway.store.nar" not in r.stdout
+    script = (ROOT / "scripts" / "frontend-image.sh").read_text()
+    files = script.split("FILES=(", 1)[1].split(")", 1)[0].split()
+    shipped = {
+        str(p.relative_to(ROOT / "src").with_suffix("")).replace("/", ".").removesuffix(".__init__")
+        for pattern in files
+        for p in ROOT.glob(pattern)
+    } | {"stowaway.store", "stowaway.image"}  # empty __init__.py in the image
+    assert set(r.stdout.split()) <= shipped, set(r.stdout.split()) - shipped
+    assert "stowaway.store.nar" not in r.stdout and "stowaway.image.compose" not in r.stdout
 
 
 def test_cache_imports_from_both_options() -> None:

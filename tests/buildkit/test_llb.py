@@ -194,3 +194,19 @@ def test_substituted_derivations_get_no_exec_op(have_nix: None, contexts: dict[s
     lib_bc = next(m for m in core.exec.mounts if m.dest.endswith("-lib-bc"))
     assert lib_bc.selector == lib_bc.dest  # from the image, at its store path
     assert core.inputs[lib_bc.input].digest == image.vertex.digest
+
+
+@pytest.mark.parametrize(
+    ("ref", "want"),
+    [
+        ("app", "docker.io/library/app:latest"),
+        ("app:1", "docker.io/library/app:1"),
+        ("user/app:1", "docker.io/user/app:1"),
+        ("localhost/app", "localhost/app:latest"),
+        ("reg:5000/a/b@sha256:" + "0" * 64, "reg:5000/a/b@sha256:" + "0" * 64),
+        ("reg.io/app:2", "reg.io/app:2"),
+    ],
+)
+def test_image_refs_are_normalised_as_docker_reads_them(ref: str, want: str) -> None:
+    assert llb.normalize_ref(ref) == want
+    assert f"docker-image://{want}".encode() in llb.image_source(ref).vertex.data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -142,3 +143,45 @@ def test_s3_chunked_multipart_and_rejections(
     assert keys(storage) == before
     mpu = storage._s3.list_multipart_uploads(Bucket=storage.bucket)
     assert not mpu.get("Uploads")
+
+
+def test_s3_patch_streams_into_parts(make_server: object, moto_endpoint: str, bucket: str) -> None:
+    """A PATCH carrying a whole layer (docker's way) goes up in 8 MiB parts as it
+    arrives instead of being held in memory."""
+    server = s3_server(make_server, moto_endpoint, bucket, max_upload_size=12 << 20)
+    storage = server.storage
+    assert isinstance(storage, S3Storage)
+    data = os.urandom(1 << 20) * 9  # 9 MiB: one full part and a remainder
+    loc = server.request("POST", "/v2/docker/blobs/uploads/").headers["Location"]
+    assert server.request("PATCH", loc, data).status == 202
+    [chunk] = [k for k in keys(storage) if "/_uploads/" in k and "/data/" in k]
+    head = storage._s3.head_object(Bucket=storage.bucket, Key=chunk)
+    assert head["ContentLength"] == len(data)
+    assert head["ETag"].strip('"').endswith("-2"), "stored as a 2-part multipart upload"
+    # over the limit: 413, no part is left behind
+    r = server.request("PATCH", loc, data[: 4 << 20], {"Content-Range": f"{len(data)}-"
+                       f"{len(data) + (4 << 20) - 1}"})  # fmt: skip
+    assert r.status == 413 and r.code == "SIZE_INVALID"
+    assert not storage._s3.list_multipart_uploads(Bucket=storage.bucket).get("Uploads")
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert server.request("PUT", f"{loc}?digest={d}").status == 201
+    assert server.request("GET", f"/v2/docker/blobs/{d}").body == data
+
+
+def test_s3_abandoned_uploads_and_parts_are_purged(
+    make_server: object, moto_endpoint: str, bucket: str
+) -> None:
+    server = s3_server(make_server, moto_endpoint, bucket)
+    storage = server.storage
+    assert isinstance(storage, S3Storage)
+    loc = server.request("POST", "/v2/a/blobs/uploads/").headers["Location"]
+    assert server.request("PATCH", loc, b"abandoned").status == 202
+    crashed = storage._s3.create_multipart_upload(Bucket=storage.bucket, Key="reg/blobs/x")
+    assert asyncio.run(storage.purge_uploads(3600)) == 0
+    assert [k for k in keys(storage) if "/_uploads/" in k]
+    time.sleep(1.6)  # S3 times have whole seconds
+    assert asyncio.run(storage.purge_uploads(0.5)) == 1
+    assert not [k for k in keys(storage) if "/_uploads/" in k]
+    assert server.request("GET", loc).code == "BLOB_UPLOAD_UNKNOWN"
+    uploads = storage._s3.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", [])
+    assert crashed["UploadId"] not in [u["UploadId"] for u in uploads]

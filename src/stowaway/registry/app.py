@@ -5,10 +5,12 @@ runs it with TLS, JSON access logs and graceful shutdown on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -83,6 +85,23 @@ def access_logger_for(api: RegistryApi) -> type[AbstractAccessLogger]:
     return JsonAccessLogger
 
 
+#: Longest pause between two purges of abandoned uploads, in seconds.
+PURGE_INTERVAL = 3600.0
+
+
+async def purge_uploads_forever(storage: Storage, max_age: float) -> None:
+    """Purge abandoned uploads now, then every ``max_age / 4`` (at most hourly), so
+    an upload is gone at most a quarter of ``max_age`` after it became stale."""
+    while True:
+        try:
+            purged = await storage.purge_uploads(max_age)
+            if purged:
+                log.info("purged %d abandoned uploads (idle over %gs)", purged, max_age)
+        except Exception:
+            log.exception("purging abandoned uploads failed; retrying later")
+        await asyncio.sleep(min(PURGE_INTERVAL, max_age / 4))
+
+
 def make_app(
     config: RegistryConfig,
     *,
@@ -97,6 +116,15 @@ def make_app(
     api = RegistryApi(config, storage or open_storage(config), resolver)
     app = web.Application(middlewares=[errors_middleware])
     app[API_KEY] = api
+
+    async def purging(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(purge_uploads_forever(api.storage, config.upload_max_age))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(purging)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -5,6 +5,7 @@ Example (every key optional)::
     listen = "0.0.0.0:5000"
     storage = "/var/lib/stowaway"          # or "s3://bucket/prefix"
     max_upload_size = 10737418240
+    upload_max_age = 86400                # seconds an idle upload is kept before purging
     tls_cert = "/etc/stowaway/cert.pem"
     tls_key = "/etc/stowaway/key.pem"
     htpasswd = "/etc/stowaway/htpasswd"   # bcrypt ($2y$/$2b$) entries
@@ -159,6 +160,8 @@ class RegistryConfig:
     nix: NixOptions = field(default_factory=NixOptions)
     max_upload_size: int = 10 << 30
     max_manifest_size: int = 4 << 20
+    #: seconds an upload may sit without new data before it is purged
+    upload_max_age: float = 24 * 3600
     tls_cert: Path | None = None
     tls_key: Path | None = None
     htpasswd: Path | None = None
@@ -183,6 +186,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "storage": (str,),
     "max_upload_size": (int,),
     "max_manifest_size": (int,),
+    "upload_max_age": (int, float),
     "tls_cert": (str,),
     "tls_key": (str,),
     "htpasswd": (str,),
@@ -227,6 +231,8 @@ def config_from_dict(doc: dict[str, Any], where: str = "config") -> RegistryConf
             raise RegistryConfigError(f"{where}: {key} has the wrong type {type(value).__name__}")
         kwargs[key] = _convert(key, value, where)
     config = RegistryConfig(**kwargs)
+    if not config.upload_max_age > 0:
+        raise RegistryConfigError(f"{where}: upload_max_age must be a positive number of seconds")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise RegistryConfigError(f"{where}: tls_cert and tls_key go together")
     config.host_port  # noqa: B018 - validate early

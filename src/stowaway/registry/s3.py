@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,19 +94,23 @@ class S3Storage:
     async def _put(self, key: str, data: bytes) -> None:
         await self._call(self._s3.put_object, Bucket=self.bucket, Key=key, Body=data)
 
-    async def _list(self, prefix: str) -> list[tuple[str, int]]:
-        """(key, size) of every object under ``prefix``, all pages."""
-        out: list[tuple[str, int]] = []
+    async def _objects(self, prefix: str) -> list[dict[str, Any]]:
+        """ListObjectsV2 entries (Key, Size, LastModified, ...) under ``prefix``, all pages."""
+        out: list[dict[str, Any]] = []
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
             if token:
                 kwargs["ContinuationToken"] = token
             page = await self._call(self._s3.list_objects_v2, **kwargs)
-            out += [(o["Key"], int(o["Size"])) for o in page.get("Contents", [])]
+            out += page.get("Contents", [])
             if not page.get("IsTruncated"):
                 return out
             token = page["NextContinuationToken"]
+
+    async def _list(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object under ``prefix``."""
+        return [(o["Key"], int(o["Size"])) for o in await self._objects(prefix)]
 
     # -- blobs -----------------------------------------------------------------
     async def blob_size(self, digest: str) -> int | None:
@@ -139,64 +144,24 @@ class S3Storage:
     async def _write_verified(
         self, key: str, digest: str, chunks: AsyncIterable[bytes], limit: int, where: str
     ) -> int:
-        """Stream into ``key`` via multipart upload; complete only if the sha256
-        matches ``digest`` and the size stays within ``limit``, else abort."""
+        """Stream into ``key``; complete only if the sha256 matches ``digest`` and the
+        size stays within ``limit``, else abort."""
         h = hashlib.sha256()
-        size = 0
-        buf = bytearray()
-        upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
-
-        async def flush() -> None:
-            nonlocal upload_id
-            if upload_id is None:
-                mpu = await self._call(
-                    self._s3.create_multipart_upload, Bucket=self.bucket, Key=key
-                )
-                upload_id = mpu["UploadId"]
-            n = len(parts) + 1
-            res = await self._call(
-                self._s3.upload_part,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=n,
-                Body=bytes(buf),
-            )
-            parts.append({"PartNumber": n, "ETag": res["ETag"]})
-            buf.clear()
-
+        loop = asyncio.get_running_loop()
+        writer = _StreamedObject(self, key)
         try:
             async for chunk in rechunk(chunks):
-                size += len(chunk)
-                if size > limit:
+                if writer.size + len(chunk) > limit:
                     raise too_large(limit, where)
-                await asyncio.get_running_loop().run_in_executor(None, h.update, chunk)
-                buf += chunk
-                if len(buf) >= PART:
-                    await flush()
+                await loop.run_in_executor(None, h.update, chunk)
+                await writer.write(chunk)
             actual = "sha256:" + h.hexdigest()
             if actual != digest:
                 raise digest_mismatch(digest, actual)
-            if upload_id is None:
-                await self._put(key, bytes(buf))
-                return size
-            if buf:
-                await flush()
-            await self._call(
-                self._s3.complete_multipart_upload,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-            upload_id = None
-            return size
+            await writer.complete()
+            return writer.size
         finally:
-            if upload_id is not None:
-                await self._call(
-                    self._s3.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id
-                )
+            await writer.abort()
 
     async def put_blob(self, digest: str, chunks: AsyncIterable[bytes], limit: int) -> int:
         return await self._write_verified(
@@ -304,14 +269,18 @@ class S3Storage:
                 ErrorCode.RANGE_INVALID,
                 f"chunk starts at byte {offset}, but upload {upload_id} holds {size} bytes",
             )
-        data = bytearray()
-        async for chunk in chunks:
-            data += chunk
-            if size + len(data) > limit:
-                raise too_large(limit, f"upload {upload_id}")
-        if data:
-            await self._put(self._up(upload_id, "data", f"{size:020d}"), bytes(data))
-        return size + len(data)
+        # streamed: a PATCH may carry a whole layer (docker sends one per layer)
+        writer = _StreamedObject(self, self._up(upload_id, "data", f"{size:020d}"))
+        try:
+            async for chunk in rechunk(chunks):
+                if size + writer.size + len(chunk) > limit:
+                    raise too_large(limit, f"upload {upload_id}")
+                await writer.write(chunk)
+            if writer.size:
+                await writer.complete()
+            return size + writer.size
+        finally:
+            await writer.abort()
 
     async def upload_finish(
         self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
@@ -340,11 +309,112 @@ class S3Storage:
     async def upload_cancel(self, name: str, upload_id: str) -> None:
         await self._drop_upload(upload_id, await self._chunks(name, upload_id))
 
+    async def purge_uploads(self, max_age: float) -> int:
+        cutoff = time.time() - max_age
+        prefix = self._key("_uploads") + "/"
+        last: dict[str, float] = {}
+        for obj in await self._objects(prefix):
+            upload_id = obj["Key"][len(prefix) :].split("/", 1)[0]
+            changed = obj["LastModified"].timestamp()
+            last[upload_id] = max(changed, last.get(upload_id, 0.0))
+        stale = sorted(u for u, changed in last.items() if changed < cutoff)
+        for upload_id in stale:
+            await self._delete([k for k, _ in await self._list(self._up(upload_id) + "/")])
+        await self._abort_stale_multipart(cutoff)
+        return len(stale)
+
+    async def _abort_stale_multipart(self, cutoff: float) -> None:
+        """Abort multipart uploads a crashed replica left open (their parts cost
+        storage but are invisible to object listings)."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key()}
+        while True:
+            page = await self._call(self._s3.list_multipart_uploads, **kwargs)
+            for up in page.get("Uploads", []):
+                if up["Initiated"].timestamp() < cutoff:
+                    await self._call(
+                        self._s3.abort_multipart_upload,
+                        Bucket=self.bucket,
+                        Key=up["Key"],
+                        UploadId=up["UploadId"],
+                    )
+            if not page.get("IsTruncated"):
+                return
+            kwargs["KeyMarker"] = page["NextKeyMarker"]
+            kwargs["UploadIdMarker"] = page["NextUploadIdMarker"]
+
     async def _drop_upload(self, upload_id: str, stored: list[tuple[int, int, str]]) -> None:
-        keys = [k for _, _, k in stored] + [self._up(upload_id, "name")]
+        await self._delete([k for _, _, k in stored] + [self._up(upload_id, "name")])
+
+    async def _delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             await self._call(
                 self._s3.delete_objects,
                 Bucket=self.bucket,
                 Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+            )
+
+
+class _StreamedObject:
+    """One object written as it streams in: bytes are buffered up to ``PART`` and
+    sent as multipart-upload parts, so memory stays bounded whatever the size; an
+    object smaller than one part is a single PutObject. Nothing is visible until
+    ``complete``; ``abort`` (a no-op after ``complete``) discards the parts."""
+
+    def __init__(self, storage: S3Storage, key: str) -> None:
+        self._storage = storage
+        self._key = key
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._done = False
+        self.size = 0
+
+    async def write(self, chunk: bytes) -> None:
+        self._buf += chunk
+        self.size += len(chunk)
+        if len(self._buf) >= PART:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        st = self._storage
+        if self._upload_id is None:
+            mpu = await st._call(st._s3.create_multipart_upload, Bucket=st.bucket, Key=self._key)
+            self._upload_id = mpu["UploadId"]
+        n = len(self._parts) + 1
+        res = await st._call(
+            st._s3.upload_part,
+            Bucket=st.bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=n,
+            Body=bytes(self._buf),
+        )
+        self._parts.append({"PartNumber": n, "ETag": res["ETag"]})
+        self._buf.clear()
+
+    async def complete(self) -> None:
+        st = self._storage
+        if self._upload_id is None:
+            await st._put(self._key, bytes(self._buf))
+        else:
+            if self._buf:
+                await self._flush()
+            await st._call(
+                st._s3.complete_multipart_upload,
+                Bucket=st.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+        self._done = True
+
+    async def abort(self) -> None:
+        if self._upload_id is not None and not self._done:
+            st = self._storage
+            self._done = True
+            await st._call(
+                st._s3.abort_multipart_upload,
+                Bucket=st.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
             )

@@ -21,10 +21,12 @@ import asyncio
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, Protocol, TypeVar
 
+from stowaway.fsutil import atomic_write, publish
 from stowaway.registry.errors import ErrorCode, RegistryApiError
 
 CHUNK = 1 << 20  # 1 MiB: large enough that hashing/writing releases the GIL usefully
@@ -73,6 +75,10 @@ class Storage(Protocol):
         self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
     ) -> int: ...
     async def upload_cancel(self, name: str, upload_id: str) -> None: ...
+    async def purge_uploads(self, max_age: float) -> int:
+        """Drop uploads whose data has not changed for ``max_age`` seconds (clients
+        that went away); returns how many were dropped."""
+        ...
 
 
 def too_large(limit: int, where: str) -> RegistryApiError:
@@ -110,20 +116,6 @@ async def _io(fn: Callable[..., T], *args: object) -> T:
 def _write_hashed(f: IO[bytes], h: hashlib._Hash, data: bytes) -> None:
     f.write(data)
     h.update(data)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{secrets.token_hex(8)}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _hash_file(path: Path) -> tuple[hashlib._Hash, int]:
@@ -211,7 +203,7 @@ class FilesystemStorage:
             actual = "sha256:" + h.hexdigest()
             if actual != digest:
                 raise digest_mismatch(digest, actual)
-            os.replace(tmp, self._blob(digest))
+            publish(tmp, self._blob(digest))
             return size
         finally:
             tmp.unlink(missing_ok=True)
@@ -233,7 +225,7 @@ class FilesystemStorage:
                 raise RegistryApiError.of(
                     ErrorCode.BLOB_UNKNOWN, f"{path} holds {actual}, not the expected {digest}"
                 )
-            os.replace(tmp, target)
+            publish(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -254,9 +246,9 @@ class FilesystemStorage:
 
     async def put_manifest(self, name: str, digest: str, data: bytes, media_type: str) -> None:
         if not self._blob(digest).exists():
-            await _io(_write_atomic, self._blob(digest), data)
+            await _io(atomic_write, self._blob(digest), data)
         link = self._repo(name) / "_manifests" / digest.removeprefix("sha256:")
-        await _io(_write_atomic, link, media_type.encode())
+        await _io(atomic_write, link, media_type.encode())
 
     async def delete_manifest(self, name: str, digest: str) -> bool:
         repo = self._repo(name)
@@ -278,7 +270,7 @@ class FilesystemStorage:
             return None
 
     async def put_tag(self, name: str, tag: str, digest: str) -> None:
-        await _io(_write_atomic, self._repo(name) / "_tags" / tag, digest.encode())
+        await _io(atomic_write, self._repo(name) / "_tags" / tag, digest.encode())
 
     async def list_tags(self, name: str) -> list[str] | None:
         repo = self._repo(name)
@@ -315,12 +307,15 @@ class FilesystemStorage:
     async def upload_start(self, name: str) -> str:
         upload_id = secrets.token_hex(16)
         self._upload(upload_id).touch()
-        await _io(_write_atomic, self._uploads / f"{upload_id}.name", name.encode())
+        await _io(atomic_write, self._uploads / f"{upload_id}.name", name.encode())
         self._hashers[upload_id] = (hashlib.sha256(), 0)
         return upload_id
 
     async def upload_size(self, name: str, upload_id: str) -> int:
-        return self._check_upload(name, upload_id).stat().st_size
+        try:
+            return self._check_upload(name, upload_id).stat().st_size
+        except FileNotFoundError:  # finished, cancelled or purged meanwhile
+            raise upload_unknown(upload_id) from None
 
     async def _hasher(self, upload_id: str, path: Path, size: int) -> hashlib._Hash:
         state = self._hashers.pop(upload_id, None)
@@ -334,9 +329,11 @@ class FilesystemStorage:
     async def upload_append(
         self, name: str, upload_id: str, offset: int, chunks: AsyncIterable[bytes], limit: int
     ) -> int:
-        path = self._check_upload(name, upload_id)
+        self._check_upload(name, upload_id)
         async with self._lock(upload_id):
-            size = path.stat().st_size
+            # again under the lock: a request we waited for may have finished the upload
+            path = self._check_upload(name, upload_id)
+            size = await self.upload_size(name, upload_id)
             if offset != size:
                 raise RegistryApiError.of(
                     ErrorCode.RANGE_INVALID,
@@ -350,16 +347,17 @@ class FilesystemStorage:
     async def upload_finish(
         self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
     ) -> int:
-        path = self._check_upload(name, upload_id)
+        self._check_upload(name, upload_id)
         async with self._lock(upload_id):
-            size = path.stat().st_size
+            path = self._check_upload(name, upload_id)  # again: see upload_append
+            size = await self.upload_size(name, upload_id)
             h = await self._hasher(upload_id, path, size)
             try:
                 size = await self._spool(path, "ab", chunks, h, size, limit, f"upload {upload_id}")
                 actual = "sha256:" + h.hexdigest()
                 if actual != digest:
                     raise digest_mismatch(digest, actual)
-                os.replace(path, self._blob(digest))
+                publish(path, self._blob(digest))
             finally:
                 self._forget(upload_id)
             return size
@@ -373,3 +371,44 @@ class FilesystemStorage:
         (self._uploads / f"{upload_id}.name").unlink(missing_ok=True)
         self._hashers.pop(upload_id, None)
         self._locks.pop(upload_id, None)
+
+    async def purge_uploads(self, max_age: float) -> int:
+        cutoff = time.time() - max_age
+        purged = 0
+        for upload_id in await _io(self._scan_uploads, cutoff):
+            # decided here on the loop, where the locks live: a locked upload is in
+            # use, and one appended to since the scan is not stale
+            lock = self._locks.get(upload_id)
+            if (lock is not None and lock.locked()) or self._changed_since(upload_id, cutoff):
+                continue
+            self._forget(upload_id)
+            purged += 1
+        # state left behind by uploads whose files vanished some other way
+        for upload_id in [*self._hashers, *self._locks]:
+            if not self._upload(upload_id).exists():
+                self._hashers.pop(upload_id, None)
+                self._locks.pop(upload_id, None)
+        return purged
+
+    def _scan_uploads(self, cutoff: float) -> list[str]:
+        """Ids of uploads last changed before ``cutoff``; on the way, removes temp
+        files older than that (left by a crash)."""
+        last: dict[str, float] = {}
+        for entry in os.scandir(self._uploads):
+            try:
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if entry.name.startswith(("tmp-", ".tmp-")):  # put_blob's, atomic_write's
+                if mtime < cutoff:
+                    Path(entry.path).unlink(missing_ok=True)
+                continue
+            upload_id = entry.name.removesuffix(".name")
+            last[upload_id] = max(mtime, last.get(upload_id, 0.0))
+        return sorted(u for u, mtime in last.items() if mtime < cutoff)
+
+    def _changed_since(self, upload_id: str, cutoff: float) -> bool:
+        try:
+            return self._upload(upload_id).stat().st_mtime >= cutoff
+        except FileNotFoundError:
+            return False

@@ -349,3 +349,43 @@ def test_many_layers_fit_one_mount(tmp_path: Path, demo_closure: list[str]) -> N
     finally:
         s.close()
     assert not s.link_dir.exists()
+
+
+def test_stub_trees_rebuilt_after_reboot_and_shared(
+    tmp_path: Path, demo_closure: list[str], demo_app: str
+) -> None:
+    """Stub trees live on a tmpfs: after a 'reboot' (the tmpfs gone) a restarted
+    snapshotter rebuilds them from the store; a second layer with the same paths gets
+    hard links to the first one's stubs, not new inodes."""
+    cfg = SnapshotterConfig(root=tmp_path / "root", gcroots=tmp_path / "gc")
+    s = StoreSnapshotter(cfg)
+    try:
+        assert os.path.ismount(s.link_dir)
+        with pytest.raises(AlreadyExists):
+            s.prepare("x1", "", layer_labels(demo_closure, "sha256:one"))
+        with pytest.raises(AlreadyExists):
+            s.prepare("x2", "", layer_labels(demo_closure, "sha256:two"))
+        one, two = (s.meta.get(s.nix_name(r, "")).id for r in ("sha256:one", "sha256:two"))
+        assert s.usage(s.nix_name("sha256:two", "")).inodes > 2  # waits for both trees
+        rel = Path(demo_app.lstrip("/"), "bin/demo")
+        st1, st2 = (os.lstat(s.link_dir / str(i) / rel) for i in (one, two))
+        assert st1.st_ino == st2.st_ino and st1.st_blocks == 0
+        assert os.getxattr(s.link_dir / str(one) / rel, "trusted.overlay.redirect") == (
+            f"/{os.path.basename(demo_app)}/bin/demo".encode()
+        )
+    finally:
+        s.close()
+    assert not s.link_dir.exists()  # nothing mounted it: tmpfs dropped
+    s = StoreSnapshotter(cfg)  # "after a reboot": trees rebuilt at start-up
+    try:
+        ms = s.prepare("ctr", s.nix_name("sha256:one", ""), {})
+        root = mounted(ms, tmp_path / "mnt")
+        try:
+            out = subprocess.run(
+                ["chroot", str(root), f"{demo_app}/bin/demo"], capture_output=True, text=True
+            )
+            assert "hello from stowaway" in out.stdout
+        finally:
+            umount(root)
+    finally:
+        s.close()

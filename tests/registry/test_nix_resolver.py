@@ -316,3 +316,33 @@ def test_s3_storage_serves_a_composed_image(
     replica, _ = make_nix(storage=storage)
     assert replica.request("GET", f"/v2/demo/manifests/{digest}").body == r.body
     assert resolver.composes == 1
+
+
+def test_damaged_cache_blob_is_dropped_and_composed_again(
+    make_nix: MakeNix, demo_index: Path
+) -> None:
+    """The storage root is the layer cache, served in place: a damaged cache file
+    must be caught before it is served, not on every client's layer check."""
+    server, resolver = make_nix(index=demo_index)
+    r = server.request("GET", "/v2/demo/manifests/latest")
+    assert r.status == 200, r.body
+    layer = json.loads(r.body)["layers"][0]["digest"]
+    path = Path(server.config.storage) / "blobs/sha256" / layer.removeprefix("sha256:")
+    good = path.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0x01
+    path.write_bytes(bytes(damaged))  # same size: a cache lookup cannot tell
+
+    again = server.request("GET", "/v2/demo/manifests/latest")
+    assert again.status == 200 and again.body == r.body  # reproducible: same image
+    assert resolver.composes == 2, "the damaged layer was rebuilt"
+    assert path.read_bytes() == good
+    assert server.request("GET", f"/v2/demo/blobs/{layer}").body == good
+
+    # damaged between the manifest and the blob request: never served either
+    path.write_bytes(bytes(damaged))
+    r = server.request("GET", f"/v2/demo/blobs/{layer}")
+    assert r.status == 404 and r.code == "BLOB_UNKNOWN"
+    assert not path.exists()
+    assert server.request("GET", "/v2/demo/manifests/latest").status == 200
+    assert resolver.composes == 3 and path.read_bytes() == good

@@ -31,6 +31,7 @@ from stowaway.registry.validate import (
     parse_range,
     parse_route,
 )
+from stowaway.registry.verified import VerifiedFiles
 
 log = logging.getLogger("stowaway.registry")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -73,6 +74,8 @@ class RegistryApi:
         #: (name, digest) of resolver output already in storage: a cached manifest
         #: pulled again by tag is answered without touching storage
         self._ingested: set[tuple[str, str]] = set()
+        #: resolver blob files (served in place, unhashed) known to hold their digest
+        self.verified = VerifiedFiles()
 
     # -- entry point -----------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -162,6 +165,14 @@ class RegistryApi:
         async def work() -> Stored | None:
             try:
                 result = await resolver.resolve(name, ref, accept)
+                if result is not None and not await self._blobs_intact(result):
+                    # the damaged cache files were dropped: the resolver composes anew
+                    result = await resolver.resolve(name, ref, accept)
+                    if result is not None and not await self._blobs_intact(result):
+                        raise RegistryApiError.of(
+                            ErrorCode.UNKNOWN,
+                            f"{name}:{ref}: the composed blobs were damaged again",
+                        )
                 if result is None:
                     return None
                 stored = await self._ingest(name, result)
@@ -174,6 +185,18 @@ class RegistryApi:
             return stored
 
         return await self.flight.do((name, ref, accept), work)
+
+    async def _blobs_intact(self, result: ResolvedManifest) -> bool:
+        """Check every blob file a resolver named (hashing each version of a file
+        once); a damaged one is unlinked, so the layer cache misses and rebuilds it
+        instead of it being served on every pull."""
+        intact = True
+        for digest, path in sorted(result.blobs.items()):
+            if not await self.verified.check(check_digest(digest), path):
+                log.warning("%s does not hold %s: dropped, to be composed again", path, digest)
+                path.unlink(missing_ok=True)
+                intact = False
+        return intact
 
     async def _ingest(self, name: str, result: ResolvedManifest) -> Stored:
         """Store what a resolver produced: blobs first, then the manifest by digest."""
@@ -307,6 +330,14 @@ class RegistryApi:
             "ETag": f'"{digest}"',
         }
         path = self.storage.blob_path(digest)
+        if path is not None and self.verified.tracks(digest):
+            # resolver output: re-checked if the file changed since it was verified
+            if not await self.verified.check(digest, path):
+                log.warning("%s does not hold %s: dropped, to be composed again", path, digest)
+                path.unlink(missing_ok=True)
+                raise RegistryApiError.of(
+                    ErrorCode.BLOB_UNKNOWN, f"blob {digest} was damaged; pull the image again"
+                )
         if path is not None:
             # sendfile; aiohttp serves the (already validated) Range itself
             return web.FileResponse(path, chunk_size=CHUNK, headers=headers)

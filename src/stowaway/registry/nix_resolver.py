@@ -7,9 +7,10 @@ The registry's filesystem storage root is the layer cache root by default, so
 the blobs a composition produces are already in storage (the API's copy of a
 resolved blob finds it present and skips it).
 
-Manifests are cached per (sorted store paths, format); the image options are
-fixed per resolver, so names resolving to the same paths share one manifest,
-and a changed index simply resolves to other paths. Compositions run in a
+Manifests are cached per (sorted store paths, format) for as long as their blob
+files exist (the API drops a damaged one, see ``registry.verified``); the image
+options are fixed per resolver, so names resolving to the same paths share one
+manifest, and a changed index simply resolves to other paths. Compositions run in a
 thread pool under single-flight per key: a hundred first pulls compose once.
 """
 
@@ -123,7 +124,8 @@ class NixResolver:
                 )
             key: Key = (roots, fmt)
             hit = self._manifests.get(key)
-            if hit is not None:
+            # a blob file gone (dropped as damaged, or cleaned away) means compose again
+            if hit is not None and all(p.exists() for p in hit.blobs.values()):
                 self._manifests.move_to_end(key)
                 return hit
             return await self._flight.do(key, lambda: self._compose(key))

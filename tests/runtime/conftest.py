@@ -3,91 +3,19 @@
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import socket
-import subprocess
-import sys
-import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
+from runtime_helpers import SnapshotterDaemon, StowawayContainerd
 
-from daemons import Containerd, Daemon, Registry, _short_dir
+from daemons import Containerd, Registry
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
-from stowaway.runtime.proto.cri import api_pb2 as cri
-from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
-from stowaway.sinks.inspect import PATHS_PREFIX
 from stowaway.sinks.registry import push
 from stowaway.store.local import LocalStore
-
-SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-class SnapshotterDaemon(Daemon):
-    """`stowaway snapshotter` in its own process (so tests can kill and restart it)."""
-
-    name = "snapshotter"
-
-    def __init__(self, tmpdir: Path, *args: str, store: str = "/nix/store") -> None:
-        super().__init__(tmpdir)
-        self.sockdir = _short_dir("snap-")
-        self.socket = str(self.sockdir / "s.sock")
-        self.root = self.dir / "root"
-        self.args = ["--store", store, "--root", str(self.root), *args]
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONPATH": str(SRC)}
-
-    def argv(self) -> list[str]:
-        if os.path.exists(self.socket):  # stale socket of a killed run: not ready yet
-            os.unlink(self.socket)
-        code = "from stowaway.runtime.cli_snapshotter import snapshotter_command as c; c()"
-        return [sys.executable, "-c", code, "--socket", self.socket, *self.args]
-
-    def ready(self) -> bool:
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(self.socket)
-            except OSError:
-                return False
-        return True
-
-    def kill(self) -> None:
-        """SIGKILL, no cleanup: what a crash looks like."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
-
-class StowawayContainerd(Containerd):
-    """containerd whose CRI plugin pulls through the stowaway proxy snapshotter (with
-    snapshot annotations on) and reaches ``registry_host`` over plain HTTP."""
-
-    registry_host = ""
-    cri_snapshotter = "stowaway"  # the benchmark's baseline sets "overlayfs"
-
-    def _config(self, cri: bool, *args: object) -> str:  # type: ignore[override]
-        text = super()._config(cri, *args)  # type: ignore[arg-type]
-        text = text.replace(
-            'snapshotter = "overlayfs"',
-            f'snapshotter = "{self.cri_snapshotter}"\n  disable_snapshot_annotations = false',
-        )
-        if self.registry_host:
-            h = self.registry_host
-            text += (
-                f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{h}"]\n'
-                f'  endpoint = ["http://{h}"]\n'
-            )
-        return text
 
 
 @pytest.fixture()
@@ -129,61 +57,3 @@ def demo_ref(demo_app: str, registry: Registry, tmp_path_factory: pytest.TempPat
     )
     push(result.image, registry.host, "demo", "v1", tls_verify=False)
     return f"{registry.host}/demo:v1"
-
-
-def busybox_oci(dest: Path) -> Path:
-    """An ordinary (non-stowaway) image made with umoci from busybox-static: oci layout."""
-    layout = dest / "bb"
-    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
-    subprocess.run(["umoci", "new", "--image", f"{layout}:latest"], check=True)
-    bundle = dest / "bundle"
-    subprocess.run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)], check=True)
-    rootfs = bundle / "rootfs"
-    (rootfs / "bin").mkdir()
-    subprocess.run(["cp", "/bin/busybox", str(rootfs / "bin/busybox")], check=True)
-    for tool in ("sh", "cat", "echo", "ls"):
-        os.symlink("busybox", rootfs / "bin" / tool)
-    (rootfs / "hello.txt").write_text("ordinary layer\n")
-    subprocess.run(["umoci", "repack", "--image", f"{layout}:latest", str(bundle)], check=True)
-    subprocess.run(
-        ["umoci", "config", "--image", f"{layout}:latest", "--config.entrypoint", "/bin/sh"],
-        check=True,
-    )
-    return layout
-
-
-NS = "k8s.io"
-
-
-def cri_pull(containerd: Containerd, ref: str) -> str:
-    with grpc.insecure_channel(f"unix:{containerd.address}") as ch:
-        stub = cri_grpc.ImageServiceStub(ch)
-        resp = stub.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=120)
-    return str(resp.image_ref)
-
-
-def manifest_layers(registry: Registry, repo: str, tag: str) -> list[dict[str, object]]:
-    req = urllib.request.Request(
-        f"{registry.url}/v2/{repo}/manifests/{tag}",
-        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
-    )
-    with urllib.request.urlopen(req) as r:
-        return list(json.load(r)["layers"])
-
-
-def blob_get_counts(registry: Registry) -> Counter[str]:
-    """How often each blob was fetched, from the registry's access log."""
-    return Counter(re.findall(r'"GET /v2/[^ ]*/blobs/(sha256:[0-9a-f]{64})', registry.log_text()))
-
-
-def blob_gets(registry: Registry) -> set[str]:
-    return set(blob_get_counts(registry))
-
-
-def store_layer_digests(layers: list[dict[str, object]]) -> set[str]:
-    """Digests of the layers carrying stowaway store-path annotations."""
-    return {
-        str(ly["digest"])
-        for ly in layers
-        if any(k.startswith(PATHS_PREFIX) for k in dict(ly.get("annotations") or {}))  # type: ignore[call-overload]
-    }

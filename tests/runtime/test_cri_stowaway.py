@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from runtime_helpers import SnapshotterDaemon
 
-from conftest import SnapshotterDaemon
 from daemons import Containerd, _short_dir
 from stowaway.runtime.cri_cli import make_service
 from stowaway.runtime.cri_service import serve

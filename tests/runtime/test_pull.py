@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import (
+from runtime_helpers import (
     SRC,
     blob_gets,
     busybox_oci,
     manifest_layers,
     store_layer_digests,
 )
+
 from daemons import Containerd, Registry
 
 NS = "pulltest"

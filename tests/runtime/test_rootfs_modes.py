@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from conftest import (
+from runtime_helpers import (
     NS,
     SnapshotterDaemon,
     StowawayContainerd,
@@ -24,6 +23,7 @@ from conftest import (
     manifest_layers,
     store_layer_digests,
 )
+
 from daemons import Registry
 from stowaway.runtime.store_snapshotter import SnapshotterConfig, StoreSnapshotter, choose_mode
 

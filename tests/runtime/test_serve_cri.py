@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import (
+from runtime_helpers import (
     NS,
     SRC,
     SnapshotterDaemon,
@@ -19,6 +19,7 @@ from conftest import (
     cri_pull,
     store_layer_digests,
 )
+
 from daemons import Daemon, free_port
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

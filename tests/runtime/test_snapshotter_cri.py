@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import (
+from runtime_helpers import (
     NS,
     SnapshotterDaemon,
     StowawayContainerd,
@@ -22,6 +22,7 @@ from conftest import (
     manifest_layers,
     store_layer_digests,
 )
+
 from daemons import Containerd, Registry
 
 

@@ -10,6 +10,8 @@ between a metadata change and a root change heals itself.
 from __future__ import annotations
 
 import os
+import secrets
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,18 +29,25 @@ class GcRoots:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, target: Path) -> None:
-        """Root ``target`` (a store path on disk); atomic: symlink to a temp name, rename."""
+        """Root ``target`` (a store path on disk); atomic: symlink to a temp name, rename.
+
+        The temp name is unique per call (pid, thread, random token): threads rooting
+        the same path at once each rename their own link; the last one wins, same target.
+        """
         link = self.dir / target.name
         try:
             if os.readlink(link) == str(target):
                 return
         except OSError:
             pass
-        tmp = self.dir / f".tmp-{os.getpid()}-{target.name}"
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+        token = f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
+        tmp = self.dir / f".tmp-{token}-{target.name}"
         os.symlink(target, tmp)
-        os.replace(tmp, link)
+        try:
+            os.replace(tmp, link)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     def remove(self, basename: str) -> None:
         try:

@@ -209,6 +209,33 @@ def test_restart_keeps_snapshots_and_cleans_orphans(
         s2.close()
 
 
+def test_remove_during_commit_keeps_shared_roots(
+    snap: StoreSnapshotter, demo_closure: list[str]
+) -> None:
+    """A Remove of the last snapshot using a path, racing with the commit of another
+    layer using it, must not drop the root the new layer needs."""
+    with pytest.raises(AlreadyExists):
+        snap.prepare("x1", "", layer_labels(demo_closure, "sha256:one"))
+    add = snap.gcroots.add
+    racers: list[threading.Thread] = []
+
+    def add_then_race(target: Path) -> None:
+        add(target)
+        if not racers:  # the commit of "two" has rooted a path: remove "one" right now
+            racers.append(
+                threading.Thread(target=snap.remove, args=(snap.nix_name("sha256:one", ""),))
+            )
+            racers[0].start()
+            racers[0].join(timeout=0.5)  # the fix makes it wait for the commit instead
+
+    snap.gcroots.add = add_then_race  # type: ignore[method-assign]
+    with pytest.raises(AlreadyExists):
+        snap.prepare("x2", "", layer_labels(demo_closure, "sha256:two"))
+    racers[0].join()
+    assert [i.name for i in snap.walk([])] == [snap.nix_name("sha256:two", "")]
+    assert snap.gcroots.rooted() == {os.path.basename(p) for p in demo_closure}
+
+
 def test_gc_roots_protect_paths_from_nix_gc(tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text(f"throwaway {tmp_path}\n")

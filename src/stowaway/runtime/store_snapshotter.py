@@ -295,9 +295,11 @@ class StoreSnapshotter(Snapshotter):
                 if tmp is not None:
                     materialise(self.mode, located, tmp / "fs")
                     use = _disk_usage(tmp)
-                for _, where in located:
-                    self.gcroots.add(where)
                 with self._lock, self.meta.transaction() as db:
+                    # roots under the lock remove() holds while it computes which roots
+                    # are still needed: it must see this row or not yet see these roots
+                    for _, where in located:
+                        self.gcroots.add(where)
                     rec = self.meta.create(
                         db,
                         name,

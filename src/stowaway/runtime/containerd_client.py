@@ -4,12 +4,14 @@ needs (content, images, leases, diff, snapshots), nothing more.
 Why not shell out to ``ctr``: ``ctr import`` unpacks without the layer annotations and
 chain-ID refs a proxy snapshotter needs to skip layers, and we want errors as values.
 Every call carries the namespace (and, inside ``lease()``, the lease) as gRPC metadata,
-the way containerd's Go client does.
+the way containerd's Go client does. A lease belongs to the thread that took it: one
+client serves concurrent pulls (the CRI service's worker threads), each under its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -92,7 +94,7 @@ class ContainerdClient:
         self._leases = leases_grpc.LeasesStub(self.channel)
         self._diff = diff_grpc.DiffStub(self.channel)
         self._snapshots = snap_grpc.SnapshotsStub(self.channel)
-        self._lease: str | None = None
+        self._leases_held = threading.local()  # .id: this thread's lease, if any
 
     def close(self) -> None:
         self.channel.close()
@@ -101,8 +103,9 @@ class ContainerdClient:
 
     def _md(self) -> list[tuple[str, str]]:
         md = [("containerd-namespace", self.namespace)]
-        if self._lease:
-            md.append(("containerd-lease", self._lease))
+        lease: str | None = getattr(self._leases_held, "id", None)
+        if lease:
+            md.append(("containerd-lease", lease))
         return md
 
     def _call(self, what: str, fn: Any, request: Any) -> Any:
@@ -121,16 +124,18 @@ class ContainerdClient:
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[str]:
-        """Hold a lease (with an expiry, in case we die) for the calls made inside."""
+        """Hold a lease (with an expiry, in case we die) for the calls this thread makes
+        inside."""
         expire = (datetime.now(UTC) + LEASE_TTL).strftime("%Y-%m-%dT%H:%M:%SZ")
         lease_id = f"stowaway-cri-{uuid.uuid4().hex}"
         req = leases_pb.CreateRequest(id=lease_id, labels={"containerd.io/gc.expire": expire})
         self._call("lease create", self._leases.Create, req)
-        previous, self._lease = self._lease, lease_id
+        previous = getattr(self._leases_held, "id", None)
+        self._leases_held.id = lease_id
         try:
             yield lease_id
         finally:
-            self._lease = previous
+            self._leases_held.id = previous
             with contextlib.suppress(ContainerdError):
                 self._call(
                     "lease delete", self._leases.Delete, leases_pb.DeleteRequest(id=lease_id)

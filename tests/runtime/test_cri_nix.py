@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pb2
@@ -153,6 +155,75 @@ def test_read_layout_image_rejects_damage(layout: tuple[Path, str], tmp_path: Pa
         read_layout_image(bad)
     (bad / "index.json").write_text("{")
     with pytest.raises(StowawayError, match="unreadable index.json"):
+        read_layout_image(bad)
+
+
+def _put_blob(layout: Path, data: bytes) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return "sha256:" + digest
+
+
+def _with_manifest(layout: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    """Rewrite the layout's manifest through ``edit`` (a returned list or bytes replace
+    the whole manifest) and point index.json (with the manifest's media type) at it."""
+    index = json.loads((layout / "index.json").read_text())
+    desc = index["manifests"][0]
+    doc = json.loads((layout / "blobs" / "sha256" / desc["digest"][7:]).read_bytes())
+    out = edit(doc)
+    data = out if isinstance(out, bytes) else json.dumps(out if isinstance(out, list) else doc)
+    desc.update(digest=_put_blob(layout, data if isinstance(data, bytes) else data.encode()))
+    desc.update(size=len(data), mediaType=doc.get("mediaType", desc["mediaType"]))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def _config_list(m: dict[str, Any], layout: Path) -> None:
+    data = b"[1, 2]"
+    m["config"].update(digest=_put_blob(layout, data), size=len(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m, lay: m.update(mediaType="application/x-nonsense"), "is not an image manifest"),
+        (lambda m, lay: m.pop("config"), "config descriptor is not a JSON object"),
+        (lambda m, lay: m["config"].pop("size"), "config descriptor is malformed"),
+        (lambda m, lay: m["config"].update(digest="sha256:zz"), "invalid digest"),
+        (_config_list, "config blob .* is not a JSON object"),
+        (lambda m, lay: m["layers"][0].update(digest="md5:abc"), "invalid digest 'md5:abc'"),
+        (lambda m, lay: m["layers"][0].pop("size"), "malformed image"),
+        (lambda m, lay: m["layers"][0].update(annotations=[1]), "annotations are not"),
+        (lambda m, lay: m.update(layers={"a": 1}), "is not a list"),
+        (lambda m, lay: b"\xff not json", "manifest blob .* is not JSON"),
+        (lambda m, lay: [m], "manifest blob .* is not a JSON object"),
+    ],
+)
+def test_malformed_layouts_are_stowaway_errors(
+    layout: tuple[Path, str],
+    tmp_path: Path,
+    damage: Callable[[dict[str, Any], Path], object],
+    message: str,
+) -> None:
+    import shutil
+
+    bad = tmp_path / "img"
+    shutil.copytree(layout[0], bad)
+    for blob in (bad / "blobs" / "sha256").iterdir():
+        blob.chmod(0o644)
+    _with_manifest(bad, lambda m: damage(m, bad))
+    with pytest.raises(StowawayError, match=message) as e:
+        read_layout_image(bad)
+    assert str(bad) in str(e.value)
+
+
+def test_index_entry_not_an_object(layout: tuple[Path, str], tmp_path: Path) -> None:
+    bad = tmp_path / "img"
+    bad.mkdir()
+    (bad / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (bad / "index.json").write_text('{"manifests": ["x"]}')
+    with pytest.raises(StowawayError, match="manifest descriptor is not a JSON object"):
         read_layout_image(bad)
 
 

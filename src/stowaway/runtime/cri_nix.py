@@ -41,6 +41,7 @@ from typing import Any
 from stowaway.errors import InvalidStorePath, PathNotFound, StowawayError
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
+from stowaway.image.digest import parse_digest
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
 from stowaway.image.model import Blob, Descriptor, Image, Layer, MediaType
@@ -126,24 +127,34 @@ class NixImages:
         self.snapshotter = snapshotter
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # basenames being pulled: rooted, no record yet; reconcile_roots keeps them
+        self._pulling: set[str] = set()
+        self._roots_lock = threading.Lock()
 
     # ------------------------------------------------------------------ pull
 
     def pull(self, store_path: str) -> str:
         """Make the image of ``store_path`` available; returns its image ID."""
+        base = store_path.rsplit("/", 1)[-1]
         with self._lock(store_path):
-            self._realise(store_path)
-            # Root before the record exists: a nix-collect-garbage racing with the import
-            # must not take the path away.
-            self.gcroots.add(Path(store_path))
+            with self._roots_lock:
+                self._pulling.add(base)
             try:
-                image = self._image_of(store_path)
-                self._import(image, image_name(store_path))
-            except BaseException:
-                if self.record(store_path) is None:  # no image keeps the path: unroot
-                    self.gcroots.remove(store_path.rsplit("/", 1)[-1])
-                raise
-            return image.config.digest
+                self._realise(store_path)
+                # Root before the record exists: a nix-collect-garbage racing with the
+                # import must not take the path away (nor reconcile_roots: in flight).
+                self.gcroots.add(Path(store_path))
+                try:
+                    image = self._image_of(store_path)
+                    self._import(image, image_name(store_path))
+                except BaseException:
+                    if self.record(store_path) is None:  # no image keeps the path: unroot
+                        self.gcroots.remove(base)
+                    raise
+                return image.config.digest
+            finally:
+                with self._roots_lock:
+                    self._pulling.discard(base)
 
     def _lock(self, key: str) -> threading.Lock:
         with self._locks_lock:
@@ -273,10 +284,12 @@ class NixImages:
 
     def reconcile_roots(self) -> None:
         """Keep exactly the roots whose ``nix:0`` record still exists (an image removed
-        through containerd's CRI by ID, or a crash between record and root changes)."""
-        keep = {r.name[len(NIX_PREFIX) :].rsplit("/", 1)[-1] for r in self.nix_records()}
-        for base in self.gcroots.rooted() - keep:
-            self.gcroots.remove(base)
+        through containerd's CRI by ID, or a crash between record and root changes),
+        plus those of pulls in flight (rooted, record not written yet)."""
+        with self._roots_lock:  # a pull registers before rooting, unregisters after its record
+            keep = {r.name[len(NIX_PREFIX) :].rsplit("/", 1)[-1] for r in self.nix_records()}
+            for base in self.gcroots.rooted() - keep - self._pulling:
+                self.gcroots.remove(base)
 
 
 def default_entrypoint(store_path: str, disk: Path) -> list[str] | None:
@@ -297,63 +310,102 @@ def default_entrypoint(store_path: str, disk: Path) -> list[str] | None:
 
 
 def read_layout_image(layout: Path) -> Image:
-    """The single image of an OCI layout directory (blobs stay on disk)."""
+    """The single image of an OCI layout directory (blobs stay on disk).
+
+    A store path is input like any other: every way it can be malformed (bad JSON, a
+    missing key, a wrong type, an unknown media type, a bad digest) is a StowawayError
+    naming the layout and the document.
+    """
     where = f"OCI layout {layout}"
+    try:
+        return _read_layout(layout, where)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StowawayError(f"{where}: malformed image ({type(e).__name__}: {e})") from None
 
-    def blob_path(digest: str) -> Path:
-        algo, _, hexpart = digest.partition(":")
-        if (
-            algo != "sha256"
-            or len(hexpart) != 64
-            or not all(c in "0123456789abcdef" for c in hexpart)
-        ):
-            raise StowawayError(f"{where}: unsupported or invalid digest {digest!r}")
-        return layout / "blobs" / "sha256" / hexpart
 
-    def load(desc: dict[str, Any], what: str) -> tuple[Blob, Any]:
-        try:
-            digest, size, mt = str(desc["digest"]), int(desc["size"]), str(desc["mediaType"])
-            data = blob_path(digest).read_bytes()
-        except (KeyError, TypeError, ValueError) as e:
-            raise StowawayError(f"{where}: {what} descriptor is malformed ({e})") from None
-        except OSError as e:
-            raise StowawayError(f"{where}: {what} blob missing ({e.strerror})") from None
-        if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise StowawayError(f"{where}: {what} blob {digest} does not match its digest/size")
-        return Blob(digest, size, mt, data=data), json.loads(data)
+def _digest(where: str, value: object, what: str) -> tuple[str, str]:
+    try:
+        return parse_digest(str(value))
+    except StowawayError as e:
+        raise StowawayError(f"{where}: {what}: {e.message}") from None
 
+
+def _blob_path(layout: Path, where: str, digest: object) -> Path:
+    algo, hexpart = _digest(where, digest, "blob digest")
+    return layout / "blobs" / algo / hexpart
+
+
+def _load(layout: Path, where: str, desc: object, what: str) -> tuple[Blob, dict[str, Any]]:
+    """A small blob (manifest, config) checked against its descriptor, and its JSON."""
+    if not isinstance(desc, dict):
+        raise StowawayError(f"{where}: {what} descriptor is not a JSON object")
+    try:
+        digest, size, mt = str(desc["digest"]), int(desc["size"]), str(desc["mediaType"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise StowawayError(f"{where}: {what} descriptor is malformed ({e!r})") from None
+    try:
+        data = _blob_path(layout, where, digest).read_bytes()
+    except OSError as e:
+        raise StowawayError(f"{where}: {what} blob {digest} missing ({e.strerror})") from None
+    if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise StowawayError(f"{where}: {what} blob {digest} does not match its digest/size")
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise StowawayError(f"{where}: {what} blob {digest} is not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise StowawayError(f"{where}: {what} blob {digest} is not a JSON object")
+    return Blob(digest, size, mt, data=data), doc
+
+
+def _read_layout(layout: Path, where: str) -> Image:
     try:
         index = json.loads((layout / "index.json").read_text())
         manifests = index["manifests"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StowawayError(f"{where}: unreadable index.json ({e})") from None
-    if len(manifests) != 1:
+    if not isinstance(manifests, list) or len(manifests) != 1:
+        n = len(manifests) if isinstance(manifests, list) else "no list of"
         raise StowawayError(
-            f"{where}: index.json lists {len(manifests)} manifests; an image store path "
-            "must hold exactly one"
+            f"{where}: index.json lists {n} manifests; an image store path must hold exactly one"
         )
-    manifest, mdoc = load(manifests[0], "manifest")
-    if not MediaType(manifest.media_type).is_manifest:
-        raise StowawayError(f"{where}: {manifest.media_type} is not an image manifest")
-    config, cdoc = load(mdoc["config"], "config")
-    diff_ids = cdoc.get("rootfs", {}).get("diff_ids", [])
-    if len(diff_ids) != len(mdoc["layers"]):
+    manifest, mdoc = _load(layout, where, manifests[0], "manifest")
+    try:
+        is_manifest = MediaType(manifest.media_type).is_manifest
+    except ValueError:
+        is_manifest = False
+    if not is_manifest:
+        raise StowawayError(f"{where}: {manifest.media_type!r} is not an image manifest")
+    config, cdoc = _load(layout, where, mdoc.get("config"), "config")
+    rootfs = cdoc.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    ldescs = mdoc.get("layers")
+    if not isinstance(diff_ids, list) or not isinstance(ldescs, list):
+        raise StowawayError(f"{where}: manifest layers or config rootfs.diff_ids is not a list")
+    if len(diff_ids) != len(ldescs):
         raise StowawayError(
-            f"{where}: config lists {len(diff_ids)} diff IDs for {len(mdoc['layers'])} layers"
+            f"{where}: config lists {len(diff_ids)} diff IDs for {len(ldescs)} layers"
         )
     layers = []
-    for ldesc, diff_id in zip(mdoc["layers"], diff_ids, strict=True):
-        path = blob_path(str(ldesc["digest"]))
+    for i, (ldesc, diff_id) in enumerate(zip(ldescs, diff_ids, strict=True)):
+        if not isinstance(ldesc, dict):
+            raise StowawayError(f"{where}: layer {i} descriptor is not a JSON object")
+        digest = str(ldesc.get("digest"))
+        path = _blob_path(layout, where, digest)
         if not path.is_file():
-            raise StowawayError(f"{where}: layer blob {ldesc['digest']} is missing")
+            raise StowawayError(f"{where}: layer {i} blob {digest} is missing")
+        _digest(where, diff_id, f"diff ID of layer {i}")
+        annotations = ldesc.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise StowawayError(f"{where}: layer {i} annotations are not a JSON object")
         layers.append(
             Layer(
-                digest=str(ldesc["digest"]),
+                digest=digest,
                 size=int(ldesc["size"]),
                 media_type=str(ldesc["mediaType"]),
                 path=path,
                 diff_id=str(diff_id),
-                annotations=dict(ldesc.get("annotations", {})),
+                annotations={str(k): str(v) for k, v in annotations.items()},
             )
         )
     docker = manifest.media_type == MediaType.DOCKER_MANIFEST

@@ -166,6 +166,25 @@ def test_missing_paths_fall_back_to_unpack(snap: StoreSnapshotter, demo_app: str
     assert snap.gcroots.rooted() == set()
 
 
+def test_path_named_twice_in_labels_is_one_path(
+    snap: StoreSnapshotter, demo_closure: list[str], tmp_path: Path
+) -> None:
+    labels = layer_labels(demo_closure)
+    labels[f"{PATHS_PREFIX}1"] = os.path.basename(demo_closure[0])  # again, in another key
+    with pytest.raises(AlreadyExists):
+        snap.prepare("x", "", labels)
+    name = snap.nix_name("sha256:layer1", "")
+    rec = snap.meta.find(name)
+    assert rec is not None and sorted(snap.meta.paths_of(rec.id)) == sorted(demo_closure)
+    root = mounted(snap.view("v", name, {}), tmp_path / "m")
+    try:
+        assert sorted(os.listdir(root / "nix/store")) == sorted(
+            os.path.basename(p) for p in demo_closure
+        )
+    finally:
+        umount(root)
+
+
 def test_concurrent_prepare_same_layer(snap: StoreSnapshotter, demo_closure: list[str]) -> None:
     results: list[str] = []
 

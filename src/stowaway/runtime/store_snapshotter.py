@@ -239,6 +239,7 @@ class StoreSnapshotter(Snapshotter):
                 except InvalidStorePath as e:
                     raise InvalidArgument(f"label {k!r}: {e.message}") from None
                 out.append(base)
+        out = list(dict.fromkeys(out))  # a path named twice is one path of the layer
         if not out:
             raise InvalidArgument(f"labels {sorted(keys)} name no store paths")
         return out

@@ -10,15 +10,19 @@ store's canonical form: 0444/0555, directories 0555, mtime 1.
 Durability costs one ``syncfs`` per path, not an fsync per file: on the benchmark's
 25k-file closure per-file fsyncs alone took about a minute. Fetches of different paths
 run in parallel (``fetch_all``): decompression, hashing and writes release the GIL.
+Fetches of the same path are serialised (one download); a path another process placed
+meanwhile counts as fetched: it was renamed into place complete, like ours.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -52,13 +56,23 @@ class Substituter:
     def __init__(self, caches: Sequence[BinaryCache], local_store: Path) -> None:
         self.caches = list(caches)
         self.local_store = local_store
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
 
     def fetch_all(self, basenames: Sequence[str], pool: Executor) -> list[Path | None]:
         """``fetch`` for each basename, in parallel on ``pool``."""
         return list(pool.map(self.fetch, basenames))
 
     def fetch(self, basename: str) -> Path | None:
+        with self._locks_lock:
+            lock = self._locks.setdefault(basename, threading.Lock())
+        with lock:
+            return self._fetch(basename)
+
+    def _fetch(self, basename: str) -> Path | None:
         final = self.local_store / basename
+        if os.path.lexists(final):  # a fetch before ours placed it (only complete paths are)
+            return final
         for cache in self.caches:
             try:
                 if cache.narinfo(f"{STORE_DIR}/{basename}") is None:
@@ -100,8 +114,10 @@ class Substituter:
                 os.utime(d, ns=(_NS, _NS))
             # the stream ended, so NarHash/NarSize checked out: make it durable, publish
             _syncfs(tmp)
-            if os.path.lexists(final):
-                return  # a concurrent fetch won; same hash, same contents
-            os.rename(root, final)
+            try:
+                os.rename(root, final)
+            except OSError as e:  # another process won; same hash, same contents
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(final):
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # root: read-only modes do not stop it

@@ -185,6 +185,37 @@ def test_path_named_twice_in_labels_is_one_path(
         umount(root)
 
 
+def test_overlay_xattrs_from_layers_are_dropped_at_commit(
+    snap: StoreSnapshotter, demo_closure: list[str], tmp_path: Path
+) -> None:
+    """A layer's files carrying metacopy + redirect (as an applier writes them from PAX
+    SCHILY.xattr records) must not read a host store path outside the closure."""
+    assert snap.mode == "overlay"
+    busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+    greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
+    secret = Path(greeting, "share/greeting/message")
+    (m,) = snap.prepare("a", "", {})
+    leak = Path(m.source, "leak")
+    leak.write_bytes(bytes(secret.stat().st_size))
+    os.setxattr(leak, "trusted.overlay.metacopy", b"")
+    redirect = f"/{os.path.basename(greeting)}/share/greeting/message"
+    os.setxattr(leak, "trusted.overlay.redirect", redirect.encode())
+    Path(m.source, "d").mkdir()
+    os.setxattr(Path(m.source, "d"), "trusted.overlay.opaque", b"y")  # containerd's own
+    snap.commit("A", "a", {})
+    assert os.listxattr(leak) == [] and os.listxattr(Path(m.source, "d")) == [
+        "trusted.overlay.opaque"
+    ]
+    with pytest.raises(AlreadyExists):
+        snap.prepare("s", "A", layer_labels([busybox], "sha256:bb"))
+    root = mounted(snap.view("v", snap.nix_name("sha256:bb", "A"), {}), tmp_path / "m")
+    try:
+        assert sorted(os.listdir(root / "nix/store")) == [os.path.basename(busybox)]
+        assert (root / "leak").read_bytes() == bytes(secret.stat().st_size)
+    finally:
+        umount(root)
+
+
 def test_concurrent_prepare_same_layer(snap: StoreSnapshotter, demo_closure: list[str]) -> None:
     results: list[str] = []
 

@@ -147,6 +147,30 @@ def _disk_usage(path: Path) -> Usage:
     return Usage(size, len(seen))
 
 
+def _strip_overlay_xattrs(root: Path) -> int:
+    """Remove ``trusted.overlay.*`` xattrs below ``root`` (all but a directory's
+    ``opaque``, which containerd itself sets for opaque whiteouts); returns how many.
+
+    Why: containerd's tar applier writes a layer's ``SCHILY.xattr.*`` records as they
+    are, straight into the snapshot dir, and in overlay mode a chain holding a store
+    layer is mounted with ``metacopy=on`` over the store as a data-only layer. A
+    ``metacopy`` + ``redirect`` pair from any image would then read *any* host store
+    path, not just the image's closure. Only our own stub trees may carry them.
+    """
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            is_dir = name == "." or name in dirnames
+            for attr in os.listxattr(path, follow_symlinks=False):
+                if attr.startswith("trusted.overlay.") and not (
+                    is_dir and attr == "trusted.overlay.opaque"
+                ):
+                    os.removexattr(path, attr, follow_symlinks=False)
+                    removed += 1
+    return removed
+
+
 class StoreSnapshotter(Snapshotter):
     """See the module docstring. Thread-safe: gRPC calls arrive on a thread pool."""
 
@@ -470,6 +494,9 @@ class StoreSnapshotter(Snapshotter):
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         rec = self.meta.get(key)
+        if rec.kind == Kind.ACTIVE and self.mode == "overlay":
+            if n := _strip_overlay_xattrs(self.layout.fs(rec.id)):
+                log.warning("snapshot %r: dropped %d overlay xattrs from its files", key, n)
         use = _disk_usage(self.layout.fs(rec.id)) if rec.kind == Kind.ACTIVE else Usage(0, 0)
         self.meta.commit(name, key, labels, use.size, use.inodes)
 

@@ -232,6 +232,57 @@ class RegistryClient:
             raise self.error(resp, url)
         return resp
 
+    def open_stream(self, url: str, *, max_redirects: int = 5) -> _Stream:
+        """GET ``url`` and return its body as a stream (close it, or use ``with``).
+
+        Same rules as ``request``: our auth only for the registry's own origin (a
+        redirect to a blob store gets none), re-auth once on 401, temporary errors
+        retried with backoff, the client's TLS settings; redirects followed. The
+        stream has its own connection (the body is read later, maybe on another
+        thread). Errors name the URL without its (possibly signed) query.
+        """
+        delay, reauthed, attempt, hops = BACKOFF, False, 1, 0
+        while True:
+            conn = self._new_conn(url)
+            parts = urlsplit(url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            try:
+                conn.request("GET", target, headers=dict(self._auth(url, None)))
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                temporary = (ConnectionResetError, BrokenPipeError, TimeoutError)
+                if not isinstance(e, (*temporary, http.client.HTTPException)):
+                    raise self._connect_error(url, e) from e
+                if attempt >= ATTEMPTS:
+                    raise self._connect_error(url, e) from e
+            else:
+                location = resp.getheader("Location")
+                if resp.status == 200:
+                    return _Stream(conn, resp)
+                body = resp.read(64 << 10)
+                conn.close()
+                if resp.status in (301, 302, 303, 307, 308) and location:
+                    hops += 1
+                    if hops > max_redirects:
+                        raise RegistryError(
+                            f"GET {_where(url)}: more than {max_redirects} redirects"
+                        )
+                    url = urljoin(url, location)
+                    continue
+                failed = Response(resp.status, resp.headers, body)
+                if resp.status == 401 and not reauthed and self._reauth(failed):
+                    reauthed = True
+                    continue
+                err = self.error(failed, url)
+                if not isinstance(err, RegistryApiError) or not err.temporary:
+                    raise err
+                if attempt >= ATTEMPTS:
+                    raise err
+            time.sleep(delay)
+            delay *= 2
+            attempt += 1
+
     def error(self, resp: Response, url: str) -> RegistryError:
         """The registry's error for a failed response, with a hint where we have one."""
         if resp.status == 401:
@@ -262,6 +313,17 @@ class RegistryClient:
             conn.close()
         return Response(r.status, r.headers, body)
 
+    def _new_conn(self, url: str) -> http.client.HTTPConnection:
+        """An unshared connection to ``url``'s origin with our TLS settings."""
+        parts = urlsplit(url)
+        if parts.scheme == "https":
+            return http.client.HTTPSConnection(
+                parts.netloc, timeout=self.timeout, context=self._ssl_context()
+            )
+        if parts.scheme == "http":
+            return http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
+        raise RegistryError(f"unsupported URL scheme in {_where(url)}")
+
     def _conn(self, url: str) -> tuple[http.client.HTTPConnection, str]:
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc)
@@ -270,15 +332,7 @@ class RegistryClient:
         )
         conn = conns.get(key)
         if conn is None:
-            if parts.scheme == "https":
-                conn = http.client.HTTPSConnection(
-                    parts.netloc, timeout=self.timeout, context=self._ssl_context()
-                )
-            elif parts.scheme == "http":
-                conn = http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
-            else:
-                raise RegistryError(f"unsupported URL scheme in {url}")
-            conns[key] = conn
+            conn = conns[key] = self._new_conn(url)
             with self._lock:
                 self._all_conns.append(conn)
         target = parts.path or "/"
@@ -370,6 +424,25 @@ class RegistryClient:
     def _connect_error(self, url: str, e: BaseException | None) -> TransportError:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         return TransportError(f"cannot reach registry at {_where(url)}: {why}")
+
+
+class _Stream:
+    """A response body whose ``with`` block (or ``close``) closes its connection too."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        self.conn, self.resp = conn, resp
+
+    def read(self, n: int = -1) -> bytes:
+        return self.resp.read(n)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _where(url: str) -> str:

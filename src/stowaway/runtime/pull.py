@@ -12,14 +12,12 @@ store (digest checked on the way) and applied.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import platform
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
-from urllib.parse import urljoin, urlsplit
 
-from stowaway.errors import RegistryError, StowawayError
+from stowaway.errors import StowawayError
 from stowaway.image.model import Blob, Descriptor, Layer, MediaType
 from stowaway.registry.client import RegistryClient
 from stowaway.runtime.containerd_client import ContainerdClient
@@ -33,7 +31,6 @@ ACCEPT = ", ".join(
 )
 #: Python's machine names → OCI architectures (the ones containerd runs here).
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
-_MAX_REDIRECTS = 5
 
 
 class PullError(StowawayError):
@@ -68,22 +65,6 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-class _Stream:
-    """A response body whose ``with`` block closes its (unshared) connection too."""
-
-    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
-        self.conn, self.resp = conn, resp
-
-    def read(self, n: int = -1) -> bytes:
-        return self.resp.read(n)
-
-    def __enter__(self) -> _Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
-
-
 class _Source:
     """Manifests and blobs of one repository; blobs streamed, following redirects."""
 
@@ -108,31 +89,10 @@ class _Source:
         return resp.body, str(doc.get("mediaType") or media_type).split(";")[0], digest
 
     def open_blob(self, digest: str) -> BinaryIO:
-        """A response streaming the blob (credentials only go to the registry itself:
-        a redirect to a blob store gets none)."""
+        """A response streaming the blob (the registry client's auth, TLS, retry and
+        redirect rules: credentials only go to the registry itself)."""
         url = self.reg.url(f"/v2/{self.repo}/blobs/{digest}")
-        for _ in range(_MAX_REDIRECTS):
-            parts = urlsplit(url)
-            conn_type = (
-                http.client.HTTPSConnection
-                if parts.scheme == "https"
-                else http.client.HTTPConnection
-            )
-            conn = conn_type(parts.netloc, timeout=self.reg.timeout)
-            target = parts.path + (f"?{parts.query}" if parts.query else "")
-            # the registry client's auth headers (basic or bearer for our scope)
-            conn.request("GET", target, headers=dict(self.reg._auth(url, None)))
-            resp = conn.getresponse()
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                url = urljoin(url, resp.getheader("Location") or "")
-                conn.close()
-                continue
-            if resp.status != 200:
-                body = resp.read(4096)
-                conn.close()
-                raise RegistryError(f"GET {url}: HTTP {resp.status}: {body[:200]!r}")
-            return cast(BinaryIO, _Stream(conn, resp))
-        raise RegistryError(f"GET {url}: more than {_MAX_REDIRECTS} redirects")
+        return cast(BinaryIO, self.reg.open_stream(url))
 
     def small_blob(self, desc: Descriptor) -> bytes:
         with self.open_blob(desc.digest) as f:

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "runtime"), str(ROOT / "tests"), str(ROOT / "src")]
 
 from runtime_helpers import SnapshotterDaemon, StowawayContainerd, cri_pull  # noqa: E402
+
 from daemons import Registry  # noqa: E402
 from nixtools import closure_of, nix_build, nix_copy  # noqa: E402
 from stowaway.image.compose import compose  # noqa: E402

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from stowaway.errors import StowawayError
 from stowaway.runtime.snapshots_service import serve_snapshotter
 from stowaway.runtime.store_snapshotter import SnapshotterConfig
 
@@ -62,8 +63,17 @@ __all__ = ["snapshotter_command"]
 )
 @click.option(
     "--mode",
-    type=click.Choice(["overlay", "hardlink", "copy"]),
-    help="Force a rootfs strategy instead of probing at start-up.",
+    type=click.Choice(["auto", "overlay", "bind", "hardlink", "copy"]),
+    default="auto",
+    show_default=True,
+    help="Rootfs strategy; auto probes at start-up (overlay, else bind on containerd "
+    ">= 1.7, else hardlink, else copy).",
+)
+@click.option(
+    "--containerd-version",
+    metavar="X.Y",
+    help="containerd's version [default: `containerd --version` on PATH, else 1.6]; "
+    "bind mode needs >= 1.7.",
 )
 @click.option(
     "--log-level",
@@ -80,7 +90,8 @@ def snapshotter_command(
     substituters: tuple[str, ...],
     keys: tuple[str, ...],
     gcroots: Path | None,
-    mode: str | None,
+    mode: str,
+    containerd_version: str | None,
     log_level: str,
 ) -> None:
     """Serve a containerd proxy snapshotter that composes root filesystems from a Nix store."""
@@ -92,6 +103,10 @@ def snapshotter_command(
         substituters=substituters,
         trusted_public_keys=keys,
         gcroots=gcroots.absolute() if gcroots else None,
-        mode=mode,  # type: ignore[arg-type]
+        mode=None if mode == "auto" else mode,  # type: ignore[arg-type]
+        containerd_version=containerd_version,
     )
-    serve_snapshotter(config, socket.absolute())
+    try:
+        serve_snapshotter(config, socket.absolute())
+    except StowawayError as e:
+        raise click.ClickException(str(e)) from e

@@ -7,10 +7,16 @@ layers end with the store directories as *data-only* layers (``…::STORE``) and
 turns on ``metacopy`` and ``redirect_dir`` — never a bind of a skeleton, whose files
 are empty stubs without the data layer. One mount, no mount tree: containerd 1.6
 unmounts temporary rootfs mounts non-recursively.
+
+In ``bind`` mode (containerd ≥ 1.7 only) a chain holding store layers gets the ordinary
+mounts (its store layers' snapshots hold just mount points) followed by one read-only
+bind per store path with ``target=/nix/store/<basename>``, as nix-snapshotter does
+(``ro``, ``rbind``); containerd mounts each onto the rootfs in order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +24,7 @@ from stowaway.runtime.metadata import Record
 from stowaway.runtime.skeleton import Mode
 from stowaway.runtime.snapshotter import Kind, Mount
 
-__all__ = ["Layout", "mounts"]
+__all__ = ["Layout", "mounts", "store_binds"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,28 @@ def _bind(source: Path, rw: bool) -> list[Mount]:
     return [Mount("bind", str(source), ("rw" if rw else "ro", "rbind"))]
 
 
-def mounts(rec: Record, layout: Layout) -> list[Mount]:
-    """Mounts for an active snapshot or view ``rec`` (parent chain in ``rec.chain``)."""
-    data_only = layout.mode == "overlay" and (rec.nix or any(rec.chain_nix))
+def store_binds(paths: Sequence[Path]) -> list[Mount]:
+    """Read-only binds of store paths (on disk) onto ``/nix/store/<basename>`` in the
+    rootfs; one per basename, sorted so the same chain gives the same mounts."""
+    by_base = {p.name: p for p in paths}
+    return [
+        Mount("bind", str(by_base[b]), ("ro", "rbind"), target=f"/nix/store/{b}")
+        for b in sorted(by_base)
+    ]
+
+
+def mounts(rec: Record, layout: Layout, bind_paths: Sequence[Path] = ()) -> list[Mount]:
+    """Mounts for an active snapshot or view ``rec`` (parent chain in ``rec.chain``);
+    in ``bind`` mode ``bind_paths`` are the chain's store paths that need a bind (not
+    symlinks: those are in the skeleton as they are)."""
+    if layout.mode == "bind":
+        return _ordinary(rec, layout, False) + store_binds(bind_paths)
+    return _ordinary(rec, layout, layout.mode == "overlay" and (rec.nix or any(rec.chain_nix)))
+
+
+def _ordinary(rec: Record, layout: Layout, data_only: bool) -> list[Mount]:
+    """containerd's overlayfs snapshotter's mounts; with the store as data-only lower
+    layers when ``data_only``."""
     active = rec.kind == Kind.ACTIVE
     if not rec.chain:
         return _bind(layout.fs(rec.id), active)

@@ -1,6 +1,6 @@
 """Closure skeletons: the file trees a stowaway layer's snapshot holds instead of bytes.
 
-Three ways to give a container its store paths, chosen once at start-up:
+Four ways to give a container its store paths, chosen once at start-up:
 
 - ``overlay``: each regular file is an empty sparse file of the right size and mode with
   xattrs ``trusted.overlay.metacopy`` (empty) and ``trusted.overlay.redirect=/<base>/<path>``;
@@ -11,6 +11,9 @@ Three ways to give a container its store paths, chosen once at start-up:
   A store path already stubbed for another layer is hard-linked from it, not rebuilt.
 - ``hardlink``: regular files are hard links to the store's files (same filesystem only).
 - ``copy``: regular files are copied (last resort).
+- ``bind`` (containerd ≥ 1.7): only mount points — an empty directory (or empty file)
+  per store path, a symlink store path as itself; containerd bind-mounts each store path
+  read-only onto its mount point (``Mount.target``, see ``mounts.py``).
 
 Everything gets mtime 1, the store's canonical time, so trees are reproducible.
 """
@@ -31,7 +34,7 @@ from stowaway.errors import StowawayError
 
 __all__ = ["Mode", "materialise", "probe_data_only_overlay", "stub_layer"]
 
-Mode = Literal["overlay", "hardlink", "copy"]
+Mode = Literal["overlay", "bind", "hardlink", "copy"]
 
 METACOPY = "trusted.overlay.metacopy"
 REDIRECT = "trusted.overlay.redirect"
@@ -94,14 +97,37 @@ def _copy_tree(src: Path, dest: Path, mode: Mode) -> None:
     _finish_dirs(dirs)
 
 
+def _mount_point(src: Path, dest: Path) -> None:
+    """What a bind mount of store path ``src`` lands on: an empty directory or file with
+    its mode, or (a symlink store path needs no mount) the symlink itself."""
+    st = os.lstat(src)
+    kind = stat.S_IFMT(st.st_mode)
+    if kind == stat.S_IFDIR:
+        dest.mkdir(0o700)
+        _finish_dirs([(dest, stat.S_IMODE(st.st_mode))])
+        return
+    if kind == stat.S_IFLNK:
+        os.symlink(os.readlink(src), dest)
+    elif kind == stat.S_IFREG:
+        dest.touch(0o600)
+        os.chmod(dest, stat.S_IMODE(st.st_mode))
+    else:
+        raise StowawayError(f"{src}: unsupported file type in a store path (mode {st.st_mode:o})")
+    _canonical_time(dest)
+
+
 def materialise(mode: Mode, paths: Sequence[tuple[str, Path]], fs: Path) -> None:
     """Fill snapshot directory ``fs`` with ``nix/store/<basename>`` for each
     (basename, location on disk) in ``paths``, files hard-linked or copied (the
-    ``hardlink`` and ``copy`` modes; ``overlay`` uses ``stub_layer``)."""
+    ``hardlink`` and ``copy`` modes), or mount points only (``bind``); ``overlay`` uses
+    ``stub_layer``."""
     store = fs / "nix" / "store"
     store.mkdir(parents=True)
     for base, source in paths:
-        _copy_tree(source, store / base, mode)
+        if mode == "bind":
+            _mount_point(source, store / base)
+        else:
+            _copy_tree(source, store / base, mode)
     _finish_dirs([(fs / "nix", 0o755), (store, 0o755)])
 
 

@@ -51,7 +51,10 @@ _CODES: list[tuple[type[StowawayError], grpc.StatusCode]] = [
 
 
 def _mounts(ms: list[Mount]) -> list[Any]:
-    return [mount_pb.Mount(type=m.type, source=m.source, options=list(m.options)) for m in ms]
+    return [
+        mount_pb.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
+        for m in ms
+    ]
 
 
 def _ts(ns: int) -> Any:

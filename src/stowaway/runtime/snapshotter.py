@@ -79,11 +79,14 @@ class Usage:
 
 @dataclass(frozen=True)
 class Mount:
-    """One mount(2) call as containerd performs it: type, source, fstab-style options."""
+    """One mount(2) call as containerd performs it: type, source, fstab-style options;
+    ``target`` (containerd ≥ 1.7) mounts at that path inside the rootfs, after the
+    mounts before it, instead of on the rootfs itself."""
 
     type: str
     source: str
     options: tuple[str, ...] = ()
+    target: str = ""
 
 
 class Snapshotter(ABC):

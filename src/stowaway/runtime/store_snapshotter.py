@@ -44,6 +44,7 @@ from stowaway.errors import InvalidStorePath, StowawayError
 from stowaway.runtime.filters import compile_filters
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.runtime.metadata import MetaStore, Record
+from stowaway.runtime.modes import ModeFacts, choose, containerd_version
 from stowaway.runtime.mounts import Layout, mounts
 from stowaway.runtime.skeleton import Mode, materialise, probe_data_only_overlay, stub_layer
 from stowaway.runtime.snapshotter import (
@@ -74,7 +75,8 @@ LINKS_BASE = Path("/run/stowaway")
 
 @dataclass(frozen=True)
 class SnapshotterConfig:
-    """Start-up settings; ``mode`` None means probe (overlay, else hardlink, else copy)."""
+    """Start-up settings; ``mode`` None means auto (overlay, else bind on containerd ≥
+    1.7, else hardlink, else copy: ``modes.choose``)."""
 
     root: Path
     store: Path = Path("/nix/store")
@@ -84,6 +86,7 @@ class SnapshotterConfig:
     gcroots: Path | None = None
     mode: Mode | None = None
     link_dir: Path | None = None  # default: link_dir_for(root)
+    containerd_version: str | None = None  # "X.Y"; None: `containerd --version` or 1.6
 
 
 def link_dir_for(root: Path) -> Path:
@@ -93,16 +96,14 @@ def link_dir_for(root: Path) -> Path:
 
 
 def choose_mode(config: SnapshotterConfig, probe_dir: Path) -> tuple[Mode, str]:
-    """The rootfs strategy and why (for the start-up log)."""
-    if config.mode is not None:
-        return config.mode, "forced by configuration"
-    why = probe_data_only_overlay(probe_dir)
-    if why is None:
-        return "overlay", "data-only overlay with metacopy works on this kernel"
+    """The rootfs strategy and why (for the start-up log); see ``modes.choose``."""
+    requested = config.mode or "auto"
+    version, whence = containerd_version(config.containerd_version)
+    log.info("containerd version %d.%d (from %s)", *version, whence)
+    failure = probe_data_only_overlay(probe_dir) if requested == "auto" else "not probed"
     stores = [config.store, *([config.local_store] if config.local_store else [])]
-    if all(os.stat(s).st_dev == os.stat(config.root).st_dev for s in stores):
-        return "hardlink", f"{why}; store and state share a filesystem"
-    return "copy", f"{why}; store on another filesystem, copying files"
+    same = all(os.stat(s).st_dev == os.stat(config.root).st_dev for s in stores)
+    return choose(requested, ModeFacts(failure, version, same))
 
 
 def _mount_tmpfs(d: Path) -> None:
@@ -118,6 +119,15 @@ def _mount_tmpfs(d: Path) -> None:
     )
     if r.returncode != 0:
         log.warning("no tmpfs on %s (%s): stub trees go to its filesystem", d, r.stderr.strip())
+
+
+def _drop_link_dir(d: Path) -> None:
+    """Unmount and remove the stub tmpfs unless running containers still read it (its
+    trees are rebuilt at start-up)."""
+    if not _in_use(d):
+        if os.path.ismount(d):
+            subprocess.run(["umount", str(d)], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _in_use(d: Path) -> bool:
@@ -183,10 +193,14 @@ class StoreSnapshotter(Snapshotter):
             raise StowawayError(f"store directory {config.store} does not exist")
         if config.local_store:
             config.local_store.mkdir(parents=True, exist_ok=True)
-        self.meta = MetaStore(root / "metadata.db")
         self.link_dir = config.link_dir or link_dir_for(root)
         _mount_tmpfs(self.link_dir)
-        self.mode, why = choose_mode(config, self.link_dir)  # probe where stubs will live
+        try:
+            self.mode, why = choose_mode(config, self.link_dir)  # probe where stubs will live
+        except StowawayError:  # e.g. bind mode on containerd 1.6: leave nothing behind
+            _drop_link_dir(self.link_dir)
+            raise
+        self.meta = MetaStore(root / "metadata.db")
         # stub trees: syscall-bound, so threads overlap well (the GIL is released)
         self._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "stowaway-stubs")
         # one tree at a time, in commit order (each fans out on _pool; never the reverse)
@@ -241,10 +255,7 @@ class StoreSnapshotter(Snapshotter):
         self.meta.close()
         if self._db is not None:
             self._db.close()
-        if not _in_use(self.link_dir):  # else running containers still read the trees
-            if os.path.ismount(self.link_dir):
-                subprocess.run(["umount", str(self.link_dir)], capture_output=True)
-            shutil.rmtree(self.link_dir, ignore_errors=True)  # rebuilt at start-up
+        _drop_link_dir(self.link_dir)
 
     # ------------------------------------------------------------------ store paths
 
@@ -484,7 +495,12 @@ class StoreSnapshotter(Snapshotter):
 
     def _mounts(self, rec: Record) -> list[Mount]:
         self._wait_trees(rec)  # containerd mounts what we return right away
-        return mounts(rec, self.layout)
+        if self.mode != "bind":
+            return mounts(rec, self.layout)
+        ids, nix = (rec.id, *rec.chain), (rec.nix, *rec.chain_nix)
+        layers = [sid for sid, n in zip(ids, nix, strict=True) if n]
+        paths = [Path(p) for sid in layers for p in self.meta.paths_of(sid)]
+        return mounts(rec, self.layout, [p for p in paths if not p.is_symlink()])
 
     def mounts(self, key: str) -> list[Mount]:
         rec = self.meta.get(key)

@@ -7,17 +7,18 @@ starts fast.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from stowaway import __version__
 from stowaway.errors import StowawayError
+
+if TYPE_CHECKING:
+    from stowaway.image.config import ImageOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -136,45 +137,66 @@ def _closure(
     return source, closure(source, roots)
 
 
-def _split_command(value: str | None) -> list[str] | None:
-    """`--entrypoint` / `--cmd` take a JSON array or a shell-quoted string."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.startswith("["):
-        try:
-            parsed = json.loads(value)
-        except ValueError as e:
-            raise StowawayError(f"invalid JSON array {value!r}: {e}") from None
-        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
-            raise StowawayError(f"{value!r} must be a JSON array of strings")
-        return parsed
-    return shlex.split(value)
+def image_flags(f: F) -> F:
+    """The image-config flags shared by `build` and `buildkit context`."""
+    for opt in reversed(
+        [
+            click.option(
+                "--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".'
+            ),
+            click.option(
+                "--cmd", default=None, help="Default arguments (JSON array or shell words)."
+            ),
+            click.option(
+                "--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable."
+            ),
+            click.option("--workdir", default=None),
+            click.option(
+                "--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd."
+            ),
+            click.option(
+                "--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable."
+            ),
+            click.option(
+                "--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable."
+            ),
+            click.option(
+                "--created",
+                default=None,
+                help="Creation time: epoch seconds, RFC 3339 or 'now' (default: epoch 1).",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
 
 
-def _created(value: str | None) -> int:
-    if value is None:
-        return 1
-    if value.isdigit():
-        return int(value)
-    if value == "now":
-        return int(datetime.now().timestamp())
-    try:
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        raise StowawayError(
-            f"--created {value!r} is neither epoch seconds, RFC 3339 nor 'now'"
-        ) from None
+def image_options_from_flags(
+    *,
+    entrypoint: str | None,
+    cmd: str | None,
+    env: Sequence[str],
+    workdir: str | None,
+    user: str | None,
+    expose: Sequence[str],
+    labels: Sequence[str],
+    created: str | None,
+    contents: Sequence[str] = (),
+) -> ImageOptions:
+    """ImageOptions from the raw values of the `image_flags` flags."""
+    from stowaway.image.config import ImageOptions, parse_created, parse_labels, parse_words
 
-
-def _labels(values: Sequence[str]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for v in values:
-        key, sep, val = v.partition("=")
-        if not sep or not key:
-            raise StowawayError(f"--label {v!r} must look like KEY=VALUE")
-        labels[key] = val
-    return labels
+    return ImageOptions(
+        entrypoint=parse_words(entrypoint, "--entrypoint") if entrypoint is not None else None,
+        cmd=parse_words(cmd, "--cmd") if cmd is not None else None,
+        env=list(env),
+        workdir=workdir,
+        user=user,
+        expose=list(expose),
+        labels=parse_labels(labels),
+        contents=list(contents),
+        created=parse_created(created) if created is not None else 1,
+    )
 
 
 #: Faces that live in their own packages, imported only when invoked (they pull in
@@ -261,23 +283,12 @@ def main() -> None:
     help="Layer cache (default: $XDG_CACHE_HOME/stowaway).",
 )
 @click.option("--jobs", type=int, default=None, help="Parallel layer builds (default: cores).")
-@click.option("--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".')
-@click.option("--cmd", default=None, help="Default arguments (JSON array or shell words).")
-@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable.")
-@click.option("--workdir", default=None)
-@click.option("--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd.")
-@click.option("--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable.")
-@click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable.")
+@image_flags
 @click.option(
     "--contents",
     multiple=True,
     metavar="STOREPATH",
     help="Symlink this store path's tree into / (like buildEnv); repeatable.",
-)
-@click.option(
-    "--created",
-    default=None,
-    help="Creation time: epoch seconds, RFC 3339 or 'now' (default: epoch 1).",
 )
 @click.option(
     "--dest-tls-verify",
@@ -333,7 +344,6 @@ def build(
     """
     try:
         from stowaway.image.compose import compose
-        from stowaway.image.config import ImageOptions
         from stowaway.image.layer_cache import LayerCache, default_cache_dir
         from stowaway.image.layers import LayerSettings
         from stowaway.image.tar import default_mtime
@@ -353,16 +363,16 @@ def build(
         source, clo = _closure(
             [*roots, *contents_paths], store, substituters, trusted_keys, no_require_sigs
         )
-        options = ImageOptions(
-            entrypoint=_split_command(entrypoint),
-            cmd=_split_command(cmd),
-            env=list(env),
+        options = image_options_from_flags(
+            entrypoint=entrypoint,
+            cmd=cmd,
+            env=env,
             workdir=workdir,
             user=user,
-            expose=list(expose),
-            labels=_labels(labels),
+            expose=expose,
+            labels=labels,
+            created=created,
             contents=contents_paths,
-            created=_created(created),
         )
         settings = LayerSettings(
             compression=compression,  # type: ignore[arg-type]

@@ -63,7 +63,7 @@ def test_request_from_build_args() -> None:
         ({"build-arg:max-layers": "many"}, "max-layers='many' is not a number"),
         ({"build-arg:layering": "random"}, "layering='random'"),
         ({"build-arg:cmd": "[1]"}, "build arg cmd"),
-        ({"build-arg:created": "yesterday"}, "created='yesterday'"),
+        ({"build-arg:created": "yesterday"}, "build arg created 'yesterday'"),
         ({"build-arg:env": "NOEQUALS"}, "KEY=VALUE"),
     ],
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from stowaway.cli import image_flags, image_options_from_flags, layering_options
 from stowaway.errors import StowawayError
 
 __all__ = ["buildkit_group", "frontend_command"]
@@ -37,21 +38,8 @@ def buildkit_group() -> None:
     help="Pass a string argument to FILE.nix; repeatable.",
 )
 @click.option("-o", "--output", "out_dir", required=True, metavar="CTXDIR", help="Context dir.")
-@click.option("--max-layers", default=100, show_default=True, type=int)
-@click.option(
-    "--layering",
-    type=click.Choice(["auto", "popularity", "dominator"]),
-    default="auto",
-    show_default=True,
-)
-@click.option("--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".')
-@click.option("--cmd", default=None, help="Default arguments (JSON array or shell words).")
-@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable.")
-@click.option("--workdir", default=None)
-@click.option("--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd.")
-@click.option("--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable.")
-@click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable.")
-@click.option("--created", default=None, help="Epoch seconds, RFC 3339 or 'now' (default 1).")
+@layering_options
+@image_flags
 def context_command(
     nix_file: str,
     attrs: tuple[str, ...],
@@ -71,19 +59,17 @@ def context_command(
     """Evaluate FILE.nix (nix-instantiate) and write a BuildKit context to CTXDIR:
     the .drv closure, its input sources and stowaway.json (targets, image config)."""
     from stowaway.buildkit.context import make_context
-    from stowaway.cli import _created, _labels, _split_command
-    from stowaway.image.config import ImageOptions
 
     try:
-        options = ImageOptions(
-            entrypoint=_split_command(entrypoint),
-            cmd=_split_command(cmd),
-            env=list(env),
+        options = image_options_from_flags(
+            entrypoint=entrypoint,
+            cmd=cmd,
+            env=env,
             workdir=workdir,
             user=user,
-            expose=list(expose),
-            labels=_labels(labels),
-            created=_created(created),
+            expose=expose,
+            labels=labels,
+            created=created,
         )
         result = make_context(
             nix_file,

@@ -18,20 +18,24 @@ works. Stdlib plus ``stowaway.image.config`` only (runs in the frontend image).
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 
 from stowaway.buildkit import llb
 from stowaway.buildkit.drv import Derivation
 from stowaway.buildkit.graph import platform_of
 from stowaway.buildkit.spec import Member, Spec, Target
 from stowaway.errors import StowawayError
-from stowaway.image.config import ImageOptions, build_config, plan_customisation
+from stowaway.image.config import (
+    ImageOptions,
+    build_config,
+    parse_created,
+    parse_words,
+    plan_customisation,
+)
 from stowaway.store.model import NarEntry, PathInfo
 
 __all__ = [
@@ -98,34 +102,6 @@ class EvalRequest:
         return argv
 
 
-def _words(name: str, value: str) -> list[str]:
-    """A JSON array of strings or shell words (as ``--entrypoint`` takes them)."""
-    value = value.strip()
-    if value.startswith("["):
-        try:
-            parsed = json.loads(value)
-        except ValueError as e:
-            raise EvalError(f"build arg {name}: invalid JSON array {value!r}: {e}") from None
-        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
-            raise EvalError(f"build arg {name}: {value!r} must be a JSON array of strings")
-        return parsed
-    try:
-        return shlex.split(value)
-    except ValueError as e:
-        raise EvalError(f"build arg {name}: {value!r}: {e}") from None
-
-
-def _created(value: str) -> int:
-    if value.isdigit():
-        return int(value)
-    try:
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        raise EvalError(
-            f"build arg created={value!r} is neither epoch seconds nor RFC 3339"
-        ) from None
-
-
 def _nix_file(value: str) -> str:
     norm = posixpath.normpath(value)
     if not value or value.startswith("/") or norm == ".." or norm.startswith("../"):
@@ -162,14 +138,16 @@ def eval_request(opts: Mapping[str, str]) -> EvalRequest | None:
     if layering not in ("auto", "popularity", "dominator"):
         raise EvalError(f"build arg layering={layering!r}: expected auto, popularity or dominator")
     options = ImageOptions(
-        entrypoint=_words("entrypoint", args["entrypoint"]) if "entrypoint" in args else None,
-        cmd=_words("cmd", args["cmd"]) if "cmd" in args else None,
-        env=_words("env", args.get("env", "")),
+        entrypoint=parse_words(args["entrypoint"], "build arg entrypoint")
+        if "entrypoint" in args
+        else None,
+        cmd=parse_words(args["cmd"], "build arg cmd") if "cmd" in args else None,
+        env=parse_words(args.get("env", ""), "build arg env"),
         workdir=args.get("workdir") or None,
         user=args.get("user") or None,
-        expose=_words("expose", args.get("expose", "")),
+        expose=parse_words(args.get("expose", ""), "build arg expose"),
         labels={k[len("label:") :]: v for k, v in sorted(args.items()) if k.startswith("label:")},
-        created=_created(args["created"]) if "created" in args else 1,
+        created=parse_created(args["created"], "build arg created") if "created" in args else 1,
     )
     return EvalRequest(
         nix_file=_nix_file(args.get("nix-file", posixpath.basename(filename))),

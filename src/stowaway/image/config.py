@@ -13,6 +13,7 @@ import hashlib
 import json
 import platform
 import re
+import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,6 +94,49 @@ class ImageOptions:
         for path in self.contents:
             if not path.startswith(STORE_DIR + "/") or "/" in path[len(STORE_DIR) + 1 :]:
                 raise ImageOptionError(f"contents path {path!r} is not a store path")
+
+
+def parse_words(value: str, what: str) -> list[str]:
+    """``--entrypoint``/``--cmd`` style text: a JSON array of strings or shell words.
+    ``what`` names the flag or build arg in errors."""
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError as e:
+            raise ImageOptionError(f"{what}: invalid JSON array {value!r}: {e}") from None
+        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+            raise ImageOptionError(f"{what}: {value!r} must be a JSON array of strings")
+        return parsed
+    try:
+        return shlex.split(value)
+    except ValueError as e:
+        raise ImageOptionError(f"{what}: {value!r}: {e}") from None
+
+
+def parse_created(value: str, what: str = "--created") -> int:
+    """Creation time as epoch seconds, from epoch seconds, RFC 3339 or ``now``."""
+    if value.isdigit():
+        return int(value)
+    if value == "now":
+        return int(datetime.now(UTC).timestamp())
+    try:
+        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        raise ImageOptionError(
+            f"{what} {value!r} is neither epoch seconds, RFC 3339 nor 'now'"
+        ) from None
+
+
+def parse_labels(values: Sequence[str], what: str = "--label") -> dict[str, str]:
+    """``KEY=VALUE`` strings as a label mapping."""
+    labels: dict[str, str] = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key:
+            raise ImageOptionError(f"{what} {v!r} must look like KEY=VALUE")
+        labels[key] = val
+    return labels
 
 
 @dataclass(frozen=True)

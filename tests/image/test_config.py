@@ -216,3 +216,21 @@ def test_manifests_for_both_formats() -> None:
         build_manifest(docker_config, [_layer(MediaType.OCI_LAYER_ZSTD, 3)], "docker")
     with pytest.raises(ManifestError, match="needs application/vnd.docker.container"):
         build_manifest(config, layers, "docker")
+
+
+def test_text_parsers_for_flags_and_build_args() -> None:
+    from stowaway.image.config import parse_created, parse_labels, parse_words
+
+    assert parse_words('["/bin/app", "-v x"]', "--cmd") == ["/bin/app", "-v x"]
+    assert parse_words("/bin/app -v 'a b'", "--cmd") == ["/bin/app", "-v", "a b"]
+    assert parse_created("1700000000") == 1700000000
+    assert parse_created("1970-01-01T00:01:00Z") == 60
+    assert parse_labels(["a=b", "c=d=e"]) == {"a": "b", "c": "d=e"}
+    for call, message in [
+        (lambda: parse_words("[1]", "--entrypoint"), "--entrypoint"),
+        (lambda: parse_words("'unterminated", "build arg cmd"), "build arg cmd"),
+        (lambda: parse_created("yesterday"), "'yesterday'"),
+        (lambda: parse_labels(["novalue"]), "KEY=VALUE"),
+    ]:
+        with pytest.raises(ImageOptionError, match=message):
+            call()

@@ -7,9 +7,9 @@ from layering_helpers import MB, bench, closure, names, sp
 
 from stowaway.layering import plan
 
-# glibc and libA are big (>= 1 MiB): alone. cfg and zlib are leaves (they refer
-# only to one-path layers): one content-defined chunk (101 kB, no cut below
-# 1 MiB). libB is left alone: its only neighbours are in fixed layers or chunks.
+# glibc and libA are big (>= 1 MiB): alone. cfg, libB and zlib are tiny: merged,
+# cheapest first: libB+zlib (their closures differ only by libB: 100 KB of
+# zlib wasted per origin), then cfg joins (its closure lacks 3 of the 4).
 EXAMPLE = {
     "app": (10_000, ["libA", "libB", "cfg"]),
     "libA": (5 * MB, ["glibc", "zlib"]),
@@ -24,7 +24,7 @@ def test_worked_example() -> None:
     p = plan(closure(EXAMPLE), [sp("app")])
     assert p.strategy == "auto"
     # bottom: most referrers (glibc: 3, zlib: 2, libA: 1); the app on top
-    assert names(p) == [["glibc"], ["cfg", "zlib"], ["libA"], ["libB"], ["app"]]
+    assert names(p) == [["glibc"], ["cfg", "libB", "zlib"], ["libA"], ["app"]]
 
 
 def test_budget_forces_big_paths_together() -> None:
@@ -85,22 +85,15 @@ def test_auto_beats_popularity_and_dominator_across_images() -> None:
     assert gap["auto"] < gap["dominator"] < gap["popularity"]
 
 
-def test_leaf_chunks_are_shared_by_two_images_over_one_base() -> None:
+@pytest.mark.parametrize("seed", range(10))
+def test_every_seed_within_5_points_at_400_paths(seed: int) -> None:
+    """The goal holds per seed, not on average: a leaf-chunking variant had a
+    mean of 4.2 but a worst seed of 7.3 points in scenario (c) at 1000 paths."""
     lr = bench()
-    spec = lr.synthetic(0, 400, apps=2)
-    paths = lr.materialize(spec)
-    plans = [plan(lr.closure_of(spec, paths, [r]), [paths[r]]) for r in spec.roots]
-    leafy = [
-        [layer.paths for layer in p.layers if len(layer.paths) > 1 and "leaf" in layer.paths[0]]
-        for p in plans
-    ]
-    assert len(leafy[0]) >= 5
-    shared = set(leafy[0]) & set(leafy[1])
-    assert len(shared) >= len(leafy[0]) // 2, "most leaf chunks must match across the images"
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cross_image_gap_at_400_paths(seed: int) -> None:
-    lr = bench()
-    gap = {r.strategy: r.gap for r in lr.run_cross(seed, 400)}
-    assert gap["auto"] < 14, gap  # the pre-chunking planner reached 19.9 on seed 1
+    gaps = {
+        r.scenario: r.gap
+        for r in lr.run_updates(lr.synthetic(seed, 400), seed)
+        if r.strategy == "auto"
+    }
+    assert set(gaps) == {"a-app", "b-midlib", "c-leaflib"}
+    assert max(gaps.values()) <= 5, gaps

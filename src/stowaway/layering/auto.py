@@ -16,27 +16,20 @@ with ``C(S)`` the union of the members' closures, so a merge is cheap to price
 2. keeps the biggest paths (>= ``SOLO_MIN``) alone, up to half the budget: a
    one-path layer is new exactly when its path is, in any later version and in
    any other image holding that path;
-3. groups the *leaves* (paths whose references all sit in one-path layers)
-   by content-defined chunking, so two different images holding the same
-   leaves make the same groups (see ``_leaf_chunks``), using at most a third
-   of the remaining budget;
-4. starts every other path alone and makes the cheapest merge (least added
+3. starts every other path alone and makes the cheapest merge (least added
    waste, ties by name then path) until the plan fits the budget and no layer
    is below ``TINY``. Candidate pairs: a path and a reference, and neighbouring
    children of one referrer (ordered by closure size, then name).
 
 Prices depend only on the members' closures and sizes, never on hashes or on
 what refers to them, so an update that re-hashes some paths yields the same
-grouping and only layers holding changed paths change. Leaf chunks depend only
-on the leaves' names and sizes.
+grouping and only layers holding changed paths change.
 Worked examples: docs/layering.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import re
 from functools import partial
 
 from stowaway.layering.graph import Graph, descendants, shared_first
@@ -47,11 +40,6 @@ SOLO_MIN = 1 << 20
 #: Groups smaller than this are merged even when the budget would allow them:
 #: a layer costs a request, a blob and a mount whatever its size.
 TINY = 1 << 20
-#: Leaf chunks start at about this many bytes; doubled while they overflow
-#: their share of the budget.
-CHUNK = 1 << 20
-#: Nix's parseDrvName: the version starts at the first dash not followed by a letter.
-_VERSION = re.compile(r"-(?![A-Za-z])")
 
 Label = tuple[str, str]
 
@@ -59,15 +47,6 @@ Label = tuple[str, str]
 def _label(path: str) -> Label:
     """Tie-break key: the name first (stable across versions), then the path."""
     return (path.rsplit("/", 1)[-1].partition("-")[2], path)
-
-
-def _pname_hash(path: str) -> int:
-    """64-bit hash of the package name without its version, so a leaf keeps its
-    place among the leaves across version bumps and re-hashing updates."""
-    name = path.rsplit("/", 1)[-1].partition("-")[2]
-    m = _VERSION.search(name)
-    pname = name[: m.start()] if m else name
-    return int.from_bytes(hashlib.blake2b(pname.encode(), digest_size=8).digest(), "big")
 
 
 class _Groups:
@@ -117,15 +96,8 @@ def layers_auto(g: Graph, budget: int) -> list[PlannedLayer]:
         key=lambda i: (-g.sizes[i], g.paths[i]),
     )[: (budget - len(roots)) // 2]
     fixed = roots | set(big)
-    leaves = [
-        i for i in range(len(g.paths)) if i not in fixed and all(r in fixed for r in g.refs[i])
-    ]
-    cap = (budget - len(fixed)) // 3
-    if cap < 1:
-        leaves = []  # no room for chunks: leaves merge like any other path
-    chunks = _leaf_chunks(g, leaves, cap)
     clo = descendants(g)
-    gs = _Groups(g, fixed | set(leaves), clo)
+    gs = _Groups(g, fixed, clo)
     sizes = [c.bit_count() for c in clo]
     for i, refs in enumerate(g.refs):
         for j in refs:
@@ -134,7 +106,7 @@ def layers_auto(g: Graph, budget: int) -> list[PlannedLayer]:
         for a, b in zip(kids, kids[1:], strict=False):
             gs.link(a, b)
 
-    room = budget - len(fixed) - len(chunks)
+    room = budget - len(fixed)
     heap: list[tuple[int, Label, Label, int, int, int, int]] = []
 
     def push(a: int, b: int) -> None:
@@ -154,48 +126,11 @@ def layers_auto(g: Graph, budget: int) -> list[PlannedLayer]:
         gs.merge(a, b)
         for n in sorted(gs.neighbours[a]):
             push(a, n)
-    for a in sorted(gs.members):
-        # A tiny group left without candidates (all its neighbours are in fixed
-        # layers or leaf chunks) joins the group it wastes least with.
-        if a in gs.members and gs.bytes[a] < TINY and len(gs.members) > 1:
-            b = min((k for k in gs.members if k != a), key=lambda k: (gs.price(a, k), gs.label[k]))
-            gs.merge(b, a)
 
-    groups = [[f] for f in sorted(fixed)] + chunks + [gs.members[k] for k in sorted(gs.members)]
+    groups = [[f] for f in sorted(fixed)] + [gs.members[k] for k in sorted(gs.members)]
     if len(groups) > budget:
         groups = _squeeze(g, groups, budget)
     return [g.layer(ms) for ms in sorted(groups, key=partial(shared_first, g))]
-
-
-def _leaf_chunks(g: Graph, leaves: list[int], cap: int) -> list[list[int]]:
-    """Cut the leaves, sorted by name hash, into at most ``cap`` chunks.
-
-    Leaves are in almost every image over the same base, but which *other*
-    paths an image holds differs. So a cut must depend on the leaf alone, as in
-    content-defined chunking of a byte stream: a chunk ends after leaf ``p``
-    when it holds at least ``TINY`` bytes and ``hash(p) / 2**32 < size(p) /
-    unit`` (a cut about every ``unit`` bytes). A leaf only one image holds then
-    breaks the chunk it falls in (and at most the next), not every group.
-    """
-    keyed = sorted((_pname_hash(g.paths[i]), g.paths[i], i) for i in leaves)
-    unit = CHUNK
-    while True:
-        chunks: list[list[int]] = []
-        cur: list[int] = []
-        run = 0
-        for h, _, i in keyed:
-            cur.append(i)
-            run += g.sizes[i]
-            if run >= TINY and (h & 0xFFFFFFFF) * unit < g.sizes[i] << 32:
-                chunks.append(cur)
-                cur, run = [], 0
-        if cur and chunks and run < TINY:
-            chunks[-1] += cur  # the tail is tiny: the last chunk takes it
-        elif cur:
-            chunks.append(cur)
-        if len(chunks) <= cap:
-            return chunks
-        unit *= 2
 
 
 def _squeeze(g: Graph, groups: list[list[int]], budget: int) -> list[list[int]]:

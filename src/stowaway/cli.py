@@ -427,7 +427,8 @@ def build(
         return
     from stowaway._ui import human, layer_table, out
 
-    layer_table(f"{target}  {image.manifest.digest}", rows)
+    layer_table(target, rows)
+    out.print(f"manifest {image.manifest.digest}")
     built = sum(1 for r in rows if not r["reused"])
     total = sum(layer.size for layer in image.layers)
     out.print(
@@ -518,9 +519,10 @@ def inspect(target: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    from stowaway._ui import layer_table
+    from stowaway._ui import layer_table, out
 
-    layer_table(f"{target}  {summary['manifest_digest']}", summary["layers"])
+    layer_table(target, summary["layers"])
+    out.print(f"manifest {summary['manifest_digest']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -174,14 +174,9 @@ class RegistryClient:
             else:
                 if resp.status in ok:
                     return resp
-                if resp.status == 401 and not reauthed and self._reauth(resp):
+                if self._reauth_or_raise(resp, url, reauthed, attempt):
                     reauthed = True
                     continue
-                err = self.error(resp, url)
-                if not isinstance(err, RegistryApiError) or not err.temporary:
-                    raise err
-                if attempt >= ATTEMPTS:
-                    raise err
             time.sleep(delay)
             delay *= 2
             attempt += 1
@@ -271,17 +266,23 @@ class RegistryClient:
                     url = urljoin(url, location)
                     continue
                 failed = Response(resp.status, resp.headers, body)
-                if resp.status == 401 and not reauthed and self._reauth(failed):
+                if self._reauth_or_raise(failed, url, reauthed, attempt):
                     reauthed = True
                     continue
-                err = self.error(failed, url)
-                if not isinstance(err, RegistryApiError) or not err.temporary:
-                    raise err
-                if attempt >= ATTEMPTS:
-                    raise err
             time.sleep(delay)
             delay *= 2
             attempt += 1
+
+    def _reauth_or_raise(self, resp: Response, url: str, reauthed: bool, attempt: int) -> bool:
+        """After a failed response: True to retry at once with fresh credentials (the
+        first 401); otherwise raise its error unless it is temporary and attempts
+        remain (then False: the caller backs off and retries)."""
+        if resp.status == 401 and not reauthed and self._reauth(resp):
+            return True
+        err = self.error(resp, url)
+        if not isinstance(err, RegistryApiError) or not err.temporary or attempt >= ATTEMPTS:
+            raise err
+        return False
 
     def error(self, resp: Response, url: str) -> RegistryError:
         """The registry's error for a failed response, with a hint where we have one."""

@@ -28,16 +28,11 @@ def _fail(err: StowawayError) -> None:
     sys.exit(1)
 
 
-def store_options(f: F) -> F:
-    """Flags that choose where store paths come from (shared by several commands)."""
+def cache_options(f: F) -> F:
+    """--substituter and --trusted-public-key: the binary caches missing store paths
+    come from (`build`, `plan`, `snapshotter`, `cri-image-service`)."""
     for opt in reversed(
         [
-            click.option(
-                "--store",
-                metavar="DIR",
-                help="Read store paths from DIR (e.g. a SAN mount of /nix/store) "
-                "instead of /nix/store.",
-            ),
             click.option(
                 "--substituter",
                 "substituters",
@@ -53,6 +48,23 @@ def store_options(f: F) -> F:
                 metavar="NAME:BASE64",
                 help="Key whose signatures are accepted on binary cache paths; repeatable.",
             ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def store_options(f: F) -> F:
+    """Flags that choose where store paths come from (shared by several commands)."""
+    for opt in reversed(
+        [
+            click.option(
+                "--store",
+                metavar="DIR",
+                help="Read store paths from DIR (e.g. a SAN mount of /nix/store) "
+                "instead of /nix/store.",
+            ),
+            cache_options,
             click.option(
                 "--no-require-sigs",
                 is_flag=True,

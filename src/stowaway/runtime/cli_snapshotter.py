@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from stowaway.cli import cache_options
 from stowaway.errors import StowawayError
 from stowaway.runtime.snapshots_service import serve_snapshotter
 from stowaway.runtime.store_snapshotter import SnapshotterConfig
@@ -41,20 +42,7 @@ __all__ = ["snapshotter_command"]
     type=click.Path(path_type=Path, file_okay=False),
     help="Writable directory for store paths substituted from binary caches.",
 )
-@click.option(
-    "--substituter",
-    "substituters",
-    multiple=True,
-    metavar="URL",
-    help="Binary cache to fetch missing store paths from (repeatable).",
-)
-@click.option(
-    "--trusted-public-key",
-    "keys",
-    multiple=True,
-    metavar="NAME:KEY",
-    help="Key whose signatures make a cache's paths trusted (repeatable).",
-)
+@cache_options
 @click.option(
     "--gcroots",
     type=click.Path(path_type=Path, file_okay=False),
@@ -88,7 +76,7 @@ def snapshotter_command(
     root: Path,
     local_store: Path | None,
     substituters: tuple[str, ...],
-    keys: tuple[str, ...],
+    trusted_keys: tuple[str, ...],
     gcroots: Path | None,
     mode: str,
     containerd_version: str | None,
@@ -101,7 +89,7 @@ def snapshotter_command(
         store=store.absolute(),
         local_store=local_store.absolute() if local_store else None,
         substituters=substituters,
-        trusted_public_keys=keys,
+        trusted_public_keys=trusted_keys,
         gcroots=gcroots.absolute() if gcroots else None,
         mode=None if mode == "auto" else mode,  # type: ignore[arg-type]
         containerd_version=containerd_version,

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import grpc
 
+from stowaway.cli import cache_options
 from stowaway.errors import StowawayError
 from stowaway.image.layer_cache import default_cache_dir
 from stowaway.runtime.containerd_client import ContainerdClient
@@ -79,20 +80,7 @@ def make_service(
     type=click.Path(path_type=Path, file_okay=False),
     help="Store directory; without a Nix database, substituted paths are written here.",
 )
-@click.option(
-    "--substituter",
-    "substituters",
-    multiple=True,
-    metavar="URL",
-    help="Binary cache for missing store paths (repeatable, in priority order).",
-)
-@click.option(
-    "--trusted-public-key",
-    "keys",
-    multiple=True,
-    metavar="NAME:KEY",
-    help="Key whose signatures are accepted on cache paths (repeatable).",
-)
+@cache_options
 @click.option("--no-require-sigs", is_flag=True, help="Accept unsigned binary cache paths.")
 @click.option(
     "--snapshotter",
@@ -118,7 +106,7 @@ def cri_image_service_command(
     containerd: str,
     store: Path,
     substituters: tuple[str, ...],
-    keys: tuple[str, ...],
+    trusted_keys: tuple[str, ...],
     no_require_sigs: bool,
     snapshotter: str,
     gcroots: Path,
@@ -133,7 +121,7 @@ def cri_image_service_command(
             containerd,
             store=store,
             substituters=substituters,
-            keys=keys,
+            keys=trusted_keys,
             require_sigs=not no_require_sigs,
             snapshotter=snapshotter,
             gcroots=gcroots,

@@ -10,7 +10,6 @@ leaf's dependents are built again.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,15 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from buildkit_helpers import ROOT, cached_steps, out_path, script_image
 from dockerd_netns import NetnsDockerd
 from netns import Netns, NetnsRegistry
-from test_docker_build import _steps
 
 from daemons import Containerd, Dockerd
 from stowaway.buildkit.context import make_context
 from stowaway.image.config import ImageOptions
 
-ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ROOT / "fixtures" / "buildkit" / "heavy.nix"
 WORK = "2000"  # numbers gzipped per derivation: the test is about what runs, not cost
 
@@ -44,7 +42,7 @@ class Builder:
             str(HEAVY),
             ["app"],
             self.work / f"ctx{salt}",
-            ImageOptions(cmd=[_out_path(salt) + "/bin/app"]),
+            ImageOptions(cmd=[out_path(HEAVY, "app", {"salt": salt, "work": WORK}) + "/bin/app"]),
             argstrs={"salt": salt, "work": WORK},
         ).path
         r = self.dockerd.docker(
@@ -55,29 +53,10 @@ class Builder:
         return (r.stdout + r.stderr).decode(errors="replace")
 
 
-def _out_path(salt: str) -> str:
-    expr = f'(import {HEAVY} {{ salt = "{salt}"; work = "{WORK}"; }}).app.outPath'
-    out = subprocess.run(
-        ["nix-instantiate", "--eval", "--json", "--expr", expr],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return str(json.loads(out.stdout))
-
-
 @contextmanager
 def _builder(tmp: Path, netns: Netns) -> Iterator[Builder]:
     with Containerd(tmp) as ctrd, NetnsDockerd(tmp, containerd=ctrd, netns=netns) as dockerd:
-        proc = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "frontend-image.sh")],
-            capture_output=True,
-            text=True,
-            env=dockerd.client_env(),
-            timeout=900,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        yield Builder(dockerd, proc.stdout.split()[-1], tmp)
+        yield Builder(dockerd, script_image(dockerd, "frontend-image.sh"), tmp)
 
 
 @dataclass
@@ -110,18 +89,18 @@ def logs(tmp_path_factory: pytest.TempPathFactory, have_nix: None) -> Logs:
 
 
 def test_first_build_runs_every_derivation(logs: Logs) -> None:
-    steps = _steps(logs.first)
+    steps = cached_steps(logs.first)
     assert len(steps) == 15 and not any(steps.values()), steps
 
 
 def test_fresh_builder_rebuilds_only_the_leaf_and_its_dependents(logs: Logs) -> None:
     assert "importing cache manifest from" in logs.leaf_change
     assert "[stowaway] substitute 16 store paths from" in logs.leaf_change
-    ran = {name for name, cached in _steps(logs.leaf_change).items() if not cached}
+    ran = {name for name, cached in cached_steps(logs.leaf_change).items() if not cached}
     assert ran == {"a1", "a2", "a3", "join", "app"}, logs.leaf_change[-3000:]
     assert logs.run_output == logs.digest_local  # same bytes as a local nix-build
 
 
 def test_fresh_builder_without_changes_builds_nothing(logs: Logs) -> None:
     assert "[stowaway] substitute 16 store paths from" in logs.no_change
-    assert _steps(logs.no_change) == {}, logs.no_change[-3000:]
+    assert cached_steps(logs.no_change) == {}, logs.no_change[-3000:]

@@ -7,25 +7,20 @@ The frontend image is built once by scripts/frontend-image.sh and cached under
 
 from __future__ import annotations
 
-import io
-import json
 import re
 import subprocess
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from buildkit_helpers import GRAPH, cached_steps, export, nix_build, out_path, script_image
 from dockerd_netns import NetnsDockerd
 
 from daemons import Containerd, Dockerd
 from stowaway.buildkit.context import make_context
 from stowaway.image.config import ImageOptions
 from stowaway.store.nar import nar_hash_and_size
-
-ROOT = Path(__file__).resolve().parents[2]
-GRAPH = ROOT / "fixtures" / "buildkit" / "graph.nix"
 
 pytestmark = pytest.mark.slow
 
@@ -41,30 +36,11 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory, have_nix: None) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("bk")
     with Containerd(tmp) as ctrd, NetnsDockerd(tmp, containerd=ctrd) as dockerd:
-        proc = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "frontend-image.sh")],
-            capture_output=True,
-            text=True,
-            env=dockerd.client_env(),
-            timeout=900,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        yield Env(dockerd, proc.stdout.strip().splitlines()[-1], tmp)
-
-
-def _out_path(attr: str, salt: str) -> str:
-    expr = f"(import {GRAPH} {{ salt = {json.dumps(salt)}; }}).{attr}.outPath"
-    out = subprocess.run(
-        ["nix-instantiate", "--eval", "--json", "--expr", expr],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return str(json.loads(out.stdout))
+        yield Env(dockerd, script_image(dockerd, "frontend-image.sh"), tmp)
 
 
 def _context(env: Env, name: str, attr: str = "app", salt: str = "") -> Path:
-    entry = [_out_path(attr, salt) + "/bin/app"]
+    entry = [out_path(GRAPH, attr, {"salt": salt}) + "/bin/app"]
     opts = ImageOptions(entrypoint=entry, env=["GREETING=hi"])
     return make_context(str(GRAPH), [attr], env.work / name, opts, argstrs={"salt": salt}).path
 
@@ -86,46 +62,11 @@ def _build(env: Env, ctx: Path, tag: str, check: bool = True) -> tuple[int, str]
     return r.returncode, (r.stdout + r.stderr).decode(errors="replace")
 
 
-def _steps(log: str) -> dict[str, bool]:
-    """nix-build <name> → whether BuildKit reported the step CACHED."""
-    names: dict[str, str] = {}
-    cached: set[str] = set()
-    for line in log.splitlines():
-        m = re.match(r"#(\d+) nix-build (\S+) /nix/store/", line)
-        if m:
-            names[m.group(1)] = m.group(2)
-        m = re.match(r"#(\d+) CACHED$", line)
-        if m:
-            cached.add(m.group(1))
-    return {name: num in cached for num, name in names.items()}
-
-
-def _nix_build(attr: str, salt: str = "") -> str:
-    out = subprocess.run(
-        ["nix-build", str(GRAPH), "-A", attr, "--no-out-link", "--argstr", "salt", salt],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.split()[-1]
-
-
-def _export(env: Env, tag: str, dest: Path) -> None:
-    """The image's filesystem (docker create + export), unpacked into ``dest``."""
-    cid = env.dockerd.docker("create", tag).stdout.decode().strip()
-    try:
-        data = env.dockerd.docker("export", cid).stdout
-    finally:
-        env.dockerd.docker("rm", cid)
-    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-        tf.extractall(dest)  # our own image; as root, modes are kept
-
-
 def test_build_runs_and_outputs_match_nix(env: Env) -> None:
-    app = _nix_build("app")  # local reference build (also makes references exact)
+    app = nix_build("app")  # local reference build (also makes references exact)
     ctx = _context(env, "ctx-app")
     _, log = _build(env, ctx, "stowaway-app:1")
-    steps = _steps(log)
+    steps = cached_steps(log)
     assert len(steps) == 12, log[-3000:]
     run = env.dockerd.docker("run", "--rm", "--network", "none", "stowaway-app:1")
     out = run.stdout.decode()
@@ -134,7 +75,7 @@ def test_build_runs_and_outputs_match_nix(env: Env) -> None:
     inspect = env.dockerd.docker("image", "inspect", "stowaway-app:1").stdout.decode()
     assert '"GREETING=hi"' in inspect and f'"{app}/bin/app"' in inspect
     root = env.work / "exported"
-    _export(env, "stowaway-app:1", root)
+    export(env.dockerd, "stowaway-app:1", root)
     closure = subprocess.run(
         ["nix-store", "-qR", app], check=True, capture_output=True, text=True
     ).stdout.split()
@@ -151,7 +92,7 @@ def test_build_runs_and_outputs_match_nix(env: Env) -> None:
 def test_second_build_is_fully_cached(env: Env) -> None:
     ctx = _context(env, "ctx-app")
     _, log = _build(env, ctx, "stowaway-app:2")
-    steps = _steps(log)
+    steps = cached_steps(log)
     assert len(steps) == 12 and all(steps.values()), steps
     layer_lines = [ln for ln in log.splitlines() if re.match(r"#\d+ stowaway layer", ln)]
     assert layer_lines
@@ -164,7 +105,7 @@ def test_second_build_is_fully_cached(env: Env) -> None:
 def test_leaf_change_rebuilds_only_dependents(env: Env) -> None:
     ctx = _context(env, "ctx-salted", salt="-salted")
     _, log = _build(env, ctx, "stowaway-app:3")
-    steps = _steps(log)
+    steps = cached_steps(log)
     rebuilt = {name for name, cached in steps.items() if not cached}
     assert rebuilt == {"alpha", "lib-ab", "core", "docs", "app"}, steps
     out = env.dockerd.docker("run", "--rm", "--network", "none", "stowaway-app:3").stdout

@@ -18,15 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from buildkit_helpers import GRAPH, cached_steps, out_path, script_image
 from dockerd_netns import NetnsDockerd
 from netns import Netns
-from test_docker_build import GRAPH, _out_path, _steps
 
 from daemons import Containerd, Daemon, free_port
 from stowaway.buildkit.context import make_context
 from stowaway.image.config import ImageOptions
 
-ROOT = Path(__file__).resolve().parents[2]
 REPO = "stowaway/frontend"
 TAG = "issue5"
 
@@ -81,15 +80,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, have_nix: None) -> Run:
         Containerd(tmp) as ctrd,
         NetnsDockerd(tmp, containerd=ctrd, netns=netns) as dockerd,
     ):
-        made = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "frontend-image.sh"), "-o", str(archive)],
-            capture_output=True,
-            text=True,
-            env=dockerd.client_env(),
-            timeout=900,
-        )
-        assert made.returncode == 0, made.stderr[-3000:]
-        local_tag = made.stdout.split()[-1]
+        local_tag = script_image(dockerd, "frontend-image.sh", "-o", str(archive))
         # the script loaded the image into this dockerd: drop it, so BuildKit must pull
         dockerd.docker("rmi", local_tag)
         ref = f"{registry.host}/{REPO}:{TAG}"
@@ -108,7 +99,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, have_nix: None) -> Run:
         local_before = dockerd.docker("image", "inspect", ref, check=False).returncode
         local_before |= dockerd.docker("image", "inspect", local_tag, check=False).returncode
         seen = len(registry.access_log())
-        opts = ImageOptions(entrypoint=[_out_path("app", "") + "/bin/app"])
+        opts = ImageOptions(entrypoint=[out_path(GRAPH, "app", {"salt": ""}) + "/bin/app"])
         ctx = make_context(str(GRAPH), ["app"], tmp / "ctx", opts, argstrs={"salt": ""}).path
         built = dockerd.docker(
             "build", "--progress=plain", "-f", str(ctx / "stowaway.json"),
@@ -126,7 +117,7 @@ def test_dockerd_did_not_have_the_frontend_locally(run: Run) -> None:
 
 
 def test_build_with_the_pulled_frontend_runs(run: Run) -> None:
-    steps = _steps(run.build_log)
+    steps = cached_steps(run.build_log)
     assert len(steps) == 12 and not any(steps.values()), run.build_log[-3000:]
     assert "alpha\nbeta\nbeta\ngamma tool\nsplit library\ngreeting=hello\n" in run.run_output
 

@@ -14,14 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from buildkit_helpers import GRAPH, cached_steps, export, nix_build, script_image
 from dockerd_netns import NetnsDockerd
-from test_docker_build import _export, _nix_build, _steps
 
 from daemons import Containerd, Dockerd
 from stowaway.store.nar import nar_hash_and_size
-
-ROOT = Path(__file__).resolve().parents[2]
-GRAPH = ROOT / "fixtures" / "buildkit" / "graph.nix"
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +32,6 @@ class Env:
     work: Path
 
 
-def _image(dockerd: Dockerd, script: str) -> str:
-    proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / script)],
-        capture_output=True,
-        text=True,
-        env=dockerd.client_env(),
-        timeout=1800,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, have_nix: None) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("bknix")
@@ -55,7 +40,11 @@ def env(tmp_path_factory: pytest.TempPathFactory, have_nix: None) -> Iterator[En
     shutil.copy(GRAPH, ctx / "graph.nix")  # the context holds the Nix file and nothing else
     with Containerd(tmp) as ctrd, NetnsDockerd(tmp, containerd=ctrd) as dockerd:
         yield Env(
-            dockerd, _image(dockerd, "frontend-image.sh"), _image(dockerd, "nix-image.sh"), ctx, tmp
+            dockerd,
+            script_image(dockerd, "frontend-image.sh", timeout=1800),
+            script_image(dockerd, "nix-image.sh", timeout=1800),
+            ctx,
+            tmp,
         )
 
 
@@ -92,15 +81,15 @@ def _eval_cached(log: str) -> bool:
 def test_nix_file_builds_without_client_nix(env: Env) -> None:
     _, log = _build(env, "nixeval-app:1", *APP_ARGS)
     assert not _eval_cached(log)
-    steps = _steps(log)
+    steps = cached_steps(log)
     assert len(steps) == 12 and not any(steps.values()), steps
     run = env.dockerd.docker("run", "--rm", "--network", "none", "nixeval-app:1").stdout.decode()
     assert "alpha\nbeta\nbeta\ngamma tool\nsplit library\ngreeting=hello\npinned-content\n" in run
-    app = _nix_build("app")
+    app = nix_build("app")
     inspect = env.dockerd.docker("image", "inspect", "nixeval-app:1").stdout.decode()
     assert f'"{app}/bin/app"' in inspect and '"GREETING=hi"' in inspect
     root = env.work / "exported"
-    _export(env, "nixeval-app:1", root)  # type: ignore[arg-type]
+    export(env.dockerd, "nixeval-app:1", root)
     closure = subprocess.run(
         ["nix-store", "-qR", app], check=True, capture_output=True, text=True
     ).stdout.split()
@@ -116,7 +105,7 @@ def test_nix_file_builds_without_client_nix(env: Env) -> None:
 def test_second_build_is_cached(env: Env) -> None:
     _, log = _build(env, "nixeval-app:2", *APP_ARGS)
     assert _eval_cached(log)
-    steps = _steps(log)
+    steps = cached_steps(log)
     assert len(steps) == 12 and all(steps.values()), steps
     ids = [
         env.dockerd.docker("image", "inspect", "-f", "{{.Id}}", f"nixeval-app:{n}").stdout
@@ -127,7 +116,7 @@ def test_second_build_is_cached(env: Env) -> None:
 
 def test_argstr_change_rebuilds_only_dependents(env: Env) -> None:
     _, log = _build(env, "nixeval-app:3", *APP_ARGS, "--build-arg", "argstr:salt=-salted")
-    rebuilt = {name for name, cached in _steps(log).items() if not cached}
+    rebuilt = {name for name, cached in cached_steps(log).items() if not cached}
     assert rebuilt == {"alpha", "lib-ab", "core", "docs", "app"}, log[-3000:]
 
 

@@ -15,21 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TAG=""
-ARCHIVE=""
-while getopts "t:o:" opt; do
-  case "$opt" in
-    t) TAG="$OPTARG" ;;
-    o) ARCHIVE="$OPTARG" ;;
-    *) echo "usage: $0 [-t TAG] [-o ARCHIVE]" >&2; exit 2 ;;
-  esac
-done
-
-CACHE="${STOWAWAY_CACHE:-/var/cache/stowaway}"
-MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-DOCKER="${DOCKER:-/usr/bin/docker}"
+. scripts/lib/rootfs.sh
+parse_flags "$@"
 ROOTFS_TAR="$CACHE/frontend-rootfs-bookworm.tar"
-mkdir -p "$CACHE"
 
 # The frontend's modules: stdlib-only parts of stowaway plus the generated stubs.
 # stowaway/store/__init__.py is replaced by an empty one: the real one imports the
@@ -55,20 +43,10 @@ FILES=(
   src/stowaway/buildkit/proto/*_pb2_grpc.py
 )
 
-if [ ! -s "$ROOTFS_TAR" ]; then
-  echo "frontend-image: debootstrap bookworm minbase (once; cached in $ROOTFS_TAR)" >&2
-  work=$(mktemp -d "$CACHE/rootfs.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
-  debootstrap --variant=minbase --include=python3,python3-grpcio,python3-protobuf \
-    bookworm "$work/root" "$MIRROR" >&2
-  rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"*
-  tar -C "$work/root" --numeric-owner -cf "$work/rootfs.tar" .
-  mv "$work/rootfs.tar" "$ROOTFS_TAR"
-  rm -rf "$work"
-  trap - EXIT
-fi
+ensure_rootfs "$ROOTFS_TAR" python3,python3-grpcio,python3-protobuf \
+  "frontend-image: debootstrap bookworm minbase (once; cached in $ROOTFS_TAR)" prune
 
-hash=$( (sha256sum "$ROOTFS_TAR" | cut -d' ' -f1; sha256sum "${FILES[@]}" scripts/frontend-image.sh) \
+hash=$( (sha256sum "$ROOTFS_TAR" | cut -d' ' -f1; sha256sum "${FILES[@]}" scripts/frontend-image.sh scripts/lib/rootfs.sh) \
   | sha256sum | cut -c1-16)
 TAG="${TAG:-stowaway-frontend:$hash}"
 SAVED="$CACHE/stowaway-frontend-$hash.tar"
@@ -104,10 +82,4 @@ if [ ! -s "$SAVED" ]; then
   trap - EXIT
 fi
 
-"$DOCKER" load -i "$SAVED" >&2
-"$DOCKER" tag "stowaway-frontend-build:$hash" "$TAG"
-[ "$TAG" = "stowaway-frontend-build:$hash" ] || "$DOCKER" rmi "stowaway-frontend-build:$hash" >/dev/null
-if [ -n "$ARCHIVE" ]; then
-  "$DOCKER" save -o "$ARCHIVE" "$TAG"
-fi
-echo "$TAG"
+load_image "$SAVED" "stowaway-frontend-build:$hash"

@@ -20,37 +20,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TAG=""
-ARCHIVE=""
-while getopts "t:o:" opt; do
-  case "$opt" in
-    t) TAG="$OPTARG" ;;
-    o) ARCHIVE="$OPTARG" ;;
-    *) echo "usage: $0 [-t TAG] [-o ARCHIVE]" >&2; exit 2 ;;
-  esac
-done
-
-CACHE="${STOWAWAY_CACHE:-/var/cache/stowaway}"
-MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-DOCKER="${DOCKER:-/usr/bin/docker}"
+. scripts/lib/rootfs.sh
+parse_flags "$@"
 ROOTFS_TAR="$CACHE/bench-nix-rootfs-bookworm.tar"
-mkdir -p "$CACHE"
-
-if [ ! -s "$ROOTFS_TAR" ]; then
-  echo "nix-image: debootstrap bookworm minbase + nix-bin (once; cached in $ROOTFS_TAR)" >&2
-  work=$(mktemp -d "$CACHE/rootfs.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
-  debootstrap --variant=minbase --include=nix-bin,busybox-static,libdbi-perl \
-    bookworm "$work/root" "$MIRROR" >&2
-  tar -C "$work/root" --numeric-owner -cf "$work/rootfs.tar" .
-  mv "$work/rootfs.tar" "$ROOTFS_TAR"
-  rm -rf "$work"
-  trap - EXIT
-fi
+ensure_rootfs "$ROOTFS_TAR" nix-bin,busybox-static,libdbi-perl \
+  "nix-image: debootstrap bookworm minbase + nix-bin (once; cached in $ROOTFS_TAR)"
 
 # The rootfs is hashed by size + mtime, not content: 350 MB through sha256sum costs
-# seconds on every run, and the tarball is only ever replaced as a whole (mv above).
-hash=$( (stat -c '%s %Y' "$ROOTFS_TAR"; sha256sum scripts/nix-image.sh) | sha256sum | cut -c1-16)
+# seconds on every run, and the tarball is only ever replaced as a whole (ensure_rootfs).
+hash=$( (stat -c '%s %Y' "$ROOTFS_TAR"; sha256sum scripts/nix-image.sh scripts/lib/rootfs.sh) | sha256sum | cut -c1-16)
 TAG="${TAG:-stowaway-nix:$hash}"
 SAVED="$CACHE/stowaway-nix-$hash.tar"
 BUILD_TAG="stowaway-nix-build:$hash"
@@ -89,10 +67,4 @@ if [ ! -s "$SAVED" ]; then
   trap - EXIT
 fi
 
-"$DOCKER" load -i "$SAVED" >&2
-"$DOCKER" tag "$BUILD_TAG" "$TAG"
-[ "$TAG" = "$BUILD_TAG" ] || "$DOCKER" rmi "$BUILD_TAG" >/dev/null
-if [ -n "$ARCHIVE" ]; then
-  "$DOCKER" save -o "$ARCHIVE" "$TAG"
-fi
-echo "$TAG"
+load_image "$SAVED" "$BUILD_TAG"

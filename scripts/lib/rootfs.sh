@@ -1,0 +1,54 @@
+# Sourced by scripts/frontend-image.sh and scripts/nix-image.sh: their shared flags and
+# settings, the debootstrap rootfs tarball made once per cache, and loading the saved
+# image. Callers run with `set -euo pipefail` from the repository root.
+
+CACHE="${STOWAWAY_CACHE:-/var/cache/stowaway}"
+MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+DOCKER="${DOCKER:-/usr/bin/docker}"
+mkdir -p "$CACHE"
+
+# parse_flags "$@": -t TAG and -o ARCHIVE into $TAG and $ARCHIVE.
+parse_flags() {
+  TAG=""
+  ARCHIVE=""
+  local opt OPTIND=1
+  while getopts "t:o:" opt; do
+    case "$opt" in
+      t) TAG="$OPTARG" ;;
+      o) ARCHIVE="$OPTARG" ;;
+      *) echo "usage: $0 [-t TAG] [-o ARCHIVE]" >&2; exit 2 ;;
+    esac
+  done
+}
+
+# ensure_rootfs TAR PACKAGES MESSAGE [prune]: debootstrap a bookworm minbase with the
+# comma-separated PACKAGES into TAR unless it exists (made in a temp dir, then mv: a
+# crash never leaves a partial TAR); "prune" drops apt's downloaded .debs and lists.
+ensure_rootfs() {
+  local tar="$1" packages="$2" message="$3" prune="${4:-}" work
+  [ -s "$tar" ] && return 0
+  echo "$message" >&2
+  work=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  debootstrap --variant=minbase --include="$packages" bookworm "$work/root" "$MIRROR" >&2
+  if [ "$prune" = prune ]; then
+    rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"*
+  fi
+  tar -C "$work/root" --numeric-owner -cf "$work/rootfs.tar" .
+  mv "$work/rootfs.tar" "$tar"
+  rm -rf "$work"
+  trap - EXIT
+}
+
+# load_image SAVED BUILD_TAG: `docker load` the saved archive, retag BUILD_TAG as $TAG,
+# write $ARCHIVE if asked, and print $TAG on stdout.
+load_image() {
+  local saved="$1" build_tag="$2"
+  "$DOCKER" load -i "$saved" >&2
+  "$DOCKER" tag "$build_tag" "$TAG"
+  [ "$TAG" = "$build_tag" ] || "$DOCKER" rmi "$build_tag" >/dev/null
+  if [ -n "$ARCHIVE" ]; then
+    "$DOCKER" save -o "$ARCHIVE" "$TAG"
+  fi
+  echo "$TAG"
+}

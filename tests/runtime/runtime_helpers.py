@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class SnapshotterDaemon(Daemon):
         return {**os.environ, "PYTHONPATH": str(SRC)}
 
     def argv(self) -> list[str]:
+        self.sockdir.mkdir(mode=0o700, exist_ok=True)  # removed by cleanup() on stop
         if os.path.exists(self.socket):  # stale socket of a killed run: not ready yet
             os.unlink(self.socket)
         code = "from stowaway.runtime.cli_snapshotter import snapshotter_command as c; c()"
@@ -55,6 +57,9 @@ class SnapshotterDaemon(Daemon):
             except OSError:
                 return False
         return True
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.sockdir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL, no cleanup: what a crash looks like."""

@@ -359,6 +359,9 @@ class Registry(Daemon):
         return sum(p.stat().st_size for p in blobs.rglob("data")) if blobs.exists() else 0
 
 
+FLIGHTCONTROL_FLAKE = b"flightcontrol: exceeded retry timeout"
+
+
 class Dockerd(Daemon):
     """A private dockerd on its own socket, data-root and exec-root, using a private containerd.
 
@@ -426,9 +429,14 @@ class Dockerd(Daemon):
     ) -> subprocess.CompletedProcess[bytes]:
         """Run the 20.10 CLI (`/usr/bin/docker`, with BuildKit on) against this daemon."""
         cmd = ["/usr/bin/docker", *args]
-        r = subprocess.run(
-            cmd, capture_output=True, env=self.client_env(), timeout=timeout, input=input
-        )
+        for _ in range(2):
+            r = subprocess.run(
+                cmd, capture_output=True, env=self.client_env(), timeout=timeout, input=input
+            )
+            # BuildKit v0.8 sometimes fails a FileOp with many copy actions with this
+            # transient error (moby/buildkit#1822, fixed upstream later); one retry passes.
+            if r.returncode == 0 or FLIGHTCONTROL_FLAKE not in r.stdout + r.stderr:
+                break
         if check and r.returncode != 0:
             raise DaemonError(
                 f"`{' '.join(cmd)}` failed ({r.returncode}):\n"

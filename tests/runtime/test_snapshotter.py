@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stowaway.runtime.filters import compile_filters
+from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.snapshotter import (
     AlreadyExists,
     FailedPrecondition,
@@ -324,6 +324,27 @@ def test_filters() -> None:
         assert not compile_filters([f])(info), f
     with pytest.raises(InvalidArgument, match="offset"):
         compile_filters(["bogus!"])
+    # what a store may pre-select on: only the equalities of a single filter
+    assert required_labels(['labels."a.b/c"=="x,y",parent==p,labels.n!=2']) == {"a.b/c": "x,y"}
+    assert required_labels(["labels.n==1", "labels.n==2"]) == {}
+    assert required_labels(["kind==active"]) == {}
+
+
+def test_list_by_ref_label_is_exact(snap: StoreSnapshotter) -> None:
+    """containerd finds a remote snapshotter's commit by its ref label after each layer;
+    the answer is exactly the labelled snapshot, however odd the label values are."""
+    odd = 'sha256:a"b,c\\d'
+    decoy = {"other": f'"{REF_LABEL}": "{odd}"'}  # the pair, as text inside another value
+    snap.view("decoy", "", decoy)
+    snap.view("plain", "", {REF_LABEL: "sha256:plain"})
+    snap.view("target", "", {REF_LABEL: odd, "n": "1"})
+    quoted = odd.replace("\\", "\\\\").replace('"', '\\"')
+    found = list(snap.walk([f'labels."{REF_LABEL}"=="{quoted}"']))
+    assert [i.name for i in found] == ["target"]
+    assert found[0].labels == {REF_LABEL: odd, "n": "1"}
+    assert [i.name for i in snap.walk([f'labels."{REF_LABEL}"=="{quoted}",parent==x'])] == []
+    assert sorted(i.name for i in snap.walk([])) == ["decoy", "plain", "target"]
+    assert snap.stat("target") == found[0]
 
 
 def test_read_only_store_plus_substituted_local_store(

@@ -29,6 +29,14 @@ def test_query_matches_nix(demo_closure: list[str]) -> None:
     assert store.query("/nix/store/00000000000000000000000000000000-missing") is None
 
 
+def test_valid_paths_is_one_lookup_for_many(demo_closure: list[str]) -> None:
+    missing = "/nix/store/00000000000000000000000000000000-missing"
+    assert LocalStore().valid_paths([*demo_closure, missing]) == set(demo_closure)
+    assert LocalStore().valid_paths([]) == set()
+    with pytest.raises(StowawayError, match="not-a-store-path"):
+        LocalStore().valid_paths(["/tmp/not-a-store-path"])
+
+
 def test_closure_equals_nix_store_qR(demo_app: str, demo_closure: list[str]) -> None:
     infos = LocalStore().closure_infos([demo_app])
     assert sorted(infos) == sorted(demo_closure)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from stowaway.runtime.snapshotter import Info, InvalidArgument
 
-__all__ = ["compile_filters"]
+__all__ = ["compile_filters", "required_labels"]
 
 Predicate = Callable[[Info], bool]
 
@@ -53,16 +53,24 @@ def _condition(field: str, op: str | None, value: str, where: str) -> Predicate:
     return lambda i: _field(i, field) != value
 
 
-def _compile_one(text: str) -> Predicate:
-    conds: list[Predicate] = []
+Condition = tuple[str, str | None, str]  # (field, op or None, unquoted value)
+
+
+def _parse(text: str) -> list[Condition]:
+    conds: list[Condition] = []
     pos = 0
     while pos < len(text):
         m = _COND.match(text, pos)
         if m is None or m.end() == pos:
             raise InvalidArgument(f"filter {text!r}: cannot parse at offset {pos}")
         value = _unquote(m["value"]) if m["value"] is not None else ""
-        conds.append(_condition(m["field"], m["op"], value, text))
+        conds.append((m["field"], m["op"], value))
         pos = m.end()
+    return conds
+
+
+def _compile_one(text: str) -> Predicate:
+    conds = [_condition(field, op, value, text) for field, op, value in _parse(text)]
     return lambda i: all(c(i) for c in conds)
 
 
@@ -72,3 +80,16 @@ def compile_filters(filters: Sequence[str]) -> Predicate:
     if not preds:
         return lambda i: True
     return lambda i: any(p(i) for p in preds)
+
+
+def required_labels(filters: Sequence[str]) -> dict[str, str]:
+    """Labels every match must carry with exactly these values (``labels.K==V`` in
+    the only filter), so a store can pre-select rows; empty when nothing is implied."""
+    texts = [f for f in filters if f]
+    if len(texts) != 1:
+        return {}
+    return {
+        _unquote(field[len("labels.") :]): value
+        for field, op, value in _parse(texts[0])
+        if op == "==" and field.startswith("labels.")
+    }

@@ -29,7 +29,8 @@ class GcRoots:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, target: Path) -> None:
-        """Root ``target`` (a store path on disk); atomic: symlink to a temp name, rename.
+        """Root ``target`` (a store path on disk); atomic: a new root is one symlink
+        call, a root to replace is a symlink to a temp name renamed over it.
 
         The temp name is unique per call (pid, thread, random token): threads rooting
         the same path at once each rename their own link; the last one wins, same target.
@@ -38,6 +39,12 @@ class GcRoots:
         try:
             if os.readlink(link) == str(target):
                 return
+        except FileNotFoundError:
+            try:
+                os.symlink(target, link)
+                return
+            except FileExistsError:  # another thread's root, maybe elsewhere: replace
+                pass
         except OSError:
             pass
         token = f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"

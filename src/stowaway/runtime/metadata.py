@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from stowaway.runtime.snapshotter import (
     AlreadyExists,
@@ -26,6 +27,19 @@ from stowaway.runtime.snapshotter import (
 )
 
 __all__ = ["MetaStore", "Record"]
+
+#: A snapshot with its parent's key; columns 0-5 make an Info (see ``_info``).
+_SELECT_INFO = (
+    "SELECT s.key, COALESCE(p.key, ''), s.kind, s.created_ns, s.updated_ns, s.labels,"
+    " s.id, s.size, s.inodes, s.nix FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id"
+)
+#: (id, nix) of snapshot ?'s ancestors, nearest first, in one statement.
+_CHAIN = (
+    "WITH RECURSIVE up(id, depth) AS ("
+    " SELECT parent_id, 1 FROM snapshots WHERE id = ?"
+    " UNION ALL SELECT s.parent_id, up.depth + 1 FROM snapshots s JOIN up ON s.id = up.id)"
+    " SELECT up.id, s.nix FROM up JOIN snapshots s ON s.id = up.id ORDER BY up.depth"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -73,6 +87,11 @@ class Record:
         )
 
 
+def _info(row: tuple[Any, ...]) -> Info:
+    key, parent, kind, created, updated, labels = row[:6]
+    return Info(key, parent, Kind(kind), created, updated, json.loads(labels))
+
+
 class MetaStore:
     """Thread-safe access to ``<root>/metadata.db``; each method is one transaction."""
 
@@ -103,41 +122,35 @@ class MetaStore:
 
     # ------------------------------------------------------------------ reads
 
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """Reads take only the lock, no BEGIN: this process is the database's only
+        writer and writes under the same lock, so the statements see one state."""
+        with self._lock:
+            yield self._db
+
     def _row(self, db: sqlite3.Connection, key: str) -> Record:
-        row = db.execute(
-            "SELECT s.id, s.key, COALESCE(p.key, ''), s.kind, s.created_ns, s.updated_ns,"
-            " s.labels, s.size, s.inodes, s.nix, s.parent_id"
-            " FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.key = ?",
-            (key,),
-        ).fetchone()
+        row = db.execute(_SELECT_INFO + " WHERE s.key = ?", (key,)).fetchone()
         if row is None:
             raise NotFound(f"snapshot {key!r} does not exist")
-        chain: list[int] = []
-        chain_nix: list[bool] = []
-        pid = row[10]
-        while pid is not None:
-            prow = db.execute("SELECT parent_id, nix FROM snapshots WHERE id = ?", (pid,))
-            parent_id, nix = prow.fetchone()
-            chain.append(pid)
-            chain_nix.append(bool(nix))
-            pid = parent_id
+        chain = db.execute(_CHAIN, (row[6],)).fetchall()
         return Record(
-            id=row[0],
-            key=row[1],
-            parent=row[2],
-            kind=Kind(row[3]),
-            created_ns=row[4],
-            updated_ns=row[5],
-            labels=json.loads(row[6]),
+            id=row[6],
+            key=row[0],
+            parent=row[1],
+            kind=Kind(row[2]),
+            created_ns=row[3],
+            updated_ns=row[4],
+            labels=json.loads(row[5]),
             size=row[7],
             inodes=row[8],
             nix=bool(row[9]),
-            chain=tuple(chain),
-            chain_nix=tuple(chain_nix),
+            chain=tuple(i for i, _ in chain),
+            chain_nix=tuple(bool(n) for _, n in chain),
         )
 
     def get(self, key: str) -> Record:
-        with self.transaction() as db:
+        with self._reading() as db:
             return self._row(db, key)
 
     def find(self, key: str) -> Record | None:
@@ -146,64 +159,54 @@ class MetaStore:
         except NotFound:
             return None
 
-    def all(self) -> list[Record]:
-        """Every snapshot, in one query: containerd lists (with filters) after each
-        layer of a pull, so this must not cost a query per parent per row."""
-        with self.transaction() as db:
-            rows = db.execute(
-                "SELECT id, key, parent_id, kind, created_ns, updated_ns, labels, size,"
-                " inodes, nix FROM snapshots ORDER BY id"
-            ).fetchall()
-        by_id = {r[0]: r for r in rows}
-        out: list[Record] = []
-        for r in rows:
-            chain: list[int] = []
-            pid = r[2]
-            while pid is not None:
-                chain.append(pid)
-                pid = by_id[pid][2]
-            out.append(
-                Record(
-                    id=r[0],
-                    key=r[1],
-                    parent=by_id[r[2]][1] if r[2] is not None else "",
-                    kind=Kind(r[3]),
-                    created_ns=r[4],
-                    updated_ns=r[5],
-                    labels=json.loads(r[6]),
-                    size=r[7],
-                    inodes=r[8],
-                    nix=bool(r[9]),
-                    chain=tuple(chain),
-                    chain_nix=tuple(bool(by_id[c][9]) for c in chain),
-                )
-            )
-        return out
+    def info(self, key: str) -> Info:
+        """What Stat answers: one row, no parent chain."""
+        with self._reading() as db:
+            row = db.execute(_SELECT_INFO + " WHERE s.key = ?", (key,)).fetchone()
+        if row is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return _info(row)
+
+    def infos(self, labels: Mapping[str, str] | None = None) -> list[Info]:
+        """Every snapshot, or (a superset of) those carrying all of ``labels``.
+
+        containerd lists with a ``containerd.io/snapshot.ref`` filter after each layer
+        of a pull, so that case must not decode every row. The prefilter looks for the
+        pair as ``json.dumps`` wrote it into the labels column (same encoder, and quotes
+        inside JSON strings are escaped, so a labelled row always matches); callers
+        apply the full filter to what comes back."""
+        sql, args = _SELECT_INFO, []
+        if labels:
+            sql += " WHERE " + " AND ".join("instr(s.labels, ?) > 0" for _ in labels)
+            args = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in labels.items()]
+        with self._reading() as db:
+            rows = db.execute(sql + " ORDER BY s.id", args).fetchall()
+        return [_info(r) for r in rows]
 
     def ids(self) -> set[int]:
-        with self.transaction() as db:
+        with self._reading() as db:
             return {i for (i,) in db.execute("SELECT id FROM snapshots")}
 
     def nix_ids(self) -> set[int]:
         """Snapshots committed from the store (their trees can be rebuilt from it)."""
-        with self.transaction() as db:
+        with self._reading() as db:
             return {i for (i,) in db.execute("SELECT id FROM snapshots WHERE nix = 1")}
 
     def paths_of(self, sid: int) -> list[str]:
         """The store paths (on disk) snapshot ``sid`` uses."""
-        with self.transaction() as db:
+        with self._reading() as db:
             q = "SELECT path FROM store_paths WHERE snapshot_id = ? ORDER BY path"
             return [p for (p,) in db.execute(q, (sid,))]
 
     def users_of(self, path: str) -> list[int]:
         """Snapshots using store path ``path`` (on disk)."""
-        with self.transaction() as db:
+        with self._reading() as db:
             q = "SELECT snapshot_id FROM store_paths WHERE path = ? ORDER BY snapshot_id"
             return [i for (i,) in db.execute(q, (path,))]
 
     def store_paths(self) -> set[str]:
         """Every store path some snapshot uses (what must stay GC-rooted)."""
-        with self.transaction() as db:
+        with self._reading() as db:
             return {p for (p,) in db.execute("SELECT DISTINCT path FROM store_paths")}
 
     # ------------------------------------------------------------------ writes

@@ -19,10 +19,11 @@ the metacopy stubs. So in ``overlay`` mode they live on a private tmpfs mounted 
 link dir (``<link dir>/<id>`` *is* the layer's lower dir): stubs hold no data, and a
 tree is derived state — rebuilt from the store at start-up when missing (a reboot, or a
 crash before it was finished). Hence a store layer is committed as soon as its paths
-are located and rooted, and its tree is built in the background while containerd goes
-on with the next layer; whatever mounts a chain (Prepare/View/Mounts) first waits for
-the trees in it. The tmpfs stays mounted while any overlay uses it (restarts never
-disturb running containers) and is dropped by ``close`` once nothing does.
+are located and rooted, and its tree is built by a low-priority child process
+(``tree_builder``) while containerd goes on with the next layer; whatever mounts a chain
+(Prepare/View/Mounts) first waits for the trees in it. The tmpfs stays mounted while
+any overlay uses it (restarts never disturb running containers) and is dropped by
+``close`` once nothing does.
 """
 
 from __future__ import annotations
@@ -35,18 +36,18 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from stowaway.errors import InvalidStorePath, StowawayError
-from stowaway.runtime.filters import compile_filters
+from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.runtime.metadata import MetaStore, Record
 from stowaway.runtime.modes import ModeFacts, choose, containerd_version
 from stowaway.runtime.mounts import Layout, mounts
-from stowaway.runtime.skeleton import Mode, materialise, probe_data_only_overlay, stub_layer
+from stowaway.runtime.skeleton import Mode, materialise, probe_data_only_overlay
 from stowaway.runtime.snapshotter import (
     AlreadyExists,
     FailedPrecondition,
@@ -58,6 +59,7 @@ from stowaway.runtime.snapshotter import (
     Usage,
 )
 from stowaway.runtime.substitute import Substituter
+from stowaway.runtime.tree_builder import TreeBuilder, make_tree
 from stowaway.store.binary_cache import BinaryCache
 from stowaway.store.local import LocalStore, db_path_for
 from stowaway.store.narinfo import PublicKey
@@ -201,10 +203,9 @@ class StoreSnapshotter(Snapshotter):
             _drop_link_dir(self.link_dir)
             raise
         self.meta = MetaStore(root / "metadata.db")
-        # stub trees: syscall-bound, so threads overlap well (the GIL is released)
-        self._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "stowaway-stubs")
-        # one tree at a time, in commit order (each fans out on _pool; never the reverse)
-        self._builds = ThreadPoolExecutor(1, "stowaway-trees")
+        # substitution and start-up tree rebuilds: I/O-bound, so threads overlap well
+        self._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "stowaway-io")
+        self._builder = TreeBuilder(self.link_dir) if self.mode == "overlay" else None
         self._pending: dict[int, Future[None]] = {}
         log.info("stowaway snapshotter: rootfs mode %s (%s)", self.mode, why)
         data = [config.store, *([config.local_store] if config.local_store else [])]
@@ -250,7 +251,8 @@ class StoreSnapshotter(Snapshotter):
         return None
 
     def close(self) -> None:
-        self._builds.shutdown(cancel_futures=True)  # unbuilt trees: rebuilt at start-up
+        if self._builder is not None:
+            self._builder.close()  # unbuilt trees: rebuilt at start-up
         self._pool.shutdown()
         self.meta.close()
         if self._db is not None:
@@ -279,18 +281,28 @@ class StoreSnapshotter(Snapshotter):
             raise InvalidArgument(f"labels {sorted(keys)} name no store paths")
         return out
 
-    def _present(self, base: str) -> Path | None:
-        p = self.config.store / base
-        if os.path.lexists(p):
-            if self._db is None or self._db.query(f"/nix/store/{base}") is not None:
-                return p
-        if self.config.local_store and os.path.lexists(q := self.config.local_store / base):
-            return q
-        return None
+    def _present(self, bases: Sequence[str]) -> list[Path | None]:
+        """Each path in the store (valid in its database, if it has one), else in the
+        local store, else None."""
+        valid: set[str] | None = None
+        if self._db is not None:
+            logical = {b: f"{self._db.logical_store_dir}/{b}" for b in bases}
+            ok = self._db.valid_paths(list(logical.values()))
+            valid = {b for b, path in logical.items() if path in ok}
+        out: list[Path | None] = []
+        for b in bases:
+            p = self.config.store / b
+            if os.path.lexists(p) and (valid is None or b in valid):
+                out.append(p)
+            elif self.config.local_store and os.path.lexists(q := self.config.local_store / b):
+                out.append(q)
+            else:
+                out.append(None)
+        return out
 
     def _locate(self, bases: Sequence[str]) -> list[Path | None]:
         """Each path in the store or local store, else substituted (in parallel)."""
-        found = [self._present(b) for b in bases]
+        found = self._present(bases)
         missing = [b for b, w in zip(bases, found, strict=True) if w is None]
         if missing and self.substituter is not None:
             got = dict(zip(missing, self.substituter.fetch_all(missing, self._pool), strict=True))
@@ -350,9 +362,10 @@ class StoreSnapshotter(Snapshotter):
                     if tmp is not None:
                         self._place(tmp, rec.id)
                     else:  # registered before anyone can see the row
+                        assert self._builder is not None
                         _rmtree(self.link_dir / str(rec.id))  # orphan of a failed COMMIT
-                        self._pending[rec.id] = self._builds.submit(
-                            self._make_tree, rec.id, located
+                        self._pending[rec.id] = self._builder.submit(
+                            rec.id, located, self._donors(located)
                         )
             finally:
                 if tmp is not None:
@@ -362,23 +375,10 @@ class StoreSnapshotter(Snapshotter):
 
     # ------------------------------------------------------------------ directories
 
-    def _make_tree(self, sid: int, located: Sequence[tuple[str, Path]]) -> None:
-        """Build snapshot ``sid``'s stub tree in a temp dir under the link dir (the same
-        tmpfs) and rename it to ``<link dir>/<id>``; a concurrent builder may win."""
-        tree = Path(tempfile.mkdtemp(prefix=".new-", dir=self.link_dir))
-        try:
-            os.chmod(tree, 0o755)  # a view's root shows the top lower dir's mode
-            stub_layer(located, tree, self._pool, self._stub_source(located))
-            os.rename(tree, self.link_dir / str(sid))
-        except OSError:
-            if not (self.link_dir / str(sid)).is_dir():
-                raise
-        finally:
-            shutil.rmtree(tree, ignore_errors=True)
-
     def _rebuild_tree(self, sid: int) -> None:
         paths = [Path(p) for p in self.meta.paths_of(sid)]
-        self._make_tree(sid, [(p.name, p) for p in paths])
+        located = [(p.name, p) for p in paths]
+        make_tree(self.link_dir, sid, located, self._donors(located), self._pool)
         log.info("snapshot %d: stub tree of %d store paths rebuilt", sid, len(paths))
 
     def _wait_trees(self, rec: Record) -> None:
@@ -404,18 +404,16 @@ class StoreSnapshotter(Snapshotter):
                 if self._pending.get(sid) is fut:
                     del self._pending[sid]
 
-    def _stub_source(self, located: Sequence[tuple[str, Path]]) -> Callable[[str], Path | None]:
-        """For each basename: a stub tree of that store path another snapshot holds."""
-        where = dict(located)
-
-        def find(base: str) -> Path | None:
-            for sid in self.meta.users_of(str(where[base])):
+    def _donors(self, located: Sequence[tuple[str, Path]]) -> dict[str, list[Path]]:
+        """For each basename: where other snapshots' stub trees hold that store path
+        (trees are built in order, so an earlier one is complete when this one is)."""
+        out: dict[str, list[Path]] = {}
+        for base, where in located:
+            for sid in self.meta.users_of(str(where)):
                 entry = self.link_dir / str(sid)
-                if entry.is_dir() and not entry.is_symlink():
-                    return entry / "nix" / "store" / base
-            return None
-
-        return find
+                if not entry.is_symlink():  # a link to a fs dir is no stub tree
+                    out.setdefault(base, []).append(entry / "nix" / "store" / base)
+        return out
 
     def _is_tree(self, sid: int, nix: set[int]) -> bool:
         """Whether snapshot ``sid`` keeps its files in a stub tree on the link dir (an
@@ -540,7 +538,7 @@ class StoreSnapshotter(Snapshotter):
         shutil.rmtree(gone_tree, ignore_errors=True)
 
     def stat(self, key: str) -> Info:
-        return self.meta.get(key).info()
+        return self.meta.info(key)
 
     def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
         rec = self.meta.get(info.name)
@@ -562,10 +560,7 @@ class StoreSnapshotter(Snapshotter):
 
     def walk(self, filters: Sequence[str]) -> Iterator[Info]:
         match = compile_filters(filters)
-        for rec in self.meta.all():
-            info = rec.info()
-            if match(info):
-                yield info
+        yield from filter(match, self.meta.infos(required_labels(filters)))
 
     def usage(self, key: str) -> Usage:
         rec = self.meta.get(key)

@@ -125,6 +125,14 @@ class LocalStore(_PathsOnDisk):
         self.parse(path)
         return self._infos(self._rows(self._SELECT + " WHERE v.path = ?", [path])).get(path)
 
+    def valid_paths(self, paths: Sequence[str]) -> set[str]:
+        """Those of ``paths`` the database lists as valid, in one query."""
+        for p in paths:
+            self.parse(p)
+        marks = ",".join("?" * len(paths))
+        rows = self._rows(f"SELECT path FROM ValidPaths WHERE path IN ({marks})", list(paths))
+        return {str(r[0]) for r in rows}
+
     def path_for_hash(self, hash_part: str) -> str | None:
         """The valid path whose hash part is ``hash_part``, or None."""
         prefix = f"{self.logical_store_dir}/{hash_part}"

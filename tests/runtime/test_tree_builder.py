@@ -1,0 +1,86 @@
+"""The stub-tree child process: builds real trees from the demo closure, reports errors
+per job, survives its own death (the next job starts a new child), stops on close."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stowaway.errors import StowawayError
+from stowaway.runtime.tree_builder import NICE, TreeBuilder
+
+MISSING = Path("/nix/store/00000000000000000000000000000000-not-here")
+
+
+@pytest.fixture()
+def builder(tmp_path: Path) -> Iterator[TreeBuilder]:
+    b = TreeBuilder(tmp_path)
+    yield b
+    b.close()
+
+
+def located(paths: list[str]) -> list[tuple[str, Path]]:
+    return [(os.path.basename(p), Path(p)) for p in paths]
+
+
+def test_builds_stub_trees_at_low_priority(
+    builder: TreeBuilder, tmp_path: Path, demo_closure: list[str], demo_app: str
+) -> None:
+    builder.submit(1, located(demo_closure), {}).result(timeout=60)
+    pid = builder.pid
+    assert pid is not None
+    tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    assert len(tasks) > 1 and {os.getpriority(os.PRIO_PROCESS, t) for t in tasks} == {NICE}
+    stub = tmp_path / "1" / demo_app.lstrip("/") / "bin" / "demo"
+    real = Path(demo_app, "bin", "demo")
+    assert stub.stat().st_size == real.stat().st_size and stub.stat().st_mtime == 1
+    assert (
+        os.getxattr(stub, "trusted.overlay.redirect")
+        == f"/{real.parent.parent.name}/bin/demo".encode()
+    )
+    # a later tree of the same paths hard-links the first one's stubs
+    donors = {b: [tmp_path / "1" / "nix" / "store" / b] for b, _ in located(demo_closure)}
+    builder.submit(2, located(demo_closure), donors).result(timeout=60)
+    assert (
+        tmp_path / "2" / demo_app.lstrip("/") / "bin" / "demo"
+    ).stat().st_ino == stub.stat().st_ino
+    assert sorted(e.name for e in tmp_path.iterdir()) == ["1", "2"]  # no temp dirs left
+
+
+def test_a_failed_job_names_its_snapshot_and_the_next_one_runs(
+    builder: TreeBuilder, tmp_path: Path, demo_app: str
+) -> None:
+    bad = builder.submit(7, [(MISSING.name, MISSING)], {})
+    good = builder.submit(8, located([demo_app]), {})
+    with pytest.raises(StowawayError, match=f"snapshot 7: .*{MISSING.name}"):
+        bad.result(timeout=60)
+    good.result(timeout=60)
+    assert not (tmp_path / "7").exists() and (tmp_path / "8").is_dir()
+
+
+def test_a_dead_child_fails_its_jobs_and_is_replaced(
+    builder: TreeBuilder, tmp_path: Path, demo_app: str
+) -> None:
+    first = builder.pid
+    assert first is not None
+    os.kill(first, signal.SIGSTOP)  # queue a job it will never answer, then kill it
+    pending = builder.submit(1, located([demo_app]), {})
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(StowawayError, match="exited"):
+        pending.result(timeout=60)
+    builder.submit(2, located([demo_app]), {}).result(timeout=60)
+    assert builder.pid not in (None, first) and (tmp_path / "2").is_dir()
+
+
+def test_close_stops_the_child(tmp_path: Path) -> None:
+    b = TreeBuilder(tmp_path)
+    pid = b.pid
+    assert pid is not None
+    b.close()
+    assert b.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

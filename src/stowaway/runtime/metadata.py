@@ -159,6 +159,11 @@ class MetaStore:
         except NotFound:
             return None
 
+    def kind_of(self, key: str) -> Kind | None:
+        with self._reading() as db:
+            row = db.execute("SELECT kind FROM snapshots WHERE key = ?", (key,)).fetchone()
+        return Kind(row[0]) if row else None
+
     def info(self, key: str) -> Info:
         """What Stat answers: one row, no parent chain."""
         with self._reading() as db:
@@ -198,11 +203,17 @@ class MetaStore:
             q = "SELECT path FROM store_paths WHERE snapshot_id = ? ORDER BY path"
             return [p for (p,) in db.execute(q, (sid,))]
 
-    def users_of(self, path: str) -> list[int]:
-        """Snapshots using store path ``path`` (on disk)."""
+    def users_of(self, paths: Sequence[str]) -> dict[str, list[int]]:
+        """The snapshots using each store path (on disk), in one query; paths nobody
+        uses are absent."""
+        out: dict[str, list[int]] = {}
+        marks = ",".join("?" * len(paths))
+        q = f"SELECT path, snapshot_id FROM store_paths WHERE path IN ({marks})"
+        q += " ORDER BY snapshot_id"
         with self._reading() as db:
-            q = "SELECT snapshot_id FROM store_paths WHERE path = ? ORDER BY snapshot_id"
-            return [i for (i,) in db.execute(q, (path,))]
+            for path, sid in db.execute(q, list(paths)):
+                out.setdefault(path, []).append(sid)
+        return out
 
     def store_paths(self) -> set[str]:
         """Every store path some snapshot uses (what must stay GC-rooted)."""

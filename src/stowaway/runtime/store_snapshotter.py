@@ -327,7 +327,7 @@ class StoreSnapshotter(Snapshotter):
         """Commit the skeleton snapshot for ``bases``; False when a path cannot be had."""
         name = self.nix_name(target, parent)
         with self._name_lock(name):
-            if (rec := self.meta.find(name)) is not None and rec.kind == Kind.COMMITTED:
+            if self.meta.kind_of(name) == Kind.COMMITTED:
                 return True
             located: list[tuple[str, Path]] = []
             for base, where in zip(bases, self._locate(bases), strict=True):
@@ -407,9 +407,10 @@ class StoreSnapshotter(Snapshotter):
     def _donors(self, located: Sequence[tuple[str, Path]]) -> dict[str, list[Path]]:
         """For each basename: where other snapshots' stub trees hold that store path
         (trees are built in order, so an earlier one is complete when this one is)."""
+        users = self.meta.users_of([str(w) for _, w in located])
         out: dict[str, list[Path]] = {}
         for base, where in located:
-            for sid in self.meta.users_of(str(where)):
+            for sid in users.get(str(where), ()):
                 entry = self.link_dir / str(sid)
                 if not entry.is_symlink():  # a link to a fs dir is no stub tree
                     out.setdefault(base, []).append(entry / "nix" / "store" / base)

@@ -137,6 +137,7 @@ def node(
 def pull_and_run(
     work: Path, reg: Registry, ref: str, snapshotter: str, snap_args: list[str] | None
 ) -> dict[str, Any]:
+    os.sync()  # the previous run's writeback (≈ 1 GB after an overlayfs pull) ends first
     with node(work, reg, snapshotter, snap_args) as (ctrd, snap):
         since = reg.log_path.stat().st_size
         t0 = time.perf_counter()

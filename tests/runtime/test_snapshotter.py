@@ -4,7 +4,9 @@ the real demo closure (mounted for real), label validation, restart, GC roots, f
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -487,3 +489,37 @@ def test_stub_trees_rebuilt_after_reboot_and_shared(
             umount(root)
     finally:
         s.close()
+
+
+def test_a_waiting_mount_builds_queued_trees_itself(
+    snap: StoreSnapshotter, demo_closure: list[str], demo_app: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the tree child is busy (here: stopped) a mount builds the queued trees
+    newest first in the snapshotter itself, leaving the child its current one; the
+    child then skips what is already built. The rootfs is complete either way."""
+    assert snap._builder is not None and (child := snap._builder.pid) is not None
+    os.kill(child, signal.SIGSTOP)
+    resume = threading.Timer(1.0, os.kill, (child, signal.SIGCONT))
+    try:
+        parent = ""
+        for i, path in enumerate(sorted(demo_closure)):
+            with pytest.raises(AlreadyExists):
+                snap.prepare(f"x{i}", parent, layer_labels([path], f"sha256:l{i}"))
+            parent = snap.nix_name(f"sha256:l{i}", parent)
+        caplog.set_level(logging.DEBUG, logger="stowaway.runtime.store_snapshotter")
+        resume.start()
+        root = mounted(snap.prepare("ctr", parent, {}), Path(snap.config.root, "mnt"))
+    finally:
+        resume.join()
+        os.kill(child, signal.SIGCONT)
+    try:
+        store = root / "nix" / "store"
+        assert sorted(os.listdir(store)) == sorted(map(os.path.basename, demo_closure))
+        for path in demo_closure:  # every byte read through the stubs is the host's
+            subprocess.run(["diff", "-r", "--no-dereference", path, f"{root}{path}"], check=True)
+        out = subprocess.run(["chroot", str(root), f"{demo_app}/bin/demo"], capture_output=True)
+        assert b"hello from stowaway" in out.stdout
+    finally:
+        umount(root)
+    built_here = [r.getMessage() for r in caplog.records if "built here" in r.getMessage()]
+    assert len(built_here) == len(demo_closure) - 1, built_here  # all but the child's current

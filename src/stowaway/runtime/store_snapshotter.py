@@ -207,6 +207,7 @@ class StoreSnapshotter(Snapshotter):
         self._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "stowaway-io")
         self._builder = TreeBuilder(self.link_dir) if self.mode == "overlay" else None
         self._pending: dict[int, Future[None]] = {}
+        self._helping: set[int] = set()  # trees this process builds for a waiting mount
         log.info("stowaway snapshotter: rootfs mode %s (%s)", self.mode, why)
         data = [config.store, *([config.local_store] if config.local_store else [])]
         self.layout = Layout(
@@ -379,11 +380,32 @@ class StoreSnapshotter(Snapshotter):
         paths = [Path(p) for p in self.meta.paths_of(sid)]
         located = [(p.name, p) for p in paths]
         make_tree(self.link_dir, sid, located, self._donors(located), self._pool)
-        log.info("snapshot %d: stub tree of %d store paths rebuilt", sid, len(paths))
+        log.debug("snapshot %d: stub tree of %d store paths built here", sid, len(paths))
+
+    def _help_build(self, sids: Sequence[int]) -> None:
+        """Build queued trees of ``sids`` in this process too, newest first, while the
+        child goes oldest first (skipping the one it is on). Called when a mount waits:
+        at the end of a pull containerd waits for that answer, so a core is idle."""
+        with self._lock:
+            queued = sorted(i for i, f in self._pending.items() if not f.done())
+            mine = [i for i in sids if i in queued[1:] and i not in self._helping]
+            self._helping.update(mine)
+        try:
+            for sid in sorted(mine, reverse=True):
+                with self._lock:
+                    fut = self._pending.get(sid)
+                if fut is None or fut.done():
+                    break  # the child got here: it has done every older one too
+                with contextlib.suppress(OSError, StowawayError):  # the child's job reports
+                    self._rebuild_tree(sid)
+        finally:
+            with self._lock:
+                self._helping.difference_update(mine)
 
     def _wait_trees(self, rec: Record) -> None:
         """Wait for the background stub trees of ``rec`` and its parents; a failed one
         is retried here once, else the mount is refused (never an incomplete rootfs)."""
+        self._help_build((rec.id, *rec.chain))
         for sid in (rec.id, *rec.chain):
             with self._lock:
                 fut = self._pending.get(sid)

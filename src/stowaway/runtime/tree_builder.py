@@ -49,7 +49,10 @@ def make_tree(
 ) -> None:
     """Build snapshot ``sid``'s stub tree in a temp dir under ``link_dir`` and rename it
     to ``<link_dir>/<sid>`` (a concurrent builder may win). ``donors[base]``: stub trees
-    of that store path other snapshots hold, hard-linked instead of rebuilt."""
+    of that store path other snapshots hold, hard-linked instead of rebuilt. Nothing
+    to do when the tree is there (the snapshotter built it while a mount waited)."""
+    if (link_dir / str(sid)).is_dir():
+        return
     tree = Path(tempfile.mkdtemp(prefix=".new-", dir=link_dir))
     try:
         os.chmod(tree, 0o755)  # a view's root shows the top lower dir's mode

@@ -389,6 +389,8 @@ class StoreSnapshotter(Snapshotter):
         with self._lock:
             queued = sorted(i for i, f in self._pending.items() if not f.done())
             mine = [i for i in sids if i in queued[1:] and i not in self._helping]
+            # a tree sharing paths with an older queued one waits for it (its donor)
+            mine = [i for i in mine if not self._shares_with(i, queued[: queued.index(i)])]
             self._helping.update(mine)
         try:
             for sid in sorted(mine, reverse=True):
@@ -401,6 +403,10 @@ class StoreSnapshotter(Snapshotter):
         finally:
             with self._lock:
                 self._helping.difference_update(mine)
+
+    def _shares_with(self, sid: int, others: Sequence[int]) -> bool:
+        users = self.meta.users_of(self.meta.paths_of(sid)).values()
+        return bool(set(others).intersection(u for us in users for u in us))
 
     def _wait_trees(self, rec: Record) -> None:
         """Wait for the background stub trees of ``rec`` and its parents; a failed one

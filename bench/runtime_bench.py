@@ -304,7 +304,10 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for d in work.glob("node-*"):
             if d.is_dir():
                 shutil.rmtree(d, ignore_errors=True)
-        results["pull_and_run"] = {name: best(rs) for name, rs in runs.items()}
+        results["pull_and_run"] = {
+            name: {**best(rs), "every_total_s": [r["total_s"] for r in rs]}
+            for name, rs in runs.items()
+        }
         disk: dict[str, Any] = {}
         for name, (sn, snap_args) in list(scenarios.items())[:2] if "disk" in only else []:
             log(f"disk: {args.variants} images under {name}")
@@ -334,6 +337,9 @@ def print_table(res: dict[str, Any]) -> None:
             f"{base / r['total_s']:8.1f}× {fmt_bytes(r['bytes_downloaded']):>12} "
             f"{r['registry_gets']:>5}"
         )
+    print("(best of each; every run's total: " + "; ".join(
+        f"{name} " + " ".join(f"{x:.2f}" for x in r["every_total_s"]) for name, r in t.items()
+    ) + ")")  # fmt: skip
     if not res["disk"]:
         return
     print(f"\n{'disk, ' + str(next(iter(res['disk'].values()))['images']) + ' images':28} "

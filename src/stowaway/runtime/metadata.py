@@ -240,13 +240,15 @@ class MetaStore:
         if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
             raise AlreadyExists(f"snapshot {key!r} already exists")
         parent_id = None
+        chain: tuple[int, ...] = ()
+        chain_nix: tuple[bool, ...] = ()
         if parent:
             p = self._row(db, parent)
             if p.kind != Kind.COMMITTED:
                 raise FailedPrecondition(
                     f"parent {parent!r} is {p.kind.name.lower()}, not committed"
                 )
-            parent_id = p.id
+            parent_id, chain, chain_nix = p.id, (p.id, *p.chain), (p.nix, *p.chain_nix)
         now = time.time_ns()
         cur = db.execute(
             "INSERT INTO snapshots (key, parent_id, kind, created_ns, updated_ns, labels,"
@@ -259,7 +261,9 @@ class MetaStore:
             "INSERT OR IGNORE INTO store_paths (snapshot_id, path) VALUES (?, ?)",
             [(sid, p) for p in paths],
         )
-        return self._row(db, key)
+        return Record(
+            sid, key, parent, kind, now, now, dict(labels), size, inodes, nix, chain, chain_nix
+        )
 
     def commit(
         self, name: str, key: str, labels: Mapping[str, str], size: int, inodes: int

@@ -10,8 +10,9 @@ rootfs is mounted, after the pull.
 Why not ``multiprocessing``: its spawn method re-imports the parent's ``__main__``,
 which breaks any program that embeds the snapshotter without a main guard. Here the
 child is ``python -m stowaway.runtime.tree_builder``; jobs go down its stdin and results
-come back on its stdout as JSON lines, one per job, in order. The child exits at EOF,
-so it never outlives the snapshotter. Trees are built one at a time, in submission
+come back on its stdout as JSON lines, one per job, in order. The child exits at EOF
+(once the jobs already sent are done), so a killed snapshotter does not leave it behind;
+a clean stop terminates it at once. Trees are built one at a time, in submission
 order, so a tree can hard-link the stubs of a path an earlier tree made (``donors``).
 """
 
@@ -119,16 +120,14 @@ class _Child:
         for fut in waiting:
             fut.set_exception(StowawayError(f"stub tree builder exited with status {code}"))
 
-    def stop(self, timeout: float) -> None:
-        """EOF on its stdin: it exits after the current tree (killed after ``timeout``)."""
+    def stop(self) -> None:
+        """Terminate it now: trees are derived state (a tree cut short is a temp dir the
+        next start-up removes; unbuilt ones are rebuilt then)."""
         assert self.proc.stdin is not None
         with self.lock, contextlib.suppress(OSError):
             self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.terminate()
+        self.proc.wait()
 
 
 class TreeBuilder:
@@ -161,16 +160,16 @@ class TreeBuilder:
         with self._lock:
             if self._child is None or self._child.proc.poll() is not None:
                 if self._child is not None:
-                    self._child.stop(timeout=0)  # dead: just close its pipe
+                    self._child.stop()  # dead: just close its pipe
                 self._child = _Child()  # first use, or the last one died
             return self._child.send(job)
 
     def close(self) -> None:
-        """Stop the child after its current tree; unbuilt trees are rebuilt at start-up."""
+        """Stop the child; trees not built yet are rebuilt at start-up."""
         with self._lock:
             child, self._child = self._child, None
         if child is not None:
-            child.stop(timeout=30)
+            child.stop()
 
 
 def _serve(jobs: IO[str], out: IO[str]) -> None:

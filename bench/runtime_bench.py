@@ -320,14 +320,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     return 0
 
 
-def print_table(res: dict[str, Any]) -> None:
-    img = res["image"]
-    print(
-        f"image: {img['layers']} layers, {fmt_bytes(img['compressed_bytes'])} compressed; "
-        f"manifest+config+customisation layer ≈ "
-        f"{fmt_bytes(img['config_bytes'] + img['customisation_layer_bytes'])}"
-    )
-    t = res["pull_and_run"]
+def print_timing(t: dict[str, Any]) -> None:
     base = t["overlayfs"]["total_s"] if "overlayfs" in t else float("nan")
     print(f"\n{'CRI pull + ctr run':28} {'pull':>8} {'run→out':>8} {'total':>8} {'speed-up':>9} "
           f"{'downloaded':>12} {'GETs':>5}")  # fmt: skip
@@ -340,6 +333,18 @@ def print_table(res: dict[str, Any]) -> None:
     print("(best of each; every run's total: " + "; ".join(
         f"{name} " + " ".join(f"{x:.2f}" for x in r["every_total_s"]) for name, r in t.items()
     ) + ")")  # fmt: skip
+
+
+def print_table(res: dict[str, Any]) -> None:
+    img = res["image"]
+    print(
+        f"image: {img['layers']} layers, {fmt_bytes(img['compressed_bytes'])} compressed; "
+        f"manifest+config+customisation layer ≈ "
+        f"{fmt_bytes(img['config_bytes'] + img['customisation_layer_bytes'])}"
+    )
+    t = res["pull_and_run"]
+    if t:
+        print_timing(t)
     if not res["disk"]:
         return
     print(f"\n{'disk, ' + str(next(iter(res['disk'].values()))['images']) + ' images':28} "

@@ -93,7 +93,8 @@ def _info(row: tuple[Any, ...]) -> Info:
 
 
 class MetaStore:
-    """Thread-safe access to ``<root>/metadata.db``; each method is one transaction."""
+    """Thread-safe access to ``<root>/metadata.db``: each write method is one
+    transaction, reads are plain statements under the same lock."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -152,12 +153,6 @@ class MetaStore:
     def get(self, key: str) -> Record:
         with self._reading() as db:
             return self._row(db, key)
-
-    def find(self, key: str) -> Record | None:
-        try:
-            return self.get(key)
-        except NotFound:
-            return None
 
     def kind_of(self, key: str) -> Kind | None:
         with self._reading() as db:

@@ -19,6 +19,7 @@ from stowaway.buildkit.evaluate import (
     spec_from_eval,
     store_paths,
 )
+from stowaway.buildkit.pb import ops
 from stowaway.errors import StowawayError
 from stowaway.image.config import ImageOptions
 
@@ -94,6 +95,8 @@ def test_eval_op_runs_nix_instantiate_on_the_image() -> None:
     image = out.vertex.deps[0]
     assert b"docker-image://docker.io/library/nix:1" in image.data
     assert b"/src/g.nix" in out.vertex.data and b"nix-instantiate" in out.vertex.data
+    root = ops.Op.FromString(out.vertex.data).exec.mounts[0]
+    assert (root.dest, root.readonly) == ("/", True)  # a private snapshot per op (graph.py)
 
 
 def test_spec_from_eval_equals_the_client_context(tmp_path: Path, have_nix: None) -> None:

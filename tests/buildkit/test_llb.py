@@ -136,6 +136,8 @@ def test_one_exec_op_per_derivation(have_nix: None, contexts: dict[str, Path]) -
     assert env["out"].endswith("-core") and env["PATH"].endswith("-tools/bin")
     dests = [m.dest for m in op.exec.mounts]
     assert dests[:3] == ["/", "/build", "/nix/store"]
+    # a read-only root: BuildKit gives each op its own snapshot, not the shared cached one
+    assert op.exec.mounts[0].readonly and op.exec.mounts[0].output == -1
     inputs = [m for m in op.exec.mounts[3:]]
     for m in inputs:
         base = m.dest.rsplit("/", 1)[1]

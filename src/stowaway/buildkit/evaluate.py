@@ -180,7 +180,7 @@ def eval_op(req: EvalRequest, context: llb.Output) -> llb.Output:
         ["/bin/sh", "-ec", _SCRIPT, "stowaway-eval", *req.argv()],
         env,
         [
-            llb.Mount("/", image),  # read-only: BuildKit keeps a root that is no output as is
+            llb.Mount("/", image, readonly=True),  # a private snapshot (see graph.py)
             llb.Mount("/nix", None),  # the private store, a scratch mount that dies with the op
             llb.Mount("/tmp", None),
             llb.Mount(SRC_DIR, context, readonly=True),

@@ -221,7 +221,12 @@ def _derivation_op(
     for dep, outs in drv.input_drvs:
         inputs += [drvs[dep].output(o).path for o in outs]
     mounts = [
-        Mount("/", root),
+        # Read-only: BuildKit then gives each op a private snapshot of the root (where
+        # runc makes its mount points) and mounts it read-only. A writable root with no
+        # output is the one cached snapshot, shared by every op running at once: BuildKit
+        # v0.8 in dockerd 20.10 failed such ops now and then with "no such file or
+        # directory" on /etc/hosts or /etc/resolv.conf.
+        Mount("/", root, readonly=True),
         Mount(BUILD_TOP),
         Mount(STORE_DIR, output=True),
     ]

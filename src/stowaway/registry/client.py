@@ -154,32 +154,16 @@ class RegistryClient:
     ) -> Response:
         """One request with a replayable body; retries temporary failures with
         backoff and re-authenticates once on 401; raises ``RegistryApiError``."""
-        delay = BACKOFF
-        reauthed = False
-        attempt = 1
+        retry = _Retry(self)
         while True:
             try:
                 resp = self._once(method, url, self._auth(url, headers), body)
-            except (
-                ConnectionResetError,
-                BrokenPipeError,
-                TimeoutError,
-                http.client.HTTPException,
-            ) as e:
-                # a keep-alive connection the server closed, or a hiccup: retry afresh
-                if attempt >= ATTEMPTS:
-                    raise self._connect_error(url, e) from e
-            except OSError as e:
-                raise self._connect_error(url, e) from e
-            else:
-                if resp.status in ok:
-                    return resp
-                if self._reauth_or_raise(resp, url, reauthed, attempt):
-                    reauthed = True
-                    continue
-            time.sleep(delay)
-            delay *= 2
-            attempt += 1
+            except (OSError, http.client.HTTPException) as e:
+                retry.after_transport_error(url, e)
+                continue
+            if resp.status in ok:
+                return resp
+            retry.after_failed_response(resp, url)
 
     def send_stream(
         self,
@@ -236,7 +220,7 @@ class RegistryClient:
         stream has its own connection (the body is read later, maybe on another
         thread). Errors name the URL without its (possibly signed) query.
         """
-        delay, reauthed, attempt, hops = BACKOFF, False, 1, 0
+        retry, hops = _Retry(self), 0
         while True:
             conn = self._new_conn(url)
             parts = urlsplit(url)
@@ -246,43 +230,20 @@ class RegistryClient:
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
-                temporary = (ConnectionResetError, BrokenPipeError, TimeoutError)
-                if not isinstance(e, (*temporary, http.client.HTTPException)):
-                    raise self._connect_error(url, e) from e
-                if attempt >= ATTEMPTS:
-                    raise self._connect_error(url, e) from e
-            else:
-                location = resp.getheader("Location")
-                if resp.status == 200:
-                    return _Stream(conn, resp)
-                body = resp.read(64 << 10)
-                conn.close()
-                if resp.status in (301, 302, 303, 307, 308) and location:
-                    hops += 1
-                    if hops > max_redirects:
-                        raise RegistryError(
-                            f"GET {_where(url)}: more than {max_redirects} redirects"
-                        )
-                    url = urljoin(url, location)
-                    continue
-                failed = Response(resp.status, resp.headers, body)
-                if self._reauth_or_raise(failed, url, reauthed, attempt):
-                    reauthed = True
-                    continue
-            time.sleep(delay)
-            delay *= 2
-            attempt += 1
-
-    def _reauth_or_raise(self, resp: Response, url: str, reauthed: bool, attempt: int) -> bool:
-        """After a failed response: True to retry at once with fresh credentials (the
-        first 401); otherwise raise its error unless it is temporary and attempts
-        remain (then False: the caller backs off and retries)."""
-        if resp.status == 401 and not reauthed and self._reauth(resp):
-            return True
-        err = self.error(resp, url)
-        if not isinstance(err, RegistryApiError) or not err.temporary or attempt >= ATTEMPTS:
-            raise err
-        return False
+                retry.after_transport_error(url, e)
+                continue
+            location = resp.getheader("Location")
+            if resp.status == 200:
+                return _Stream(conn, resp)
+            body = resp.read(64 << 10)
+            conn.close()
+            if resp.status in (301, 302, 303, 307, 308) and location:
+                hops += 1
+                if hops > max_redirects:
+                    raise RegistryError(f"GET {_where(url)}: more than {max_redirects} redirects")
+                url = urljoin(url, location)
+                continue
+            retry.after_failed_response(Response(resp.status, resp.headers, body), url)
 
     def error(self, resp: Response, url: str) -> RegistryError:
         """The registry's error for a failed response, with a hint where we have one."""
@@ -425,6 +386,41 @@ class RegistryClient:
     def _connect_error(self, url: str, e: BaseException | None) -> TransportError:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         return TransportError(f"cannot reach registry at {_where(url)}: {why}")
+
+
+class _Retry:
+    """One request's retry state: temporary failures back off and retry (``ATTEMPTS``
+    in all), the first 401 re-authenticates and retries at once; anything else, or a
+    failure after the last attempt, raises."""
+
+    #: Transport errors worth another attempt: a keep-alive connection the server
+    #: closed, a reset, a timeout. Others (refused, TLS, DNS) fail at once.
+    TEMPORARY = (ConnectionResetError, BrokenPipeError, TimeoutError, http.client.HTTPException)
+
+    def __init__(self, client: RegistryClient) -> None:
+        self.client = client
+        self.attempt = 1
+        self.delay = BACKOFF
+        self.reauthed = False
+
+    def after_transport_error(self, url: str, e: OSError | http.client.HTTPException) -> None:
+        if not isinstance(e, self.TEMPORARY) or self.attempt >= ATTEMPTS:
+            raise self.client._connect_error(url, e) from e
+        self._back_off()
+
+    def after_failed_response(self, resp: Response, url: str) -> None:
+        if resp.status == 401 and not self.reauthed and self.client._reauth(resp):
+            self.reauthed = True
+            return
+        err = self.client.error(resp, url)
+        if not isinstance(err, RegistryApiError) or not err.temporary or self.attempt >= ATTEMPTS:
+            raise err
+        self._back_off()
+
+    def _back_off(self) -> None:
+        time.sleep(self.delay)
+        self.delay *= 2
+        self.attempt += 1
 
 
 class _Stream:

@@ -239,11 +239,6 @@ def plan_customisation(
     return Customisation(tuple(members[k] for k in sorted(members)))
 
 
-def customisation_entries(options: ImageOptions, source: StoreSource) -> Iterator[TarEntry]:
-    """Tar entries of the customisation layer, sorted by name (parents first)."""
-    return plan_customisation(options, source).entries()
-
-
 def _account_files(user: str | None) -> tuple[bytes, bytes]:
     passwd = ["root:x:0:0:root:/root:/bin/sh"]
     group = ["root:x:0:"]

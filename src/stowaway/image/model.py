@@ -32,22 +32,6 @@ class MediaType(StrEnum):
     def is_manifest(self) -> bool:
         return self in (MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST)
 
-    @property
-    def is_index(self) -> bool:
-        return self in (MediaType.OCI_INDEX, MediaType.DOCKER_LIST)
-
-    @property
-    def is_layer(self) -> bool:
-        return self in (
-            MediaType.OCI_LAYER,
-            MediaType.OCI_LAYER_GZIP,
-            MediaType.OCI_LAYER_ZSTD,
-            MediaType.DOCKER_LAYER_GZIP,
-        )
-
-    @property
-    def is_config(self) -> bool:
-        return self in (MediaType.OCI_CONFIG, MediaType.DOCKER_CONFIG)
 
 
 @dataclass

@@ -33,7 +33,6 @@ class MediaType(StrEnum):
         return self in (MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST)
 
 
-
 @dataclass
 class TarEntry:
     """One member of a layer tarball before it is serialised.

@@ -392,6 +392,70 @@ def test_read_only_store_plus_substituted_local_store(
         subprocess.run(["umount", str(ro)], check=True)
 
 
+def test_cleanup_drops_local_paths_no_snapshot_uses(
+    tmp_path: Path,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+) -> None:
+    """containerd's Cleanup (after its GC) removes substituted paths once no snapshot
+    uses them; paths still used, or located by a Prepare not yet committed, stay; so do
+    entries that are no store paths. Crash leftovers go at start-up."""
+    store, local = tmp_path / "empty-store", tmp_path / "local"
+    store.mkdir()
+    local.mkdir()
+    (local / ".tmp-abcdefgh-crashed").mkdir()  # a fetch a crash interrupted
+    (local / "README").write_text("not a store path: never ours to delete")
+    cfg = SnapshotterConfig(
+        root=tmp_path / "root",
+        store=store,
+        local_store=local,
+        substituters=(signed_caches["zstd"],),
+        trusted_public_keys=(cache_keys["good"],),
+    )
+    s = StoreSnapshotter(cfg)
+    assert os.listdir(local) == ["README"]
+    greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
+    sub = s.substituter
+    assert sub is not None
+    fetch = sub.fetch
+
+    def fetch_then_cleanup(base: str) -> Path | None:
+        got = fetch(base)
+        s.cleanup()  # a GC between locating a path and committing the layer
+        return got
+
+    try:
+        sub.fetch = fetch_then_cleanup  # type: ignore[method-assign]
+        with pytest.raises(AlreadyExists):
+            s.prepare("x", "", layer_labels(demo_closure))
+        sub.fetch = fetch  # type: ignore[method-assign]
+        everything = sorted([*(os.path.basename(p) for p in demo_closure), "README"])
+        assert sorted(os.listdir(local)) == everything
+        with pytest.raises(AlreadyExists):
+            s.prepare("y", "", layer_labels([greeting], ref="sha256:layer2"))
+        s.cleanup()
+        assert sorted(os.listdir(local)) == everything  # both layers use them
+
+        s.remove(s.nix_name("sha256:layer1", ""))
+        s.cleanup()
+        assert sorted(os.listdir(local)) == sorted([os.path.basename(greeting), "README"])
+        s.remove(s.nix_name("sha256:layer2", ""))
+        s.cleanup()
+        assert os.listdir(local) == ["README"]
+
+        with pytest.raises(AlreadyExists):  # needed again: substituted again
+            s.prepare("z", "", layer_labels(demo_closure))
+        root = mounted(s.prepare("ctr", s.nix_name("sha256:layer1", ""), {}), tmp_path / "m")
+        try:
+            msg = root / greeting.lstrip("/") / "share/greeting/message"
+            assert msg.read_bytes() == Path(greeting, "share/greeting/message").read_bytes()
+        finally:
+            umount(root)
+    finally:
+        s.close()
+
+
 def test_untrusted_cache_falls_back_to_unpack(
     tmp_path: Path,
     demo_closure: list[str],

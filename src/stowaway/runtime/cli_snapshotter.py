@@ -40,7 +40,8 @@ __all__ = ["snapshotter_command"]
 @click.option(
     "--local-store",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Writable directory for store paths substituted from binary caches.",
+    help="Writable directory for store paths substituted from binary caches; the "
+    "snapshotter's own: Cleanup (after containerd's GC) deletes paths no snapshot uses.",
 )
 @cache_options
 @click.option(

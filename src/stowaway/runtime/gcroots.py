@@ -15,8 +15,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from stowaway.errors import InvalidStorePath
-from stowaway.store.paths import parse_basename
+from stowaway.store.paths import is_basename
 
 __all__ = ["GcRoots"]
 
@@ -64,7 +63,7 @@ class GcRoots:
 
     def rooted(self) -> set[str]:
         """Basenames rooted now (anything else in the directory is not ours to keep)."""
-        return {p.name for p in self.dir.iterdir() if p.is_symlink() and _is_basename(p.name)}
+        return {p.name for p in self.dir.iterdir() if p.is_symlink() and is_basename(p.name)}
 
     def reconcile(self, wanted: Iterable[Path]) -> None:
         """Make the directory hold exactly the roots for ``wanted`` (store paths on disk)."""
@@ -74,11 +73,3 @@ class GcRoots:
                 entry.unlink()
         for p in want.values():
             self.add(p)
-
-
-def _is_basename(name: str) -> bool:
-    try:
-        parse_basename(name)
-    except InvalidStorePath:
-        return False
-    return True

@@ -32,10 +32,12 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,12 +60,12 @@ from stowaway.runtime.snapshotter import (
     Snapshotter,
     Usage,
 )
-from stowaway.runtime.substitute import Substituter
+from stowaway.runtime.substitute import FETCH_PREFIX, Substituter
 from stowaway.runtime.tree_builder import TreeBuilder, make_tree
 from stowaway.store.binary_cache import BinaryCache
 from stowaway.store.local import LocalStore, db_path_for
 from stowaway.store.narinfo import PublicKey
-from stowaway.store.paths import parse_basename
+from stowaway.store.paths import is_basename, parse_basename
 
 __all__ = ["PATHS_PREFIX", "REF_LABEL", "SnapshotterConfig", "StoreSnapshotter"]
 
@@ -73,6 +75,8 @@ PATHS_PREFIX = "containerd.io/snapshot/stowaway.paths."
 REF_LABEL = "containerd.io/snapshot.ref"
 DEFAULT_GCROOTS = Path("/nix/var/nix/gcroots/stowaway")
 LINKS_BASE = Path("/run/stowaway")
+#: Local-store entries being deleted by ``cleanup`` (renamed first, then removed).
+GC_PREFIX = ".gc-"
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,13 @@ def _rmtree(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _drop_leftovers(local_store: Path, prefixes: tuple[str, ...]) -> None:
+    """Remove the local-store entries whose names start with one of ``prefixes``."""
+    for e in local_store.iterdir():
+        if e.name.startswith(prefixes):
+            _rmtree(e)
 
 
 def _disk_usage(path: Path) -> Usage:
@@ -225,6 +236,9 @@ class StoreSnapshotter(Snapshotter):
         self._db = self._open_nix_db()
         self._name_locks: dict[str, threading.Lock] = {}
         self._inflight: set[str] = set()
+        self._placing: Counter[str] = Counter()  # basenames located, not yet in a row
+        if config.local_store:  # what a crash left: no fetch of ours runs yet
+            _drop_leftovers(config.local_store, (GC_PREFIX, FETCH_PREFIX))
 
     # ------------------------------------------------------------------ setup
 
@@ -330,49 +344,61 @@ class StoreSnapshotter(Snapshotter):
         with self._name_lock(name):
             if self.meta.kind_of(name) == Kind.COMMITTED:
                 return True
-            located: list[tuple[str, Path]] = []
-            for base, where in zip(bases, self._locate(bases), strict=True):
-                if where is None:
-                    log.info("layer %s: %s not available; containerd will unpack it", target, base)
-                    return False
-                located.append((base, where))
-            # overlay: no directory under snapshots/ at all; the tree is built after
-            # COMMIT (see the module docstring) and usage() measures it
-            tmp = None if self.mode == "overlay" else self._tempdir()
+            with self._lock:
+                self._placing.update(bases)  # cleanup() leaves them in the local store
             try:
-                use = Usage(0, 0)
-                if tmp is not None:
-                    materialise(self.mode, located, tmp / "fs")
-                    use = _disk_usage(tmp)
-                with self._lock, self.meta.transaction() as db:
-                    # roots under the lock remove() holds while it computes which roots
-                    # are still needed: it must see this row or not yet see these roots
-                    for _, where in located:
-                        self.gcroots.add(where)
-                    rec = self.meta.create(
-                        db,
-                        name,
-                        parent,
-                        Kind.COMMITTED,
-                        labels,
-                        nix=True,
-                        paths=[str(w) for _, w in located],
-                        size=use.size,
-                        inodes=use.inodes,
-                    )
-                    if tmp is not None:
-                        self._place(tmp, rec.id)
-                    else:  # registered before anyone can see the row
-                        assert self._builder is not None
-                        _rmtree(self.link_dir / str(rec.id))  # orphan of a failed COMMIT
-                        self._pending[rec.id] = self._builder.submit(
-                            rec.id, located, self._donors(located)
-                        )
+                return self._locate_and_commit(name, target, parent, labels, bases)
             finally:
+                with self._lock:
+                    self._placing -= Counter(bases)
+
+    def _locate_and_commit(
+        self, name: str, target: str, parent: str, labels: Mapping[str, str], bases: list[str]
+    ) -> bool:
+        """Locate ``bases`` and commit ``name`` from them (the caller holds its name lock)."""
+        located: list[tuple[str, Path]] = []
+        for base, where in zip(bases, self._locate(bases), strict=True):
+            if where is None:
+                log.info("layer %s: %s not available; containerd will unpack it", target, base)
+                return False
+            located.append((base, where))
+        # overlay: no directory under snapshots/ at all; the tree is built after
+        # COMMIT (see the module docstring) and usage() measures it
+        tmp = None if self.mode == "overlay" else self._tempdir()
+        try:
+            use = Usage(0, 0)
+            if tmp is not None:
+                materialise(self.mode, located, tmp / "fs")
+                use = _disk_usage(tmp)
+            with self._lock, self.meta.transaction() as db:
+                # roots under the lock remove() holds while it computes which roots
+                # are still needed: it must see this row or not yet see these roots
+                for _, where in located:
+                    self.gcroots.add(where)
+                rec = self.meta.create(
+                    db,
+                    name,
+                    parent,
+                    Kind.COMMITTED,
+                    labels,
+                    nix=True,
+                    paths=[str(w) for _, w in located],
+                    size=use.size,
+                    inodes=use.inodes,
+                )
                 if tmp is not None:
-                    self._done(tmp)
-            log.info("layer %s: committed %s from %d store paths", target, name, len(located))
-            return True
+                    self._place(tmp, rec.id)
+                else:  # registered before anyone can see the row
+                    assert self._builder is not None
+                    _rmtree(self.link_dir / str(rec.id))  # orphan of a failed COMMIT
+                    self._pending[rec.id] = self._builder.submit(
+                        rec.id, located, self._donors(located)
+                    )
+        finally:
+            if tmp is not None:
+                self._done(tmp)
+        log.info("layer %s: committed %s from %d store paths", target, name, len(located))
+        return True
 
     # ------------------------------------------------------------------ directories
 
@@ -601,12 +627,35 @@ class StoreSnapshotter(Snapshotter):
         return Usage(rec.size, rec.inodes)
 
     def cleanup(self) -> None:
+        """containerd calls this after its garbage collection: orphan snapshot dirs go,
+        and so do paths in the local store that no snapshot uses any more."""
         with self._lock:
             ids = {str(i) for i in self.meta.ids()}
             for e in self.snapshots_dir.iterdir():
                 if e.name in ids or e.name in self._inflight or e.name.startswith("rm-"):
                     continue
                 os.rename(e, self.snapshots_dir / f"rm-{e.name}")
+            unused = self._unused_local_paths()
+            for e in unused:  # renamed under the lock: a Prepare sees it whole or not at all
+                os.rename(e, e.with_name(f"{GC_PREFIX}{secrets.token_hex(4)}-{e.name}"))
         for e in self.snapshots_dir.iterdir():
             if e.name.startswith("rm-"):
                 shutil.rmtree(e, ignore_errors=True)
+        if self.config.local_store:
+            _drop_leftovers(self.config.local_store, (GC_PREFIX,))
+            if unused:
+                log.info("cleanup: %d unused paths left %s", len(unused), self.config.local_store)
+
+    def _unused_local_paths(self) -> list[Path]:
+        """Store paths in the local store that no snapshot uses and no Prepare is placing
+        (call under the lock). The local store is the snapshotter's own: whatever is in
+        it was substituted for a snapshot, and the next pull that needs it substitutes
+        it again."""
+        if self.config.local_store is None:
+            return []
+        keep = {Path(p).name for p in self.meta.store_paths()} | set(self._placing)
+        return [
+            e
+            for e in self.config.local_store.iterdir()
+            if e.name not in keep and is_basename(e.name)
+        ]

@@ -32,7 +32,10 @@ from stowaway.runtime.skeleton import CANONICAL_MTIME
 from stowaway.store.binary_cache import BinaryCache
 from stowaway.store.model import STORE_DIR
 
-__all__ = ["Substituter"]
+__all__ = ["FETCH_PREFIX", "Substituter"]
+
+#: Temp dirs of fetches in progress, inside the local store (renamed into place).
+FETCH_PREFIX = ".tmp-"
 
 log = logging.getLogger(__name__)
 _NS = CANONICAL_MTIME * 10**9
@@ -86,7 +89,7 @@ class Substituter:
         return None
 
     def _unpack(self, cache: BinaryCache, basename: str, final: Path) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{basename[:8]}-", dir=self.local_store))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{FETCH_PREFIX}{basename[:8]}-", dir=self.local_store))
         try:
             root = tmp / "p"
             dirs: list[Path] = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from stowaway.errors import InvalidStorePath
 from stowaway.store.model import STORE_DIR
 
-__all__ = ["HASH_LEN", "StorePath", "parse_basename", "parse_store_path"]
+__all__ = ["HASH_LEN", "StorePath", "is_basename", "parse_basename", "parse_store_path"]
 
 HASH_LEN = 32
 MAX_NAME_LEN = 211
@@ -71,6 +71,15 @@ def parse_basename(basename: str, store_dir: str = STORE_DIR) -> StorePath:
         )
     _check_name(name, basename)
     return StorePath(hash_part, name, store_dir)
+
+
+def is_basename(name: str) -> bool:
+    """Whether ``name`` is a valid ``<hash>-<name>`` (a directory entry worth keeping)."""
+    try:
+        parse_basename(name)
+    except InvalidStorePath:
+        return False
+    return True
 
 
 def parse_store_path(s: str, store_dir: str = STORE_DIR, *, strict: bool = True) -> StorePath:

@@ -122,6 +122,13 @@ def cri_pull(containerd: Containerd, ref: str) -> str:
     return str(resp.image_ref)
 
 
+def cri_remove(containerd: Containerd, image_id: str) -> None:
+    """CRI RemoveImage, as kubelet's image GC calls it: every name of the image goes."""
+    with grpc.insecure_channel(f"unix:{containerd.address}") as ch:
+        stub = cri_grpc.ImageServiceStub(ch)
+        stub.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=image_id)), timeout=60)
+
+
 def manifest_layers(registry: Registry, repo: str, tag: str) -> list[dict[str, object]]:
     req = urllib.request.Request(
         f"{registry.url}/v2/{repo}/manifests/{tag}",

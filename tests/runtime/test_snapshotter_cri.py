@@ -19,6 +19,7 @@ from runtime_helpers import (
     blob_gets,
     busybox_oci,
     cri_pull,
+    cri_remove,
     manifest_layers,
     store_layer_digests,
 )
@@ -131,3 +132,43 @@ def test_cri_pull_with_paths_absent_downloads_and_runs(
     layers = {str(ly["digest"]) for ly in manifest_layers(registry, "demo", "v1")}
     fetched = blob_get_counts(registry) - before
     assert layers <= set(fetched), "every layer is downloaded when the store lacks the paths"
+
+
+def test_cri_pull_substitutes_absent_paths_and_gc_frees_them(
+    tmp_path: Path,
+    registry: Registry,
+    demo_ref: str,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+) -> None:
+    """Store without the closure, a signed binary cache: the store layers' paths are
+    substituted into --local-store instead of downloaded, and the image runs. CRI
+    RemoveImage lets containerd's GC remove the snapshots and then call Cleanup, which
+    deletes the substituted paths no snapshot uses any more."""
+    empty, local = tmp_path / "empty-store", tmp_path / "local"
+    empty.mkdir()
+    layers = manifest_layers(registry, "demo", "v1")
+    store_layers = store_layer_digests(layers)
+    before = blob_get_counts(registry)
+    args = ["--local-store", str(local), "--substituter", signed_caches["zstd"],
+            "--trusted-public-key", cache_keys["good"]]  # fmt: skip
+    with SnapshotterDaemon(tmp_path, *args, store=str(empty)) as snap:
+        plugins = {"stowaway": {"type": "snapshot", "address": snap.socket}}
+        StowawayContainerd.registry_host = registry.host
+        with StowawayContainerd(tmp_path, cri=True, proxy_plugins=plugins) as ctrd:
+            image_id = cri_pull(ctrd, demo_ref)
+            fetched = set(blob_get_counts(registry) - before)
+            assert not fetched & store_layers, "store-path layers were downloaded"
+            assert {str(ly["digest"]) for ly in layers} - store_layers <= fetched
+            assert sorted(os.listdir(local)) == sorted(os.path.basename(p) for p in demo_closure)
+            out = ctrd.ctr("run", "--rm", "--snapshotter", "stowaway", demo_ref, "s", namespace=NS)
+            assert "hello from stowaway" in out.stdout
+
+            cri_remove(ctrd, image_id)
+            deadline = time.monotonic() + 30
+            while os.listdir(local) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert os.listdir(local) == [], "Cleanup left substituted paths behind"
+            snaps = ctrd.ctr("snapshots", "--snapshotter", "stowaway", "ls", namespace=NS)
+            assert "stowaway/" not in snaps.stdout

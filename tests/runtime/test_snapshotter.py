@@ -59,6 +59,16 @@ def umount(where: Path) -> None:
     subprocess.run(["umount", str(where)], check=True)
 
 
+def assert_container_reads(s: StoreSnapshotter, greeting: str, where: Path) -> None:
+    """A container on layer1 (a store layer holding ``greeting``) reads its message."""
+    root = mounted(s.prepare("ctr", s.nix_name("sha256:layer1", ""), {}), where)
+    try:
+        msg = root / greeting.lstrip("/") / "share/greeting/message"
+        assert msg.read_bytes() == Path(greeting, "share/greeting/message").read_bytes()
+    finally:
+        umount(root)
+
+
 def tree_hash(paths: list[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -380,12 +390,7 @@ def test_read_only_store_plus_substituted_local_store(
                 s.prepare("x", "", layer_labels(demo_closure))
             local = tmp_path / "local" / os.path.basename(greeting)
             assert sorted(os.listdir(local)) == sorted(os.listdir(greeting))
-            root = mounted(s.prepare("ctr", s.nix_name("sha256:layer1", ""), {}), tmp_path / "m")
-            try:
-                msg = root / greeting.lstrip("/") / "share/greeting/message"
-                assert msg.read_bytes() == Path(greeting, "share/greeting/message").read_bytes()
-            finally:
-                umount(root)
+            assert_container_reads(s, greeting, tmp_path / "m")
         finally:
             s.close()
     finally:
@@ -446,12 +451,7 @@ def test_cleanup_drops_local_paths_no_snapshot_uses(
 
         with pytest.raises(AlreadyExists):  # needed again: substituted again
             s.prepare("z", "", layer_labels(demo_closure))
-        root = mounted(s.prepare("ctr", s.nix_name("sha256:layer1", ""), {}), tmp_path / "m")
-        try:
-            msg = root / greeting.lstrip("/") / "share/greeting/message"
-            assert msg.read_bytes() == Path(greeting, "share/greeting/message").read_bytes()
-        finally:
-            umount(root)
+        assert_container_reads(s, greeting, tmp_path / "m")
     finally:
         s.close()
 

@@ -12,7 +12,8 @@ Order of work (crash safety): expensive file work in temp dirs (under ``snapshot
 and for stub trees under the link dir); GC roots before metadata; then one SQLite
 transaction inserts the row and renames the temp dirs into place before COMMIT. A crash
 leaves at most an orphan dir or an extra root, both removed by ``cleanup`` / start-up
-reconciliation.
+reconciliation. ``cleanup`` (containerd calls it after its GC) also deletes the paths in
+``local_store`` that no snapshot uses any more.
 
 Where the time goes (profiled on the benchmark's 82-layer, 25k-file image): creating
 the metacopy stubs. So in ``overlay`` mode they live on a private tmpfs mounted on the

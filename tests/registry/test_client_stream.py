@@ -19,6 +19,7 @@ BLOB = bytes(range(256)) * 5000  # > 1 MiB: read in chunks
 class _State:
     def __init__(self) -> None:
         self.tokens = 0
+        self.store_tokens = 0  # tokens the blob store's own realm handed out
         self.store_hits: list[str | None] = []  # Authorization seen by the blob store
         self.store_failures = 1  # 503s the blob store answers first
         self.store_port = 0
@@ -60,6 +61,8 @@ def servers() -> Iterator[_State]:
                 elif self.path.endswith("missing"):
                     loc = f"http://127.0.0.1:{st.store_port}/gone?sig=SECRET"
                     self._send(307, Location=loc)
+                elif self.path.endswith("foreign"):
+                    self._send(307, Location=f"http://127.0.0.1:{st.store_port}/private")
                 else:
                     loc = f"http://127.0.0.1:{st.store_port}/blob?sig=SECRET"
                     self._send(307, Location=loc)
@@ -69,7 +72,13 @@ def servers() -> Iterator[_State]:
     class Store(Registry):
         def do_GET(self) -> None:
             st.store_hits.append(self.headers.get("Authorization"))
-            if self.path.startswith("/gone"):
+            if self.path.startswith("/token"):  # the store's own token server
+                st.store_tokens += 1
+                self._send(200, json.dumps({"token": "store"}).encode())
+            elif self.path.startswith("/private"):
+                realm = f'Bearer realm="http://127.0.0.1:{st.store_port}/token"'
+                self._send(401, b"{}", WWW_Authenticate=realm)
+            elif self.path.startswith("/gone"):
                 self._send(404, b"no such object")
             elif st.store_failures:
                 st.store_failures -= 1
@@ -115,3 +124,22 @@ def test_stream_errors_name_the_url_without_its_query(servers: _State) -> None:
         c.close()
     assert f"127.0.0.1:{servers.store_port}/gone" in str(e.value)
     assert "SECRET" not in str(e.value)
+
+
+def test_a_401_from_another_origin_never_gets_our_credentials(servers: _State) -> None:
+    """A redirect target answering 401 with its own Bearer realm is an error: adopting
+    its challenge would send our credentials to that realm on the next request."""
+    c = RegistryClient(f"127.0.0.1:{servers.registry_port}", tls_verify=False, creds=("u", "p"))
+    c.ping()
+    c.authorize(["repository:r:pull"])
+    blob = c.url("/v2/r/blobs/sha256:abc")
+    try:
+        for _ in range(2):  # before: a valid token, so the store's 401 is the first one
+            with c.open_stream(blob) as f:  # after: our own realm still works
+                assert b"".join(iter(lambda: f.read(1 << 20), b"")) == BLOB
+            with pytest.raises(RegistryError, match="/private"):
+                c.open_stream(c.url("/v2/r/blobs/foreign"))
+    finally:
+        c.close()
+    assert servers.store_tokens == 0
+    assert set(servers.store_hits) == {None}  # no Authorization ever reached the store

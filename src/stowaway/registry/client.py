@@ -315,10 +315,13 @@ class RegistryClient:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
+    def _own_origin(self, url: str) -> bool:
+        return urlsplit(url).netloc == urlsplit(self.base).netloc
+
     def _auth(self, url: str, headers: Mapping[str, str] | None) -> Mapping[str, str]:
         out = dict(headers or {})
         out.update(_UA)
-        if urlsplit(url).netloc != urlsplit(self.base).netloc or self._challenge is None:
+        if not self._own_origin(url) or self._challenge is None:
             return out  # never leak credentials to another origin (e.g. a blob store)
         if self._challenge.scheme == "basic" and self.creds is not None:
             out["Authorization"] = "Basic " + _b64(f"{self.creds[0]}:{self.creds[1]}")
@@ -409,7 +412,10 @@ class _Retry:
         self._back_off()
 
     def after_failed_response(self, resp: Response, url: str) -> None:
-        if resp.status == 401 and not self.reauthed and self.client._reauth(resp):
+        # a 401 from another origin (a redirect's blob store) is not our registry's
+        # challenge: adopting it would send our credentials to that origin's realm
+        reauth = resp.status == 401 and not self.reauthed and self.client._own_origin(url)
+        if reauth and self.client._reauth(resp):
             self.reauthed = True
             return
         err = self.client.error(resp, url)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from stowaway.errors import StowawayError
 from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.snapshotter import (
     AlreadyExists,
@@ -454,6 +455,19 @@ def test_cleanup_drops_local_paths_no_snapshot_uses(
         assert_container_reads(s, greeting, tmp_path / "m")
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("local", ["store", "store/sub", "."])
+def test_a_local_store_overlapping_the_store_is_refused(tmp_path: Path, local: str) -> None:
+    """cleanup() deletes unused paths in the local store: never let that be the store."""
+    store = tmp_path / "store"
+    kept = store / ("0" * 32 + "-precious")
+    kept.mkdir(parents=True)
+    cfg = SnapshotterConfig(root=tmp_path / "root", store=store, local_store=tmp_path / local)
+    with pytest.raises(StowawayError, match="overlaps --store") as e:
+        StoreSnapshotter(cfg)
+    assert e.value.hint and "directory of its own" in e.value.hint
+    assert kept.is_dir()
 
 
 def test_untrusted_cache_falls_back_to_unpack(

@@ -151,6 +151,18 @@ def _rmtree(path: Path) -> None:
             path.unlink()
 
 
+def _check_apart(store: Path, local_store: Path) -> None:
+    """The local store is collected by ``cleanup``: it must not be, contain or lie
+    inside the store, or paths the snapshotter never placed there would be deleted."""
+    a, b = store.resolve(), local_store.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise StowawayError(
+            f"--local-store {local_store} overlaps --store {store}",
+            hint="give --local-store a directory of its own (e.g. /var/lib/stowaway/store): "
+            "the snapshotter deletes the paths there that no snapshot uses",
+        )
+
+
 def _drop_leftovers(local_store: Path, prefixes: tuple[str, ...]) -> None:
     """Remove the local-store entries whose names start with one of ``prefixes``."""
     for e in local_store.iterdir():
@@ -207,6 +219,7 @@ class StoreSnapshotter(Snapshotter):
             raise StowawayError(f"store directory {config.store} does not exist")
         if config.local_store:
             config.local_store.mkdir(parents=True, exist_ok=True)
+            _check_apart(config.store, config.local_store)
         self.link_dir = config.link_dir or link_dir_for(root)
         _mount_tmpfs(self.link_dir)
         try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from stowaway.runtime.substitute import Substituter
 from stowaway.store.binary_cache import BinaryCache
@@ -86,3 +89,26 @@ def test_path_placed_by_another_process_meanwhile(
     assert sorted(os.listdir(local)) == [base]
     diff = subprocess.run(["diff", "-r", greeting, str(local / base)], capture_output=True)
     assert diff.returncode == 0
+
+
+def test_a_full_local_disk_means_not_substitutable(
+    tmp_path: Path,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ENOSPC while unpacking is the local disk's fault, not a crash: fetch answers None
+    (the snapshotter then lets containerd unpack the layer), logs why, leaves no temp."""
+    busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+    local = tmp_path / "local"
+    local.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tiny", str(local)], check=True)
+    try:
+        cache = BinaryCache(signed_caches["zstd"], [PublicKey.parse(cache_keys["good"])])
+        with caplog.at_level(logging.WARNING, logger="stowaway.runtime.substitute"):
+            assert Substituter([cache], local).fetch(os.path.basename(busybox)) is None
+        assert os.listdir(local) == []
+        assert "No space left on device" in caplog.text and busybox.rsplit("/")[-1] in caplog.text
+    finally:
+        subprocess.run(["umount", str(local)], check=True)

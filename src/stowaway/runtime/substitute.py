@@ -81,7 +81,7 @@ class Substituter:
                 if cache.narinfo(f"{STORE_DIR}/{basename}") is None:
                     continue
                 self._unpack(cache, basename, final)
-            except StowawayError as e:
+            except (StowawayError, OSError) as e:  # OSError: the local disk (ENOSPC, EIO)
                 log.warning("substituting %s from %s failed: %s", basename, cache.url, e)
                 continue
             log.info("substituted %s from %s into %s", basename, cache.url, self.local_store)

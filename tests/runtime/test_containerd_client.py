@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from daemons import Containerd
-from stowaway.runtime.containerd_client import ContainerdClient
+from stowaway.runtime.containerd_client import ContainerdClient, mount_from_pb, mount_to_pb
+from stowaway.runtime.snapshotter import Mount
 
 
 @pytest.fixture()
@@ -57,3 +58,11 @@ def test_concurrent_leases_stay_with_their_thread(client: ContainerdClient) -> N
     assert a[0] != b[0] and a[0] and b[0]
     assert a == [a[0], a[0], None] and b == [b[0], b[0], None]
     assert _lease_of(client) is None  # the main thread never held one
+
+
+def test_mounts_keep_their_target_both_ways() -> None:
+    """Bind mode (containerd >= 1.7) mounts each store path at a ``target`` inside the
+    rootfs; a client that dropped it would bind them over the rootfs itself."""
+    m = Mount("bind", "/nix/store/x", ("ro", "rbind"), "/nix/store/x")
+    wire = mount_to_pb(m).SerializeToString()
+    assert mount_from_pb(type(mount_to_pb(m)).FromString(wire)) == m

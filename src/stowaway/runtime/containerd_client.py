@@ -36,8 +36,9 @@ from stowaway.runtime.proto.containerd_api import images_pb2 as images_pb
 from stowaway.runtime.proto.containerd_api import images_pb2_grpc as images_grpc
 from stowaway.runtime.proto.containerd_api import leases_pb2 as leases_pb
 from stowaway.runtime.proto.containerd_api import leases_pb2_grpc as leases_grpc
+from stowaway.runtime.snapshotter import Mount
 
-__all__ = ["ContainerdClient", "ContainerdError", "ImageRecord", "Mount"]
+__all__ = ["ContainerdClient", "ContainerdError", "ImageRecord", "mount_from_pb", "mount_to_pb"]
 
 #: gRPC messages may carry this much (a content write chunk is 1 MiB).
 MAX_MESSAGE = 16 << 20
@@ -51,13 +52,6 @@ class ContainerdError(StowawayError):
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(frozen=True)
-class Mount:
-    type: str
-    source: str
-    options: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -312,7 +306,7 @@ class ContainerdClient:
             if e.code == grpc.StatusCode.ALREADY_EXISTS:
                 return None
             raise
-        return [Mount(m.type, m.source, tuple(m.options)) for m in resp.mounts]
+        return [mount_from_pb(m) for m in resp.mounts]
 
     def commit(self, snapshotter: str, name: str, key: str, labels: Mapping[str, str]) -> None:
         req = snap_pb.CommitSnapshotRequest(
@@ -333,12 +327,19 @@ class ContainerdClient:
         """Unpack a layer blob onto ``mounts``; returns the diff ID containerd computed."""
         req = diff_pb.ApplyRequest(
             diff=_descriptor_pb(layer),
-            mounts=[
-                mount_pb.Mount(type=m.type, source=m.source, options=m.options) for m in mounts
-            ],
+            mounts=[mount_to_pb(m) for m in mounts],
         )
         resp = self._call(f"diff apply of {layer.digest}", self._diff.Apply, req)
         return str(resp.applied.digest)
+
+
+def mount_from_pb(m: mount_pb.Mount) -> Mount:
+    """All four fields: bind mode's store-path mounts (containerd ≥ 1.7) need ``target``."""
+    return Mount(m.type, m.source, tuple(m.options), m.target)
+
+
+def mount_to_pb(m: Mount) -> mount_pb.Mount:
+    return mount_pb.Mount(type=m.type, source=m.source, options=m.options, target=m.target)
 
 
 def _record(img: Any) -> ImageRecord:

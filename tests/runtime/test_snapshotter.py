@@ -569,6 +569,45 @@ def test_stub_trees_rebuilt_after_reboot_and_shared(
         s.close()
 
 
+def test_a_store_path_missing_after_reboot_refuses_only_its_mounts(
+    tmp_path: Path, demo_closure: list[str]
+) -> None:
+    """A store path gone while the node was down (a SAN store collected elsewhere, a
+    mount not up yet): the snapshotter still starts, its chains' mounts are refused
+    with a clear error, and work again once the path is back."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for p in demo_closure:
+        subprocess.run(["cp", "-a", p, str(store)], check=True)
+    cfg = SnapshotterConfig(root=tmp_path / "root", store=store, gcroots=tmp_path / "gc")
+    s = StoreSnapshotter(cfg)
+    try:
+        with pytest.raises(AlreadyExists):
+            s.prepare("x", "", layer_labels(demo_closure))
+        s.prepare("running", s.nix_name("sha256:layer1", ""), {})  # a container's rootfs
+    finally:
+        s.close()
+    greeting = store / os.path.basename(next(p for p in demo_closure if "greeting" in p))
+    os.rename(greeting, tmp_path / "away")
+    s = StoreSnapshotter(cfg)  # "after a reboot": the tree cannot be rebuilt
+    try:
+        (m,) = s.prepare("plain", "", {})  # ordinary images still work
+        assert m.type == "bind"
+        with pytest.raises(FailedPrecondition, match="stub tree of layer"):
+            s.prepare("ctr", s.nix_name("sha256:layer1", ""), {})
+        with pytest.raises(NotFound):  # the failed Prepare made no snapshot
+            s.stat("ctr")
+        with pytest.raises(FailedPrecondition, match="children"):
+            s.remove(s.nix_name("sha256:layer1", ""))
+        with pytest.raises(FailedPrecondition, match="stub tree of layer"):
+            s.mounts("running")  # still refused: the failed remove forgot nothing
+        os.rename(tmp_path / "away", greeting)
+        assert s.prepare("ctr", s.nix_name("sha256:layer1", ""), {})[0].type == "overlay"
+        assert s.mounts("running")[0].type == "overlay"
+    finally:
+        s.close()
+
+
 def test_a_waiting_mount_builds_queued_trees_itself(
     snap: StoreSnapshotter, demo_closure: list[str], demo_app: str, caplog: pytest.LogCaptureFixture
 ) -> None:

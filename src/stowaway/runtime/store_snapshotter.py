@@ -512,7 +512,15 @@ class StoreSnapshotter(Snapshotter):
                 self._link(sid)
             elif entry.is_symlink() or not entry.is_dir():
                 _rmtree(entry)
-                self._rebuild_tree(sid)
+                try:
+                    self._rebuild_tree(sid)
+                except (OSError, StowawayError) as e:  # e.g. a path gone from a SAN store
+                    # start anyway (other images still work); mounts of this chain
+                    # retry the tree, and are refused while it cannot be built
+                    log.error("snapshot %d: its stub tree cannot be rebuilt: %s", sid, e)
+                    failed: Future[None] = Future()
+                    failed.set_exception(e)
+                    self._pending[sid] = failed
 
     def _tempdir(self) -> Path:
         with self._lock:  # registered before Cleanup can see it
@@ -555,10 +563,22 @@ class StoreSnapshotter(Snapshotter):
         if bases is not None and target:
             if self._commit_store_layer(target, parent, labels, bases):
                 raise AlreadyExists(f"target snapshot {target!r} committed from the Nix store")
-        return self._mounts(self._create(key, parent, Kind.ACTIVE, labels))
+        return self._create_mounted(key, parent, Kind.ACTIVE, labels)
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
-        return self._mounts(self._create(key, parent, Kind.VIEW, labels))
+        return self._create_mounted(key, parent, Kind.VIEW, labels)
+
+    def _create_mounted(
+        self, key: str, parent: str, kind: Kind, labels: Mapping[str, str]
+    ) -> list[Mount]:
+        """A new snapshot's mounts; when its chain cannot be mounted (a stub tree that
+        cannot be built) the snapshot goes again: to containerd a failed call made none."""
+        rec = self._create(key, parent, kind, labels)
+        try:
+            return self._mounts(rec)
+        except FailedPrecondition:
+            self.remove(key)
+            raise
 
     def _mounts(self, rec: Record) -> list[Mount]:
         self._wait_trees(rec)  # containerd mounts what we return right away
@@ -585,12 +605,13 @@ class StoreSnapshotter(Snapshotter):
 
     def remove(self, key: str) -> None:
         with self._lock:
-            fut = self._pending.pop(self.meta.get(key).id, None)
+            fut = self._pending.get(self.meta.get(key).id)
         if fut is not None:  # let its builder finish before the tree goes
             with contextlib.suppress(Exception):
                 fut.result()
         with self._lock:
-            rec = self.meta.remove(key)
+            rec = self.meta.remove(key)  # refused with children: a failed tree stays known
+            self._pending.pop(rec.id, None)
             gone = self.snapshots_dir / f"rm-{rec.id}"
             entry, gone_tree = self.link_dir / str(rec.id), self.link_dir / f".rm-{rec.id}"
             if entry.is_dir() and not entry.is_symlink():

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stowaway.errors import StowawayError
-from stowaway.runtime.tree_builder import NICE, TreeBuilder
+from stowaway.runtime.tree_builder import NICE, TreeBuilder, _Child
 
 MISSING = Path("/nix/store/00000000000000000000000000000000-not-here")
 
@@ -84,3 +85,17 @@ def test_close_stops_the_child(tmp_path: Path) -> None:
     assert b.pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_job_sent_after_the_child_exited_fails_at_once(tmp_path: Path) -> None:
+    """submit checks the child is alive, but it may die right after: a job sent to a
+    child whose end the reader has already seen must fail, not wait forever."""
+    child = _Child()
+    child.proc.kill()
+    deadline = time.monotonic() + 30
+    while child.exited is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job = {"link_dir": str(tmp_path), "sid": 1, "located": [], "donors": {}}
+    with pytest.raises(StowawayError, match="exited"):
+        child.send(job).result(timeout=5)
+    child.stop()

@@ -87,6 +87,7 @@ class _Child:
             env={**os.environ, "PYTHONPATH": path},
         )
         self.waiting: collections.deque[Future[None]] = collections.deque()
+        self.exited: str | None = None  # set by the reader at EOF: no answer comes any more
         self.lock = threading.Lock()
         threading.Thread(target=self._read, name="stowaway-trees", daemon=True).start()
 
@@ -94,6 +95,9 @@ class _Child:
         fut: Future[None] = Future()
         assert self.proc.stdin is not None
         with self.lock:
+            if self.exited is not None:  # died after the caller checked it was alive
+                fut.set_exception(StowawayError(self.exited))
+                return fut
             self.waiting.append(fut)
             try:
                 self.proc.stdin.write(json.dumps(job) + "\n")
@@ -116,9 +120,10 @@ class _Child:
                     fut.set_exception(StowawayError(error))
         code = self.proc.wait()
         with self.lock:
+            self.exited = f"stub tree builder exited with status {code}"
             waiting, self.waiting = list(self.waiting), collections.deque()
         for fut in waiting:
-            fut.set_exception(StowawayError(f"stub tree builder exited with status {code}"))
+            fut.set_exception(StowawayError(self.exited))
 
     def stop(self) -> None:
         """Terminate it now: trees are derived state (a tree cut short is a temp dir the

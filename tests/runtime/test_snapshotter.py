@@ -30,6 +30,7 @@ from stowaway.runtime.store_snapshotter import (
     REF_LABEL,
     SnapshotterConfig,
     StoreSnapshotter,
+    link_dir_for,
 )
 
 MISSING = "0" * 32 + "-not-here"
@@ -468,6 +469,31 @@ def test_a_local_store_overlapping_the_store_is_refused(tmp_path: Path, local: s
         StoreSnapshotter(cfg)
     assert e.value.hint and "directory of its own" in e.value.hint
     assert kept.is_dir()
+
+
+def test_a_restart_in_another_mode_is_refused_while_snapshots_exist(
+    tmp_path: Path, demo_closure: list[str]
+) -> None:
+    """Store layers live elsewhere per mode: a start that would pick another mode for
+    existing snapshots (a new kernel, a moved state dir) stops with what to do."""
+    root = tmp_path / "root"
+    s = StoreSnapshotter(SnapshotterConfig(root=root, mode="copy", gcroots=tmp_path / "gc"))
+    s.close()  # no snapshots yet: another mode is fine
+    s = StoreSnapshotter(SnapshotterConfig(root=root, mode="hardlink", gcroots=tmp_path / "gc"))
+    try:
+        with pytest.raises(AlreadyExists):
+            s.prepare("x", "", layer_labels(demo_closure))
+    finally:
+        s.close()
+    with pytest.raises(StowawayError, match="made in hardlink mode") as e:
+        StoreSnapshotter(SnapshotterConfig(root=root, mode="copy", gcroots=tmp_path / "gc"))
+    assert e.value.hint and "--mode hardlink" in e.value.hint
+    assert not link_dir_for(root).exists()  # the refused start left nothing mounted
+    s = StoreSnapshotter(SnapshotterConfig(root=root, mode="hardlink", gcroots=tmp_path / "gc"))
+    try:
+        assert s.stat(s.nix_name("sha256:layer1", "")).kind == Kind.COMMITTED
+    finally:
+        s.close()
 
 
 def test_untrusted_cache_falls_back_to_unpack(

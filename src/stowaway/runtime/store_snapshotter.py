@@ -163,6 +163,28 @@ def _check_apart(store: Path, local_store: Path) -> None:
         )
 
 
+def _keep_mode(record: Path, mode: Mode, has_snapshots: bool) -> None:
+    """Refuse to serve existing snapshots in another mode than they were made in (a
+    new kernel, a moved state dir): store layers live elsewhere per mode (a stub tree on
+    the tmpfs, or files under ``snapshots/<id>/fs``), and only overlay mode strips
+    overlay xattrs from unpacked layers, which it mounts with ``metacopy=on``."""
+    try:
+        before = record.read_text().strip()
+    except FileNotFoundError:
+        before = ""
+    if before and before != mode and has_snapshots:
+        raise StowawayError(
+            f"the snapshots in {record.parent} were made in {before} mode; this start "
+            f"would use {mode} mode",
+            hint=f"pass --mode {before} if it still works here, or remove the images "
+            "(or the state directory) first",
+        )
+    if before != mode:
+        tmp = record.with_name(f".{record.name}.tmp")
+        tmp.write_text(mode + "\n")
+        os.replace(tmp, record)
+
+
 def _drop_leftovers(local_store: Path, prefixes: tuple[str, ...]) -> None:
     """Remove the local-store entries whose names start with one of ``prefixes``."""
     for e in local_store.iterdir():
@@ -228,6 +250,12 @@ class StoreSnapshotter(Snapshotter):
             _drop_link_dir(self.link_dir)
             raise
         self.meta = MetaStore(root / "metadata.db")
+        try:
+            _keep_mode(root / "mode", self.mode, bool(self.meta.ids()))
+        except StowawayError:
+            self.meta.close()
+            _drop_link_dir(self.link_dir)
+            raise
         # substitution and start-up tree rebuilds: I/O-bound, so threads overlap well
         self._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "stowaway-io")
         self._builder = TreeBuilder(self.link_dir) if self.mode == "overlay" else None

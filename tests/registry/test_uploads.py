@@ -3,6 +3,7 @@ purging of abandoned uploads, and the mode of every stored file."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -119,3 +120,26 @@ def test_upload_max_age_must_be_positive() -> None:
         config_from_dict({"upload_max_age": 0}, "reg.toml")
     with pytest.raises(RegistryConfigError, match="upload_max_age has the wrong type"):
         config_from_dict({"upload_max_age": "1d"}, "reg.toml")
+
+
+def test_put_blob_file_flushes_before_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolver output copied into storage is synced before the rename publishes it:
+    a blob smaller than Python's write buffer is all still buffered until flushed."""
+    data = b"tail of a blob " * 60  # < 1 KiB
+    src = tmp_path / "layer"
+    src.write_bytes(data)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the real fsync, noting how much the file held
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            synced.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    storage = FilesystemStorage(tmp_path / "root")
+    asyncio.run(storage.put_blob_file(digest(data), src))
+    assert synced == [len(data)]
+    assert (tmp_path / "root/blobs/sha256" / digest(data)[7:]).read_bytes() == data

@@ -219,6 +219,7 @@ class FilesystemStorage:
                 with open(tmp, "wb") as dst:
                     while chunk := await _io(src.read, CHUNK):
                         await _io(_write_hashed, dst, h, chunk)
+                    await _io(dst.flush)  # the buffered tail must reach the fd before fsync
                     await _io(os.fsync, dst.fileno())
             actual = "sha256:" + h.hexdigest()
             if actual != digest:

@@ -8,8 +8,10 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from registry_harness import Server
 
+from stowaway.registry import verified
 from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.resolver import ResolvedManifest
 
@@ -24,8 +26,9 @@ def digest(data: bytes) -> str:
 class FileResolver:
     """Composes a one-layer image per name from files on disk, slowly, counting calls."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, rewrite: bool = True) -> None:
         self.workdir = workdir
+        self.rewrite = rewrite  # False: files written once, like a layer cache's
         self.calls = 0
 
     async def resolve(
@@ -39,9 +42,10 @@ class FileResolver:
         await asyncio.sleep(0.2)  # "composing"
         media_type = OCI if not accept or OCI in accept else DOCKER
         layer = self.workdir / f"layer-{name.replace('/', '_')}"
-        layer.write_bytes(f"layer of {name}".encode() * 1000)
         config = self.workdir / "config"
-        config.write_bytes(b'{"os":"linux"}')
+        if self.rewrite or not layer.exists():
+            layer.write_bytes(f"layer of {name}".encode() * 1000)
+            config.write_bytes(b'{"os":"linux"}')
         blobs = {digest(p.read_bytes()): p for p in (layer, config)}
         manifest = {
             "schemaVersion": 2,
@@ -89,3 +93,48 @@ def test_resolver_answers_docker_only_clients_and_errors(
     assert "unknown packages: unknown/pkg" in r.body.decode()
     r = server.request("GET", "/v2/htop/manifests/other")
     assert r.status == 404 and r.code == "MANIFEST_UNKNOWN"
+
+
+def test_damaged_storage_copy_is_stored_again_on_the_next_pull(
+    make_server: object, tmp_path: Path
+) -> None:
+    """Storage apart from the resolver's files: a damaged storage copy is dropped
+    when served, and the next pull of the image copies it in again."""
+    server: Server = make_server(resolver=FileResolver(tmp_path))  # type: ignore[operator]
+    r = server.request("GET", "/v2/app/manifests/latest")
+    layer = json.loads(r.body)["layers"][0]["digest"]
+    assert server.request("GET", f"/v2/app/blobs/{layer}").status == 200
+    path = Path(server.config.storage) / "blobs/sha256" / layer.removeprefix("sha256:")
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + b"!")  # same size
+    r = server.request("GET", f"/v2/app/blobs/{layer}")
+    assert r.status == 404 and r.code == "BLOB_UNKNOWN" and not path.exists()
+    assert server.request("GET", "/v2/app/manifests/latest").status == 200
+    r = server.request("GET", f"/v2/app/blobs/{layer}")
+    assert r.status == 200 and r.body == good
+
+
+def test_resolver_file_and_storage_copy_are_hashed_once(
+    make_server: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resolver's file and storage's copy of a blob are different files: each is
+    remembered once verified, so a repeated pull hashes neither again."""
+    hashed: list[Path] = []
+    real_hash = verified._sha256_file
+
+    def counting(path: Path) -> str:  # the real hash, noting which file it read
+        hashed.append(path)
+        return real_hash(path)
+
+    monkeypatch.setattr(verified, "_sha256_file", counting)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    server: Server = make_server(resolver=FileResolver(cache, rewrite=False))  # type: ignore[operator]
+    for _ in range(3):
+        r = server.request("GET", "/v2/app/manifests/latest")
+        layer = json.loads(r.body)["layers"][0]["digest"]
+        assert server.request("GET", f"/v2/app/blobs/{layer}").status == 200
+    stored = Path(server.config.storage) / "blobs/sha256" / layer.removeprefix("sha256:")
+    assert sorted(map(str, hashed)) == sorted(
+        map(str, [cache / "config", cache / "layer-app", stored])
+    )

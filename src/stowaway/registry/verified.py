@@ -38,21 +38,25 @@ class VerifiedFiles:
     """Remembers the files found to hold their digest (see module docstring)."""
 
     def __init__(self) -> None:
-        self._good: dict[str, _Stamp] = {}
+        #: keyed by path too: the layer cache's copy and storage's copy of one blob
+        #: are different files, and one stamp for both would re-hash each on every pull
+        self._good: dict[tuple[str, Path], _Stamp] = {}
+        self._digests: set[str] = set()
 
     def tracks(self, digest: str) -> bool:
         """Whether a file for ``digest`` was verified (and so should be re-checked)."""
-        return digest in self._good
+        return digest in self._digests
 
     async def check(self, digest: str, path: Path) -> bool:
         """True when ``path`` exists and holds ``digest``; hashes (in a thread) only
         when the file changed since it last passed."""
+        key = (digest, path)
         try:
             before = _stamp(os.stat(path))
         except FileNotFoundError:
-            self._good.pop(digest, None)
+            self._good.pop(key, None)
             return False
-        if self._good.get(digest) == before:
+        if self._good.get(key) == before:
             return True
         try:
             actual = await asyncio.to_thread(_sha256_file, path)
@@ -60,9 +64,11 @@ class VerifiedFiles:
         except FileNotFoundError:
             actual, after = "", before
         if actual != digest or after != before:  # damaged, or changed while hashing
-            self._good.pop(digest, None)
+            self._good.pop(key, None)
             return False
         if len(self._good) >= MAX_ENTRIES:
             self._good.clear()
-        self._good[digest] = before
+            self._digests.clear()
+        self._good[key] = before
+        self._digests.add(digest)
         return True

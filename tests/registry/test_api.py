@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,15 @@ def test_manifest_put_get_tags_and_negotiation(server: Server) -> None:
     assert json.loads(server.request("GET", "/v2/app/tags/list").body)["tags"] == ["v2"]
 
 
+@pytest.mark.parametrize("n", ["x", "-1", "\u00b2", "\u0661\u0662\u0663"])  # ², Arabic-Indic 123
+def test_pagination_count_must_be_ascii_digits(server: Server, n: str) -> None:
+    body = image_manifest(server, "app")
+    assert server.request("PUT", "/v2/app/manifests/v1", body, {"Content-Type": OCI}).status == 201
+    for path in ("/v2/_catalog", "/v2/app/tags/list"):
+        r = server.request("GET", f"{path}?n={urllib.parse.quote(n)}")
+        assert r.status == 400 and "is not a count" in r.body.decode(), (path, r.body)
+
+
 def test_manifest_put_rejections(server: Server) -> None:
     root = Path(server.config.storage)
     body = image_manifest(server, "app")
@@ -236,6 +246,7 @@ def test_manifest_put_rejections(server: Server) -> None:
     for bad, ctype in (
         (b"not json", OCI),
         (b"[]", OCI),
+        (b"[" * 100_000, OCI),  # nested past the recursion limit
         (body, "text/plain"),
         (body, DOCKER),  # Content-Type disagrees with the mediaType field
         (json.dumps({**json.loads(body), "schemaVersion": 1}).encode(), OCI),

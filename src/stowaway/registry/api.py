@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -255,6 +256,8 @@ class RegistryApi:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
             raise invalid(f"manifest is not JSON: {err}") from None
+        except RecursionError:  # deeply nested arrays/objects: not a manifest either
+            raise invalid("manifest is not JSON: nested too deeply") from None
         if not isinstance(doc, dict):
             raise invalid("manifest is not a JSON object")
         declared = doc.get("mediaType")
@@ -335,6 +338,9 @@ class RegistryApi:
             if not await self.verified.check(digest, path):
                 log.warning("%s does not hold %s: dropped, to be composed again", path, digest)
                 path.unlink(missing_ok=True)
+                # manifests naming the blob must be ingested anew (put_blob_file) on the
+                # next pull; which ones is not recorded, and damage is rare: forget all
+                self._ingested.clear()
                 raise RegistryApiError.of(
                     ErrorCode.BLOB_UNKNOWN, f"blob {digest} was damaged; pull the image again"
                 )
@@ -452,8 +458,10 @@ class RegistryApi:
         headers = dict(API_VERSION)
         n_param = request.query.get("n")
         if n_param is not None:
-            if not n_param.isdigit():
-                raise RegistryApiError.of(ErrorCode.UNSUPPORTED, f"n={n_param!r} is not a count")
+            if not re.fullmatch(r"[0-9]+", n_param):  # not isdigit(): it accepts '²'
+                raise RegistryApiError(  # a bad query value: 400, as distribution answers
+                    400, [(ErrorCode.UNSUPPORTED.value, f"n={n_param!r} is not a count")]
+                )
             n = int(n_param)
             if len(items) > n:
                 items = items[:n]

@@ -17,6 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 from registry_harness import Server
+from test_api import OCI, digest, image_manifest
 from test_skopeo import layout_manifest, skopeo
 
 from stowaway.registry.config import RegistryConfig, S3Options, open_storage
@@ -185,3 +186,20 @@ def test_s3_abandoned_uploads_and_parts_are_purged(
     assert server.request("GET", loc).code == "BLOB_UPLOAD_UNKNOWN"
     uploads = storage._s3.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", [])
     assert crashed["UploadId"] not in [u["UploadId"] for u in uploads]
+
+
+def test_s3_delete_of_the_last_manifest_removes_its_tags(
+    make_server: object, moto_endpoint: str, bucket: str
+) -> None:
+    """As on the filesystem: deleting a manifest removes the tags pointing at it,
+    also when it was the repository's last manifest."""
+    server = s3_server(make_server, moto_endpoint, bucket)
+    storage = server.storage
+    assert isinstance(storage, S3Storage)
+    body = image_manifest(server, "solo")
+    for tag in ("v1", "latest"):
+        r = server.request("PUT", f"/v2/solo/manifests/{tag}", body, {"Content-Type": OCI})
+        assert r.status == 201, r.body
+    assert server.request("DELETE", f"/v2/solo/manifests/{digest(body)}").status == 202
+    assert not [k for k in keys(storage) if "/repositories/solo/" in k]
+    assert server.request("GET", "/v2/solo/manifests/v1").code == "MANIFEST_UNKNOWN"

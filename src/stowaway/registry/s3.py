@@ -210,11 +210,11 @@ class S3Storage:
         if await self._get(link) is None:
             return False
         await self._call(self._s3.delete_object, Bucket=self.bucket, Key=link)
-        for tag in await self.list_tags(name) or []:
-            if await self.get_tag(name, tag) == digest:
-                await self._call(
-                    self._s3.delete_object, Bucket=self.bucket, Key=self._repo(name, "_tags", tag)
-                )
+        # the _tags/ keys, not list_tags: that is None once the last manifest is gone
+        for key, _ in await self._list(self._repo(name, "_tags") + "/"):
+            data = await self._get(key)
+            if data is not None and data.decode().strip() == digest:
+                await self._call(self._s3.delete_object, Bucket=self.bucket, Key=key)
         return True
 
     async def get_tag(self, name: str, tag: str) -> str | None:

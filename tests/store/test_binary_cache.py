@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import http.server
 import re
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,60 @@ def test_absent_path_and_unknown_compression(
     ni.write_text(ni.read_text().replace("Compression: xz", "Compression: lz4"))
     with pytest.raises(CacheError, match="unsupported compression 'lz4'"):
         events(cache(f"file://{root}", require=False).entries(demo_app))
+
+
+@pytest.fixture()
+def cutting_server(
+    tmp_path: Path, signed_caches: dict[str, str]
+) -> Iterator[tuple[str, Path, set[str]]]:
+    """A copy of the xz cache over HTTP on a loopback port; files whose name is in the
+    returned set are sent chunked and cut off in their one chunk's middle."""
+    root = copy_cache(signed_caches["xz"], tmp_path / "c")
+    cut: set[str] = set()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = root / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return
+            data = path.read_bytes()
+            self.send_response(200)
+            if path.name in cut:
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n" % len(data) + data[: len(data) // 2])
+                return
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", root, cut
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def test_http_body_cut_short_is_a_cache_error(
+    cutting_server: tuple[str, Path, set[str]], cache_keys: dict[str, str], demo_app: str
+) -> None:
+    """A body cut short (http.client's IncompleteRead, not an OSError) is reported as
+    a CacheError naming the URL."""
+    url, root, cut = cutting_server
+    narinfo = Path(demo_app).name[:32] + ".narinfo"
+    cut.add(narinfo)
+    with pytest.raises(CacheError, match=re.escape(f"{url}/{narinfo}: read failed")):
+        cache(url, cache_keys["good"]).query(demo_app)
+    cut.clear()
+    nar = re.search(r"URL: (\S+)", (root / narinfo).read_text()).group(1)  # type: ignore[union-attr]
+    cut.add(Path(nar).name)
+    with pytest.raises(CacheError, match=re.escape(f"{url}/{nar}: download")):
+        events(cache(url, cache_keys["good"]).entries(demo_app))

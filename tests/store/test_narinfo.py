@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,16 @@ def test_errors_name_line() -> None:
         Narinfo.parse(TEXT.replace("busybox", "x not-a-path"), "t")
     with pytest.raises(NarinfoError, match=r"t:3: duplicate key 'URL'"):
         Narinfo.parse(TEXT.replace("Compression: xz", "URL: y"), "t")
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662\u0663"])  # ², Arabic-Indic 123
+def test_counts_are_ascii_digits(value: str) -> None:
+    for key, line in (("NarSize", 7), ("FileSize", 5)):
+        text = re.sub(rf"{key}: \d+", f"{key}: {value}", TEXT)
+        with pytest.raises(NarinfoError, match=rf"t:{line}: {key} '{value}' is not"):
+            Narinfo.parse(text, "t")
+    with pytest.raises(NarinfoError, match="u:1: Priority"):
+        NixCacheInfo.parse(f"Priority: {value}\n", "u")
 
 
 def test_hash_forms_normalise_to_nix32() -> None:

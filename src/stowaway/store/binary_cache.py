@@ -140,7 +140,7 @@ class BinaryCache:
             return None
         try:
             data = f.read()
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:  # e.g. IncompleteRead: cut short
             raise CacheError(f"{self.url}/{rel}: read failed ({e})") from None
         finally:
             cast(BinaryIO, f).close()
@@ -234,7 +234,13 @@ class BinaryCache:
             except NarError as e:
                 detail = e.message.split(": ", 1)[-1]
                 raise NarError(f"{detail} (NAR of {ni.store_path} from {url})", e.offset) from None
-            except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:
+            except (
+                OSError,
+                EOFError,
+                http.client.HTTPException,  # e.g. IncompleteRead: the body was cut short
+                lzma.LZMAError,
+                zstandard.ZstdError,
+            ) as e:
                 raise CacheError(f"{url}: download or decompression failed: {e}") from None
             raw.check(ni.file_hash, ni.file_size, f"{url} (compressed file)")
             nar.check(ni.nar_hash, ni.nar_size, f"{url} (NAR of {ni.store_path})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from stowaway.image.digest import CorruptBlob
 from stowaway.image.layers import LayerSettings
 from stowaway.sinks import parse_target, write_image
 from stowaway.sinks.archives import ArchiveError, write_docker_archive, write_oci_archive
+from stowaway.sinks.inspect import read_image_summary
 
 #: The 20.10 CLI that matches the daemon (a newer ``docker`` may come first on PATH).
 DOCKER = "/usr/bin/docker"
@@ -45,6 +48,17 @@ def test_oci_archive_is_readable_and_reproducible(demo_image: Any, tmp_path: Pat
     assert names[:2] == ["blobs", "blobs/sha256"]
     assert names[-2:] == ["index.json", "oci-layout"]
     assert names[2:-2] == sorted(names[2:-2])
+
+
+def test_inspect_of_an_oci_archive_closes_it(demo_image: Any, tmp_path: Path) -> None:
+    archive = tmp_path / "a.tar"
+    write_oci_archive(demo_image.image, archive, "v1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        summary = read_image_summary(f"oci-archive:{archive}:v1")
+        gc.collect()  # an unclosed tarball's file warns when it is collected
+    assert summary["manifest_digest"] == demo_image.image.manifest.digest
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def test_docker_archive_is_readable_by_skopeo(demo_image: Any, tmp_path: Path) -> None:

@@ -53,7 +53,9 @@ class Request:
 class Registry:
     """A private docker-registry on a loopback port; its access log is stdout."""
 
-    def __init__(self, root: Path, *, htpasswd: bool = False, auth: str = "") -> None:
+    def __init__(
+        self, root: Path, *, htpasswd: bool = False, auth: str = "", relative: bool = False
+    ) -> None:
         self.root = root
         self.port = _free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -67,7 +69,8 @@ class Registry:
         config.write_text(
             "version: 0.1\nlog:\n  level: info\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.data}\n"
-            f"http:\n  addr: {self.host}\n  secret: test-secret\n{auth}"
+            f"http:\n  addr: {self.host}\n  secret: test-secret\n"
+            f"  relativeurls: {'true' if relative else 'false'}\n{auth}"
         )
         with open(self.access, "wb") as out, open(root / "registry.log", "wb") as err:
             self.proc = subprocess.Popen(
@@ -358,6 +361,26 @@ def test_explicit_mount_from_and_failed_mount_falls_back(registry: Registry, ima
     assert sum(1 for r in reqs if "from=nowhere" in r.uri and r.status == 202) == 3
     assert sum(1 for r in reqs if "from=origin" in r.uri and r.status == 201) == 3
     assert blob_uploads(reqs) == []
+
+
+def test_failed_mount_session_is_deleted_with_relative_locations(
+    tmp_path: Path, image: Image
+) -> None:
+    """A registry answering relative Locations (relativeurls, stowaway's own): the
+    session a failed mount opened is deleted before the next source is tried."""
+    (tmp_path / "rel").mkdir()
+    reg = Registry(tmp_path / "rel", relative=True)
+    try:
+        push(image, reg.host, "origin", "v1", tls_verify=False, state_dir=tmp_path / "s1")
+        mark = reg.mark()
+        result = push(image, reg.host, "copy", "v1", tls_verify=False,
+                      state_dir=tmp_path / "s2", mount_from=["nowhere", "origin"])  # fmt: skip
+        assert set(result.mounted) == all_digests(image)
+        reqs = reg.requests(mark)
+        deletes = [r for r in reqs if r.method == "DELETE" and "/blobs/uploads/" in r.uri]
+        assert len(deletes) == 3 and {r.status for r in deletes} == {204}
+    finally:
+        reg.stop()
 
 
 def test_push_by_digest_without_tag(registry: Registry, image: Image, state: Path) -> None:

@@ -27,7 +27,8 @@ def store_paths_from_annotations(annotations: dict[str, str]) -> list[str]:
 
 
 class _Layout:
-    """Reads files of an OCI layout from a directory or from an oci-archive tarball."""
+    """Reads files of an OCI layout from a directory or from an oci-archive tarball;
+    a context manager, so the tarball is closed."""
 
     def __init__(self, kind: str, location: str) -> None:
         self.kind = kind
@@ -38,6 +39,13 @@ class _Layout:
                 self._tar = tarfile.open(location)
             except (OSError, tarfile.TarError) as e:
                 raise StowawayError(f"cannot read OCI archive {location}: {e}") from None
+
+    def __enter__(self) -> _Layout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tar is not None:
+            self._tar.close()
 
     def read(self, name: str) -> bytes:
         try:
@@ -65,20 +73,20 @@ def read_image_summary(target: str) -> dict[str, Any]:
             f"cannot inspect {target!r}", hint="use oci:DIR[:TAG] or oci-archive:FILE[:TAG]"
         )
     location, _, tag = rest.partition(":")
-    layout = _Layout(kind, location)
-    index = layout.json("index.json")
-    manifests = index.get("manifests", [])
-    if tag:
-        manifests = [
-            m
-            for m in manifests
-            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
-        ]
-    if not manifests:
-        raise StowawayError(f"no image{' tagged ' + tag if tag else ''} in {target}")
-    desc = manifests[0]
-    algo, _, hexdigest = str(desc["digest"]).partition(":")
-    manifest = layout.json(f"blobs/{algo}/{hexdigest}")
+    with _Layout(kind, location) as layout:
+        index = layout.json("index.json")
+        manifests = index.get("manifests", [])
+        if tag:
+            manifests = [
+                m
+                for m in manifests
+                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
+            ]
+        if not manifests:
+            raise StowawayError(f"no image{' tagged ' + tag if tag else ''} in {target}")
+        desc = manifests[0]
+        algo, _, hexdigest = str(desc["digest"]).partition(":")
+        manifest = layout.json(f"blobs/{algo}/{hexdigest}")
     layers = [
         {
             "digest": layer["digest"],

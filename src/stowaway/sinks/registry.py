@@ -150,7 +150,7 @@ def _push_blob(
             location = None
             for source in sources if attempt == 1 else ():
                 if location is not None:
-                    _abandon(client, location)
+                    _abandon(client, client.url(location))  # Location may be relative
                 resp = client.request(
                     "POST",
                     client.url(f"/v2/{repo}/blobs/uploads/", mount=blob.digest, **{"from": source}),

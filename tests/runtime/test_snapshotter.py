@@ -496,6 +496,34 @@ def test_a_restart_in_another_mode_is_refused_while_snapshots_exist(
         s.close()
 
 
+def test_a_path_being_built_in_the_store_is_not_taken_from_the_local_store(
+    tmp_path: Path, demo_closure: list[str]
+) -> None:
+    """On disk in a store with a Nix database but not valid yet (being built): overlay
+    would read it before the local store's copy, so the layer is unpacked instead."""
+    greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
+    busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+    root = tmp_path / "chroot"
+    subprocess.run(
+        ["nix", "--extra-experimental-features", "nix-command", "copy", "--no-check-sigs",
+         "--to", f"local?root={root}", greeting],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    store, local = root / "nix/store", tmp_path / "local"
+    local.mkdir()
+    for where in (store, local):  # in the store: on disk, not registered
+        subprocess.run(["cp", "-a", busybox, str(where)], check=True)
+    cfg = SnapshotterConfig(root=tmp_path / "root", store=store, local_store=local)
+    s = StoreSnapshotter(cfg)
+    try:
+        (m,) = s.prepare("extract", "", layer_labels([greeting, busybox]))
+        assert m.type == "bind" and s.stat("extract").kind == Kind.ACTIVE
+        with pytest.raises(AlreadyExists):  # valid in the store: taken from there
+            s.prepare("x", "", layer_labels([greeting], ref="sha256:other"))
+    finally:
+        s.close()
+
+
 def test_untrusted_cache_falls_back_to_unpack(
     tmp_path: Path,
     demo_closure: list[str],

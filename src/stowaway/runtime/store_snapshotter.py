@@ -340,7 +340,11 @@ class StoreSnapshotter(Snapshotter):
 
     def _present(self, bases: Sequence[str]) -> list[Path | None]:
         """Each path in the store (valid in its database, if it has one), else in the
-        local store, else None."""
+        local store, else None.
+
+        A path on disk in the store but not valid (still being built) is None even when
+        the local store has it: overlay looks data up in the store first (``::store::
+        local``), so a layer from the local copy would read the half-built one."""
         valid: set[str] | None = None
         if self._db is not None:
             logical = {b: f"{self._db.logical_store_dir}/{b}" for b in bases}
@@ -349,8 +353,8 @@ class StoreSnapshotter(Snapshotter):
         out: list[Path | None] = []
         for b in bases:
             p = self.config.store / b
-            if os.path.lexists(p) and (valid is None or b in valid):
-                out.append(p)
+            if os.path.lexists(p):
+                out.append(p if valid is None or b in valid else None)
             elif self.config.local_store and os.path.lexists(q := self.config.local_store / b):
                 out.append(q)
             else:
@@ -358,12 +362,17 @@ class StoreSnapshotter(Snapshotter):
         return out
 
     def _locate(self, bases: Sequence[str]) -> list[Path | None]:
-        """Each path in the store or local store, else substituted (in parallel)."""
+        """Each path in the store or local store, else substituted (in parallel); a
+        path still being built in the store is not substituted (see ``_present``)."""
         found = self._present(bases)
-        missing = [b for b, w in zip(bases, found, strict=True) if w is None]
+        missing = [
+            b
+            for b, w in zip(bases, found, strict=True)
+            if w is None and not os.path.lexists(self.config.store / b)
+        ]
         if missing and self.substituter is not None:
             got = dict(zip(missing, self.substituter.fetch_all(missing, self._pool), strict=True))
-            found = [w or got[b] for b, w in zip(bases, found, strict=True)]
+            found = [w or got.get(b) for b, w in zip(bases, found, strict=True)]
         return found
 
     def _name_lock(self, name: str) -> threading.Lock:

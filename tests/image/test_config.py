@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,11 @@ def clash(have_nix: None, tmp_path_factory: pytest.TempPathFactory) -> str:
         ({"user": "Bad User"}, "not a valid user/group name"),
         ({"user": "app:"}, "must look like NAME"),
         ({"contents": ["/usr/bin"]}, "not a store path"),
+        ({"user": "app\n"}, "not a valid user/group name"),  # a line of its own in passwd
+        ({"user": "\u00b2"}, "not a valid user/group name"),  # isdigit() but not int()
+        ({"expose": ["80\n"]}, "must look like PORT"),
+        ({"created": 999_999_999_999}, "year 9999"),
+        ({"created": -1}, "between 1970"),
     ],
 )
 def test_bad_options_are_refused_with_the_value(kwargs: dict[str, object], match: str) -> None:
@@ -227,6 +233,7 @@ def test_text_parsers_for_flags_and_build_args() -> None:
     assert parse_created("1970-01-01T00:01:00Z") == 60
     assert parse_labels(["a=b", "c=d=e"]) == {"a": "b", "c": "d=e"}
     for call, message in [
+        (lambda: parse_created("\u00b2"), "neither epoch seconds"),
         (lambda: parse_words("[1]", "--entrypoint"), "--entrypoint"),
         (lambda: parse_words("'unterminated", "build arg cmd"), "build arg cmd"),
         (lambda: parse_created("yesterday"), "'yesterday'"),
@@ -234,3 +241,19 @@ def test_text_parsers_for_flags_and_build_args() -> None:
     ]:
         with pytest.raises(ImageOptionError, match=message):
             call()
+
+
+def test_a_creation_time_without_offset_is_utc_whatever_the_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same --created text, same digest on every machine: no local time zone."""
+    from stowaway.image.config import parse_created
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_created("2024-01-01T00:00:00") == parse_created("2024-01-01T00:00:00Z")
+        assert parse_created("2024-01-01") == 1704067200
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -29,9 +29,12 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
            "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x",
            "riscv64": "riscv64"}  # fmt: skip
-_PORT = re.compile(r"^([0-9]{1,5})(?:/(tcp|udp|sctp))?$")
-_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
-_ENV_KEY = re.compile(r"^[^=\x00]+$")
+# used with fullmatch: "$" would also accept a trailing newline ("app\n" in /etc/passwd)
+_PORT = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
+_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,30}")
+_ENV_KEY = re.compile(r"[^=\x00]+")
+#: 9999-12-31T23:59:59Z, the last time RFC 3339 can write.
+_LAST_CREATED = 253402300799
 _UNNAMED_UID = 1000
 
 
@@ -74,12 +77,12 @@ class ImageOptions:
     def __post_init__(self) -> None:
         for item in self.env:
             key, sep, _ = item.partition("=")
-            if not sep or not _ENV_KEY.match(key):
+            if not sep or not _ENV_KEY.fullmatch(key):
                 raise ImageOptionError(
                     f"environment entry {item!r} must look like KEY=VALUE with a non-empty KEY"
                 )
         for port in self.expose:
-            m = _PORT.match(port)
+            m = _PORT.fullmatch(port)
             if not m or not 1 <= int(m.group(1)) <= 65535:
                 raise ImageOptionError(
                     f"exposed port {port!r} must look like PORT[/tcp|/udp|/sctp] "
@@ -89,8 +92,10 @@ class ImageOptions:
             raise ImageOptionError(f"working directory {self.workdir!r} must be an absolute path")
         if self.user is not None:
             parse_user(self.user)
-        if self.created < 0:
-            raise ImageOptionError(f"creation time {self.created} is before 1970")
+        if not 0 <= self.created <= _LAST_CREATED:
+            raise ImageOptionError(
+                f"creation time {self.created} is not between 1970 and the year 9999"
+            )
         for path in self.contents:
             if not path.startswith(STORE_DIR + "/") or "/" in path[len(STORE_DIR) + 1 :]:
                 raise ImageOptionError(f"contents path {path!r} is not a store path")
@@ -115,13 +120,15 @@ def parse_words(value: str, what: str) -> list[str]:
 
 
 def parse_created(value: str, what: str = "--created") -> int:
-    """Creation time as epoch seconds, from epoch seconds, RFC 3339 or ``now``."""
-    if value.isdigit():
+    """Creation time as epoch seconds, from epoch seconds, RFC 3339 or ``now``; a time
+    without an offset is UTC (never this machine's zone: same input, same digest)."""
+    if _is_number(value):
         return int(value)
     if value == "now":
         return int(datetime.now(UTC).timestamp())
     try:
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
     except ValueError:
         raise ImageOptionError(
             f"{what} {value!r} is neither epoch seconds, RFC 3339 nor 'now'"
@@ -173,12 +180,17 @@ def parse_user(value: str) -> UserSpec:
     return UserSpec(name, uid, gname, gid)
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes '²', which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _id_or_none(part: str, whole: str) -> int | None:
-    if part.isdigit():
+    if _is_number(part):
         if int(part) > 2**31 - 1:
             raise ImageOptionError(f"id {part} in user {whole!r} is out of range")
         return int(part)
-    if not _NAME.match(part):
+    if not _NAME.fullmatch(part):
         raise ImageOptionError(
             f"name {part!r} in user {whole!r} is not a valid user/group name "
             "(lowercase letters, digits, '_' and '-', at most 31 characters)"

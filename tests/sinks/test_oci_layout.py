@@ -74,6 +74,10 @@ def test_parse_target_accepts_skopeo_forms(text: str, expected: object) -> None:
         "docker:/host/app",
         "docker://localhost:5000/app:bad!tag",
         "docker://localhost:5000/app@sha256:zz",
+        "oci:dir:latest\n",  # "$" alone would let a trailing newline through
+        "docker://localhost:5000/app:v1\n",
+        "docker://localhost:5000/app:v\u00e9",  # tags are ASCII
+        "docker://localhost:5000/app@sha256:" + "a" * 64 + "\n",
     ],
 )
 def test_parse_target_rejects_with_the_accepted_forms(text: str) -> None:

@@ -26,7 +26,7 @@ _OCI_REF = re.compile(r"^[A-Za-z0-9_.\-]+(?:[:/@+][A-Za-z0-9_.\-]+)*$")
 # Docker reference grammar (distribution/reference), without the digest part.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?"  # noqa: E501
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
 _REPO = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -119,7 +119,7 @@ def parse_target(value: str) -> Target:
     if not path:
         raise TargetError(value, f"{transport}: needs a path")
     if transport in ("oci", "oci-archive"):
-        if ref and not _OCI_REF.match(ref):
+        if ref and not _OCI_REF.fullmatch(ref):
             raise TargetError(value, f"{ref!r} is not a valid OCI reference name")
         if transport == "oci":
             return OciTarget(path, ref or None)
@@ -138,7 +138,7 @@ def _docker_archive_ref(value: str, ref: str) -> str:
     if last > ref.rfind("/"):
         name, tag = ref[:last], ref[last + 1 :]
     _split_name(value, name)
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise TargetError(value, f"{tag!r} is not a valid tag")
     return f"{name}:{tag}"
 
@@ -149,9 +149,9 @@ def _split_name(value: str, name: str) -> tuple[str | None, str]:
     domain = None
     if slash and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
         domain, name = first, remainder
-        if not _DOMAIN_RE.match(domain):
+        if not _DOMAIN_RE.fullmatch(domain):
             raise TargetError(value, f"{domain!r} is not a valid registry host")
-    if not _REPO.match(name):
+    if not _REPO.fullmatch(name):
         raise TargetError(
             value,
             f"{name!r} is not a valid repository name (lowercase letters, digits, "
@@ -167,12 +167,12 @@ def _parse_registry(value: str, rest: str) -> RegistryTarget:
     digest = tag = None
     if "@" in ref:
         ref, _, digest = ref.partition("@")
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise TargetError(value, f"{digest!r} is not a sha256:<64 hex> digest")
     last = ref.rfind(":")
     if last > ref.rfind("/"):
         ref, tag = ref[:last], ref[last + 1 :]
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise TargetError(value, f"{tag!r} is not a valid tag")
     domain, repo = _split_name(value, ref)
     if domain is None:

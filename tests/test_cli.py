@@ -51,7 +51,10 @@ def test_build_runs_in_private_containerd(demo_app: str, tmp_path: Path) -> None
 def test_fresh_caches_give_same_digest_and_warm_build_reuses(demo_app: str, tmp_path: Path) -> None:
     args = [demo_app, "--entrypoint", f"{demo_app}/bin/demo", "--env", "A=1"]
     a = build_json(*args, "--cache-dir", str(tmp_path / "c1"), "-o", f"oci:{tmp_path}/a:t")
-    b = build_json(*args, "--cache-dir", str(tmp_path / "c2"), "-o", f"oci:{tmp_path}/b:t")
+    one_at_a_time = ["--jobs", "1"]  # same bytes whatever the parallelism
+    b = build_json(
+        *args, *one_at_a_time, "--cache-dir", str(tmp_path / "c2"), "-o", f"oci:{tmp_path}/b:t"
+    )
     assert a["manifest_digest"] == b["manifest_digest"]
     assert not any(layer["reused"] for layer in a["layers"])
     warm = build_json(*args, "--cache-dir", str(tmp_path / "c1"), "-o", f"oci:{tmp_path}/c:t")
@@ -131,6 +134,7 @@ def test_plan_json_and_inspect_agree(
         (["--max-layers", "200", "-o", "oci:/tmp/never"], "125"),
         (["--env", "NOEQUALS", "-o", "oci:/tmp/never"], "NOEQUALS"),
         (["--dest-creds", "nocolon", "-o", "docker://127.0.0.1:1/x"], "USER:PASS"),
+        (["--jobs", "0", "-o", "oci:/tmp/never"], "--jobs"),
     ],
 )
 def test_bad_flags_say_what_is_wrong(demo_app: str, args: list[str], message: str) -> None:

@@ -294,7 +294,12 @@ def main() -> None:
     default=None,
     help="Layer cache (default: $XDG_CACHE_HOME/stowaway).",
 )
-@click.option("--jobs", type=int, default=None, help="Parallel layer builds (default: cores).")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Layers built at a time (default: one per core).",
+)
 @image_flags
 @click.option(
     "--contents",
@@ -406,6 +411,7 @@ def build(
                 settings=settings,
                 cache=cache,
                 format=fmt,  # type: ignore[arg-type]
+                jobs=jobs,
                 **kwargs,
             )
             sink_result = write_image(

@@ -50,11 +50,13 @@ def compose(
     cache: LayerCache,
     format: Literal["oci", "docker"] = "oci",
     progress: Progress = _QUIET,
+    jobs: int | None = None,
 ) -> ComposeResult:
     """Compose the image of ``roots`` (whose full ``closure`` the caller computed).
 
     Store-path layers come first in plan order, the customisation layer last, so
-    images of related closures share their bottom layers (Docker's ChainIDs).
+    images of related closures share their bottom layers (Docker's ChainIDs). ``jobs``
+    layers are built at a time (default: one per core).
     """
     if format not in ("oci", "docker"):
         raise StowawayError(f"unknown image format {format!r} (expected oci or docker)")
@@ -73,7 +75,9 @@ def compose(
         raise StowawayError(f"root {missing[0]} is not in the closure computed for the image")
     custom = plan_customisation(options, source, closure)
     layer_plan = layering.plan(closure, roots, strategy=strategy, max_layers=max_layers)
-    layers = build_layers(source, layer_plan.layers, closure, settings, cache, progress=progress)
+    layers = build_layers(
+        source, layer_plan.layers, closure, settings, cache, progress=progress, jobs=jobs
+    )
     layers.append(build_entries_layer(custom.entries(), custom.key, settings, cache))
     if format == "docker":
         layers = [_as_docker(layer) for layer in layers]

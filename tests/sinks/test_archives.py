@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from stowaway.errors import StowawayError
 from stowaway.image.digest import CorruptBlob
 from stowaway.image.layers import LayerSettings
 from stowaway.sinks import parse_target, write_image
@@ -171,3 +172,19 @@ def test_docker_load_accepts_the_docker_archive(
     config = json.loads(demo_image.image.config.data)
     assert info["RootFS"]["Layers"] == config["rootfs"]["diff_ids"]
     assert info["Config"]["Entrypoint"] == config["config"]["Entrypoint"]
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ([], "not a valid OCI layout"),
+        ({"manifests": [{"size": 1}]}, "not a valid OCI layout"),
+        ({"manifests": [{"digest": "sha256:../../etc/passwd"}]}, "invalid digest"),
+    ],
+)
+def test_inspect_of_a_malformed_layout_says_what_is_wrong(
+    tmp_path: Path, index: object, message: str
+) -> None:
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(StowawayError, match=message):
+        read_image_summary(f"oci:{tmp_path}")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stowaway.errors import StowawayError
+from stowaway.image.digest import parse_digest
 from stowaway.store.model import STORE_DIR
 
 PATHS_PREFIX = "containerd.io/snapshot/stowaway.paths."
@@ -73,7 +74,15 @@ def read_image_summary(target: str) -> dict[str, Any]:
             f"cannot inspect {target!r}", hint="use oci:DIR[:TAG] or oci-archive:FILE[:TAG]"
         )
     location, _, tag = rest.partition(":")
-    with _Layout(kind, location) as layout:
+    try:
+        return _summary(target, _Layout(kind, location), tag)
+    except (KeyError, TypeError, AttributeError) as e:  # valid JSON, not an OCI layout
+        why = f"{type(e).__name__}: {e}"
+        raise StowawayError(f"{target} is not a valid OCI layout ({why})") from None
+
+
+def _summary(target: str, layout: _Layout, tag: str) -> dict[str, Any]:
+    with layout:
         index = layout.json("index.json")
         manifests = index.get("manifests", [])
         if tag:
@@ -85,7 +94,7 @@ def read_image_summary(target: str) -> dict[str, Any]:
         if not manifests:
             raise StowawayError(f"no image{' tagged ' + tag if tag else ''} in {target}")
         desc = manifests[0]
-        algo, _, hexdigest = str(desc["digest"]).partition(":")
+        algo, hexdigest = parse_digest(str(desc["digest"]))  # it names a file: no "../"
         manifest = layout.json(f"blobs/{algo}/{hexdigest}")
     layers = [
         {

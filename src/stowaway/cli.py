@@ -175,7 +175,8 @@ def image_flags(f: F) -> F:
             click.option(
                 "--created",
                 default=None,
-                help="Creation time: epoch seconds, RFC 3339 or 'now' (default: epoch 1).",
+                help="Creation time: epoch seconds, RFC 3339 (UTC without an offset) or 'now' "
+                "(default: epoch 1).",
             ),
         ]
     ):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stowaway.buildkit.frontend import CacheImport, FrontendError, cache_imports, frontend_options
-from stowaway.buildkit.spec import Member, Spec, SpecError, Target
+from stowaway.buildkit.spec import SPEC_VERSION, Member, Spec, SpecError, Target
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +49,7 @@ def test_spec_round_trip_is_byte_stable() -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda s: s.replace(b'"version": 1', b'"version": 9'), "spec version 9"),
+        (lambda s: s.replace(b'"version": %d' % SPEC_VERSION, b'"version": 9'), "spec version 9"),
         (lambda s: s.replace(b'"targets"', b'"targetz"'), "missing field 'targets'"),
         (lambda s: s.replace(b'"maxLayers": 100', b'"maxLayers": "x"'), "'maxLayers' must be"),
         (lambda s: s[:20], "is not JSON"),
@@ -57,6 +59,54 @@ def test_spec_errors_name_the_field(mutate: object, message: str) -> None:
     data = mutate(_spec().to_json())  # type: ignore[operator]
     with pytest.raises(SpecError, match=message):
         Spec.from_json(data, where="ctx/stowaway.json")
+
+
+def _set_member(key: str, value: object) -> Any:
+    def mutate(doc: dict[str, Any]) -> None:
+        doc["customisation"][0][key] = value
+
+    return mutate
+
+
+def _drop_target_drv(doc: dict[str, Any]) -> None:
+    doc["derivations"] = {}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_set_member("data", "abc"), r"customisation\[0\]\.data is not base64"),
+        (_set_member("data", "@@@"), r"customisation\[0\]\.data is not base64"),
+        (_set_member("kind", "symlink"), r"customisation\[0\]\.kind is 'symlink', expected one"),
+        (_set_member("mode", 0o10000), r"customisation\[0\]\.mode 4096 is not a file mode"),
+        (_set_member("mode", -1), r"customisation\[0\]\.mode -1 is not a file mode"),
+        (_drop_target_drv, r"target /nix/store/a-x\.drv!out names a derivation that is not in"),
+    ],
+)
+def test_spec_values_are_checked(mutate: Any, message: str) -> None:
+    """Every bad value is a SpecError naming the field: nothing reaches the frontend as a
+    binascii.Error/KeyError or is read as something else ("@@@" as b"", a symlink as a
+    regular file)."""
+    doc = json.loads(_spec().to_json())
+    mutate(doc)
+    with pytest.raises(SpecError, match=message):
+        Spec.from_json(json.dumps(doc).encode(), where="ctx/stowaway.json")
+
+
+@pytest.mark.parametrize("size", ["12k", None, 1.9, -1, True, "10"])
+def test_nar_sizes_must_be_non_negative_integers(size: object) -> None:
+    doc = json.loads(_spec().to_json())
+    doc["narSizes"]["/nix/store/b-x"] = size
+    with pytest.raises(SpecError, match=r"narSizes\./nix/store/b-x must be a non-negative int"):
+        Spec.from_json(json.dumps(doc).encode())
+
+
+def test_spec_keeps_special_modes_and_empty_data() -> None:
+    spec = _spec()
+    doc = json.loads(spec.to_json())
+    doc["customisation"].append({"name": "tmp", "kind": "directory", "mode": 0o1777, "data": ""})
+    got = Spec.from_json(json.dumps(doc).encode()).customisation
+    assert got == (*spec.customisation, Member("tmp", "directory", 0o1777))
 
 
 def test_frontend_imports_nothing_beyond_grpc_protobuf_stdlib() -> None:

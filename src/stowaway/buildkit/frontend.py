@@ -21,6 +21,7 @@ import socket
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,12 @@ from stowaway.buildkit.evaluate import (
     spec_from_eval,
     store_paths,
 )
-from stowaway.buildkit.graph import STORE_PATHS_LABEL, build_graph, platform_of
+from stowaway.buildkit.graph import (
+    STORE_PATHS_LABEL,
+    build_graph,
+    image_platform,
+    mode_templates,
+)
 from stowaway.buildkit.pb import gateway, gateway_grpc
 from stowaway.buildkit.spec import Spec
 from stowaway.errors import StowawayError
@@ -341,22 +347,31 @@ def run(gw: Gateway, opts: Mapping[str, str], session: str) -> None:
             context = llb.local_source(
                 "context",
                 session_id=session,
-                include=sorted(set(spec.source_dirs.values())),
+                include=sorted(
+                    set(spec.source_dirs.values()) | set(mode_templates(spec.customisation))
+                ),
                 description="[internal] load sources",
             )
         drvs = {d.path: d for d in drv_list}
         subs: dict[str, llb.Output] = {}
         if "resolveimage" in caps and "source.image" in llb_caps:
-            subs = _substitutes(gw, platform_of(drvs[spec.targets[0].drv]))
+            subs = _substitutes(gw, image_platform(spec, drvs))
         graph = build_graph(spec, drvs, context, subs)
         ref = gw.solve(llb.marshal(graph.result), use_caches=True)
+        config = _labelled(spec.config, graph.layers)
     except StowawayError as e:
         gw.ret(None, {}, str(e))
         return
     except grpc.RpcError as e:
         gw.ret(None, {}, f"stowaway frontend: {e.details()}")
         return
-    gw.ret(ref, {"containerimage.config": _labelled(spec.config, graph.layers)}, None)
+    except Exception as e:
+        # A bug or an input nothing checked: BuildKit must still get an error through
+        # Return (a frontend that just dies is reported as a vague gateway failure).
+        traceback.print_exc()  # stderr: shown in the build log
+        gw.ret(None, {}, f"stowaway frontend: internal error: {type(e).__name__}: {e}")
+        return
+    gw.ret(ref, {"containerimage.config": config}, None)
 
 
 def main() -> int:

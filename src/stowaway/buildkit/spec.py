@@ -7,6 +7,7 @@ here, with errors naming the file and the field. Stdlib only (runs in the fronte
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,9 +15,12 @@ from typing import Any
 
 from stowaway.errors import StowawayError
 
-__all__ = ["SPEC_VERSION", "Member", "Spec", "SpecError", "Target"]
+__all__ = ["MEMBER_KINDS", "SPEC_VERSION", "Member", "Spec", "SpecError", "Target"]
 
-SPEC_VERSION = 1
+#: 2: the context also holds ``modes/<octal>`` template directories (see graph.py).
+SPEC_VERSION = 2
+#: What the customisation layer of a BuildKit image may hold (no symlinks yet).
+MEMBER_KINDS = ("directory", "regular")
 
 
 class SpecError(StowawayError):
@@ -103,6 +107,14 @@ class Spec:
         )
         if not targets:
             raise SpecError(f"{where}: no targets")
+        drv_files = dict(r.str_map(r.get(doc, "derivations", dict), "derivations"))
+        for t in targets:
+            if t.drv not in drv_files:
+                raise SpecError(
+                    f"{where}: target {t.drv}!{t.output} names a derivation that is not "
+                    "in 'derivations'",
+                    hint="regenerate the context with `stowaway buildkit context`",
+                )
         refs_doc = doc.get("references")
         references = None
         if refs_doc is not None:
@@ -110,24 +122,21 @@ class Spec:
         layering = r.get(doc, "layering", dict)
         return cls(
             targets=targets,
-            drv_files=dict(r.str_map(r.get(doc, "derivations", dict), "derivations")),
+            drv_files=drv_files,
             source_dirs=dict(r.str_map(r.get(doc, "sources", dict), "sources")),
             outputs={
                 d: dict(r.str_map(o, f"outputs.{d}"))
                 for d, o in r.get(doc, "outputs", dict).items()
             },
             references=references,
-            nar_sizes={p: int(n) for p, n in r.get(doc, "narSizes", dict).items()},
+            nar_sizes={
+                p: r.size(n, f"narSizes.{p}") for p, n in r.dict(r.get(doc, "narSizes", dict))
+            },
             layering=r.get(layering, "strategy", str),
             max_layers=r.get(layering, "maxLayers", int),
             customisation=tuple(
-                Member(
-                    r.get(m, "name", str),
-                    r.get(m, "kind", str),
-                    r.get(m, "mode", int),
-                    base64.b64decode(r.get(m, "data", str)),
-                )
-                for m in r.get(doc, "customisation", list)
+                r.member(m, f"customisation[{i}]")
+                for i, m in enumerate(r.get(doc, "customisation", list))
             ),
             config=json.dumps(
                 r.get(doc, "config", dict),
@@ -156,6 +165,26 @@ class _Reader:
         if not isinstance(obj, dict):
             raise SpecError(f"{self.where}: expected a JSON object")
         return list(obj.items())
+
+    def size(self, obj: object, what: str) -> int:
+        if not isinstance(obj, int) or isinstance(obj, bool) or obj < 0:
+            raise SpecError(f"{self.where}: {what} must be a non-negative integer, not {obj!r}")
+        return obj
+
+    def member(self, obj: object, what: str) -> Member:
+        name, kind = self.get(obj, "name", str), self.get(obj, "kind", str)
+        if kind not in MEMBER_KINDS:
+            raise SpecError(
+                f"{self.where}: {what}.kind is {kind!r}, expected one of {', '.join(MEMBER_KINDS)}"
+            )
+        mode = self.get(obj, "mode", int)
+        if not 0 <= mode <= 0o7777:
+            raise SpecError(f"{self.where}: {what}.mode {mode} is not a file mode (0..0o7777)")
+        try:
+            data = base64.b64decode(self.get(obj, "data", str), validate=True)
+        except binascii.Error as e:
+            raise SpecError(f"{self.where}: {what}.data is not base64: {e}") from None
+        return Member(name, kind, mode, data)
 
     def strs(self, obj: object, what: str) -> list[str]:
         if not isinstance(obj, list) or not all(isinstance(x, str) for x in obj):

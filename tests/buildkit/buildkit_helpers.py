@@ -78,3 +78,15 @@ def export(dockerd: Dockerd, tag: str, dest: Path) -> None:
         dockerd.docker("rm", cid)
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         tf.extractall(dest)  # our own image; as root, modes are kept
+
+
+def exported_modes(dockerd: Dockerd, tag: str) -> dict[str, int]:
+    """Path (no leading /) → permission bits (with setuid/setgid/sticky) of every member
+    of the image's filesystem as `docker export` writes it."""
+    cid = dockerd.docker("create", tag).stdout.decode().strip()
+    try:
+        data = dockerd.docker("export", cid).stdout
+    finally:
+        dockerd.docker("rm", cid)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return {m.name.strip("/"): m.mode & 0o7777 for m in tf.getmembers()}

@@ -7,14 +7,24 @@ The frontend image is built once by scripts/frontend-image.sh and cached under
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from buildkit_helpers import GRAPH, cached_steps, export, nix_build, out_path, script_image
+from buildkit_helpers import (
+    GRAPH,
+    cached_steps,
+    export,
+    exported_modes,
+    nix_build,
+    out_path,
+    script_image,
+)
 from dockerd_netns import NetnsDockerd
 
 from daemons import Containerd, Dockerd
@@ -119,3 +129,43 @@ def test_failing_builder_names_the_derivation(env: Env) -> None:
     assert "nix-build doomed-step" in log
     assert "doomed-step is about to fail" in log
     assert "exit code: 3" in log
+
+
+def test_customisation_layer_has_stowaway_builds_modes(env: Env) -> None:
+    """/tmp is 1777 as in `stowaway build`'s images; a FileOp mkdir made it 0755
+    (BuildKit v0.8 drops the sticky bit and applies dockerd's umask)."""
+    ctx = _context(env, "ctx-app")
+    _build(env, ctx, "stowaway-app:modes")
+    modes = exported_modes(env.dockerd, "stowaway-app:modes")
+    assert modes["tmp"] == 0o1777, oct(modes["tmp"])
+    assert modes["etc"] == 0o755 and modes["etc/passwd"] == modes["etc/group"] == 0o644
+
+
+def _break_labels(doc: dict[str, Any]) -> None:
+    doc["config"]["config"]["Labels"] = []  # a JSON object in what the client writes
+
+
+def _break_nar_size(doc: dict[str, Any]) -> None:
+    doc["narSizes"][doc["targets"][0]["path"]] = "12k"
+
+
+@pytest.mark.parametrize(
+    ("name", "breaks", "message"),
+    [
+        # nothing checks Labels' type: the frontend's catch-all still Returns the error
+        ("labels", _break_labels, "stowaway frontend: internal error: TypeError: "),
+        ("narsize", _break_nar_size, "stowaway.json: narSizes./nix/store/"),
+    ],
+)
+def test_frontend_errors_reach_buildkit(
+    env: Env, name: str, breaks: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    """Whatever goes wrong in the frontend, BuildKit gets the error through the gateway's
+    Return (a frontend that dies instead shows as a vague gateway failure)."""
+    ctx = _context(env, f"ctx-broken-{name}")
+    doc = json.loads((ctx / "stowaway.json").read_bytes())
+    breaks(doc)
+    (ctx / "stowaway.json").write_text(json.dumps(doc))
+    code, log = _build(env, ctx, f"stowaway-broken:{name}", check=False)
+    assert code != 0
+    assert f"rpc error: code = Unknown desc = {message}" in log, log[-3000:]

@@ -3,6 +3,7 @@ frontend assembles from nix-instantiate's output equals the one a client context
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -95,8 +96,12 @@ def test_eval_op_runs_nix_instantiate_on_the_image() -> None:
     image = out.vertex.deps[0]
     assert b"docker-image://docker.io/library/nix:1" in image.data
     assert b"/src/g.nix" in out.vertex.data and b"nix-instantiate" in out.vertex.data
-    root = ops.Op.FromString(out.vertex.data).exec.mounts[0]
+    op = ops.Op.FromString(out.vertex.data)
+    root = op.exec.mounts[0]
     assert (root.dest, root.readonly) == ("/", True)  # a private snapshot per op (graph.py)
+    # the directory the image's /tmp is copied from (graph.mode_template), as a context
+    # made by `stowaway buildkit context` holds it
+    assert "mkdir -m 1777 /out/modes/1777\n" in op.exec.meta.args[2]
 
 
 def test_spec_from_eval_equals_the_client_context(tmp_path: Path, have_nix: None) -> None:
@@ -131,3 +136,30 @@ def test_spec_from_eval_equals_the_client_context(tmp_path: Path, have_nix: None
     assert spec.outputs == want.outputs and spec.customisation == want.customisation
     assert spec.config == want.config
     assert spec.references is None
+
+
+FOREIGN = """
+derivation {
+  name = "foreign";
+  system = "aarch64-linux";
+  builder = "/bin/sh";
+  args = [ "-c" "echo hi > $out" ];
+}
+"""
+
+
+def test_image_platform_is_the_derivations(tmp_path: Path, have_nix: None) -> None:
+    """The image config names the platform the derivations build for, not the client's
+    machine, in a client context as in a `.nix` build."""
+    nix = tmp_path / "foreign.nix"
+    nix.write_text(FOREIGN)
+    spec = make_context(str(nix), [], tmp_path / "ctx", ImageOptions()).spec
+    config = json.loads(spec.config)
+    assert (config["os"], config["architecture"]) == ("linux", "arm64")
+    drv = spec.targets[0].drv
+    req = eval_request({"filename": "foreign.nix", "build-arg:nix-image": "n"})
+    assert req is not None
+    evaluated = spec_from_eval(
+        req, f"{drv}\n".encode(), f"{drv}\n".encode(), {drv: parse_drv(Path(drv).read_bytes(), drv)}
+    )
+    assert evaluated.config == spec.config

@@ -3,7 +3,10 @@ derivation graph → ExecOp mapping on the real fixture graph."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,17 @@ import pytest
 from stowaway.buildkit import llb
 from stowaway.buildkit.context import make_context
 from stowaway.buildkit.drv import parse_drv
-from stowaway.buildkit.graph import GraphError, build_env, build_graph
+from stowaway.buildkit.graph import (
+    UNKNOWN_SIZE,
+    GraphError,
+    build_env,
+    build_graph,
+    image_platform,
+)
 from stowaway.buildkit.pb import ops
 from stowaway.buildkit.spec import Spec
 from stowaway.image.config import ImageOptions
+from stowaway.layering.auto import SOLO_MIN, TINY
 
 GRAPH = Path(__file__).resolve().parents[2] / "fixtures" / "buildkit" / "graph.nix"
 
@@ -175,6 +185,59 @@ def test_missing_derivation_is_a_clear_error(have_nix: None, contexts: dict[str,
     }
     with pytest.raises(GraphError, match=r"-beta\.drv is not in the build context"):
         build_graph(spec, drvs, _ctx())
+
+
+def test_missing_target_derivation_is_a_clear_error(
+    have_nix: None, contexts: dict[str, Path]
+) -> None:
+    """The frontend asks for the image's platform before build_graph runs: a target
+    whose .drv is missing must be a GraphError there too, not a KeyError."""
+    spec = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
+    drvs = {
+        p: parse_drv((contexts[""] / rel).read_bytes(), p)
+        for p, rel in spec.drv_files.items()
+        if p != spec.targets[0].drv
+    }
+    with pytest.raises(GraphError, match=r"target derivation .*-app\.drv is not in the build"):
+        image_platform(spec, drvs)
+
+
+def test_unknown_sizes_plan_by_closure_structure(have_nix: None, contexts: dict[str, Path]) -> None:
+    """Without NAR sizes (no local build, `.nix` builds) the closure is still split into
+    layers by its structure, and a leaf change leaves the layers it does not touch alone
+    (with size 0 every group was "tiny" and the planner merged all into a layer or two)."""
+    assert UNKNOWN_SIZE < SOLO_MIN and 2 * UNKNOWN_SIZE >= TINY
+    layers = {}
+    for salt in ("", "x"):
+        spec = Spec.from_json((contexts[salt] / "stowaway.json").read_bytes())
+        spec = dataclasses.replace(spec, references=None, nar_sizes={})
+        drvs = {
+            p: parse_drv((contexts[salt] / r).read_bytes(), p) for p, r in spec.drv_files.items()
+        }
+        layers[salt] = build_graph(spec, drvs, _ctx()).layers
+    paths = [p for layer in layers[""] for p in layer]
+    assert len(paths) == 14 and len(layers[""]) >= 5, layers[""]
+    changed = {"alpha", "lib-ab", "core", "docs", "app"}
+    untouched = [ls for ls in layers[""] if not {p.split("-", 1)[1] for p in ls} & changed]
+    assert untouched and set(untouched) <= set(layers["x"])
+
+
+def test_tmp_is_copied_with_its_mode(have_nix: None, contexts: dict[str, Path]) -> None:
+    """BuildKit v0.8's mkdir drops the sticky bit and applies its umask (an image's /tmp
+    came out 0755): /tmp is copied, as a directory, from modes/1777 in the context."""
+    mode = os.stat(contexts[""] / "modes" / "1777").st_mode
+    assert stat.S_ISDIR(mode) and stat.S_IMODE(mode) == 0o1777
+    spec = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
+    drvs = {p: parse_drv((contexts[""] / r).read_bytes(), p) for p, r in spec.drv_files.items()}
+    ctx = _ctx()
+    g = build_graph(spec, drvs, ctx)
+    op = ops.Op.FromString(g.result.vertex.data)
+    made = {a.mkdir.path: a.mkdir.mode for a in op.file.actions if a.HasField("mkdir")}
+    assert made == {"/etc": 0o755}
+    (tmp,) = [a for a in op.file.actions if a.HasField("copy")]
+    assert (tmp.copy.src, tmp.copy.dest, tmp.copy.dirCopyContents) == ("/modes/1777", "/tmp", False)
+    assert tmp.copy.mode == -1  # keep the template's mode
+    assert op.inputs[tmp.secondaryInput].digest == ctx.vertex.digest
 
 
 def test_substituted_derivations_get_no_exec_op(have_nix: None, contexts: dict[str, Path]) -> None:

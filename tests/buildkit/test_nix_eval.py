@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from buildkit_helpers import GRAPH, cached_steps, export, nix_build, script_image
+from buildkit_helpers import GRAPH, cached_steps, export, exported_modes, nix_build, script_image
 from dockerd_netns import NetnsDockerd
 
 from daemons import Containerd, Dockerd
@@ -100,6 +100,8 @@ def test_nix_file_builds_without_client_nix(env: Env) -> None:
         ).stdout.strip()
         got, _ = nar_hash_and_size(root / path.lstrip("/"))
         assert got == want, f"{path}: BuildKit built {got}, nix-build {want}"
+    # /tmp is copied from the eval op's modes/1777 (a FileOp mkdir gives 0755)
+    assert exported_modes(env.dockerd, "nixeval-app:1")["tmp"] == 0o1777
 
 
 def test_second_build_is_cached(env: Env) -> None:

@@ -2,8 +2,10 @@
 
 The context holds everything the frontend needs and nothing it would have to fetch:
 ``drvs/<basename>`` (every .drv of the closure), ``sources/<basename>`` (every input
-source, copied in canonical form: mtime 1, modes 0444/0555), and ``stowaway.json``
-(targets with their expected store paths, where each file lives, the image config).
+source, copied in canonical form: mtime 1, modes 0444/0555), ``modes/<octal>`` (empty
+directories the customisation layer's ``/tmp`` is copied from, see graph.mode_template)
+and ``stowaway.json`` (targets with their expected store paths, where each file lives,
+the image config for the derivations' platform).
 
 References of outputs are only known after building. When the targets are already valid
 in the local store (built by nix before), their exact closure and sizes are recorded;
@@ -20,12 +22,13 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stowaway.buildkit.drv import Derivation, parse_drv
 from stowaway.buildkit.evaluate import NoStore, targets_of
-from stowaway.buildkit.spec import Member, Spec
+from stowaway.buildkit.graph import mode_templates, platform_of
+from stowaway.buildkit.spec import MEMBER_KINDS, Member, Spec
 from stowaway.errors import StowawayError
 from stowaway.image.config import ImageOptions, build_config, plan_customisation
 from stowaway.store.local import LocalStore
@@ -145,6 +148,10 @@ def make_context(
             drvs[p] = parse_drv(texts[p], p)
     sources = sorted(p for p in closure_paths if not p.endswith(".drv"))
     targets = targets_of(selected, drvs)
+    # The image is for the platform its derivations build on, not the client's (as in
+    # spec_from_eval).
+    os_name, arch = platform_of(drvs[targets[0].drv])
+    options = replace(options, os=os_name, architecture=arch)
     roots = [t.path for t in targets]
     closure, store = _runtime_closure([*roots, *options.contents], _open_store())
     if options.contents and closure is None:
@@ -171,7 +178,7 @@ def make_context(
         customisation=tuple(
             Member(m.name.decode(), m.kind, m.mode, m.data)
             for m in custom.members
-            if m.kind in ("directory", "regular")
+            if m.kind in MEMBER_KINDS
         ),
         config=build_config(options, [], []),
     )
@@ -187,6 +194,10 @@ def make_context(
             (tmp / "drvs" / p.rsplit("/", 1)[-1]).write_bytes(data)
         for p in sources:
             _copy_canonical(p, tmp / "sources" / p.rsplit("/", 1)[-1])
+        for template in mode_templates(spec.customisation):
+            (tmp / template).mkdir(parents=True)
+            os.chmod(tmp / template, int(template.rsplit("/", 1)[-1], 8))
+            os.utime(tmp / template, (1, 1))
         (tmp / "stowaway.json").write_bytes(spec.to_json())
         os.chmod(tmp, 0o755)
         old = None

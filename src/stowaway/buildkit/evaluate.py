@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 
 from stowaway.buildkit import llb
 from stowaway.buildkit.drv import Derivation
-from stowaway.buildkit.graph import platform_of
-from stowaway.buildkit.spec import Member, Spec, Target
+from stowaway.buildkit.graph import mode_templates, platform_of
+from stowaway.buildkit.spec import MEMBER_KINDS, Member, Spec, Target
 from stowaway.errors import StowawayError
 from stowaway.image.config import (
     ImageOptions,
@@ -169,6 +169,12 @@ def eval_op(req: EvalRequest, context: llb.Output) -> llb.Output:
     friends work; the result is cached by the context's content, so pin what you fetch.
     """
     image = llb.image_source(req.nix_image, description=f"[stowaway] nix image {req.nix_image}")
+    # the directories the customisation layer copies modes from (see graph.mode_template)
+    script = _SCRIPT + "".join(
+        f"mkdir -p {OUT_DIR}/{posixpath.dirname(t)}\n"
+        f"mkdir -m {posixpath.basename(t)} {OUT_DIR}/{t}\n"
+        for t in mode_templates(_members(req.options))
+    )
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": "/tmp",
@@ -177,7 +183,7 @@ def eval_op(req: EvalRequest, context: llb.Output) -> llb.Output:
         "NIX_CONFIG": "build-users-group =\nsubstituters =",
     }
     vertex = llb.exec_op(
-        ["/bin/sh", "-ec", _SCRIPT, "stowaway-eval", *req.argv()],
+        ["/bin/sh", "-ec", script, "stowaway-eval", *req.argv()],
         env,
         [
             llb.Mount("/", image, readonly=True),  # a private snapshot (see graph.py)
@@ -260,6 +266,15 @@ def _with_out(options: ImageOptions, out: str) -> ImageOptions:
     )
 
 
+def _members(options: ImageOptions) -> tuple[Member, ...]:
+    """The customisation layer (no ``contents`` in ``.nix`` builds: no symlinks)."""
+    return tuple(
+        Member(m.name.decode(), m.kind, m.mode, m.data)
+        for m in plan_customisation(options, NoStore()).members
+        if m.kind in MEMBER_KINDS
+    )
+
+
 def spec_from_eval(
     req: EvalRequest,
     instantiated: bytes,
@@ -278,7 +293,6 @@ def spec_from_eval(
     options = _with_out(req.options, targets[0].path)
     os_name, arch = platform_of(drvs[targets[0].drv])
     options = replace(options, os=os_name, architecture=arch)
-    custom = plan_customisation(options, NoStore())
     return Spec(
         targets=tuple(targets),
         drv_files={p: f"drvs/{p.rsplit('/', 1)[-1]}" for p in drvs},
@@ -287,10 +301,6 @@ def spec_from_eval(
         references=None,
         layering=req.layering,
         max_layers=req.max_layers,
-        customisation=tuple(
-            Member(m.name.decode(), m.kind, m.mode, m.data)
-            for m in custom.members
-            if m.kind in ("directory", "regular")
-        ),
+        customisation=_members(options),
         config=build_config(options, [], []),
     )

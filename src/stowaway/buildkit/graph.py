@@ -17,18 +17,23 @@ from dataclasses import dataclass
 
 from stowaway.buildkit.drv import Derivation
 from stowaway.buildkit.llb import Copy, MkDir, MkFile, Mount, Output, Vertex, exec_op, file_op
-from stowaway.buildkit.spec import Spec
+from stowaway.buildkit.spec import Member, Spec
 from stowaway.errors import StowawayError
 from stowaway.layering import plan
+from stowaway.layering.auto import SOLO_MIN, TINY
 from stowaway.store.model import STORE_DIR, PathInfo
 
 __all__ = [
     "STORE_PATHS_LABEL",
     "SYSTEMS",
+    "UNKNOWN_SIZE",
     "BuildGraph",
     "GraphError",
     "build_env",
     "build_graph",
+    "image_platform",
+    "mode_template",
+    "mode_templates",
     "platform_of",
 ]
 
@@ -43,6 +48,16 @@ SYSTEMS = {
     "i686-linux": ("linux", "386"),
     "armv7l-linux": ("linux", "arm"),
 }
+#: Layer planning size of a store path whose NAR size is unknown (outputs not built on
+#: the client, `.nix` builds). 0 would make every group "tiny", and the auto planner
+#: would merge the whole closure into a layer or two. Below SOLO_MIN, so that no path
+#: claims a layer of its own (with equal sizes the solo paths would be picked by hash,
+#: and re-picked on every update), and as close to TINY as that allows: with today's
+#: TINY == SOLO_MIN two paths reach TINY, so the planner groups the closure by its
+#: structure alone, in about half as many layers as paths (budget permitting).
+UNKNOWN_SIZE = min(SOLO_MIN - 1, TINY)
+#: Where the context holds an empty directory of each mode MkDir cannot make.
+MODES_DIR = "modes"
 
 
 class GraphError(StowawayError):
@@ -68,6 +83,35 @@ def platform_of(drv: Derivation) -> tuple[str, str]:
             hint="builtin builders such as builtin:fetchurl have to be realised by nix first",
         )
     return plat
+
+
+def image_platform(spec: Spec, drvs: Mapping[str, Derivation]) -> tuple[str, str]:
+    """The image's (OS, architecture): the first target's derivation's platform."""
+    drv = drvs.get(spec.targets[0].drv)
+    if drv is None:
+        raise GraphError(
+            f"target derivation {spec.targets[0].drv} is not in the build context",
+            hint="regenerate it with `stowaway buildkit context`",
+        )
+    return platform_of(drv)
+
+
+def mode_template(kind: str, mode: int) -> str | None:
+    """The context path of an empty directory with ``mode`` that a customisation
+    directory is copied from, or None when MkDir makes it as is.
+
+    BuildKit v0.8 creates FileOp directories with ``mode & 0o777`` under its umask
+    (0022 in dockerd): ``/tmp`` would come out 0755 instead of 1777. A directory copied
+    (not its contents) keeps its mode, so the context (or the eval op's output) holds
+    ``modes/<octal>`` directories made with the right mode to copy from."""
+    if kind != "directory" or not mode & ~0o755:
+        return None
+    return f"{MODES_DIR}/{mode:o}"
+
+
+def mode_templates(members: Sequence[Member]) -> list[str]:
+    """The ``modes/<octal>`` directories the customisation layer copies from."""
+    return sorted({t for m in members if (t := mode_template(m.kind, m.mode)) is not None})
 
 
 def build_env(drv: Derivation, cores: int = 1) -> dict[str, str]:
@@ -181,7 +225,7 @@ def build_graph(
     closure = _closure(spec, drvs, subs)
     roots = [t.path for t in spec.targets]
     layer_plan = plan(closure, roots, strategy=spec.layering, max_layers=spec.max_layers)
-    plat = platform_of(drvs[spec.targets[0].drv])
+    plat = image_platform(spec, drvs)
     image: Output | None = None
     layers: list[tuple[str, ...]] = []
     for i, layer in enumerate(layer_plan.layers):
@@ -200,12 +244,15 @@ def build_graph(
         image = file_op(image, actions, platform=plat, description=desc[:200])
         layers.append(layer.paths)
     if spec.customisation:
-        custom: list[Copy | MkDir | MkFile] = [
-            MkDir("/" + m.name, m.mode)
-            if m.kind == "directory"
-            else MkFile("/" + m.name, m.mode, m.data)
-            for m in spec.customisation
-        ]
+        custom: list[Copy | MkDir | MkFile] = []
+        for m in spec.customisation:
+            template = mode_template(m.kind, m.mode)
+            if template is not None:
+                custom.append(Copy(context, "/" + template, "/" + m.name, contents=False))
+            elif m.kind == "directory":
+                custom.append(MkDir("/" + m.name, m.mode))
+            else:
+                custom.append(MkFile("/" + m.name, m.mode, m.data))
         image = file_op(image, custom, platform=plat, description="stowaway customisation layer")
     assert image is not None  # a plan always has a layer: the targets are in it
     return BuildGraph(image, builders, tuple(layers), frozenset(substituted))
@@ -277,6 +324,6 @@ def _closure(
         if p in closure:
             continue
         r = refs.get(p, ())
-        closure[p] = PathInfo(p, "", spec.nar_sizes.get(p, 0), tuple(sorted(r)))
+        closure[p] = PathInfo(p, "", spec.nar_sizes.get(p, UNKNOWN_SIZE), tuple(sorted(r)))
         todo.extend(x for x in r if x not in closure)
     return closure

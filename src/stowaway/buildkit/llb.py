@@ -74,12 +74,18 @@ class Mount:
 @dataclass(frozen=True)
 class Copy:
     """Copy ``src`` of ``source`` to ``dest`` (parents created); mtimes set to
-    ``timestamp`` so the layer does not depend on when it was built."""
+    ``timestamp`` so the layer does not depend on when it was built. Modes are kept.
+
+    ``contents`` True copies what is in a directory ``src`` into ``dest``, which BuildKit
+    v0.8 creates first (mode 0755, umask applied): ``src``'s own mode is lost. False
+    copies the directory itself to a ``dest`` that must not exist yet, with its mode
+    (setuid/setgid/sticky bits included, which MkDir cannot set)."""
 
     source: Output
     src: str
     dest: str
     timestamp: int = 1
+    contents: bool = True
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,7 @@ def file_op(
             c = fa.copy
             c.src, c.dest = a.src, a.dest
             c.mode = KEEP
-            c.dirCopyContents = True
+            c.dirCopyContents = a.contents
             c.createDestPath = True
             c.timestamp = a.timestamp
         elif isinstance(a, MkDir):

@@ -69,24 +69,23 @@ def cached_steps(log: str) -> dict[str, bool]:
     return {name: num in cached for num, name in names.items()}
 
 
-def export(dockerd: Dockerd, tag: str, dest: Path) -> None:
-    """The image's filesystem (docker create + export), unpacked into ``dest``."""
+def _exported(dockerd: Dockerd, tag: str) -> bytes:
+    """The image's filesystem as a tar (docker create + export)."""
     cid = dockerd.docker("create", tag).stdout.decode().strip()
     try:
-        data = dockerd.docker("export", cid).stdout
+        return dockerd.docker("export", cid).stdout
     finally:
         dockerd.docker("rm", cid)
-    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+
+
+def export(dockerd: Dockerd, tag: str, dest: Path) -> None:
+    """The image's filesystem, unpacked into ``dest``."""
+    with tarfile.open(fileobj=io.BytesIO(_exported(dockerd, tag))) as tf:
         tf.extractall(dest)  # our own image; as root, modes are kept
 
 
 def exported_modes(dockerd: Dockerd, tag: str) -> dict[str, int]:
     """Path (no leading /) → permission bits (with setuid/setgid/sticky) of every member
     of the image's filesystem as `docker export` writes it."""
-    cid = dockerd.docker("create", tag).stdout.decode().strip()
-    try:
-        data = dockerd.docker("export", cid).stdout
-    finally:
-        dockerd.docker("rm", cid)
-    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+    with tarfile.open(fileobj=io.BytesIO(_exported(dockerd, tag))) as tf:
         return {m.name.strip("/"): m.mode & 0o7777 for m in tf.getmembers()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,13 @@ def signed_caches(
     return {
         c: nix_copy(base / c, [demo_closure[-1]], c, cache_keys["good.sk"]) for c in COMPRESSIONS
     }
+
+
+@pytest.fixture()
+def strict_umask() -> Iterator[None]:
+    """A umask of 077 for the test: files meant for other users must not depend on it."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)

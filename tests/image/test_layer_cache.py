@@ -11,7 +11,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -110,15 +109,6 @@ def test_corrupt_blob_is_detected_dropped_and_rebuilt(layer_cache: LayerCache) -
     rebuilt = build(layer_cache)
     assert not rebuilt.reused and rebuilt.path is not None
     assert rebuilt.path.read_bytes() == good
-
-
-@pytest.fixture()
-def strict_umask() -> Iterator[None]:
-    old = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_entries_are_world_readable_whatever_the_umask(

@@ -9,7 +9,6 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,15 +52,6 @@ def test_request_queued_behind_the_finishing_put_gets_upload_unknown(server: Ser
         put.close()
         patch.close()
     assert server.request("GET", f"/v2/a/blobs/{digest(data)}").body == data
-
-
-@pytest.fixture()
-def strict_umask() -> Iterator[None]:
-    old = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def test_stored_files_are_0644_whatever_the_umask(server: Server, strict_umask: None) -> None:

@@ -23,101 +23,90 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _group(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several click decorators as one, in the order they read (click adds options
+    bottom-up, so they are applied in reverse)."""
+
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
 def _fail(err: StowawayError) -> None:
     click.echo(f"error: {err}", err=True)
     sys.exit(1)
 
 
-def cache_options(f: F) -> F:
-    """--substituter and --trusted-public-key: the binary caches missing store paths
-    come from (`build`, `plan`, `snapshotter`, `cri-image-service`)."""
-    for opt in reversed(
-        [
-            click.option(
-                "--substituter",
-                "substituters",
-                multiple=True,
-                metavar="URL",
-                help="Binary cache (file:// or http(s)://) to take missing paths from; "
-                "repeatable, in priority order.",
-            ),
-            click.option(
-                "--trusted-public-key",
-                "trusted_keys",
-                multiple=True,
-                metavar="NAME:BASE64",
-                help="Key whose signatures are accepted on binary cache paths; repeatable.",
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
+#: --substituter and --trusted-public-key: the binary caches missing store paths
+#: come from (`build`, `plan`, `snapshotter`, `cri-image-service`).
+cache_options = _group(
+    click.option(
+        "--substituter",
+        "substituters",
+        multiple=True,
+        metavar="URL",
+        help="Binary cache (file:// or http(s)://) to take missing paths from; "
+        "repeatable, in priority order.",
+    ),
+    click.option(
+        "--trusted-public-key",
+        "trusted_keys",
+        multiple=True,
+        metavar="NAME:BASE64",
+        help="Key whose signatures are accepted on binary cache paths; repeatable.",
+    ),
+)
 
 
-def store_options(f: F) -> F:
-    """Flags that choose where store paths come from (shared by several commands)."""
-    for opt in reversed(
-        [
-            click.option(
-                "--store",
-                metavar="DIR",
-                help="Read store paths from DIR (e.g. a SAN mount of /nix/store) "
-                "instead of /nix/store.",
-            ),
-            cache_options,
-            click.option(
-                "--no-require-sigs",
-                is_flag=True,
-                help="Accept unsigned binary cache paths (trust the transport instead).",
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
+#: Flags that choose where store paths come from (shared by several commands).
+store_options = _group(
+    click.option(
+        "--store",
+        metavar="DIR",
+        help="Read store paths from DIR (e.g. a SAN mount of /nix/store) instead of /nix/store.",
+    ),
+    cache_options,
+    click.option(
+        "--no-require-sigs",
+        is_flag=True,
+        help="Accept unsigned binary cache paths (trust the transport instead).",
+    ),
+)
 
 
-def installable_options(f: F) -> F:
-    for opt in reversed(
-        [
-            click.argument("installables", nargs=-1),
-            click.option(
-                "-f",
-                "--file",
-                "nix_file",
-                metavar="FILE.nix",
-                help="Build FILE.nix with nix-build and use its outputs.",
-            ),
-            click.option(
-                "-A", "--attr", "attrs", multiple=True, help="Attribute of -f FILE to build."
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
+installable_options = _group(
+    click.argument("installables", nargs=-1),
+    click.option(
+        "-f",
+        "--file",
+        "nix_file",
+        metavar="FILE.nix",
+        help="Build FILE.nix with nix-build and use its outputs.",
+    ),
+    click.option("-A", "--attr", "attrs", multiple=True, help="Attribute of -f FILE to build."),
+)
 
 
-def layering_options(f: F) -> F:
-    for opt in reversed(
-        [
-            click.option(
-                "--max-layers",
-                default=100,
-                show_default=True,
-                type=int,
-                help="Most layers in the image, the customisation layer included (≤ 125).",
-            ),
-            click.option(
-                "--layering",
-                type=click.Choice(["auto", "popularity", "dominator"]),
-                default="auto",
-                show_default=True,
-                help="auto: stable groups for reuse across versions and images; "
-                "popularity: nixpkgs' popularity contest; dominator: Nixery's grouping.",
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
+layering_options = _group(
+    click.option(
+        "--max-layers",
+        default=100,
+        show_default=True,
+        type=int,
+        help="Most layers in the image, the customisation layer included (≤ 125).",
+    ),
+    click.option(
+        "--layering",
+        type=click.Choice(["auto", "popularity", "dominator"]),
+        default="auto",
+        show_default=True,
+        help="auto: stable groups for reuse across versions and images; "
+        "popularity: nixpkgs' popularity contest; dominator: Nixery's grouping.",
+    ),
+)
 
 
 def _roots(installables: Sequence[str], nix_file: str | None, attrs: Sequence[str]) -> list[str]:
@@ -149,39 +138,28 @@ def _closure(
     return source, closure(source, roots)
 
 
-def image_flags(f: F) -> F:
-    """The image-config flags shared by `build` and `buildkit context`."""
-    for opt in reversed(
-        [
-            click.option(
-                "--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".'
-            ),
-            click.option(
-                "--cmd", default=None, help="Default arguments (JSON array or shell words)."
-            ),
-            click.option(
-                "--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable."
-            ),
-            click.option("--workdir", default=None),
-            click.option(
-                "--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd."
-            ),
-            click.option(
-                "--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable."
-            ),
-            click.option(
-                "--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable."
-            ),
-            click.option(
-                "--created",
-                default=None,
-                help="Creation time: epoch seconds, RFC 3339 (UTC without an offset) or 'now' "
-                "(default: epoch 1).",
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
+#: The image-config flags shared by `build` and `buildkit context`.
+image_flags = _group(
+    click.option(
+        "--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".'
+    ),
+    click.option("--cmd", default=None, help="Default arguments (JSON array or shell words)."),
+    click.option("--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable."),
+    click.option("--workdir", default=None),
+    click.option("--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd."),
+    click.option(
+        "--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable."
+    ),
+    click.option(
+        "--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable."
+    ),
+    click.option(
+        "--created",
+        default=None,
+        help="Creation time: epoch seconds, RFC 3339 (UTC without an offset) or 'now' "
+        "(default: epoch 1).",
+    ),
+)
 
 
 def image_options_from_flags(

@@ -118,7 +118,8 @@ def _write_hashed(f: IO[bytes], h: hashlib._Hash, data: bytes) -> None:
     h.update(data)
 
 
-def _hash_file(path: Path) -> tuple[hashlib._Hash, int]:
+def hash_file(path: Path) -> tuple[hashlib._Hash, int]:
+    """sha256 and size of a file, read in CHUNK pieces."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -322,7 +323,7 @@ class FilesystemStorage:
         state = self._hashers.pop(upload_id, None)
         if state is not None and state[1] == size:
             return state[0]
-        h, hashed = await _io(_hash_file, path)
+        h, hashed = await _io(hash_file, path)
         if hashed != size:
             raise upload_unknown(upload_id)
         return h

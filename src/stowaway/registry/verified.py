@@ -10,11 +10,10 @@ key, so the next use hashes it again, while an unchanged file costs one ``stat``
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from pathlib import Path
 
-from stowaway.registry.storage import CHUNK
+from stowaway.registry.storage import hash_file
 
 #: Files remembered before the memory is cleared (each entry is ~200 bytes).
 MAX_ENTRIES = 100_000
@@ -27,11 +26,7 @@ def _stamp(st: os.stat_result) -> _Stamp:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + hash_file(path)[0].hexdigest()
 
 
 class VerifiedFiles:

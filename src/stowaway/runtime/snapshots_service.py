@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from stowaway.errors import StowawayError
-from stowaway.runtime.proto import snapshots_mount_pb2 as mount_pb
+from stowaway.runtime.containerd_client import mount_to_pb
 from stowaway.runtime.proto import snapshots_pb2 as pb
 from stowaway.runtime.proto import snapshots_pb2_grpc as pb_grpc
 from stowaway.runtime.snapshotter import (
@@ -51,10 +51,7 @@ _CODES: list[tuple[type[StowawayError], grpc.StatusCode]] = [
 
 
 def _mounts(ms: list[Mount]) -> list[Any]:
-    return [
-        mount_pb.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
-        for m in ms
-    ]
+    return [mount_to_pb(m) for m in ms]
 
 
 def _ts(ns: int) -> Any:

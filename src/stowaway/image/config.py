@@ -122,7 +122,7 @@ def parse_words(value: str, what: str) -> list[str]:
 def parse_created(value: str, what: str = "--created") -> int:
     """Creation time as epoch seconds, from epoch seconds, RFC 3339 or ``now``; a time
     without an offset is UTC (never this machine's zone: same input, same digest)."""
-    if _is_number(value):
+    if value.isascii() and value.isdigit():
         return int(value)
     if value == "now":
         return int(datetime.now(UTC).timestamp())
@@ -180,13 +180,8 @@ def parse_user(value: str) -> UserSpec:
     return UserSpec(name, uid, gname, gid)
 
 
-def _is_number(text: str) -> bool:
-    """ASCII digits only: ``str.isdigit`` also takes '²', which ``int`` refuses."""
-    return text.isascii() and text.isdigit()
-
-
 def _id_or_none(part: str, whole: str) -> int | None:
-    if _is_number(part):
+    if part.isascii() and part.isdigit():
         if int(part) > 2**31 - 1:
             raise ImageOptionError(f"id {part} in user {whole!r} is out of range")
         return int(part)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -193,11 +193,16 @@ class RegistryApi:
         instead of it being served on every pull."""
         intact = True
         for digest, path in sorted(result.blobs.items()):
-            if not await self.verified.check(check_digest(digest), path):
-                log.warning("%s does not hold %s: dropped, to be composed again", path, digest)
-                path.unlink(missing_ok=True)
-                intact = False
+            intact &= await self._keep_if_intact(check_digest(digest), path)
         return intact
+
+    async def _keep_if_intact(self, digest: str, path: Path) -> bool:
+        """Whether ``path`` holds ``digest``; if not, it is dropped (to be composed again)."""
+        if await self.verified.check(digest, path):
+            return True
+        log.warning("%s does not hold %s: dropped, to be composed again", path, digest)
+        path.unlink(missing_ok=True)
+        return False
 
     async def _ingest(self, name: str, result: ResolvedManifest) -> Stored:
         """Store what a resolver produced: blobs first, then the manifest by digest."""
@@ -335,9 +340,7 @@ class RegistryApi:
         path = self.storage.blob_path(digest)
         if path is not None and self.verified.tracks(digest):
             # resolver output: re-checked if the file changed since it was verified
-            if not await self.verified.check(digest, path):
-                log.warning("%s does not hold %s: dropped, to be composed again", path, digest)
-                path.unlink(missing_ok=True)
+            if not await self._keep_if_intact(digest, path):
                 # manifests naming the blob must be ingested anew (put_blob_file) on the
                 # next pull; which ones is not recorded, and damage is rare: forget all
                 self._ingested.clear()
@@ -458,7 +461,7 @@ class RegistryApi:
         headers = dict(API_VERSION)
         n_param = request.query.get("n")
         if n_param is not None:
-            if not re.fullmatch(r"[0-9]+", n_param):  # not isdigit(): it accepts '²'
+            if not (n_param.isascii() and n_param.isdigit()):  # isdigit alone takes '²'
                 raise RegistryApiError(  # a bad query value: 400, as distribution answers
                     400, [(ErrorCode.UNSUPPORTED.value, f"n={n_param!r} is not a count")]
                 )

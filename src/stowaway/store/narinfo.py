@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
@@ -23,12 +22,6 @@ from stowaway.store.paths import parse_basename, parse_store_path
 __all__ = ["NixCacheInfo", "Narinfo", "PublicKey", "SecretKey", "normalise_hash"]
 
 _DIGEST_SIZES = {"sha256": 32, "sha512": 64, "sha1": 20, "md5": 16}
-
-
-def _is_count(value: str) -> bool:
-    """ASCII digits only: ``str.isdigit`` also accepts '²' (which ``int`` rejects) and
-    other scripts' digits (which Nix does not write)."""
-    return re.fullmatch(r"[0-9]+", value) is not None
 
 
 def normalise_hash(value: str) -> str:
@@ -183,7 +176,7 @@ class Narinfo:
 
         def int_of(key: str) -> int:
             v = fields[key]
-            if not _is_count(v):
+            if not (v.isascii() and v.isdigit()):
                 raise NarinfoError(f"{at(key)}: {key} {v!r} is not a non-negative integer")
             return int(v)
 
@@ -282,7 +275,7 @@ class NixCacheInfo:
             elif key == "WantMassQuery":
                 mass = value == "1"
             elif key == "Priority":
-                if not _is_count(value):
+                if not (value.isascii() and value.isdigit()):
                     raise NarinfoError(f"{where}:{no}: Priority {value!r} is not an integer")
                 priority = int(value)
         return cls(store_dir, mass, priority)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stowaway.errors import InvalidStorePath, StowawayError
+from stowaway.fsutil import atomic_write
 from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.runtime.metadata import MetaStore, Record
@@ -180,9 +181,7 @@ def _keep_mode(record: Path, mode: Mode, has_snapshots: bool) -> None:
             "(or the state directory) first",
         )
     if before != mode:
-        tmp = record.with_name(f".{record.name}.tmp")
-        tmp.write_text(mode + "\n")
-        os.replace(tmp, record)
+        atomic_write(record, (mode + "\n").encode())
 
 
 def _drop_leftovers(local_store: Path, prefixes: tuple[str, ...]) -> None:

@@ -191,21 +191,31 @@ def _drop_leftovers(local_store: Path, prefixes: tuple[str, ...]) -> None:
             _rmtree(e)
 
 
-def _disk_usage(path: Path) -> Usage:
+def _entries(root: Path) -> list[tuple[str, bool]]:
+    """Every path below ``root`` (itself included) and whether it is a directory, from
+    one walk (Commit both strips and measures an unpacked layer: one walk, not two)."""
+    out: list[tuple[str, bool]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        out.append((dirpath, True))
+        out += [(os.path.join(dirpath, n), True) for n in dirnames]
+        out += [(os.path.join(dirpath, n), False) for n in filenames]
+    return out
+
+
+def _disk_usage(path: Path, entries: list[tuple[str, bool]] | None = None) -> Usage:
     """Bytes allocated and inodes below ``path``, each inode counted once."""
     seen: set[int] = set()
     size = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in [".", *dirnames, *filenames]:
-            st = os.lstat(os.path.join(dirpath, name))
-            if st.st_ino not in seen:
-                seen.add(st.st_ino)
-                size += st.st_blocks * 512
+    for entry, _ in _entries(path) if entries is None else entries:
+        st = os.lstat(entry)
+        if st.st_ino not in seen:
+            seen.add(st.st_ino)
+            size += st.st_blocks * 512
     return Usage(size, len(seen))
 
 
-def _strip_overlay_xattrs(root: Path) -> int:
-    """Remove ``trusted.overlay.*`` xattrs below ``root`` (all but a directory's
+def _strip_overlay_xattrs(entries: list[tuple[str, bool]]) -> int:
+    """Remove ``trusted.overlay.*`` xattrs from ``entries`` (all but a directory's
     ``opaque``, which containerd itself sets for opaque whiteouts); returns how many.
 
     Why: containerd's tar applier writes a layer's ``SCHILY.xattr.*`` records as they
@@ -215,16 +225,13 @@ def _strip_overlay_xattrs(root: Path) -> int:
     path, not just the image's closure. Only our own stub trees may carry them.
     """
     removed = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [".", *dirnames, *filenames]:
-            path = os.path.join(dirpath, name)
-            is_dir = name == "." or name in dirnames
-            for attr in os.listxattr(path, follow_symlinks=False):
-                if attr.startswith("trusted.overlay.") and not (
-                    is_dir and attr == "trusted.overlay.opaque"
-                ):
-                    os.removexattr(path, attr, follow_symlinks=False)
-                    removed += 1
+    for path, is_dir in entries:
+        for attr in os.listxattr(path, follow_symlinks=False):
+            if attr.startswith("trusted.overlay.") and not (
+                is_dir and attr == "trusted.overlay.opaque"
+            ):
+                os.removexattr(path, attr, follow_symlinks=False)
+                removed += 1
     return removed
 
 
@@ -633,10 +640,13 @@ class StoreSnapshotter(Snapshotter):
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         rec = self.meta.get(key)
-        if rec.kind == Kind.ACTIVE and self.mode == "overlay":
-            if n := _strip_overlay_xattrs(self.layout.fs(rec.id)):
+        use = Usage(0, 0)
+        if rec.kind == Kind.ACTIVE:
+            fs = self.layout.fs(rec.id)
+            entries = _entries(fs)
+            if self.mode == "overlay" and (n := _strip_overlay_xattrs(entries)):
                 log.warning("snapshot %r: dropped %d overlay xattrs from its files", key, n)
-        use = _disk_usage(self.layout.fs(rec.id)) if rec.kind == Kind.ACTIVE else Usage(0, 0)
+            use = _disk_usage(fs, entries)  # after the strip: xattr blocks count
         self.meta.commit(name, key, labels, use.size, use.inodes)
 
     def remove(self, key: str) -> None:

@@ -22,13 +22,13 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from stowaway.buildkit.drv import Derivation, parse_drv
-from stowaway.buildkit.evaluate import NoStore, targets_of
-from stowaway.buildkit.graph import mode_templates, platform_of
-from stowaway.buildkit.spec import MEMBER_KINDS, Member, Spec
+from stowaway.buildkit.evaluate import NoStore, for_platform, members_of, targets_of
+from stowaway.buildkit.graph import mode_templates
+from stowaway.buildkit.spec import Spec
 from stowaway.errors import StowawayError
 from stowaway.image.config import ImageOptions, build_config, plan_customisation
 from stowaway.store.local import LocalStore
@@ -148,10 +148,7 @@ def make_context(
             drvs[p] = parse_drv(texts[p], p)
     sources = sorted(p for p in closure_paths if not p.endswith(".drv"))
     targets = targets_of(selected, drvs)
-    # The image is for the platform its derivations build on, not the client's (as in
-    # spec_from_eval).
-    os_name, arch = platform_of(drvs[targets[0].drv])
-    options = replace(options, os=os_name, architecture=arch)
+    options = for_platform(options, drvs[targets[0].drv])
     roots = [t.path for t in targets]
     closure, store = _runtime_closure([*roots, *options.contents], _open_store())
     if options.contents and closure is None:
@@ -175,11 +172,7 @@ def make_context(
         nar_sizes={} if closure is None else {p: i.nar_size for p, i in closure.items()},
         layering=layering,
         max_layers=max_layers,
-        customisation=tuple(
-            Member(m.name.decode(), m.kind, m.mode, m.data)
-            for m in custom.members
-            if m.kind in MEMBER_KINDS
-        ),
+        customisation=members_of(custom),
         config=build_config(options, [], []),
     )
     if any(m.kind == "symlink" for m in custom.members):

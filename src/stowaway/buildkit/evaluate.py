@@ -30,6 +30,7 @@ from stowaway.buildkit.graph import mode_templates, platform_of
 from stowaway.buildkit.spec import MEMBER_KINDS, Member, Spec, Target
 from stowaway.errors import StowawayError
 from stowaway.image.config import (
+    Customisation,
     ImageOptions,
     build_config,
     parse_created,
@@ -266,13 +267,24 @@ def _with_out(options: ImageOptions, out: str) -> ImageOptions:
     )
 
 
-def _members(options: ImageOptions) -> tuple[Member, ...]:
-    """The customisation layer (no ``contents`` in ``.nix`` builds: no symlinks)."""
+def members_of(custom: Customisation) -> tuple[Member, ...]:
+    """A customisation layer as spec members: the kinds a BuildKit image can hold."""
     return tuple(
         Member(m.name.decode(), m.kind, m.mode, m.data)
-        for m in plan_customisation(options, NoStore()).members
+        for m in custom.members
         if m.kind in MEMBER_KINDS
     )
+
+
+def _members(options: ImageOptions) -> tuple[Member, ...]:
+    """The customisation layer (no ``contents`` in ``.nix`` builds: no symlinks)."""
+    return members_of(plan_customisation(options, NoStore()))
+
+
+def for_platform(options: ImageOptions, drv: Derivation) -> ImageOptions:
+    """The image is for the platform ``drv`` builds on, not the client's machine."""
+    os_name, arch = platform_of(drv)
+    return replace(options, os=os_name, architecture=arch)
 
 
 def spec_from_eval(
@@ -290,9 +302,7 @@ def spec_from_eval(
     if missing:
         raise EvalError(f"derivation {missing[0]} of the closure was not read back")
     targets = targets_of(selected, drvs)
-    options = _with_out(req.options, targets[0].path)
-    os_name, arch = platform_of(drvs[targets[0].drv])
-    options = replace(options, os=os_name, architecture=arch)
+    options = for_platform(_with_out(req.options, targets[0].path), drvs[targets[0].drv])
     return Spec(
         targets=tuple(targets),
         drv_files={p: f"drvs/{p.rsplit('/', 1)[-1]}" for p in drvs},

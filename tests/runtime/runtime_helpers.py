@@ -14,9 +14,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -24,6 +27,8 @@ from daemons import Containerd, Daemon, Registry, _short_dir
 from stowaway.runtime.proto.cri import api_pb2 as cri
 from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
 from stowaway.sinks.inspect import PATHS_PREFIX
+
+T = TypeVar("T")
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -154,3 +159,24 @@ def store_layer_digests(layers: list[dict[str, object]]) -> set[str]:
         for ly in layers
         if any(k.startswith(PATHS_PREFIX) for k in dict(ly.get("annotations") or {}))  # type: ignore[call-overload]
     }
+
+
+def all_at_once(work: Callable[[], T], n: int) -> tuple[list[T], list[BaseException]]:
+    """Run ``work`` in ``n`` threads released together; what they returned and raised."""
+    barrier = threading.Barrier(n)
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            results.append(work())
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors

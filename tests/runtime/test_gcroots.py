@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
+
+from runtime_helpers import all_at_once
 
 from stowaway.runtime.gcroots import GcRoots
 
@@ -13,25 +14,15 @@ def test_concurrent_adds_of_one_path(tmp_path: Path, demo_closure: list[str]) ->
     roots = GcRoots(tmp_path / "gc")
     targets = [Path(p) for p in demo_closure]
     threads, rounds = 8, 150
-    barrier = threading.Barrier(threads)
-    errors: list[BaseException] = []
 
     def work() -> None:
-        barrier.wait()
         for i in range(rounds):
             target = targets[i % len(targets)]
-            try:
-                roots.add(target)
-                if i % 3 == 2:  # the next add starts from scratch
-                    roots.remove(target.name)
-            except BaseException as e:  # noqa: BLE001 - collected and asserted below
-                errors.append(e)
+            roots.add(target)
+            if i % 3 == 2:  # the next add starts from scratch
+                roots.remove(target.name)
 
-    pool = [threading.Thread(target=work) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    _, errors = all_at_once(work, threads)
     assert errors == []
     for t in targets:  # whatever interleaving: every root ends well-formed, no temp links
         roots.add(t)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from runtime_helpers import all_at_once
 
 from stowaway.runtime.substitute import Substituter
 from stowaway.store.binary_cache import BinaryCache
@@ -42,22 +42,7 @@ def test_concurrent_fetches_of_one_path_download_once(
     base = os.path.basename(greeting)
     sub, streamed = _substituter(signed_caches["xz"], cache_keys["good"], tmp_path / "local")
     n = 8
-    barrier = threading.Barrier(n)
-    got: list[Path | None] = []
-    errors: list[BaseException] = []
-
-    def fetch() -> None:
-        barrier.wait()
-        try:
-            got.append(sub.fetch(base))
-        except BaseException as e:  # noqa: BLE001 - asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=fetch) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got, errors = all_at_once(lambda: sub.fetch(base), n)
     assert errors == [] and got == [tmp_path / "local" / base] * n
     assert streamed == [f"/nix/store/{base}"], "the same path was downloaded more than once"
     diff = subprocess.run(["diff", "-r", greeting, str(got[0])], capture_output=True, text=True)

@@ -16,7 +16,8 @@ cleanup() {
 trap cleanup EXIT
 
 echo "==> building the demo closure with nix"
-app=$(nix-build fixtures/demo.nix --no-out-link 2>/dev/null)
+# no binary cache: the demo builds from local sources (a fresh machine reaches none)
+app=$(nix-build fixtures/demo.nix --no-out-link --option substituters "" 2>/dev/null)
 nix-store -qR "$app" | sed 's/^/    /'
 
 echo "==> composing the image (layers are cached: run the demo twice and nothing is re-tarred)"

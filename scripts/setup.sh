@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# Install everything stowaway's demo, tests and benchmarks need on a fresh Debian
-# bookworm machine (run as root). Idempotent: a second run installs nothing.
+# Install everything stowaway's demo, tests and benchmarks need on a fresh Debian 12
+# (bookworm) or 13 (trixie) machine, as root. Idempotent: a second run installs nothing
+# and says nothing. What it changes on the machine, each said when done:
+#   - Debian packages (the list below; on Debian 13 also docker-cli and docker-buildx,
+#     which hold the docker client there);
+#   - the nixbld group and build users nixbld1..4 (what root's nix builds run as), and
+#     /nix/var/nix/{gcroots,profiles};
+#   - the project's .venv, from requirements/dev.lock (exact versions).
+# It writes no nix.conf and no other machine-wide setting: the fixtures build in Nix's
+# default sandbox, and the tests and the demo pass their nix options on the command line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +19,14 @@ DEBS=(
   pigz xz-utils zstd bzip2 patchelf time curl ca-certificates
   debootstrap iproute2 util-linux sqlite3
 )
+
+# Debian 13 split the docker client out of docker.io (docker-cli, plus docker-buildx for
+# BuildKit builds); Debian 12's docker.io still holds it.
+. /etc/os-release
+case "${VERSION_CODENAME:-}" in
+  bookworm) ;;
+  *) DEBS+=(docker-cli docker-buildx) ;;
+esac
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -25,15 +41,19 @@ fi
 
 # nix-bin works for root without its daemon; make sure the store and build users exist.
 mkdir -p /nix/var/nix/gcroots /nix/var/nix/profiles
-getent group nixbld >/dev/null || { groupadd -r nixbld; for i in 1 2 3 4; do useradd -r -g nixbld -G nixbld -M -N -s /usr/sbin/nologin "nixbld$i" 2>/dev/null || true; done; }
+if ! getent group nixbld >/dev/null; then
+  echo "setup: adding the nixbld group and build users nixbld1..4"
+  groupadd -r nixbld
+  for i in 1 2 3 4; do useradd -r -g nixbld -G nixbld -M -N -s /usr/sbin/nologin "nixbld$i" 2>/dev/null || true; done
+fi
 
-# The project's virtualenv, rebuilt only when pyproject.toml changes.
+# The project's virtualenv, rebuilt only when pyproject.toml or the lock changes.
 stamp=.venv/.stowaway-deps
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements/dev.lock | sha256sum | cut -d' ' -f1)
 if [[ ! -x .venv/bin/python || ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
-  echo "setup: creating .venv with the Python dependencies"
+  echo "setup: creating .venv with the Python dependencies (requirements/dev.lock)"
+  rm -rf .venv
   /usr/bin/python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -c requirements/dev.lock -e '.[test]'
   echo "$want" > "$stamp"
 fi

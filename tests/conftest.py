@@ -10,12 +10,26 @@ from pathlib import Path
 
 import pytest
 
-from nixtools import closure_of, nix_build, nix_copy
+from nixtools import FIXTURES, closure_of, nix_build, nix_copy
 
 COMPRESSIONS = ["xz", "zstd", "bzip2", "none"]
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "fixtures"
+
+@pytest.fixture(scope="session", autouse=True)
+def private_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests write nothing outside their temp dirs and read no one's settings: caches
+    (stowaway's and nix's) and docker/containers credentials live in a private home, and
+    nix never asks the (unreachable) default binary cache."""
+    home = tmp_path_factory.mktemp("home")
+    env = pytest.MonkeyPatch()
+    env.setenv("XDG_CACHE_HOME", str(home / "cache"))
+    env.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    env.setenv("DOCKER_CONFIG", str(home / "docker"))
+    env.setenv("NIX_CONFIG", "substituters =\n" + os.environ.get("NIX_CONFIG", ""))
+    try:
+        yield
+    finally:
+        env.undo()
 
 
 @pytest.fixture(scope="session")

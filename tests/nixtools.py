@@ -5,6 +5,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+# `mk NAME SCRIPT` for expressions written by tests: builds in Nix's default sandbox
+# (static busybox as builder, its applets on PATH); see fixtures/sandboxed.nix.
+SANDBOXED_MK = f"(import {FIXTURES / 'sandboxed.nix'}).mk"
+
 
 def nix_build(expr: Path, attr: str | None = None, **args: str) -> str:
     """Build a fixture expression with the local nix; return the output store path."""

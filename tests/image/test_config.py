@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from nixtools import SANDBOXED_MK
 from stowaway.image.config import (
     ImageOptionError,
     ImageOptions,
@@ -22,14 +23,10 @@ from stowaway.image.manifest import ManifestError, build_manifest
 from stowaway.image.model import Blob, Layer, MediaType
 from stowaway.store.local import LocalStore
 
-CLASH_NIX = """
-derivation {
-  name = "clash";
-  system = builtins.currentSystem;
-  builder = "/bin/sh";
-  args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p $out/bin $out/etc; echo x > $out/bin/busybox; echo y > $out/etc/passwd" ];
-}
-"""  # noqa: E501
+CLASH_NIX = f"""{SANDBOXED_MK} "clash" ''
+  mkdir -p $out/bin $out/etc; echo x > $out/bin/busybox; echo y > $out/etc/passwd
+''
+"""
 
 
 @pytest.fixture(scope="module")

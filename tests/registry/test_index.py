@@ -11,18 +11,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nixtools import nix_copy
+from nixtools import SANDBOXED_MK, nix_copy
 from stowaway.cli import main
 from stowaway.registry.package_index import IndexFile, PackageIndexError, load_index
 
-TOOLS = """let mk = name: derivation {
-  inherit name; system = builtins.currentSystem; builder = "/bin/sh";
-  args = [ "-c" "echo ${name} > $out" ];
-}; in {
+TOOLS = f"""let mk = name: {SANDBOXED_MK} name "echo ${{name}} > $out"; in {{
   tool = mk "tool-1.2"; toolOld = mk "tool-1.10"; toolPre = mk "tool-1.10pre1";
   plain = mk "greeting-data";
-  pythonPackages = { Requests = mk "requests-2.0"; };
-}
+  pythonPackages = {{ Requests = mk "requests-2.0"; }};
+}}
 """
 
 

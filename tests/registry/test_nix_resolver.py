@@ -18,6 +18,7 @@ import pytest
 from registry_harness import Server
 from test_s3 import CREDS, bucket, moto_endpoint  # noqa: F401 - fixtures
 
+from nixtools import SANDBOXED_MK
 from stowaway.image.layer_cache import LayerCache
 from stowaway.registry.config import NixOptions, RegistryConfig, S3Options, open_storage
 from stowaway.registry.nix_resolver import NixResolver
@@ -256,10 +257,8 @@ def test_nix_build_resolves_names_missing_from_the_index(
     expr = tmp_path / "pkgs.nix"
     stamp = str(time.time_ns())  # a fresh derivation, really built by nix-build
     expr.write_text(
-        f"""let mk = name: derivation {{
-  inherit name; system = builtins.currentSystem; builder = "/bin/sh";
-  args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p $out/bin; echo {stamp} > $out/bin/tool" ];
-}}; in {{ tool = mk "tool-1.0"; }}
+        f"""let mk = name: {SANDBOXED_MK} name "mkdir -p $out/bin; echo {stamp} > $out/bin/tool";
+in {{ tool = mk "tool-1.0"; }}
 """
     )
     server, resolver = make_nix(

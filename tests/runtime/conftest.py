@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,19 @@ from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
 from stowaway.sinks.registry import push
 from stowaway.store.local import LocalStore
+
+
+@pytest.fixture()
+def store_fs_path() -> Iterator[Path]:
+    """A temp dir on the store's filesystem, for hardlink mode's state (``tmp_path`` may
+    be on a tmpfs, as /tmp is on Debian 13)."""
+    base = Path("/nix/var/stowaway-tests")
+    base.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(dir=base))
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=True)
 
 
 @pytest.fixture()

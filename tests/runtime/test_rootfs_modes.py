@@ -55,23 +55,25 @@ def host_state(files: list[str]) -> dict[str, tuple[str, int, int, int]]:
 @pytest.mark.parametrize("mode", ["hardlink", "copy"])
 def test_fallback_mode_runs_demo_image(
     mode: str,
-    tmp_path: Path,
+    store_fs_path: Path,
     registry: Registry,
     demo_ref: str,
     demo_app: str,
     demo_closure: list[str],
 ) -> None:
-    assert os.stat(tmp_path).st_dev == os.stat("/nix/store").st_dev  # one filesystem
+    assert os.stat(store_fs_path).st_dev == os.stat("/nix/store").st_dev  # one filesystem
     files = regular_files(demo_closure)
     before = host_state(files)
     busybox = next(p for p in demo_closure if p.endswith("-busybox"))
     greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
     message = f"{greeting}/share/greeting/message"
-    with SnapshotterDaemon(tmp_path, "--mode", mode, "--gcroots", str(tmp_path / "gc")) as snap:
+    with SnapshotterDaemon(
+        store_fs_path, "--mode", mode, "--gcroots", str(store_fs_path / "gc")
+    ) as snap:
         assert f"rootfs mode {mode} (forced by configuration)" in snap.log_text()
         plugins = {"stowaway": {"type": "snapshot", "address": snap.socket}}
         StowawayContainerd.registry_host = registry.host
-        with StowawayContainerd(tmp_path, cri=True, proxy_plugins=plugins) as ctrd:
+        with StowawayContainerd(store_fs_path, cri=True, proxy_plugins=plugins) as ctrd:
             seen = blob_gets(registry)
             cri_pull(ctrd, demo_ref)
             store_layers = store_layer_digests(manifest_layers(registry, "demo", "v1"))

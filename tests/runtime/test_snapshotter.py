@@ -472,11 +472,11 @@ def test_a_local_store_overlapping_the_store_is_refused(tmp_path: Path, local: s
 
 
 def test_a_restart_in_another_mode_is_refused_while_snapshots_exist(
-    tmp_path: Path, demo_closure: list[str]
+    tmp_path: Path, store_fs_path: Path, demo_closure: list[str]
 ) -> None:
     """Store layers live elsewhere per mode: a start that would pick another mode for
     existing snapshots (a new kernel, a moved state dir) stops with what to do."""
-    root = tmp_path / "root"
+    root = store_fs_path / "root"  # hardlink mode: on the store's filesystem
     s = StoreSnapshotter(SnapshotterConfig(root=root, mode="copy", gcroots=tmp_path / "gc"))
     s.close()  # no snapshots yet: another mode is fine
     s = StoreSnapshotter(SnapshotterConfig(root=root, mode="hardlink", gcroots=tmp_path / "gc"))

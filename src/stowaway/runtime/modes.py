@@ -88,7 +88,8 @@ def _v(version: tuple[int, int]) -> str:
 def choose(requested: str, facts: ModeFacts) -> tuple[Mode, str]:
     """The mode for ``requested`` (``auto`` or a mode name) and the reason to log.
 
-    Raises StowawayError for ``bind`` on containerd < 1.7 (targets would be ignored).
+    Raises StowawayError for ``bind`` on containerd < 1.7 (targets would be ignored) and
+    for ``hardlink`` across filesystems (every link would fail with EXDEV at pull time).
     """
     old = facts.containerd < BIND_MIN
     if requested == "bind" and old:
@@ -97,6 +98,12 @@ def choose(requested: str, facts: ModeFacts) -> tuple[Mode, str]:
             f"{_v(facts.containerd)} ignores targets and would mount every store path over "
             "the rootfs. Use --mode auto, overlay, hardlink or copy, or pass "
             "--containerd-version if the probe is wrong"
+        )
+    if requested == "hardlink" and not facts.same_filesystem:
+        raise StowawayError(
+            "--mode hardlink needs the store (and --local-store) on the filesystem of "
+            "--root: hard links cannot cross filesystems (EXDEV)",
+            hint="use --mode copy, or put --root on the store's filesystem",
         )
     if requested in _FORCED:
         return _FORCED[requested], "forced by configuration"

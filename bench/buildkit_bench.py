@@ -23,7 +23,6 @@ Usage: .venv/bin/python bench/buildkit_bench.py [--scenario small|heavy|fresh]..
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -44,8 +43,6 @@ from stowaway.buildkit.context import make_context  # noqa: E402
 from stowaway.image.config import ImageOptions  # noqa: E402
 
 FIXTURES = ROOT / "fixtures" / "buildkit"
-CACHE = Path(os.environ.get("STOWAWAY_CACHE", "/var/cache/stowaway"))
-NIX_ROOTFS = CACHE / "bench-nix-rootfs-bookworm.tar"
 NIX_OPTS = ["--option", "substituters", "", "--max-jobs", "2"]
 
 DOCKERFILE = """\
@@ -60,26 +57,15 @@ RUN --mount=type=cache,target=/nix,id=stowaway-bench-nix \\
 
 
 def nix_rootfs() -> Path:
-    """Debian minbase + nix-bin + busybox-static (the fixture's bootstrap), cached.
-    libdbi-perl is named because debootstrap does not resolve virtual packages
-    (nix-bin → libdbd-sqlite3-perl → perl-dbdabi-94)."""
-    if NIX_ROOTFS.exists():
-        return NIX_ROOTFS
-    work = Path(tempfile.mkdtemp(dir=CACHE))
-    try:
-        subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=nix-bin,busybox-static,libdbi-perl",
-             "bookworm", str(work / "root"), "http://deb.debian.org/debian"],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        subprocess.run(
-            ["tar", "-C", str(work / "root"), "--numeric-owner", "-cf", str(work / "r.tar"), "."],
-            check=True,
-        )
-        os.replace(work / "r.tar", NIX_ROOTFS)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return NIX_ROOTFS
+    """Debian minbase + nix-bin + busybox-static (the fixture's bootstrap), cached; made
+    by the script the Nix image is made from."""
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "nix-rootfs.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return Path(out.split()[-1])
 
 
 class Bench:

@@ -77,11 +77,13 @@ def fixture_app(salt: str, work: Path) -> str:
 
 def compose_and_push(app: str, busybox: str, reg: Registry, cache: LayerCache, tag: str) -> str:
     """The variant's image (busybox as /bin for the app's #!/bin/sh) in the registry."""
-    store = LocalStore()
     roots = [app, busybox]
-    closure = store.closure_infos(roots)
     options = ImageOptions(entrypoint=[f"{app}/bin/app"], contents=[busybox])
-    result = compose(store, roots, options, closure=closure, settings=LayerSettings(), cache=cache)
+    with LocalStore() as store:
+        closure = store.closure_infos(roots)
+        result = compose(
+            store, roots, options, closure=closure, settings=LayerSettings(), cache=cache
+        )
     push(result.image, reg.host, "realistic", tag, tls_verify=False)
     return f"{reg.host}/realistic:{tag}"
 

@@ -4,7 +4,7 @@
 #
 #   scripts/frontend-image.sh [-t TAG] [-o ARCHIVE]
 #
-# Image = a Debian bookworm minbase rootfs with python3, python3-grpcio, python3-protobuf
+# Image = a Debian minbase (this machine's release) rootfs with python3, python3-grpcio, python3-protobuf
 # (nothing else: the frontend imports only those and the stdlib) + the frontend's modules
 # under /opt/stowaway, ENTRYPOINT python3 -m stowaway.buildkit.frontend.
 #
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 . scripts/lib/rootfs.sh
 parse_flags "$@"
-ROOTFS_TAR="$CACHE/frontend-rootfs-bookworm.tar"
+ROOTFS_TAR="$CACHE/frontend-rootfs-$SUITE.tar"
 
 # The frontend's modules: stdlib-only parts of stowaway plus the generated stubs.
 # stowaway/store/__init__.py is replaced by an empty one: the real one imports the
@@ -44,7 +44,7 @@ FILES=(
 )
 
 ensure_rootfs "$ROOTFS_TAR" python3,python3-grpcio,python3-protobuf \
-  "frontend-image: debootstrap bookworm minbase (once; cached in $ROOTFS_TAR)" prune
+  "frontend-image: debootstrap $SUITE minbase (once; cached in $ROOTFS_TAR)" prune
 
 hash=$( (sha256sum "$ROOTFS_TAR" | cut -d' ' -f1; sha256sum "${FILES[@]}" scripts/frontend-image.sh scripts/lib/rootfs.sh) \
   | sha256sum | cut -c1-16)

@@ -5,16 +5,15 @@
 #
 #   scripts/nix-image.sh [-t TAG] [-o ARCHIVE]
 #
-# From a Debian bookworm minbase + nix-bin + busybox-static rootfs (debootstrap; libdbi-perl
-# is named because debootstrap does not resolve virtual packages: nix-bin →
-# libdbd-sqlite3-perl → perl-dbdabi-94), the image keeps only what evaluation runs:
+# From the Debian minbase + nix-bin + busybox-static rootfs of scripts/nix-rootfs.sh
+# (this machine's Debian release: Nix 2.8 or 2.26), the image keeps only what evaluation runs:
 # /usr/bin/nix (as nix-instantiate, nix-store) with the shared libraries `ldd` lists,
 # and busybox (/usr/bin/busybox, which the fixtures import with builtins.path, and the
 # sh/sed/cp/mkdir of the eval script). ~70 MB instead of 350: `docker load` of the full
 # rootfs alone cost ~20 s per test daemon.
 #
 # Caching (/var/cache/stowaway, override with STOWAWAY_CACHE): the debootstrap rootfs
-# tarball is made once and shared with bench/buildkit_bench.py (same packages); the
+# tarball is made once and shared with bench/buildkit_bench.py; the
 # finished image is saved as a `docker save` archive named by the hash of rootfs + this
 # script, so later runs (and other daemons) just `docker load` it. Prints the image tag.
 set -euo pipefail
@@ -22,13 +21,11 @@ cd "$(dirname "$0")/.."
 
 . scripts/lib/rootfs.sh
 parse_flags "$@"
-ROOTFS_TAR="$CACHE/bench-nix-rootfs-bookworm.tar"
-ensure_rootfs "$ROOTFS_TAR" nix-bin,busybox-static,libdbi-perl \
-  "nix-image: debootstrap bookworm minbase + nix-bin (once; cached in $ROOTFS_TAR)"
+ROOTFS_TAR=$(bash scripts/nix-rootfs.sh)
 
 # The rootfs is hashed by size + mtime, not content: 350 MB through sha256sum costs
 # seconds on every run, and the tarball is only ever replaced as a whole (ensure_rootfs).
-hash=$( (stat -c '%s %Y' "$ROOTFS_TAR"; sha256sum scripts/nix-image.sh scripts/lib/rootfs.sh) | sha256sum | cut -c1-16)
+hash=$( (stat -c '%s %Y' "$ROOTFS_TAR"; sha256sum scripts/nix-image.sh scripts/nix-rootfs.sh scripts/lib/rootfs.sh) | sha256sum | cut -c1-16)
 TAG="${TAG:-stowaway-nix:$hash}"
 SAVED="$CACHE/stowaway-nix-$hash.tar"
 BUILD_TAG="stowaway-nix-build:$hash"

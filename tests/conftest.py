@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nixtools import FIXTURES, closure_of, nix_build, nix_copy
+from stowaway.store.local import LocalStore
 
 COMPRESSIONS = ["xz", "zstd", "bzip2", "none"]
 
@@ -42,6 +43,13 @@ def have_nix() -> None:
 def demo_app(have_nix: None) -> str:
     """Store path of the demo app (closure: app, busybox, greeting-data)."""
     return nix_build(FIXTURES / "demo.nix")
+
+
+@pytest.fixture(scope="session")
+def local_store(have_nix: None) -> Iterator[LocalStore]:
+    """The machine's Nix store, read through its database (closed at the end)."""
+    with LocalStore() as store:
+        yield store
 
 
 @pytest.fixture(scope="session")

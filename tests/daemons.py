@@ -427,7 +427,8 @@ class Dockerd(Daemon):
     def docker(
         self, *args: str, check: bool = True, timeout: float = 300, input: bytes | None = None
     ) -> subprocess.CompletedProcess[bytes]:
-        """Run the 20.10 CLI (`/usr/bin/docker`, with BuildKit on) against this daemon."""
+        """Run `/usr/bin/docker` (Debian 12: 20.10; Debian 13: docker-cli 26 with buildx), with
+        BuildKit on, against this daemon."""
         cmd = ["/usr/bin/docker", *args]
         for _ in range(2):
             r = subprocess.run(

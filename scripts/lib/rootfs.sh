@@ -5,6 +5,9 @@
 CACHE="${STOWAWAY_CACHE:-/var/cache/stowaway}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 DOCKER="${DOCKER:-/usr/bin/docker}"
+# The images are made of this machine's Debian release (Debian 12: python3-grpcio 1.51 and
+# Nix 2.8; Debian 13: Python 3.13 and Nix 2.26), so each suite's own packages are tested.
+SUITE="${DEBIAN_SUITE:-$(. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-bookworm}")}"
 mkdir -p "$CACHE"
 
 # parse_flags "$@": -t TAG and -o ARCHIVE into $TAG and $ARCHIVE.
@@ -21,7 +24,7 @@ parse_flags() {
   done
 }
 
-# ensure_rootfs TAR PACKAGES MESSAGE [prune]: debootstrap a bookworm minbase with the
+# ensure_rootfs TAR PACKAGES MESSAGE [prune]: debootstrap a $SUITE minbase with the
 # comma-separated PACKAGES into TAR unless it exists (made in a temp dir, then mv: a
 # crash never leaves a partial TAR); "prune" drops apt's downloaded .debs and lists.
 ensure_rootfs() {
@@ -30,7 +33,7 @@ ensure_rootfs() {
   echo "$message" >&2
   work=$(mktemp -d "$CACHE/rootfs.XXXXXX")
   trap 'rm -rf "$work"' EXIT
-  debootstrap --variant=minbase --include="$packages" bookworm "$work/root" "$MIRROR" >&2
+  debootstrap --variant=minbase --include="$packages" "$SUITE" "$work/root" "$MIRROR" >&2
   if [ "$prune" = prune ]; then
     rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"*
   fi

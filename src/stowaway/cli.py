@@ -19,6 +19,7 @@ from stowaway.errors import StowawayError
 
 if TYPE_CHECKING:
     from stowaway.image.config import ImageOptions
+    from stowaway.store.sources import Sources
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -131,11 +132,15 @@ def _closure(
     substituters: Sequence[str],
     trusted_keys: Sequence[str],
     no_require_sigs: bool,
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[Sources, dict[str, Any]]:
     from stowaway.store.sources import closure, open_sources
 
     source = open_sources(store, substituters, trusted_keys, require_sigs=not no_require_sigs)
-    return source, closure(source, roots)
+    try:
+        return source, closure(source, roots)
+    except BaseException:
+        source.close()
+        raise
 
 
 #: The image-config flags shared by `build` and `buildkit context`.
@@ -378,7 +383,7 @@ def build(
         cache = LayerCache(Path(cache_dir) if cache_dir else default_cache_dir())
         from stowaway._ui import progress_display
 
-        with progress_display(not as_json) as prog:
+        with source, progress_display(not as_json) as prog:
             kwargs: dict[str, Any] = {"progress": prog} if prog else {}
             result = compose(
                 source,
@@ -461,7 +466,8 @@ def plan(
         from stowaway.layering import plan as make_plan
 
         roots = _roots(installables, nix_file, attrs)
-        _, clo = _closure(roots, store, substituters, trusted_keys, no_require_sigs)
+        source, clo = _closure(roots, store, substituters, trusted_keys, no_require_sigs)
+        source.close()
         result = make_plan(clo, roots, strategy=layering, max_layers=max_layers)
     except StowawayError as e:
         _fail(e)

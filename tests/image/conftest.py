@@ -3,7 +3,6 @@ metadata from its database."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,13 +10,6 @@ import pytest
 from stowaway.image.layer_cache import LayerCache
 from stowaway.store.local import LocalStore
 from stowaway.store.model import PathInfo
-
-
-@pytest.fixture(scope="session")
-def local_store(have_nix: None) -> Iterator[LocalStore]:
-    store = LocalStore()
-    yield store
-    store.close()
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ from stowaway.store.local import LocalStore
 
 
 @pytest.fixture(scope="module")
-def store() -> LocalStore:
-    return LocalStore()
+def store(local_store: LocalStore) -> LocalStore:
+    return local_store
 
 
 def run(

@@ -30,8 +30,8 @@ CLASH_NIX = f"""{SANDBOXED_MK} "clash" ''
 
 
 @pytest.fixture(scope="module")
-def store() -> LocalStore:
-    return LocalStore()
+def store(local_store: LocalStore) -> LocalStore:
+    return local_store
 
 
 @pytest.fixture(scope="module")

@@ -56,9 +56,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
 
 @pytest.fixture(scope="module")
-def demo_ref(demo_app: str, registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:
+def demo_ref(
+    demo_app: str,
+    registry: Registry,
+    tmp_path_factory: pytest.TempPathFactory,
+    local_store: LocalStore,
+) -> str:
     """The composed demo image pushed to the private registry; returns its reference."""
-    store = LocalStore()
+    store = local_store
     closure = store.closure_infos([demo_app])
     busybox = next(p for p in closure if p.endswith("-busybox"))
     options = ImageOptions(entrypoint=[f"{demo_app}/bin/demo"], contents=[busybox])

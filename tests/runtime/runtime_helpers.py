@@ -7,6 +7,8 @@ resolves when several test directories with their own conftest.py run in one pyt
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -31,6 +33,23 @@ from stowaway.sinks.inspect import PATHS_PREFIX
 T = TypeVar("T")
 
 SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_MS_RDONLY = 1
+
+
+def mount_like_containerd(type_: str, source: str, options: list[str], target: Path) -> None:
+    """One mount(2) call, as containerd applies a snapshotter's (non-bind) mount: its
+    data string must fit one page. (util-linux >= 2.39's `mount` uses the new mount API,
+    which caps each option value at 256 bytes: a long lowerdir would fail there while
+    containerd mounts it fine.)"""
+    flags = _MS_RDONLY if "ro" in options else 0
+    data = ",".join(o for o in options if o not in ("ro", "rw"))
+    rc = _LIBC.mount(source.encode(), str(target).encode(), type_.encode(), flags, data.encode())
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount -t {type_} {source} -o {data} {target}: {os.strerror(err)}")
 
 
 class SnapshotterDaemon(Daemon):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +106,11 @@ def test_default_entrypoint_of_demo_app(demo_app: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def layout(demo_app: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def layout(
+    demo_app: str, tmp_path_factory: pytest.TempPathFactory, local_store: LocalStore
+) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("layout")
-    store = LocalStore()
+    store = local_store
     result = compose(
         store,
         [demo_app],
@@ -232,17 +234,58 @@ def test_index_entry_not_an_object(layout: tuple[Path, str], tmp_path: Path) -> 
 CONTAINERD = Path("/usr/bin/containerd")
 
 
-def _embedded_descriptors() -> dict[str, descriptor_pb2.FileDescriptorProto]:
-    """FileDescriptorProtos the containerd binary registers (gzip-compressed, as Go's
-    protobuf runtime stores them), merged by package (several files may share one, e.g.
-    images.v1 service and events; runtime.v1 and v1alpha2 share a file name)."""
-    data = CONTAINERD.read_bytes()
-    out: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+# FileDescriptorProto's fields and their wire types (1-9, 12, 15: bytes; 10, 11, 14: varint)
+_FD_WIRE = {1: 2, 2: 2, 3: 2, 4: 2, 5: 2, 6: 2, 7: 2, 8: 2, 9: 2, 10: 0, 11: 0, 12: 2, 14: 0, 15: 2}
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _raw_descriptor_end(data: bytes, start: int) -> int:
+    """Where the raw FileDescriptorProto starting at ``start`` ends: its fields are read
+    until the first one a FileDescriptorProto cannot have (the bytes after it)."""
+    i = start
+    while i < len(data):
+        tag, j = _varint(data, i)
+        if _FD_WIRE.get(tag >> 3) != tag & 7:
+            return i
+        n, j = _varint(data, j)
+        i = j if tag & 7 == 0 else j + n
+    return len(data)
+
+
+def _candidates(data: bytes) -> Iterator[bytes]:
+    """Serialized FileDescriptorProtos in a Go binary: gzip-compressed (gogo/golang
+    protobuf v1: containerd 1.6, the CRI API) or raw (protobuf-go v2's rawDesc:
+    containerd 1.7), the latter found by their name field, `\n <len> <...>.proto`."""
     for m in re.finditer(re.escape(b"\x1f\x8b\x08\x00\x00\x00\x00\x00"), data):
         try:
-            raw = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[m.start() :][: 1 << 21])
+            yield zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[m.start() :][: 1 << 21])
+        except zlib.error:
+            continue
+    for m in re.finditer(rb"\n([\x01-\x7f])([\x20-\x7e]+?\.proto)\x12", data):
+        if len(m.group(2)) == m.group(1)[0]:
+            yield data[m.start() : _raw_descriptor_end(data, m.start())]
+
+
+def _embedded_descriptors() -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    """FileDescriptorProtos the containerd binary registers, merged by package (several
+    files may share one, e.g. images.v1 service and events; runtime.v1 and v1alpha2
+    share a file name)."""
+    data = CONTAINERD.read_bytes()
+    out: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+    for raw in _candidates(data):
+        try:
             fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
-        except Exception:  # not a gzip stream or not a descriptor: skip it
+        except Exception:  # not a descriptor after all: skip it
             continue
         if fd.name.endswith(".proto") and fd.package:
             merged = out.setdefault(fd.package, descriptor_pb2.FileDescriptorProto())

@@ -214,9 +214,9 @@ def test_missing_store_path_fails_clearly(images: cri_grpc.ImageServiceStub) -> 
 
 
 def test_store_path_holding_an_oci_layout_is_used_as_is(
-    images: cri_grpc.ImageServiceStub, demo_app: str, tmp_path: Path
+    images: cri_grpc.ImageServiceStub, demo_app: str, tmp_path: Path, local_store: LocalStore
 ) -> None:
-    store = LocalStore()
+    store = local_store
     closure = store.closure_infos([demo_app])
     result = compose(
         store,
@@ -319,6 +319,7 @@ def test_paths_substituted_from_signed_cache_give_the_same_image(
     signed_caches: dict[str, str],
     cache_keys: dict[str, str],
     tmp_path: Path,
+    local_store: LocalStore,
 ) -> None:
     from stowaway.store.nar import nar_hash_and_size
 
@@ -348,9 +349,8 @@ def test_paths_substituted_from_signed_cache_give_the_same_image(
                     assert pull(stub, f"nix:0{demo_app}") == expected
         finally:
             server.stop(None)
-    local = LocalStore()
     for p in demo_closure:
-        info = local.query(p)
+        info = local_store.query(p)
         assert info is not None
         assert nar_hash_and_size(store / p.rsplit("/", 1)[-1]) == (info.nar_hash, info.nar_size)
     assert sorted(os.listdir(tmp_path / "gcroots")) == [demo_app.rsplit("/", 1)[-1]]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from runtime_helpers import mount_like_containerd
 
 from stowaway.errors import StowawayError
 from stowaway.runtime.cli_snapshotter import snapshotter_command
@@ -203,8 +204,7 @@ def _apply_like_containerd_1_7(ms: list[Mount], root: Path) -> None:
             ro = ["-o", "ro"] if "ro" in m.options else []
             subprocess.run(["mount", "--rbind", *ro, m.source, str(dest)], check=True)
         else:
-            cmd = ["mount", "-t", m.type, m.source, "-o", ",".join(m.options), str(dest)]
-            subprocess.run(cmd, check=True)
+            mount_like_containerd(m.type, m.source, m.options, dest)
 
 
 def test_bind_mode_snapshotter_end_to_end(

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,9 +135,13 @@ def test_probe_falls_back_to_hardlink_then_copy(
     # the probe runs where the stub trees would live (normally the snapshotter's own
     # tmpfs, which has xattrs): here a ramfs, which has none
     (ramfs / "root").mkdir()
-    mode, why = choose_mode(SnapshotterConfig(root=ramfs / "root", store=store), ramfs)
+    # containerd 1.6 has no Mount.target: no bind mode (on 1.7 the probe picks bind)
+    v16 = SnapshotterConfig(root=ramfs / "root", store=store, containerd_version="1.6")
+    mode, why = choose_mode(v16, ramfs)
     assert mode == "hardlink"
     assert why.startswith("cannot set ") and why.endswith("; store and state share a filesystem")
+    mode, why = choose_mode(replace(v16, containerd_version="1.7"), ramfs)
+    assert mode == "bind" and why.endswith("containerd 1.7 honours Mount.target")
     caplog.set_level(logging.INFO, logger="stowaway.runtime.store_snapshotter")
     s = StoreSnapshotter(SnapshotterConfig(root=ramfs / "root", store=store))
     s.close()
@@ -144,5 +149,5 @@ def test_probe_falls_back_to_hardlink_then_copy(
     (line,) = [r.getMessage() for r in caplog.records if "rootfs mode" in r.getMessage()]
     assert line.startswith("stowaway snapshotter: rootfs mode overlay (data-only overlay")
 
-    mode, why = choose_mode(SnapshotterConfig(root=ramfs, store=Path("/nix/store")), ramfs)
+    mode, why = choose_mode(replace(v16, root=ramfs, store=Path("/nix/store")), ramfs)
     assert mode == "copy" and why.endswith("store on another filesystem, copying files")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from runtime_helpers import mount_like_containerd
 
 from stowaway.errors import StowawayError
 from stowaway.runtime.filters import compile_filters, required_labels
@@ -50,10 +51,7 @@ def layer_labels(paths: list[str], ref: str = "sha256:layer1") -> dict[str, str]
 def mounted(ms: list[Mount], where: Path) -> Path:
     assert len(ms) == 1
     where.mkdir(exist_ok=True)
-    m = ms[0]
-    subprocess.run(
-        ["mount", "-t", m.type, m.source, "-o", ",".join(m.options), str(where)], check=True
-    )
+    mount_like_containerd(ms[0].type, ms[0].source, ms[0].options, where)
     return where
 
 

@@ -3,6 +3,7 @@ real layer cache, and helpers comparing unpacked root filesystems to the host st
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from collections.abc import Callable
@@ -29,6 +30,7 @@ class Composed:
 
 
 def compose_demo(
+    store: LocalStore,
     demo_app: str,
     cache_dir: Path,
     *,
@@ -36,7 +38,6 @@ def compose_demo(
     user: str = "app",
     settings: LayerSettings | None = None,
 ) -> Composed:
-    store = LocalStore()
     closure = store.closure_infos([demo_app])
     busybox = next(p for p in closure if p.endswith("-busybox"))
     options = ImageOptions(
@@ -56,9 +57,9 @@ def compose_demo(
 
 
 @pytest.fixture(scope="session")
-def make_demo() -> Callable[..., Composed]:
+def make_demo(local_store: LocalStore) -> Callable[..., Composed]:
     """``make_demo(demo_app, cache_dir, format=, user=)`` composes a fresh demo image."""
-    return compose_demo
+    return functools.partial(compose_demo, local_store)
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +68,11 @@ def rootfs_matches_store() -> Callable[[Path, dict[str, PathInfo]], int]:
 
 
 @pytest.fixture(scope="session")
-def demo_image(demo_app: str, tmp_path_factory: pytest.TempPathFactory) -> Composed:
+def demo_image(
+    demo_app: str, tmp_path_factory: pytest.TempPathFactory, local_store: LocalStore
+) -> Composed:
     """The demo image, composed once per session into a session-wide cache."""
-    return compose_demo(demo_app, tmp_path_factory.mktemp("sink-cache"))
+    return compose_demo(local_store, demo_app, tmp_path_factory.mktemp("sink-cache"))
 
 
 def assert_rootfs_matches_store(rootfs: Path, closure: dict[str, PathInfo]) -> int:

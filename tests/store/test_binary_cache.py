@@ -28,9 +28,10 @@ def test_signed_cache_matches_local_store(
     signed_caches: dict[str, str],
     cache_keys: dict[str, str],
     demo_closure: list[str],
+    local_store: LocalStore,
 ) -> None:
     c = cache(signed_caches[compression], cache_keys["good"])
-    local = LocalStore()
+    local = local_store
     for path in demo_closure:
         info, want = c.query(path), local.query(path)
         assert info is not None and want is not None
@@ -42,9 +43,11 @@ def test_signed_cache_matches_local_store(
         assert events(c.entries(path)) == events(local.entries(path))
 
 
-def test_http_cache(http_cache: str, cache_keys: dict[str, str], demo_closure: list[str]) -> None:
+def test_http_cache(
+    http_cache: str, cache_keys: dict[str, str], demo_closure: list[str], local_store: LocalStore
+) -> None:
     c = cache(http_cache, cache_keys["good"])
-    local = LocalStore()
+    local = local_store
     for path in demo_closure:
         assert events(c.entries(path)) == events(local.entries(path))
     assert c.query("/nix/store/00000000000000000000000000000000-missing") is None

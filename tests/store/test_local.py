@@ -18,8 +18,8 @@ def nix_refs(path: str) -> list[str]:
     return sorted(out.stdout.split())
 
 
-def test_query_matches_nix(demo_closure: list[str]) -> None:
-    store = LocalStore()
+def test_query_matches_nix(demo_closure: list[str], local_store: LocalStore) -> None:
+    store = local_store
     for path in demo_closure:
         info = store.query(path)
         assert info is not None and info.path == path
@@ -29,23 +29,27 @@ def test_query_matches_nix(demo_closure: list[str]) -> None:
     assert store.query("/nix/store/00000000000000000000000000000000-missing") is None
 
 
-def test_valid_paths_is_one_lookup_for_many(demo_closure: list[str]) -> None:
+def test_valid_paths_is_one_lookup_for_many(
+    demo_closure: list[str], local_store: LocalStore
+) -> None:
     missing = "/nix/store/00000000000000000000000000000000-missing"
-    assert LocalStore().valid_paths([*demo_closure, missing]) == set(demo_closure)
-    assert LocalStore().valid_paths([]) == set()
+    assert local_store.valid_paths([*demo_closure, missing]) == set(demo_closure)
+    assert local_store.valid_paths([]) == set()
     with pytest.raises(StowawayError, match="not-a-store-path"):
-        LocalStore().valid_paths(["/tmp/not-a-store-path"])
+        local_store.valid_paths(["/tmp/not-a-store-path"])
 
 
-def test_closure_equals_nix_store_qR(demo_app: str, demo_closure: list[str]) -> None:
-    infos = LocalStore().closure_infos([demo_app])
+def test_closure_equals_nix_store_qR(
+    demo_app: str, demo_closure: list[str], local_store: LocalStore
+) -> None:
+    infos = local_store.closure_infos([demo_app])
     assert sorted(infos) == sorted(demo_closure)
     with pytest.raises(PathNotFound, match="00000000000000000000000000000000-missing"):
-        LocalStore().closure_infos(["/nix/store/00000000000000000000000000000000-missing"])
+        local_store.closure_infos(["/nix/store/00000000000000000000000000000000-missing"])
 
 
-def test_entries_walk_the_disk(demo_app: str) -> None:
-    assert events(LocalStore().entries(demo_app)) == events(walk_path(demo_app))
+def test_entries_walk_the_disk(demo_app: str, local_store: LocalStore) -> None:
+    assert events(local_store.entries(demo_app)) == events(walk_path(demo_app))
 
 
 def test_missing_db_is_a_clear_error(tmp_path: Path) -> None:
@@ -81,24 +85,23 @@ def test_store_mounted_elsewhere_reads_wal_db_while_written(
     assert (db.parent / "db.sqlite-wal").exists()
     before = db_digest(db)
 
-    local = LocalStore(store)
-    infos = local.closure_infos([demo_app])
-    assert sorted(infos) == sorted(demo_closure)  # uncommitted delete is invisible
-    assert infos[demo_app].nar_hash == nar_hash_and_size(store / Path(demo_app).name)[0]
-    assert events(local.entries(demo_app)) == events(walk_path(demo_app))
-    with pytest.raises(PathNotFound, match=str(store)):
-        list(local.entries("/nix/store/00000000000000000000000000000000-gone"))
-    local.close()
+    with LocalStore(store) as local:
+        infos = local.closure_infos([demo_app])
+        assert sorted(infos) == sorted(demo_closure)  # uncommitted delete is invisible
+        assert infos[demo_app].nar_hash == nar_hash_and_size(store / Path(demo_app).name)[0]
+        assert events(local.entries(demo_app)) == events(walk_path(demo_app))
+        with pytest.raises(PathNotFound, match=str(store)):
+            list(local.entries("/nix/store/00000000000000000000000000000000-gone"))
     dst.rollback()
     dst.close()
     assert db_digest(db) == before  # we never wrote
 
 
 def test_directory_store_scans_references_like_nix(
-    copied_store: Path, demo_closure: list[str]
+    copied_store: Path, demo_closure: list[str], local_store: LocalStore
 ) -> None:
     d = DirectoryStore(copied_store)
-    db = LocalStore()
+    db = local_store
     for path in demo_closure:
         mine, theirs = d.query(path), db.query(path)
         assert mine is not None and theirs is not None
@@ -122,11 +125,13 @@ def test_directory_store_missing_dir(tmp_path: Path) -> None:
         DirectoryStore(tmp_path / "nope")
 
 
-def test_directory_store_copy_is_independent(copied_store: Path, demo_app: str) -> None:
+def test_directory_store_copy_is_independent(
+    copied_store: Path, demo_app: str, local_store: LocalStore
+) -> None:
     """Changing the copy changes the computed hash: it really reads the directory."""
     target = copied_store / Path(demo_app).name
     target.chmod(0o755)
     (target / "extra").write_bytes(b"x")
-    info, original = DirectoryStore(copied_store).query(demo_app), LocalStore().query(demo_app)
+    info, original = DirectoryStore(copied_store).query(demo_app), local_store.query(demo_app)
     assert info is not None and original is not None
     assert info.nar_hash != original.nar_hash and info.nar_size > original.nar_size

@@ -56,8 +56,8 @@ def test_single_file_and_symlink_roots(tmp_path: Path) -> None:
         assert b"".join(dump_path(tmp_path / name)) == nix_dump(tmp_path / name)
 
 
-def test_hash_matches_db_and_nix(demo_closure: list[str]) -> None:
-    store = LocalStore()
+def test_hash_matches_db_and_nix(demo_closure: list[str], local_store: LocalStore) -> None:
+    store = local_store
     for path in demo_closure:
         info = store.query(path)
         assert info is not None

@@ -14,8 +14,10 @@ from stowaway.store.narinfo import PublicKey
 from stowaway.store.sources import Sources, closure, open_sources
 
 
-def test_closure_local_equals_nix(demo_app: str, demo_closure: list[str]) -> None:
-    assert sorted(closure(LocalStore(), [demo_app])) == sorted(demo_closure)
+def test_closure_local_equals_nix(
+    demo_app: str, demo_closure: list[str], local_store: LocalStore
+) -> None:
+    assert sorted(closure(local_store, [demo_app])) == sorted(demo_closure)
 
 
 def test_closure_from_cache_only(
@@ -23,12 +25,13 @@ def test_closure_from_cache_only(
     cache_keys: dict[str, str],
     demo_app: str,
     demo_closure: list[str],
+    local_store: LocalStore,
 ) -> None:
-    src = open_sources(None, [signed_caches["zstd"]], [cache_keys["good"]])
-    src = Sources([s for s in src.sources if isinstance(s, BinaryCache)])
-    infos = closure(src, [demo_app])
+    with open_sources(None, [signed_caches["zstd"]], [cache_keys["good"]]) as opened:
+        src = Sources([s for s in opened.sources if isinstance(s, BinaryCache)])
+        infos = closure(src, [demo_app])
     assert sorted(infos) == sorted(demo_closure)
-    local = LocalStore().closure_infos([demo_app])
+    local = local_store.closure_infos([demo_app])
     assert {p: (i.nar_hash, i.references) for p, i in infos.items()} == {
         p: (i.nar_hash, i.references) for p, i in local.items()
     }
@@ -53,6 +56,7 @@ def test_priority_and_untrusted_first_cache(
     signed_caches: dict[str, str],
     cache_keys: dict[str, str],
     demo_app: str,
+    local_store: LocalStore,
 ) -> None:
     key = [PublicKey.parse(cache_keys["good"])]
     first = BinaryCache(unsigned_cache, key)
@@ -60,14 +64,14 @@ def test_priority_and_untrusted_first_cache(
     src = Sources([first, second])
     hit = src.find(demo_app)
     assert hit is not None and hit[0] is second  # the untrusted copy is passed over
-    assert events(src.entries(demo_app)) == events(LocalStore().entries(demo_app))
+    assert events(src.entries(demo_app)) == events(local_store.entries(demo_app))
     with pytest.raises(SignatureError):
         Sources([first]).query(demo_app)
 
 
 def test_open_sources_default_is_local_then_caches(signed_caches: dict[str, str]) -> None:
-    src = open_sources(None, [signed_caches["xz"]], [], require_sigs=False)
-    assert [type(s) for s in src.sources] == [LocalStore, BinaryCache]
+    with open_sources(None, [signed_caches["xz"]], [], require_sigs=False) as src:
+        assert [type(s) for s in src.sources] == [LocalStore, BinaryCache]
 
 
 def test_open_sources_directory_store_uses_cache_references(
@@ -97,9 +101,9 @@ def test_open_sources_store_with_db_is_local(tmp_path: Path) -> None:
     db = tmp_path / "nix" / "var" / "nix" / "db"
     db.mkdir(parents=True)
     subprocess.run(["cp", "/nix/var/nix/db/db.sqlite", str(db)], check=True)
-    src = open_sources(str(store), [], [])
-    assert isinstance(src.sources[0], LocalStore)
-    assert re.search(str(store), src.name)
+    with open_sources(str(store), [], []) as src:
+        assert isinstance(src.sources[0], LocalStore)
+        assert re.search(str(store), src.name)
 
 
 def test_path_for_hash_in_every_kind_of_source(
@@ -107,11 +111,12 @@ def test_path_for_hash_in_every_kind_of_source(
     signed_caches: dict[str, str],
     cache_keys: dict[str, str],
     copied_store: Path,
+    local_store: LocalStore,
 ) -> None:
     hash_part = demo_app.split("/")[-1][:32]
     unknown = "0" * 32
     cache = BinaryCache(signed_caches["xz"], [PublicKey.parse(cache_keys["good"])])
-    for src in (LocalStore(), DirectoryStore(copied_store), cache):
+    for src in (local_store, DirectoryStore(copied_store), cache):
         assert src.path_for_hash(hash_part) == demo_app, src.name
         assert src.path_for_hash(unknown) is None, src.name
     untrusted = BinaryCache(signed_caches["xz"], [PublicKey.parse(cache_keys["other"])])

@@ -100,10 +100,10 @@ def _copy_canonical(src: str, dest: Path) -> None:
 
 def _runtime_closure(
     roots: Sequence[str], store: LocalStore | None
-) -> tuple[dict[str, PathInfo] | None, LocalStore | None]:
+) -> dict[str, PathInfo] | None:
     """The roots' closure from the local store, or None when any path is not valid."""
     if store is None:
-        return None, None
+        return None
     closure: dict[str, PathInfo] = {}
     todo = list(roots)
     while todo:
@@ -112,10 +112,10 @@ def _runtime_closure(
             continue
         info = store.query(p)
         if info is None:
-            return None, store
+            return None
         closure[p] = info
         todo.extend(r for r in info.references if r not in closure)
-    return closure, store
+    return closure
 
 
 def _open_store() -> LocalStore | None:
@@ -150,17 +150,23 @@ def make_context(
     targets = targets_of(selected, drvs)
     options = for_platform(options, drvs[targets[0].drv])
     roots = [t.path for t in targets]
-    closure, store = _runtime_closure([*roots, *options.contents], _open_store())
-    if options.contents and closure is None:
-        raise StowawayError(
-            "--contents needs the outputs built locally first (their files are linked into /)",
-            hint=f"run nix-build {nix_file} first, or drop --contents",
+    store = _open_store()
+    try:
+        closure = _runtime_closure([*roots, *options.contents], store)
+        if options.contents and closure is None:
+            raise StowawayError(
+                "--contents needs the outputs built locally first (their files are linked "
+                "into /)",
+                hint=f"run nix-build {nix_file} first, or drop --contents",
+            )
+        custom = (
+            plan_customisation(options, store, closure)
+            if store is not None
+            else plan_customisation(options, NoStore())
         )
-    custom = (
-        plan_customisation(options, store, closure)
-        if store is not None
-        else plan_customisation(options, NoStore())
-    )
+    finally:
+        if store is not None:
+            store.close()
     spec = Spec(
         targets=tuple(targets),
         drv_files={p: f"drvs/{p.rsplit('/', 1)[-1]}" for p in drvs},

@@ -83,6 +83,7 @@ class NixResolver:
         self.options = options
         self.cache = cache
         self._source = source
+        self._opened: Sources | None = None  # a source opened here (closed by close())
         self._source_lock = threading.Lock()
         self.sets: dict[str, IndexFile | None] = {DEFAULT_TAG: None}
         if options.index is not None:
@@ -104,6 +105,8 @@ class NixResolver:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._opened is not None:
+            self._opened.close()
 
     # -- the ManifestResolver hook --------------------------------------------------
     async def resolve(
@@ -180,7 +183,7 @@ class NixResolver:
         with self._source_lock:
             if self._source is None:
                 o = self.options
-                self._source = open_sources(
+                self._source = self._opened = open_sources(
                     o.store, o.substituters, o.trusted_public_keys, require_sigs=o.require_sigs
                 )
             return self._source

@@ -176,12 +176,13 @@ class NixImages:
 
     def _realise(self, store_path: str) -> dict[str, PathInfo]:
         """Make the closure of ``store_path`` present in the store dir (substituting)."""
-        sources = self._sources()
-        infos = closure(sources, [store_path])
+        with self._sources() as sources:
+            infos = closure(sources, [store_path])
+            has_db = isinstance(sources.sources[0], LocalStore)
         missing = sorted(p for p in infos if not os.path.lexists(self._on_disk(p)))
         if not missing:
             return infos
-        if isinstance(sources.sources[0], LocalStore):
+        if has_db:
             raise PathNotFound(
                 f"{missing[0]} (in the closure of {store_path}) is not in the Nix store "
                 f"{self.store.store_dir}, which has a Nix database: stowaway does not write "
@@ -203,16 +204,16 @@ class NixImages:
         disk = self._on_disk(store_path)
         if (disk / "oci-layout").is_file() and (disk / "index.json").is_file():
             return read_layout_image(disk)
-        sources = self._sources()
         options = ImageOptions(entrypoint=default_entrypoint(store_path, disk))
-        result = compose(
-            sources,
-            [store_path],
-            options,
-            closure=closure(sources, [store_path]),
-            settings=LayerSettings(),
-            cache=LayerCache(self.store.cache_dir),
-        )
+        with self._sources() as sources:
+            result = compose(
+                sources,
+                [store_path],
+                options,
+                closure=closure(sources, [store_path]),
+                settings=LayerSettings(),
+                cache=LayerCache(self.store.cache_dir),
+            )
         return result.image
 
     def _import(self, image: Image, name: str) -> None:

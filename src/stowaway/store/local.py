@@ -81,8 +81,12 @@ class LocalStore(_PathsOnDisk):
         uri = f"file:{urllib.parse.quote(str(self.db_path.resolve()))}?mode=ro"
         try:
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StowawayError(f"cannot read Nix database {self.db_path}: {e}") from None
+        try:
             self._db.execute("SELECT 1 FROM ValidPaths LIMIT 1").fetchall()
         except sqlite3.Error as e:
+            self._db.close()
             raise StowawayError(f"cannot read Nix database {self.db_path}: {e}") from None
         self._lock = threading.Lock()
 
@@ -169,8 +173,16 @@ class LocalStore(_PathsOnDisk):
         return self.walk(path, self.name)
 
     def close(self) -> None:
+        """Close the database connection (the owner of a LocalStore must: an open
+        connection is a file descriptor, and Python 3.13 warns about leaked ones)."""
         with self._lock:
             self._db.close()
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class DirectoryStore(_PathsOnDisk):

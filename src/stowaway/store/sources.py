@@ -26,6 +26,18 @@ class Sources:
         self.sources = list(sources)
         self.name = "; ".join(s.name for s in self.sources) or "no store sources"
 
+    def close(self) -> None:
+        """Close the sources that hold resources (a local store's database)."""
+        for src in self.sources:
+            if isinstance(src, LocalStore):
+                src.close()
+
+    def __enter__(self) -> Sources:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def find(self, path: str) -> tuple[StoreSource, PathInfo] | None:
         """The first source that has ``path`` and its info.
 

@@ -26,6 +26,7 @@ from runtime_helpers import (
 )
 
 from daemons import Registry
+from stowaway.runtime.modes import BIND_MIN, containerd_version
 from stowaway.runtime.store_snapshotter import SnapshotterConfig, StoreSnapshotter, choose_mode
 
 
@@ -108,6 +109,56 @@ def test_fallback_mode_runs_demo_image(
             assert again.startswith("hello from stowaway")  # a fresh upper layer
     assert host_state(files) == before
     assert not os.path.exists(f"{greeting}/hardlinked")
+
+
+@pytest.mark.skipif(
+    containerd_version(None)[0] < BIND_MIN,
+    reason="bind mode needs containerd >= 1.7 (Debian 13 has 1.7.24, Debian 12 1.6.20)",
+)
+def test_bind_mode_runs_demo_image(
+    tmp_path: Path,
+    registry: Registry,
+    demo_ref: str,
+    demo_app: str,
+    demo_closure: list[str],
+) -> None:
+    """containerd >= 1.7 bind-mounts each store path read-only at its ``Mount.target``:
+    CRI pulls without downloading the store layers, the container sees exactly its
+    closure with the host's bytes, and cannot write to it."""
+    files = regular_files(demo_closure)
+    before = host_state(files)
+    busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+    greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
+    message = f"{greeting}/share/greeting/message"
+    with SnapshotterDaemon(tmp_path, "--mode", "bind", "--gcroots", str(tmp_path / "gc")) as snap:
+        assert "rootfs mode bind (forced by configuration)" in snap.log_text()
+        plugins = {"stowaway": {"type": "snapshot", "address": snap.socket}}
+        StowawayContainerd.registry_host = registry.host
+        with StowawayContainerd(tmp_path, cri=True, proxy_plugins=plugins) as ctrd:
+            seen = blob_gets(registry)
+            cri_pull(ctrd, demo_ref)
+            store_layers = store_layer_digests(manifest_layers(registry, "demo", "v1"))
+            assert store_layers and not (blob_gets(registry) - seen) & store_layers
+
+            run = ["run", "--rm", "--snapshotter", "stowaway", demo_ref]
+            assert "hello from stowaway" in ctrd.ctr(*run, "d1", namespace=NS).stdout
+            ls = ctrd.ctr(*run, "l1", f"{busybox}/bin/ls", "/nix/store", namespace=NS).stdout
+            assert sorted(ls.split()) == sorted(os.path.basename(p) for p in demo_closure)
+            sums = ctrd.ctr(
+                *run, "s1", f"{busybox}/bin/busybox", "sha256sum", *files, namespace=NS
+            ).stdout
+            assert {ln[66:]: ln[:64] for ln in sums.splitlines()} == {
+                f: before[f][0] for f in files
+            }
+            script = (
+                f"for f in {demo_app}/bin/demo {message}; do "
+                f"if echo x >> $f; then echo wrote $f; else echo refused; fi; done; "
+                f"{busybox}/bin/busybox touch {greeting}/new 2>/dev/null || echo refused"
+            )
+            out = ctrd.ctr(*run, "w1", f"{busybox}/bin/sh", "-c", script, namespace=NS).stdout
+            assert out.split() == ["refused"] * 3
+    assert host_state(files) == before
+    assert not os.path.exists(f"{greeting}/new")
 
 
 @pytest.fixture()

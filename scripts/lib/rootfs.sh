@@ -24,16 +24,24 @@ parse_flags() {
   done
 }
 
-# ensure_rootfs TAR PACKAGES MESSAGE [prune]: debootstrap a $SUITE minbase with the
-# comma-separated PACKAGES into TAR unless it exists (made in a temp dir, then mv: a
-# crash never leaves a partial TAR); "prune" drops apt's downloaded .debs and lists.
+# ensure_rootfs TAR PACKAGES MESSAGE [prune]: a $SUITE minbase with the comma-separated
+# PACKAGES into TAR unless it exists (made in a temp dir, then mv: a crash never leaves a
+# partial TAR); "prune" drops apt's downloaded .debs and lists. The packages are installed
+# by apt inside the new root, not by debootstrap's --include, which resolves no virtual
+# packages (Debian 13's python3-grpcio needs libre2-11-absl20240722, provided by libre2-11;
+# nix-bin needs perl-dbdabi-94).
 ensure_rootfs() {
   local tar="$1" packages="$2" message="$3" prune="${4:-}" work
   [ -s "$tar" ] && return 0
   echo "$message" >&2
   work=$(mktemp -d "$CACHE/rootfs.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
-  debootstrap --variant=minbase --include="$packages" "$SUITE" "$work/root" "$MIRROR" >&2
+  # shellcheck disable=SC2064 # $work is expanded now: it is local and gone at exit
+  trap "rm -rf '$work'" EXIT
+  debootstrap --variant=minbase "$SUITE" "$work/root" "$MIRROR" >&2
+  cp /etc/resolv.conf "$work/root/etc/resolv.conf"
+  chroot "$work/root" /usr/bin/env DEBIAN_FRONTEND=noninteractive sh -ec \
+    "apt-get update -qq && apt-get install -y -qq --no-install-recommends ${packages//,/ }" >&2
+  : > "$work/root/etc/resolv.conf"
   if [ "$prune" = prune ]; then
     rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"*
   fi

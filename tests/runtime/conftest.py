@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ def store_fs_path() -> Iterator[Path]:
         yield d
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=True)
+        with contextlib.suppress(OSError):  # another test's dir may still be there
+            base.rmdir()
 
 
 @pytest.fixture()

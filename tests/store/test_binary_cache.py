@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from storetest_helpers import events
 
-from stowaway.errors import NarError, PathNotFound, SignatureError
+from stowaway.errors import NarError, NarinfoError, PathNotFound, SignatureError
 from stowaway.store.binary_cache import BinaryCache, CacheError, HashMismatch
 from stowaway.store.local import LocalStore
 from stowaway.store.narinfo import PublicKey
@@ -217,3 +218,69 @@ def test_http_body_cut_short_is_a_cache_error(
     cut.add(Path(nar).name)
     with pytest.raises(CacheError, match=re.escape(f"{url}/{nar}: download")):
         events(cache(url, cache_keys["good"]).entries(demo_app))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "../../../../etc/passwd",
+        "nar/../../secret.nar",
+        "nar/%2e%2e/%2e%2e/secret.nar",
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "http://127.0.0.1:1/nar/x.nar",
+        "//127.0.0.1/nar/x.nar",
+        "nar/x.nar?y=1",
+        "nar//x.nar",
+    ],
+)
+def test_narinfo_url_must_stay_inside_the_cache(
+    tmp_path: Path,
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+    demo_app: str,
+    url: str,
+) -> None:
+    """The URL is not signed: a signed narinfo whose URL leaves the cache is refused before
+    anything is read from that URL."""
+    root = copy_cache(signed_caches["xz"], tmp_path / "c")
+    ni = root / (Path(demo_app).name[:32] + ".narinfo")
+    ni.write_text(re.sub(r"URL: .*\n", f"URL: {url}\n", ni.read_text()))
+    c = cache(f"file://{root}", cache_keys["good"])
+    with pytest.raises(NarinfoError, match=r"leaves the cache") as e:
+        c.query(demo_app)
+    assert f"{ni.name}:" in str(e.value) and repr(url) in str(e.value)
+
+
+def _nar_of_one_file(size: int) -> bytes:
+    """A well-formed NAR holding one regular file of ``size`` zero bytes."""
+
+    def s(b: bytes) -> bytes:
+        return len(b).to_bytes(8, "little") + b + b"\0" * (-len(b) % 8)
+
+    head = b"".join(s(t) for t in (b"nix-archive-1", b"(", b"type", b"regular", b"contents"))
+    return head + size.to_bytes(8, "little") + b"\0" * size + b"\0" * (-size % 8) + s(b")")
+
+
+def test_decompression_stops_at_the_narinfo_sizes(
+    tmp_path: Path, signed_caches: dict[str, str], demo_app: str
+) -> None:
+    """A tiny compressed NAR that expands far beyond NarSize (a decompression bomb) fails
+    as soon as NarSize is exceeded, not after decompressing everything; the same for
+    FileSize on the compressed side."""
+    root = copy_cache(signed_caches["zstd"], tmp_path / "c")
+    ni_file = root / (Path(demo_app).name[:32] + ".narinfo")
+    ni = ni_file.read_text()
+    nar = root / re.search(r"URL: (\S+)", ni).group(1)  # type: ignore[union-attr]
+    nar.chmod(0o644)
+    big = 256 << 20
+    nar.write_bytes(zstandard.ZstdCompressor(level=1).compress(_nar_of_one_file(big)))
+    assert nar.stat().st_size < 1 << 20  # a quarter GiB from well under a MiB
+    # the compressed side first: the narinfo's FileSize is the real file's, far smaller
+    size = re.search(r"FileSize: (\d+)", ni).group(1)  # type: ignore[union-attr]
+    with pytest.raises(HashMismatch, match=rf"compressed file\): more than the {size} bytes"):
+        events(cache(f"file://{root}", require=False).entries(demo_app))
+    # without FileSize/FileHash (optional in narinfos), NarSize bounds the expansion
+    ni_file.write_text(re.sub(r"File(Size|Hash): .*\n", "", ni))
+    with pytest.raises(HashMismatch, match=r"NAR of .*: more than the \d+ bytes its narinfo says"):
+        events(cache(f"file://{root}", require=False).entries(demo_app))

@@ -42,17 +42,23 @@ class HashMismatch(StowawayError):
 
 
 class _Hashing:
-    """Pass-through reader that hashes and counts what flows through it."""
+    """Pass-through reader that hashes and counts what flows through it, and stops as soon
+    as more than ``limit`` bytes came (a tiny compressed NAR can expand to gigabytes: the
+    narinfo's sizes bound the work before the hashes can be checked at the end)."""
 
-    def __init__(self, inner: Readable) -> None:
+    def __init__(self, inner: Readable, limit: int | None = None, what: str = "") -> None:
         self.inner = inner
         self.sha = hashlib.sha256()
         self.size = 0
+        self.limit = limit
+        self.what = what
 
     def read(self, n: int = -1, /) -> bytes:
         data = self.inner.read(n)
         self.sha.update(data)
         self.size += len(data)
+        if self.limit is not None and self.size > self.limit:
+            raise HashMismatch(f"{self.what}: more than the {self.limit} bytes its narinfo says")
         return data
 
     def drain(self) -> None:
@@ -226,8 +232,9 @@ class BinaryCache:
         if raw_f is None:
             raise CacheError(f"{url}: NAR for {ni.store_path} is missing from the cache")
         try:
-            raw = _Hashing(raw_f)
-            nar = _Hashing(_decompressor(ni.compression, raw, url))
+            raw = _Hashing(raw_f, ni.file_size, f"{url} (compressed file)")
+            nar_what = f"{url} (NAR of {ni.store_path})"
+            nar = _Hashing(_decompressor(ni.compression, raw, url), ni.nar_size, nar_what)
             try:
                 yield from read_nar(nar)
                 raw.drain()
@@ -242,7 +249,7 @@ class BinaryCache:
                 zstandard.ZstdError,
             ) as e:
                 raise CacheError(f"{url}: download or decompression failed: {e}") from None
-            raw.check(ni.file_hash, ni.file_size, f"{url} (compressed file)")
-            nar.check(ni.nar_hash, ni.nar_size, f"{url} (NAR of {ni.store_path})")
+            raw.check(ni.file_hash, ni.file_size, raw.what)
+            nar.check(ni.nar_hash, ni.nar_size, nar_what)
         finally:
             cast(BinaryIO, raw_f).close()

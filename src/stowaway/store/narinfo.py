@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import urllib.parse
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
@@ -130,6 +131,33 @@ def _lines(text: str, where: str) -> list[tuple[int, str, str]]:
     return out
 
 
+def _check_url(url: str, where: str) -> None:
+    """A narinfo's URL must name a file inside its cache: a relative path without dot
+    segments, query or fragment. The URL is not covered by the signature, so a cache (or
+    anyone between it and us) could otherwise make us read ``../../etc/passwd`` or fetch
+    from another origin."""
+    parts = urllib.parse.urlsplit(url)
+    path = urllib.parse.unquote(parts.path)
+    segments = path.split("/")
+    if (
+        parts.scheme
+        or parts.netloc
+        or parts.query
+        or parts.fragment
+        or "?" in url
+        or "#" in url
+        or not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\0" in path
+        or any(seg in ("", ".", "..") for seg in segments)
+    ):
+        raise NarinfoError(
+            f"{where}: URL {url!r} leaves the cache: a NAR's URL must be a relative path "
+            "inside the binary cache (like nar/<hash>.nar.xz)"
+        )
+
+
 @dataclass
 class Narinfo:
     """One ``<hash>.narinfo``. References are basenames, as in the file."""
@@ -193,6 +221,7 @@ class Narinfo:
         nar_hash = hash_of("NarHash")
         if not nar_hash.startswith("sha256:"):
             raise NarinfoError(f"{at('NarHash')}: NarHash must be sha256, got {nar_hash}")
+        _check_url(fields["URL"], at("URL"))
         return cls(
             store_path=store_path,
             url=fields["URL"],

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,30 @@ def test_layout_files_are_0644_linked_or_copied(
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
         p.name: "0o644" for p in files
     }
+
+
+def test_concurrent_builds_into_one_layout_keep_every_tag(demo_app: str, tmp_path: Path) -> None:
+    """Writers to one layout merge their index entries (none is lost), and racing links
+    of the same cached blob leave no temp files behind."""
+    layout = tmp_path / "layout"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    cmd = [sys.executable, "-m", "stowaway", "build", demo_app, "--json"]
+    subprocess.run([*cmd, "-o", f"oci:{layout}:warm"], check=True, capture_output=True, env=env)
+    for blob in (layout / "blobs" / "sha256").iterdir():
+        blob.unlink()  # every writer links the same cached blobs again, at once
+    tags = [f"t{i}" for i in range(16)]
+    procs = [
+        subprocess.Popen([*cmd, "-o", f"oci:{layout}:{t}"], stdout=subprocess.DEVNULL, env=env)
+        for t in tags
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0] * len(tags)
+    names = {
+        m["annotations"]["org.opencontainers.image.ref.name"]
+        for m in index_of(layout)["manifests"]  # type: ignore[attr-defined]
+    }
+    assert names == {"warm", *tags}
+    assert [p.name for p in (layout / "blobs" / "sha256").iterdir() if p.name.startswith(".")] == []
+    assert (
+        skopeo_inspect(f"oci:{layout}:t7")["Digest"]
+        == skopeo_inspect(f"oci:{layout}:warm")["Digest"]
+    )

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import stat
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -67,9 +69,23 @@ def write_oci_layout(
         if outcome == "written":
             result.bytes_written += blob.size
     index_path = directory / "index.json"
-    index = update_index(read_index(index_path), manifest_descriptor(image, tag))
-    atomic_write(index_path, canonical_json(index))
+    with _locked(directory):  # writers to one layout merge their entries, none is lost
+        index = update_index(read_index(index_path), manifest_descriptor(image, tag))
+        atomic_write(index_path, canonical_json(index))
     return result
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on the layout directory itself for a read-modify-write of its
+    index.json (a lock on index.json would be lost when the file is replaced; the
+    directory needs no extra file, which other tools would see)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def require_oci(image: Image, target: str) -> None:
@@ -189,6 +205,10 @@ def _link_verified(blob: Blob, dest: Path) -> bool:
                 os.unlink(tmp)
                 return False
         os.replace(tmp, dest)  # not publish: chmod needs ownership even to keep the mode
+        # rename(2) does nothing when both names are links to one inode (another writer
+        # linked the same cache file first): then the temp name is still there
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         fsync_dir(dest.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from runtime_helpers import mount_like_containerd
 
 from stowaway.errors import StowawayError
+from stowaway.image.annotations import PATHS_PREFIX, REF_LABEL
 from stowaway.runtime.cli_snapshotter import snapshotter_command
 from stowaway.runtime.metadata import Record
 from stowaway.runtime.modes import ModeFacts, choose, containerd_version, parse_version
@@ -24,8 +25,6 @@ from stowaway.runtime.skeleton import materialise
 from stowaway.runtime.snapshots_service import _mounts
 from stowaway.runtime.snapshotter import AlreadyExists, Kind, Mount
 from stowaway.runtime.store_snapshotter import (
-    PATHS_PREFIX,
-    REF_LABEL,
     SnapshotterConfig,
     StoreSnapshotter,
 )

@@ -16,6 +16,7 @@ import pytest
 from runtime_helpers import mount_like_containerd
 
 from stowaway.errors import StowawayError
+from stowaway.image.annotations import PATHS_PREFIX, REF_LABEL
 from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.snapshotter import (
     AlreadyExists,
@@ -27,8 +28,6 @@ from stowaway.runtime.snapshotter import (
     NotFound,
 )
 from stowaway.runtime.store_snapshotter import (
-    PATHS_PREFIX,
-    REF_LABEL,
     SnapshotterConfig,
     StoreSnapshotter,
     link_dir_for,

@@ -44,8 +44,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from stowaway.errors import InvalidStorePath, StowawayError
+from stowaway.errors import StowawayError
 from stowaway.fsutil import atomic_write
+from stowaway.image.annotations import (
+    PATHS_PREFIX,
+    REF_LABEL,
+    PathsAnnotationError,
+    decode_paths,
+)
 from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.runtime.metadata import MetaStore, Record
@@ -67,14 +73,12 @@ from stowaway.runtime.tree_builder import TreeBuilder, make_tree
 from stowaway.store.binary_cache import BinaryCache
 from stowaway.store.local import LocalStore, db_path_for
 from stowaway.store.narinfo import PublicKey
-from stowaway.store.paths import is_basename, parse_basename
+from stowaway.store.paths import is_basename
 
-__all__ = ["PATHS_PREFIX", "REF_LABEL", "SnapshotterConfig", "StoreSnapshotter"]
+__all__ = ["SnapshotterConfig", "StoreSnapshotter"]
 
 log = logging.getLogger(__name__)
 
-PATHS_PREFIX = "containerd.io/snapshot/stowaway.paths."
-REF_LABEL = "containerd.io/snapshot.ref"
 DEFAULT_GCROOTS = Path("/nix/var/nix/gcroots/stowaway")
 LINKS_BASE = Path("/run/stowaway")
 #: Local-store entries being deleted by ``cleanup`` (renamed first, then removed).
@@ -326,23 +330,16 @@ class StoreSnapshotter(Snapshotter):
 
     def _requested_paths(self, labels: Mapping[str, str]) -> list[str] | None:
         """Basenames named by stowaway labels (validated), or None when there are none."""
-        keys = [k for k in labels if k.startswith(PATHS_PREFIX)]
-        if not keys:
+        try:
+            bases = decode_paths(labels)
+        except PathsAnnotationError as e:
+            raise InvalidArgument(f"label {e.message}") from None
+        if bases is None:
             return None
-        out: list[str] = []
-        for k in sorted(keys, key=lambda k: (len(k), k)):
-            if not k[len(PATHS_PREFIX) :].isdigit():
-                raise InvalidArgument(f"label {k!r}: expected {PATHS_PREFIX}<number>")
-            for base in labels[k].split():
-                try:
-                    parse_basename(base)
-                except InvalidStorePath as e:
-                    raise InvalidArgument(f"label {k!r}: {e.message}") from None
-                out.append(base)
-        out = list(dict.fromkeys(out))  # a path named twice is one path of the layer
-        if not out:
-            raise InvalidArgument(f"labels {sorted(keys)} name no store paths")
-        return out
+        if not bases:
+            keys = sorted(k for k in labels if k.startswith(PATHS_PREFIX))
+            raise InvalidArgument(f"labels {keys} name no store paths")
+        return list(dict.fromkeys(bases))  # a path named twice is one path of the layer
 
     def _present(self, bases: Sequence[str]) -> list[Path | None]:
         """Each path in the store (valid in its database, if it has one), else in the

@@ -12,19 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from stowaway.errors import StowawayError
+from stowaway.image.annotations import decode_paths
 from stowaway.image.digest import parse_digest
 from stowaway.store.model import STORE_DIR
-
-PATHS_PREFIX = "containerd.io/snapshot/stowaway.paths."
-
-
-def store_paths_from_annotations(annotations: dict[str, str]) -> list[str]:
-    """Join the split ``stowaway.paths.<i>`` annotation values back into full paths."""
-    keys = sorted(
-        (k for k in annotations if k.startswith(PATHS_PREFIX)),
-        key=lambda k: int(k[len(PATHS_PREFIX) :]) if k[len(PATHS_PREFIX) :].isdigit() else -1,
-    )
-    return [f"{STORE_DIR}/{b}" for k in keys for b in annotations[k].split()]
 
 
 class _Layout:
@@ -101,7 +91,9 @@ def _summary(target: str, layout: _Layout, tag: str) -> dict[str, Any]:
             "digest": layer["digest"],
             "size": layer["size"],
             "media_type": layer.get("mediaType", ""),
-            "store_paths": store_paths_from_annotations(layer.get("annotations", {})),
+            "store_paths": [
+                f"{STORE_DIR}/{base}" for base in decode_paths(layer.get("annotations", {})) or []
+            ],
         }
         for layer in manifest.get("layers", [])
     ]

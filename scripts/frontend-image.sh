@@ -22,12 +22,13 @@ ROOTFS_TAR="$CACHE/frontend-rootfs-$SUITE.tar"
 # The frontend's modules: stdlib-only parts of stowaway plus the generated stubs.
 # stowaway/store/__init__.py is replaced by an empty one: the real one imports the
 # binary cache code (cryptography, zstandard), which the frontend never uses; so is
-# stowaway/image/__init__.py, whose package the frontend only needs config and model of.
+# stowaway/image/__init__.py, whose package the frontend only needs config, digest and model of.
 FILES=(
   src/stowaway/__init__.py
   src/stowaway/errors.py
   src/stowaway/store/model.py
   src/stowaway/image/model.py
+  src/stowaway/image/digest.py
   src/stowaway/image/config.py
   src/stowaway/layering/*.py
   src/stowaway/buildkit/__init__.py

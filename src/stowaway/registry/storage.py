@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Protocol, TypeVar
 
 from stowaway.fsutil import atomic_write, publish
+from stowaway.image.digest import sha256_digest
 from stowaway.registry.errors import ErrorCode, RegistryApiError
 
 CHUNK = 1 << 20  # 1 MiB: large enough that hashing/writing releases the GIL usefully
@@ -242,7 +243,7 @@ class FilesystemStorage:
             data = self._blob(digest).read_bytes()
         except FileNotFoundError:
             return None
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if sha256_digest(data) != digest:
             return None  # a corrupt blob is never served
         return data, media_type
 

@@ -11,11 +11,11 @@ the CRI image service (``nix:0`` images) and ``stowaway pull``.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 
 from stowaway.image.annotations import REF_LABEL, SNAPSHOT_LABEL_PREFIX
+from stowaway.image.digest import sha256_digest
 from stowaway.image.model import Layer
 from stowaway.runtime.containerd_client import ContainerdClient, ContainerdError
 
@@ -27,9 +27,7 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
     out: list[str] = []
     for d in diff_ids:
-        out.append(
-            d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest()
-        )
+        out.append(d if not out else sha256_digest(f"{out[-1]} {d}".encode()))
     return out
 
 

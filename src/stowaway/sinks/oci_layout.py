@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import stat
@@ -35,6 +34,7 @@ from stowaway.image.digest import (
     copy_verified,
     dropping_corrupt,
     parse_digest,
+    sha256_digest,
 )
 from stowaway.image.model import Blob, Descriptor, Image, Layer, MediaType
 from stowaway.progress import NoProgress, Progress
@@ -297,7 +297,7 @@ def _load(reader: LayoutReader, where: str, desc: object, what: str) -> tuple[Bl
         data = reader.read(name)
     except LayoutError:
         raise StowawayError(f"{where}: {what} blob {digest} missing ({name})") from None
-    if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+    if len(data) != size or sha256_digest(data) != digest:
         raise StowawayError(f"{where}: {what} blob {digest} does not match its digest/size")
     try:
         doc = json.loads(data)

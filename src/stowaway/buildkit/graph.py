@@ -19,6 +19,7 @@ from stowaway.buildkit.drv import Derivation
 from stowaway.buildkit.llb import Copy, MkDir, MkFile, Mount, Output, Vertex, exec_op, file_op
 from stowaway.buildkit.spec import Member, Spec
 from stowaway.errors import StowawayError
+from stowaway.image.config import OCI_ARCHITECTURES
 from stowaway.layering import plan
 from stowaway.layering.auto import SOLO_MIN, TINY
 from stowaway.store.model import STORE_DIR, PathInfo
@@ -43,10 +44,8 @@ BUILD_TOP = "/build"
 STORE_PATHS_LABEL = "stowaway.store-paths"
 #: Nix system → (OS, architecture) of the OCI platform the ExecOp asks for.
 SYSTEMS = {
-    "x86_64-linux": ("linux", "amd64"),
-    "aarch64-linux": ("linux", "arm64"),
-    "i686-linux": ("linux", "386"),
-    "armv7l-linux": ("linux", "arm"),
+    f"{cpu}-linux": ("linux", OCI_ARCHITECTURES[cpu])
+    for cpu in ("x86_64", "aarch64", "i686", "armv7l")
 }
 #: Layer planning size of a store path whose NAR size is unknown (outputs not built on
 #: the client, `.nix` builds). 0 would make every group "tiny", and the auto planner

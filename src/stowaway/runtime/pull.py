@@ -12,11 +12,11 @@ store (digest checked on the way) and applied.
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 from stowaway.errors import StowawayError
+from stowaway.image.config import default_architecture
 from stowaway.image.digest import sha256_digest
 from stowaway.image.model import Blob, Descriptor, Layer, MediaType
 from stowaway.registry.client import RegistryClient
@@ -29,8 +29,6 @@ __all__ = ["PullError", "PullResult", "pull_image"]
 ACCEPT = ", ".join(
     [MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST, MediaType.OCI_INDEX, MediaType.DOCKER_LIST]
 )
-#: Python's machine names → OCI architectures (the ones containerd runs here).
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
 
 
 class PullError(StowawayError):
@@ -103,7 +101,7 @@ class _Source:
 
 def _platform_manifest(index: dict[str, Any], where: str) -> str:
     """The digest of the linux/<this machine> manifest of an image index."""
-    arch = _ARCH.get(platform.machine(), platform.machine())
+    arch = default_architecture()
     seen = []
     for m in index.get("manifests", []):
         p = m.get("platform") or {}

@@ -15,10 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.image.digest import sha256_digest
 from stowaway.registry.auth import Authenticator
 from stowaway.registry.config import RegistryConfig
-from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.metrics import Metrics
 from stowaway.registry.resolver import MANIFEST_TYPES, ManifestResolver, ResolvedManifest
 from stowaway.registry.singleflight import SingleFlight

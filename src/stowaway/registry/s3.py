@@ -27,9 +27,9 @@ import boto3  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.errors import StowawayError
 from stowaway.image.digest import sha256_digest
-from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.storage import (
     CHUNK,
     digest_mismatch,

@@ -26,9 +26,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, Protocol, TypeVar
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.fsutil import atomic_write, publish
 from stowaway.image.digest import sha256_digest
-from stowaway.registry.errors import ErrorCode, RegistryApiError
 
 CHUNK = 1 << 20  # 1 MiB: large enough that hashing/writing releases the GIL usefully
 T = TypeVar("T")

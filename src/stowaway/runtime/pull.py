@@ -15,11 +15,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
+from stowaway.distribution.client import RegistryClient
 from stowaway.errors import StowawayError
 from stowaway.image.config import default_architecture
 from stowaway.image.digest import sha256_digest
 from stowaway.image.model import Blob, Descriptor, Layer, MediaType
-from stowaway.registry.client import RegistryClient
 from stowaway.runtime.containerd_client import ContainerdClient
 from stowaway.runtime.unpack import unpack_layers
 from stowaway.sinks.targets import RegistryTarget, parse_target

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from stowaway.distribution.client import RegistryClient, Response, TransportError
+from stowaway.distribution.errors import RegistryApiError
 from stowaway.errors import RegistryError
 from stowaway.fsutil import atomic_write
 from stowaway.image.digest import CorruptBlob, VerifyingReader, dropping_corrupt
 from stowaway.image.model import Blob, Image
 from stowaway.progress import NoProgress, Progress
-from stowaway.registry.client import RegistryClient, Response, TransportError
-from stowaway.registry.errors import RegistryApiError
 
 __all__ = ["PushResult", "PushRecord", "push"]
 

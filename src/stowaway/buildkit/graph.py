@@ -20,14 +20,12 @@ from stowaway.buildkit.llb import Copy, MkDir, MkFile, Mount, Output, Vertex, ex
 from stowaway.buildkit.spec import Member, Spec
 from stowaway.errors import StowawayError
 from stowaway.image.config import OCI_ARCHITECTURES
-from stowaway.layering import plan
-from stowaway.layering.auto import SOLO_MIN, TINY
+from stowaway.layering import UNKNOWN_SIZE, plan
 from stowaway.store.model import STORE_DIR, PathInfo
 
 __all__ = [
     "STORE_PATHS_LABEL",
     "SYSTEMS",
-    "UNKNOWN_SIZE",
     "BuildGraph",
     "GraphError",
     "build_env",
@@ -47,14 +45,6 @@ SYSTEMS = {
     f"{cpu}-linux": ("linux", OCI_ARCHITECTURES[cpu])
     for cpu in ("x86_64", "aarch64", "i686", "armv7l")
 }
-#: Layer planning size of a store path whose NAR size is unknown (outputs not built on
-#: the client, `.nix` builds). 0 would make every group "tiny", and the auto planner
-#: would merge the whole closure into a layer or two. Below SOLO_MIN, so that no path
-#: claims a layer of its own (with equal sizes the solo paths would be picked by hash,
-#: and re-picked on every update), and as close to TINY as that allows: with today's
-#: TINY == SOLO_MIN two paths reach TINY, so the planner groups the closure by its
-#: structure alone, in about half as many layers as paths (budget permitting).
-UNKNOWN_SIZE = min(SOLO_MIN - 1, TINY)
 #: Where the context holds an empty directory of each mode MkDir cannot make.
 MODES_DIR = "modes"
 

@@ -226,7 +226,7 @@ def build(
         from stowaway.image.layer_cache import LayerCache, default_cache_dir
         from stowaway.image.layers import LayerSettings
         from stowaway.image.tar import default_mtime
-        from stowaway.sinks import parse_target, write_image
+        from stowaway.sinks import RegistryTarget, parse_target, write_image
 
         dest = parse_target(target)
         creds = None
@@ -277,18 +277,25 @@ def build(
                 **kwargs,
             )
             sink_result = write_image(
-                result.image, dest, tls_verify=dest_tls_verify, creds=creds, **kwargs
+                result.image,
+                dest,
+                tls_verify=dest_tls_verify,
+                creds=creds,
+                state_dir=cache.root,  # which repos got which blobs: mount sources
+                **kwargs,
             )
     except StowawayError as e:
         fail(e)
     image = result.image
+    # reused: taken from the layer cache, or (pushing) not sent because the registry had it
+    sent = set(sink_result.written) if isinstance(dest, RegistryTarget) else None
     rows = [
         {
             "digest": layer.digest,
             "diff_id": layer.diff_id,
             "size": layer.size,
             "store_paths": list(layer.store_paths),
-            "reused": bool(layer.reused),
+            "reused": layer.reused or (sent is not None and layer.digest not in sent),
         }
         for layer in image.layers
     ]

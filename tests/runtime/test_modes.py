@@ -23,11 +23,9 @@ from stowaway.runtime.modes import ModeFacts, choose, containerd_version, parse_
 from stowaway.runtime.mounts import Layout, mounts
 from stowaway.runtime.skeleton import materialise
 from stowaway.runtime.snapshots_service import _mounts
-from stowaway.runtime.snapshotter import AlreadyExists, Kind, Mount
-from stowaway.runtime.store_snapshotter import (
-    SnapshotterConfig,
-    StoreSnapshotter,
-)
+from stowaway.runtime.snapshotter.contract import AlreadyExists, Kind, Mount
+from stowaway.runtime.snapshotter.state import SnapshotterConfig
+from stowaway.runtime.snapshotter.store_snapshotter import StoreSnapshotter
 
 NO_OVERLAY = "cannot set trusted.overlay.metacopy"
 

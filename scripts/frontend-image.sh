@@ -19,15 +19,16 @@ cd "$(dirname "$0")/.."
 parse_flags "$@"
 ROOTFS_TAR="$CACHE/frontend-rootfs-$SUITE.tar"
 
-# The frontend's modules: stdlib-only parts of stowaway plus the generated stubs.
-# stowaway/store/__init__.py is replaced by an empty one: the real one imports the
-# binary cache code (cryptography, zstandard), which the frontend never uses; so is
-# stowaway/image/__init__.py, whose package the frontend only needs config and model of.
+# The frontend's modules: stdlib-only parts of stowaway plus the generated stubs (the
+# package __init__ files import nothing heavy: stowaway.store's exports are lazy).
 FILES=(
   src/stowaway/__init__.py
   src/stowaway/errors.py
+  src/stowaway/store/__init__.py
   src/stowaway/store/model.py
+  src/stowaway/image/__init__.py
   src/stowaway/image/model.py
+  src/stowaway/image/digest.py
   src/stowaway/image/config.py
   src/stowaway/layering/*.py
   src/stowaway/buildkit/__init__.py
@@ -62,8 +63,6 @@ if [ ! -s "$SAVED" ]; then
     mkdir -p "$(dirname "$dest")"
     cp "$f" "$dest"
   done
-  : > "$work/add/opt/stowaway/stowaway/store/__init__.py"
-  : > "$work/add/opt/stowaway/stowaway/image/__init__.py"
   tar -C "$work/add" --numeric-owner --owner=0 --group=0 --mtime=@1 --sort=name \
     -rf "$work/image.tar" ./opt/stowaway
   tmp_tag="stowaway-frontend-build:$hash"

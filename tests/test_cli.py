@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from daemons import Containerd
+from daemons import Containerd, Registry
 
 STOWAWAY = [sys.executable, "-m", "stowaway"]
 
@@ -60,6 +60,21 @@ def test_fresh_caches_give_same_digest_and_warm_build_reuses(demo_app: str, tmp_
     warm = build_json(*args, "--cache-dir", str(tmp_path / "c1"), "-o", f"oci:{tmp_path}/c:t")
     assert warm["manifest_digest"] == a["manifest_digest"]
     assert all(layer["reused"] for layer in warm["layers"])
+
+
+def test_push_reports_layers_the_registry_had_as_reused(demo_app: str, tmp_path: Path) -> None:
+    """The push record lives in the cache dir the CLI is given; a second push of the same
+    image to another repo sends no layer (mounted from the first) and says so."""
+    cache = tmp_path / "cache"
+    with Registry(tmp_path / "reg") as reg:
+        dest = ["--dest-tls-verify=false", "--cache-dir", str(cache)]
+        first = build_json(demo_app, *dest, "-o", f"docker://{reg.host}/one:v1")
+        assert not any(layer["reused"] for layer in first["layers"])
+        assert (cache / "pushed" / f"127.0.0.1_{reg.port}.json").is_file()
+        second = build_json(demo_app, *dest, "-o", f"docker://{reg.host}/two:v1")
+    assert all(layer["reused"] for layer in second["layers"])
+    assert second["sink"]["written"] == []
+    assert {layer["digest"] for layer in second["layers"]} <= set(second["sink"]["linked"])
 
 
 def test_binary_cache_only_gives_same_image_as_local_store(

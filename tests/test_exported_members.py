@@ -8,7 +8,14 @@ import pytest
 
 EXPECTED = {
     "stowaway": ["__version__"],
-    "stowaway.layering": ["MAX_LAYERS_LIMIT", "STRATEGIES", "LayerPlan", "PlannedLayer", "plan"],
+    "stowaway.layering": [
+        "MAX_LAYERS_LIMIT",
+        "STRATEGIES",
+        "UNKNOWN_SIZE",
+        "LayerPlan",
+        "PlannedLayer",
+        "plan",
+    ],
     "stowaway.sinks": [
         "FORMS",
         "DockerArchiveTarget",

@@ -7,78 +7,27 @@ starts fast.
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from stowaway import __version__
+from stowaway.cli_options import (
+    fail,
+    image_flags,
+    image_options_from_flags,
+    layering_options,
+    option_group,
+    store_options,
+)
 from stowaway.errors import StowawayError
 
 if TYPE_CHECKING:
-    from stowaway.image.config import ImageOptions
     from stowaway.store.sources import Sources
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _group(*decorators: Callable[[F], F]) -> Callable[[F], F]:
-    """Several click decorators as one, in the order they read (click adds options
-    bottom-up, so they are applied in reverse)."""
-
-    def apply(f: F) -> F:
-        for d in reversed(decorators):
-            f = d(f)
-        return f
-
-    return apply
-
-
-def _fail(err: StowawayError) -> None:
-    click.echo(f"error: {err}", err=True)
-    sys.exit(1)
-
-
-#: --substituter and --trusted-public-key: the binary caches missing store paths
-#: come from (`build`, `plan`, `snapshotter`, `cri-image-service`).
-cache_options = _group(
-    click.option(
-        "--substituter",
-        "substituters",
-        multiple=True,
-        metavar="URL",
-        help="Binary cache (file:// or http(s)://) to take missing paths from; "
-        "repeatable, in priority order.",
-    ),
-    click.option(
-        "--trusted-public-key",
-        "trusted_keys",
-        multiple=True,
-        metavar="NAME:BASE64",
-        help="Key whose signatures are accepted on binary cache paths; repeatable.",
-    ),
-)
-
-
-#: Flags that choose where store paths come from (shared by several commands).
-store_options = _group(
-    click.option(
-        "--store",
-        metavar="DIR",
-        help="Read store paths from DIR (e.g. a SAN mount of /nix/store) instead of /nix/store.",
-    ),
-    cache_options,
-    click.option(
-        "--no-require-sigs",
-        is_flag=True,
-        help="Accept unsigned binary cache paths (trust the transport instead).",
-    ),
-)
-
-
-installable_options = _group(
+installable_options = option_group(
     click.argument("installables", nargs=-1),
     click.option(
         "-f",
@@ -88,25 +37,6 @@ installable_options = _group(
         help="Build FILE.nix with nix-build and use its outputs.",
     ),
     click.option("-A", "--attr", "attrs", multiple=True, help="Attribute of -f FILE to build."),
-)
-
-
-layering_options = _group(
-    click.option(
-        "--max-layers",
-        default=100,
-        show_default=True,
-        type=int,
-        help="Most layers in the image, the customisation layer included (≤ 125).",
-    ),
-    click.option(
-        "--layering",
-        type=click.Choice(["auto", "popularity", "dominator"]),
-        default="auto",
-        show_default=True,
-        help="auto: stable groups for reuse across versions and images; "
-        "popularity: nixpkgs' popularity contest; dominator: Nixery's grouping.",
-    ),
 )
 
 
@@ -141,58 +71,6 @@ def _closure(
     except BaseException:
         source.close()
         raise
-
-
-#: The image-config flags shared by `build` and `buildkit context`.
-image_flags = _group(
-    click.option(
-        "--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".'
-    ),
-    click.option("--cmd", default=None, help="Default arguments (JSON array or shell words)."),
-    click.option("--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable."),
-    click.option("--workdir", default=None),
-    click.option("--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd."),
-    click.option(
-        "--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable."
-    ),
-    click.option(
-        "--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable."
-    ),
-    click.option(
-        "--created",
-        default=None,
-        help="Creation time: epoch seconds, RFC 3339 (UTC without an offset) or 'now' "
-        "(default: epoch 1).",
-    ),
-)
-
-
-def image_options_from_flags(
-    *,
-    entrypoint: str | None,
-    cmd: str | None,
-    env: Sequence[str],
-    workdir: str | None,
-    user: str | None,
-    expose: Sequence[str],
-    labels: Sequence[str],
-    created: str | None,
-    contents: Sequence[str] = (),
-) -> ImageOptions:
-    """ImageOptions from the raw values of the `image_flags` flags."""
-    from stowaway.image.config import ImageOptions, parse_created, parse_labels, parse_words
-
-    return ImageOptions(
-        entrypoint=parse_words(entrypoint, "--entrypoint") if entrypoint is not None else None,
-        cmd=parse_words(cmd, "--cmd") if cmd is not None else None,
-        env=list(env),
-        workdir=workdir,
-        user=user,
-        expose=list(expose),
-        labels=parse_labels(labels),
-        contents=list(contents),
-        created=parse_created(created) if created is not None else 1,
-    )
 
 
 #: Faces that live in their own packages, imported only when invoked (they pull in
@@ -348,7 +226,7 @@ def build(
         from stowaway.image.layer_cache import LayerCache, default_cache_dir
         from stowaway.image.layers import LayerSettings
         from stowaway.image.tar import default_mtime
-        from stowaway.sinks import parse_target, write_image
+        from stowaway.sinks import RegistryTarget, parse_target, write_image
 
         dest = parse_target(target)
         creds = None
@@ -399,19 +277,25 @@ def build(
                 **kwargs,
             )
             sink_result = write_image(
-                result.image, dest, tls_verify=dest_tls_verify, creds=creds, **kwargs
+                result.image,
+                dest,
+                tls_verify=dest_tls_verify,
+                creds=creds,
+                state_dir=cache.root,  # which repos got which blobs: mount sources
+                **kwargs,
             )
     except StowawayError as e:
-        _fail(e)
-        return
+        fail(e)
     image = result.image
+    # reused: taken from the layer cache, or (pushing) not sent because the registry had it
+    sent = set(sink_result.written) if isinstance(dest, RegistryTarget) else None
     rows = [
         {
             "digest": layer.digest,
             "diff_id": layer.diff_id,
             "size": layer.size,
             "store_paths": list(layer.store_paths),
-            "reused": bool(layer.reused),
+            "reused": layer.reused or (sent is not None and layer.digest not in sent),
         }
         for layer in image.layers
     ]
@@ -470,8 +354,7 @@ def plan(
         source.close()
         result = make_plan(clo, roots, strategy=layering, max_layers=max_layers)
     except StowawayError as e:
-        _fail(e)
-        return
+        fail(e)
     layers = [
         {
             "paths": list(layer.paths),
@@ -517,8 +400,7 @@ def inspect(target: str, as_json: bool) -> None:
 
         summary = read_image_summary(target)
     except StowawayError as e:
-        _fail(e)
-        return
+        fail(e)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -14,16 +14,11 @@ import pytest
 from stowaway.buildkit import llb
 from stowaway.buildkit.context import make_context
 from stowaway.buildkit.drv import parse_drv
-from stowaway.buildkit.graph import (
-    UNKNOWN_SIZE,
-    GraphError,
-    build_env,
-    build_graph,
-    image_platform,
-)
+from stowaway.buildkit.graph import GraphError, build_env, build_graph, image_platform
 from stowaway.buildkit.pb import ops
 from stowaway.buildkit.spec import Spec
 from stowaway.image.config import ImageOptions
+from stowaway.layering import UNKNOWN_SIZE
 from stowaway.layering.auto import SOLO_MIN, TINY
 
 GRAPH = Path(__file__).resolve().parents[2] / "fixtures" / "buildkit" / "graph.nix"

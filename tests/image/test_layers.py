@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 
 from stowaway.errors import PathNotFound, StowawayError
+from stowaway.image.annotations import PATHS_PREFIX
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import (
-    ANNOTATION_LIMIT,
-    ANNOTATION_PREFIX,
     InvalidLayerSettings,
     LayerSettings,
     build_entries_layer,
     build_layers,
-    paths_annotations,
 )
 from stowaway.image.model import Layer, TarEntry
 from stowaway.layering.model import PlannedLayer
@@ -90,7 +88,7 @@ def test_layers_match_plan_and_contents(
         assert layer.diff_id == "sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest()
         assert layer.media_type == "application/vnd.oci.image.layer.v1.tar+gzip"
         assert layer.store_paths == plan.paths
-        assert layer.annotations == {f"{ANNOTATION_PREFIX}0": Path(plan.paths[0]).name}
+        assert layer.annotations == {f"{PATHS_PREFIX}0": Path(plan.paths[0]).name}
         assert not layer.reused
 
 
@@ -255,20 +253,6 @@ def test_entries_layer_is_cached_by_key(layer_cache: LayerCache) -> None:
     assert again.reused and again.digest == first.digest
     assert not other.reused and other.digest != first.digest
     assert gzip.decompress(blob(first)).startswith(b"etc/")
-
-
-def test_annotations_split_below_the_label_limit() -> None:
-    paths = [f"/nix/store/{i:032d}-{'n' * 150}-{i}" for i in range(300)]
-    annotations = paths_annotations(paths)
-    assert len(annotations) > 10
-    assert list(annotations) == [f"{ANNOTATION_PREFIX}{i}" for i in range(len(annotations))]
-    for key, value in annotations.items():
-        assert len(key.encode()) + len(value.encode()) < ANNOTATION_LIMIT
-    joined = " ".join(annotations.values()).split(" ")
-    assert joined == [Path(p).name for p in paths]
-    assert paths_annotations([]) == {}
-    with pytest.raises(StowawayError, match="too long for an annotation"):
-        paths_annotations(["/nix/store/" + "x" * 5000])
 
 
 def test_memory_stays_bounded_for_big_layers(layer_cache: LayerCache) -> None:

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from stowaway.distribution.client import RegistryClient
 from stowaway.errors import RegistryError
-from stowaway.registry.client import RegistryClient
 
 BLOB = bytes(range(256)) * 5000  # > 1 MiB: read in chunks
 

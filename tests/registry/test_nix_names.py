@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stowaway.registry.errors import RegistryApiError
+from stowaway.distribution.errors import RegistryApiError
 from stowaway.registry.names import (
     expand_packages,
     parse_image_name,

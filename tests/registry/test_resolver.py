@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from registry_harness import Server
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.registry import verified
-from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.resolver import ResolvedManifest
 
 OCI = "application/vnd.oci.image.manifest.v1+json"

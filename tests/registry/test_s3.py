@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ from registry_harness import Server
 from test_api import OCI, digest, image_manifest
 from test_skopeo import layout_manifest, skopeo
 
+from daemons import free_port
 from stowaway.registry.config import RegistryConfig, S3Options, open_storage
 from stowaway.registry.s3 import S3Storage
 
 CREDS = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

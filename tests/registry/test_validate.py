@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from stowaway.registry.errors import RegistryApiError
+from stowaway.distribution.errors import RegistryApiError
 from stowaway.registry.validate import (
     Route,
     check_digest,

@@ -26,9 +26,9 @@ from typing import TypeVar
 import grpc
 
 from daemons import Containerd, Daemon, Registry, _short_dir
+from stowaway.image.annotations import PATHS_PREFIX
 from stowaway.runtime.proto.cri import api_pb2 as cri
 from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
-from stowaway.sinks.inspect import PATHS_PREFIX
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ import pytest
 
 from daemons import Containerd
 from stowaway.runtime.containerd_client import ContainerdClient, mount_from_pb, mount_to_pb
-from stowaway.runtime.snapshotter import Mount
+from stowaway.runtime.snapshotter.contract import Mount
 
 
 @pytest.fixture()

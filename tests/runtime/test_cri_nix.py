@@ -18,12 +18,7 @@ from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
-from stowaway.runtime.cri_nix import (
-    InvalidNixReference,
-    default_entrypoint,
-    parse_nix_ref,
-    read_layout_image,
-)
+from stowaway.runtime.cri_nix import InvalidNixReference, default_entrypoint, parse_nix_ref
 from stowaway.runtime.proto.containerd_api import (
     content_pb2,
     diff_pb2,
@@ -35,7 +30,7 @@ from stowaway.runtime.proto.containerd_api import (
 )
 from stowaway.runtime.proto.cri import api_pb2
 from stowaway.runtime.unpack import chain_ids
-from stowaway.sinks.oci_layout import write_oci_layout
+from stowaway.sinks.oci_layout import read_layout_image, write_oci_layout
 from stowaway.store.local import LocalStore
 
 H = "0" * 32

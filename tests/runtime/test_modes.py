@@ -16,19 +16,16 @@ from click.testing import CliRunner
 from runtime_helpers import mount_like_containerd
 
 from stowaway.errors import StowawayError
+from stowaway.image.annotations import PATHS_PREFIX, REF_LABEL
 from stowaway.runtime.cli_snapshotter import snapshotter_command
 from stowaway.runtime.metadata import Record
 from stowaway.runtime.modes import ModeFacts, choose, containerd_version, parse_version
 from stowaway.runtime.mounts import Layout, mounts
 from stowaway.runtime.skeleton import materialise
 from stowaway.runtime.snapshots_service import _mounts
-from stowaway.runtime.snapshotter import AlreadyExists, Kind, Mount
-from stowaway.runtime.store_snapshotter import (
-    PATHS_PREFIX,
-    REF_LABEL,
-    SnapshotterConfig,
-    StoreSnapshotter,
-)
+from stowaway.runtime.snapshotter.contract import AlreadyExists, Kind, Mount
+from stowaway.runtime.snapshotter.state import SnapshotterConfig
+from stowaway.runtime.snapshotter.store_snapshotter import StoreSnapshotter
 
 NO_OVERLAY = "cannot set trusted.overlay.metacopy"
 

@@ -27,7 +27,8 @@ from runtime_helpers import (
 
 from daemons import Registry
 from stowaway.runtime.modes import BIND_MIN, containerd_version
-from stowaway.runtime.store_snapshotter import SnapshotterConfig, StoreSnapshotter, choose_mode
+from stowaway.runtime.snapshotter.state import SnapshotterConfig, choose_mode
+from stowaway.runtime.snapshotter.store_snapshotter import StoreSnapshotter
 
 
 def regular_files(paths: list[str]) -> list[str]:
@@ -193,7 +194,7 @@ def test_probe_falls_back_to_hardlink_then_copy(
     assert why.startswith("cannot set ") and why.endswith("; store and state share a filesystem")
     mode, why = choose_mode(replace(v16, containerd_version="1.7"), ramfs)
     assert mode == "bind" and why.endswith("containerd 1.7 honours Mount.target")
-    caplog.set_level(logging.INFO, logger="stowaway.runtime.store_snapshotter")
+    caplog.set_level(logging.INFO, logger="stowaway.runtime.snapshotter")
     s = StoreSnapshotter(SnapshotterConfig(root=ramfs / "root", store=store))
     s.close()
     assert s.mode == "overlay"  # stubs on its tmpfs: the state dir's xattrs do not matter

@@ -17,8 +17,9 @@ import pytest
 from runtime_helpers import mount_like_containerd
 
 from stowaway.errors import StowawayError
+from stowaway.image.annotations import PATHS_PREFIX, REF_LABEL
 from stowaway.runtime.filters import compile_filters, required_labels
-from stowaway.runtime.snapshotter import (
+from stowaway.runtime.snapshotter.contract import (
     AlreadyExists,
     FailedPrecondition,
     Info,
@@ -27,13 +28,8 @@ from stowaway.runtime.snapshotter import (
     Mount,
     NotFound,
 )
-from stowaway.runtime.store_snapshotter import (
-    PATHS_PREFIX,
-    REF_LABEL,
-    SnapshotterConfig,
-    StoreSnapshotter,
-    link_dir_for,
-)
+from stowaway.runtime.snapshotter.state import SnapshotterConfig, link_dir_for
+from stowaway.runtime.snapshotter.store_snapshotter import StoreSnapshotter
 
 MISSING = "0" * 32 + "-not-here"
 
@@ -424,7 +420,7 @@ def test_cleanup_drops_local_paths_no_snapshot_uses(
     s = StoreSnapshotter(cfg)
     assert os.listdir(local) == ["README"]
     greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
-    sub = s.substituter
+    sub = s.store_paths.substituter
     assert sub is not None
     fetch = sub.fetch
 
@@ -669,7 +665,7 @@ def test_a_waiting_mount_builds_queued_trees_itself(
     """While the tree child is busy (here: stopped) a mount builds the queued trees
     newest first in the snapshotter itself, leaving the child its current one; the
     child then skips what is already built. The rootfs is complete either way."""
-    assert snap._builder is not None and (child := snap._builder.pid) is not None
+    assert snap.trees.builder is not None and (child := snap.trees.builder.pid) is not None
     os.kill(child, signal.SIGSTOP)
     resume = threading.Timer(1.0, os.kill, (child, signal.SIGCONT))
     try:
@@ -678,7 +674,7 @@ def test_a_waiting_mount_builds_queued_trees_itself(
             with pytest.raises(AlreadyExists):
                 snap.prepare(f"x{i}", parent, layer_labels([path], f"sha256:l{i}"))
             parent = snap.nix_name(f"sha256:l{i}", parent)
-        caplog.set_level(logging.DEBUG, logger="stowaway.runtime.store_snapshotter")
+        caplog.set_level(logging.DEBUG, logger="stowaway.runtime.snapshotter")
         resume.start()
         root = mounted(snap.prepare("ctr", parent, {}), Path(snap.config.root, "mnt"))
     finally:

@@ -29,6 +29,7 @@ import pytest
 
 from stowaway.errors import RegistryError
 from stowaway.image.digest import CorruptBlob
+from stowaway.image.layer_cache import default_cache_dir
 from stowaway.image.model import Blob, Image, Layer, MediaType
 from stowaway.sinks import registry as sink
 from stowaway.sinks.registry import PushRecord, push
@@ -292,14 +293,13 @@ def test_push_then_pull_back_with_skopeo(registry: Registry, image: Image, state
 def test_second_push_sends_only_the_manifest(registry: Registry, image: Image,
                                              state: Path) -> None:  # fmt: skip
     push(image, registry.host, "again", "v1", tls_verify=False, state_dir=state)
-    for layer in image.layers:
-        layer.reused = False
+    built = [layer.reused for layer in image.layers]
     mark = registry.mark()
     result = push(image, registry.host, "again", "v1", tls_verify=False, state_dir=state)
 
     assert result.uploaded == [] and result.uploaded_bytes == 0
     assert set(result.existing) == all_digests(image)
-    assert all(layer.reused for layer in image.layers)
+    assert [layer.reused for layer in image.layers] == built  # the result says, not the image
     reqs = registry.requests(mark)
     assert blob_uploads(reqs) == []
     assert not any(r.method == "POST" for r in reqs)
@@ -322,7 +322,7 @@ def test_changed_layer_uploads_exactly_that_layer(registry: Registry, state: Pat
     assert set(result.uploaded) == changed
     assert result.uploaded_bytes == second.layers[1].size + second.config.size
     assert result.existing == [second.layers[0].digest]
-    assert second.layers[0].reused and not second.layers[1].reused
+    assert second.layers[1].digest in result.uploaded
     reqs = registry.requests(mark)
     assert committed_digests(reqs) == changed
     assert len(blob_uploads(reqs)) == 2
@@ -361,6 +361,13 @@ def test_explicit_mount_from_and_failed_mount_falls_back(registry: Registry, ima
     assert sum(1 for r in reqs if "from=nowhere" in r.uri and r.status == 202) == 3
     assert sum(1 for r in reqs if "from=origin" in r.uri and r.status == 201) == 3
     assert blob_uploads(reqs) == []
+
+
+def test_without_state_dir_nothing_is_recorded(registry: Registry, image: Image) -> None:
+    push(image, registry.host, "stateless", "v1", tls_verify=False)
+    assert not (default_cache_dir() / "pushed").exists()  # no hidden writes to the cache
+    result = push(image, registry.host, "stateless-copy", "v1", tls_verify=False)
+    assert result.mounted == []  # and no record to mount from
 
 
 def test_failed_mount_session_is_deleted_with_relative_locations(

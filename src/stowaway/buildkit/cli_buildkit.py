@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from stowaway.cli import image_flags, image_options_from_flags, layering_options
+from stowaway.cli_options import fail, image_flags, image_options_from_flags, layering_options
 from stowaway.errors import StowawayError
 
 __all__ = ["buildkit_group", "frontend_command"]
@@ -81,8 +81,7 @@ def context_command(
             argstrs=dict(argstrs),
         )
     except StowawayError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(1) from None
+        fail(e)
     refs = "exact (outputs built locally)" if result.spec.references is not None else "build-time"
     click.echo(
         f"{result.path}: {result.derivations} derivations, {result.sources} sources, "

@@ -19,14 +19,13 @@ from stowaway.buildkit.drv import Derivation
 from stowaway.buildkit.llb import Copy, MkDir, MkFile, Mount, Output, Vertex, exec_op, file_op
 from stowaway.buildkit.spec import Member, Spec
 from stowaway.errors import StowawayError
-from stowaway.layering import plan
-from stowaway.layering.auto import SOLO_MIN, TINY
+from stowaway.image.config import OCI_ARCHITECTURES
+from stowaway.layering import UNKNOWN_SIZE, plan
 from stowaway.store.model import STORE_DIR, PathInfo
 
 __all__ = [
     "STORE_PATHS_LABEL",
     "SYSTEMS",
-    "UNKNOWN_SIZE",
     "BuildGraph",
     "GraphError",
     "build_env",
@@ -43,19 +42,9 @@ BUILD_TOP = "/build"
 STORE_PATHS_LABEL = "stowaway.store-paths"
 #: Nix system → (OS, architecture) of the OCI platform the ExecOp asks for.
 SYSTEMS = {
-    "x86_64-linux": ("linux", "amd64"),
-    "aarch64-linux": ("linux", "arm64"),
-    "i686-linux": ("linux", "386"),
-    "armv7l-linux": ("linux", "arm"),
+    f"{cpu}-linux": ("linux", OCI_ARCHITECTURES[cpu])
+    for cpu in ("x86_64", "aarch64", "i686", "armv7l")
 }
-#: Layer planning size of a store path whose NAR size is unknown (outputs not built on
-#: the client, `.nix` builds). 0 would make every group "tiny", and the auto planner
-#: would merge the whole closure into a layer or two. Below SOLO_MIN, so that no path
-#: claims a layer of its own (with equal sizes the solo paths would be picked by hash,
-#: and re-picked on every update), and as close to TINY as that allows: with today's
-#: TINY == SOLO_MIN two paths reach TINY, so the planner groups the closure by its
-#: structure alone, in about half as many layers as paths (budget permitting).
-UNKNOWN_SIZE = min(SOLO_MIN - 1, TINY)
 #: Where the context holds an empty directory of each mode MkDir cannot make.
 MODES_DIR = "modes"
 

@@ -9,13 +9,13 @@ Only what LLB v0.8 offers is used (ExecOp, SourceOp, FileOp).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from stowaway.buildkit.pb import ops
+from stowaway.image.digest import sha256_digest
 
 __all__ = [
     "KEEP",
@@ -112,10 +112,9 @@ def _vertex(
     for d in deps:
         op.inputs.add(digest=d.vertex.digest, index=d.index)
     data = op.SerializeToString(deterministic=True)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
     return Vertex(
         data,
-        digest,
+        sha256_digest(data),
         tuple(d.vertex for d in deps),
         dict(description or {}),
         tuple(sorted(caps)),

@@ -7,7 +7,6 @@ layer cache and whose config and manifest are small in-memory blobs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +14,7 @@ from typing import Literal
 from stowaway import layering
 from stowaway.errors import PlanError, StowawayError
 from stowaway.image.config import ImageOptions, build_config, plan_customisation
+from stowaway.image.digest import sha256_digest
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings, build_entries_layer, build_layers
 from stowaway.image.manifest import (
@@ -101,5 +101,4 @@ def _comment(layer: Layer) -> str:
 
 
 def _blob(data: bytes, media_type: str) -> Blob:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    return Blob(digest=digest, size=len(data), media_type=media_type, data=data)
+    return Blob(digest=sha256_digest(data), size=len(data), media_type=media_type, data=data)

@@ -26,7 +26,9 @@ from stowaway.store.model import STORE_DIR, PathInfo, StoreSource
 #: PATH set when ``contents`` are given and the user sets none (Docker's default).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-_ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+#: CPU names (Python's platform.machine(), the first part of a Nix system) → OCI
+#: architectures: the one table builds, pulls and BuildKit platforms share.
+OCI_ARCHITECTURES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
            "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x",
            "riscv64": "riscv64"}  # fmt: skip
 # used with fullmatch: "$" would also accept a trailing newline ("app\n" in /etc/passwd)
@@ -45,7 +47,7 @@ class ImageOptionError(StowawayError):
 def default_architecture() -> str:
     """The OCI architecture name of this machine (``amd64`` on x86_64)."""
     machine = platform.machine().lower()
-    return _ARCHES.get(machine, machine)
+    return OCI_ARCHITECTURES.get(machine, machine)
 
 
 def rfc3339(epoch: int) -> str:

@@ -33,6 +33,11 @@ class CorruptBlob(StowawayError):
         self.where = where
 
 
+def sha256_digest(data: bytes) -> str:
+    """``sha256:<hex>`` of ``data``: the content address of a blob held in memory."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def parse_digest(digest: str) -> tuple[str, str]:
     """Split ``sha256:<hex>`` into (algorithm, hex), rejecting anything else."""
     algo, sep, hexpart = digest.partition(":")

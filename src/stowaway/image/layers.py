@@ -24,20 +24,17 @@ from typing import Literal
 import zstandard
 
 from stowaway.errors import PathNotFound, StowawayError
+from stowaway.image.annotations import encode_paths
 from stowaway.image.compress import DEFAULT_LEVEL, open_compressor, zstd_worker_memory
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.model import Layer, MediaType, TarEntry
-from stowaway.image.tar import store_basename, store_path_entries, write_tar
+from stowaway.image.tar import store_path_entries, write_tar
 from stowaway.layering.model import PlannedLayer
 from stowaway.progress import NoProgress, Progress
 from stowaway.store.model import PathInfo, StoreSource
 
 #: Bump when the tar layout or the gzip block scheme changes: old entries then miss.
 LAYER_FORMAT = "stowaway-layer-1"
-ANNOTATION_PREFIX = "containerd.io/snapshot/stowaway.paths."
-#: containerd passes annotations as snapshot labels, whose key + value must stay
-#: below this many bytes.
-ANNOTATION_LIMIT = 4096
 #: Tar pieces are coalesced to this size before hashing and compressing.
 CHUNK = 1 << 20
 
@@ -119,26 +116,6 @@ def store_layer_key(
             raise PathNotFound(f"store path {path} of a planned layer is not in the closure")
         pinned.append([path, info.nar_hash])
     return _key({**settings._key_doc(), "paths": pinned})
-
-
-def paths_annotations(paths: Sequence[str]) -> dict[str, str]:
-    """``containerd.io/snapshot/stowaway.paths.<i>`` → space-separated basenames,
-    packed greedily in order so every key + value stays < 4096 bytes."""
-    out: dict[str, str] = {}
-    value = ""
-    for base in (store_basename(p) for p in paths):
-        key = f"{ANNOTATION_PREFIX}{len(out)}"
-        candidate = f"{value} {base}" if value else base
-        if len(key) + len(candidate.encode()) < ANNOTATION_LIMIT:
-            value = candidate
-            continue
-        if not value:
-            raise StowawayError(f"store path basename too long for an annotation: {base[:80]}…")
-        out[key] = value
-        value = base
-    if value:
-        out[f"{ANNOTATION_PREFIX}{len(out)}"] = value
-    return out
 
 
 def _build(
@@ -227,7 +204,7 @@ def build_layers(
             _build_missing(source, planned, missing, keys, totals, settings, cache, progress, jobs)
         )
     return [
-        replace(layers[i], store_paths=tuple(plan.paths), annotations=paths_annotations(plan.paths))
+        replace(layers[i], store_paths=tuple(plan.paths), annotations=encode_paths(plan.paths))
         for i, plan in enumerate(planned)
     ]
 

@@ -10,14 +10,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from stowaway.errors import PlanError
-from stowaway.layering.auto import layers_auto
+from stowaway.layering.auto import UNKNOWN_SIZE, layers_auto
 from stowaway.layering.dominator import layers_dominator
 from stowaway.layering.graph import build_graph
 from stowaway.layering.model import LayerPlan, PlannedLayer
 from stowaway.layering.popularity import plan_popularity
 from stowaway.store.model import PathInfo
 
-__all__ = ["MAX_LAYERS_LIMIT", "STRATEGIES", "LayerPlan", "PlannedLayer", "plan"]
+__all__ = [
+    "MAX_LAYERS_LIMIT",
+    "STRATEGIES",
+    "UNKNOWN_SIZE",
+    "LayerPlan",
+    "PlannedLayer",
+    "plan",
+]
 
 #: Registries and runtimes start failing near 125-127 layers.
 MAX_LAYERS_LIMIT = 125

@@ -40,6 +40,14 @@ SOLO_MIN = 1 << 20
 #: Groups smaller than this are merged even when the budget would allow them:
 #: a layer costs a request, a blob and a mount whatever its size.
 TINY = 1 << 20
+#: Planning size of a store path whose NAR size is unknown (outputs not built on the
+#: client, `.nix` builds in BuildKit). 0 would make every group "tiny", and the
+#: planner would merge the whole closure into a layer or two. Below SOLO_MIN, so that no
+#: path claims a layer of its own (with equal sizes the solo paths would be picked by
+#: hash, and re-picked on every update), and as close to TINY as that allows: with
+#: today's TINY == SOLO_MIN two paths reach TINY, so the planner groups the closure by
+#: its structure alone, in about half as many layers as paths (budget permitting).
+UNKNOWN_SIZE = min(SOLO_MIN - 1, TINY)
 
 Label = tuple[str, str]
 

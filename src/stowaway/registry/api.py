@@ -7,7 +7,6 @@ tag, digest or traversal attempt never reaches storage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -16,9 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
+from stowaway.image.digest import sha256_digest
 from stowaway.registry.auth import Authenticator
 from stowaway.registry.config import RegistryConfig
-from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.metrics import Metrics
 from stowaway.registry.resolver import MANIFEST_TYPES, ManifestResolver, ResolvedManifest
 from stowaway.registry.singleflight import SingleFlight
@@ -53,10 +53,6 @@ def parse_accept(values: list[str]) -> frozenset[str]:
     if "*/*" in types:
         return frozenset()
     return frozenset(types & MANIFEST_TYPES)
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class RegistryApi:

@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.registry.api import API_VERSION, RegistryApi
 from stowaway.registry.config import RegistryConfig, open_storage
-from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.landing import PackageSets, render_landing
 from stowaway.registry.resolver import ManifestResolver
 from stowaway.registry.storage import Storage

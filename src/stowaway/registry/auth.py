@@ -20,8 +20,8 @@ from pathlib import Path
 
 import bcrypt
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.registry.config import RegistryConfig, RegistryConfigError
-from stowaway.registry.errors import ErrorCode, RegistryApiError
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 

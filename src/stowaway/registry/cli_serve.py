@@ -13,12 +13,8 @@ from typing import Any
 
 import click
 
+from stowaway.cli_options import fail
 from stowaway.errors import StowawayError
-
-
-def _fail(err: StowawayError) -> None:
-    click.echo(f"error: {err}", err=True)
-    sys.exit(1)
 
 
 @click.command("serve")
@@ -114,7 +110,7 @@ def serve_command(
             resolver = NixResolver(config.nix, LayerCache(root))
         asyncio.run(serve(config, resolver, storage=backend, landing=resolver))
     except StowawayError as err:
-        _fail(err)
+        fail(err)
     finally:
         if resolver is not None:
             resolver.close()
@@ -194,6 +190,5 @@ def index_command(
             index = pi.from_result_links(Path(links))
         pi.write_index(Path(output), index)
     except StowawayError as err:
-        _fail(err)
-        return
+        fail(err)
     click.echo(f"wrote {len(index.packages)} packages to {output}", err=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from stowaway.registry.errors import ErrorCode, RegistryApiError
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.store.nixbase32 import ALPHABET
 from stowaway.store.paths import HASH_LEN
 

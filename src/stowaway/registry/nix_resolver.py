@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.errors import StowawayError
 from stowaway.fsutil import atomic_write
 from stowaway.image.compose import compose
@@ -34,7 +35,6 @@ from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
 from stowaway.image.model import Blob, MediaType
 from stowaway.registry.config import NixOptions
-from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.names import (
     DEFAULT_TAG,
     ImageName,

@@ -27,8 +27,9 @@ import boto3  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.errors import StowawayError
-from stowaway.registry.errors import ErrorCode, RegistryApiError
+from stowaway.image.digest import sha256_digest
 from stowaway.registry.storage import (
     CHUNK,
     digest_mismatch,
@@ -195,7 +196,7 @@ class S3Storage:
         if media_type is None:
             return None
         data = await self._get(self._blob(digest))
-        if data is None or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if data is None or sha256_digest(data) != digest:
             return None
         return data, media_type.decode()
 

@@ -26,8 +26,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, Protocol, TypeVar
 
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.fsutil import atomic_write, publish
-from stowaway.registry.errors import ErrorCode, RegistryApiError
+from stowaway.image.digest import sha256_digest
 
 CHUNK = 1 << 20  # 1 MiB: large enough that hashing/writing releases the GIL usefully
 T = TypeVar("T")
@@ -242,7 +243,7 @@ class FilesystemStorage:
             data = self._blob(digest).read_bytes()
         except FileNotFoundError:
             return None
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if sha256_digest(data) != digest:
             return None  # a corrupt blob is never served
         return data, media_type
 

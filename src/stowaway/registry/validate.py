@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from stowaway.registry.errors import ErrorCode, RegistryApiError
+from stowaway.distribution.errors import ErrorCode, RegistryApiError
 
 NAME_RE = re.compile(
     r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"

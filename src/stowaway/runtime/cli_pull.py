@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
+from stowaway.cli_options import fail
 from stowaway.errors import StowawayError
 from stowaway.runtime.containerd_client import ContainerdClient
 from stowaway.runtime.pull import pull_image
@@ -41,8 +41,7 @@ def pull_command(
     try:
         result = pull_image(reference, client, snapshotter=snapshotter, plain_http=plain_http)
     except StowawayError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        fail(e)
     finally:
         client.close()
     if as_json:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from stowaway.cli import cache_options
+from stowaway.cli_options import cache_options
 from stowaway.errors import StowawayError
 from stowaway.runtime.snapshots_service import serve_snapshotter
-from stowaway.runtime.store_snapshotter import SnapshotterConfig
+from stowaway.runtime.snapshotter.state import SnapshotterConfig
 
 __all__ = ["snapshotter_command"]
 

@@ -36,7 +36,7 @@ from stowaway.runtime.proto.containerd_api import images_pb2 as images_pb
 from stowaway.runtime.proto.containerd_api import images_pb2_grpc as images_grpc
 from stowaway.runtime.proto.containerd_api import leases_pb2 as leases_pb
 from stowaway.runtime.proto.containerd_api import leases_pb2_grpc as leases_grpc
-from stowaway.runtime.snapshotter import Mount
+from stowaway.runtime.snapshotter.contract import Mount
 
 __all__ = ["ContainerdClient", "ContainerdError", "ImageRecord", "mount_from_pb", "mount_to_pb"]
 

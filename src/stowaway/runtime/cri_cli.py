@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import grpc
 
-from stowaway.cli import cache_options
+from stowaway.cli_options import cache_options
 from stowaway.errors import StowawayError
 from stowaway.image.layer_cache import default_cache_dir
 from stowaway.runtime.containerd_client import ContainerdClient

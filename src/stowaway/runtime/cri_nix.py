@@ -27,7 +27,6 @@ trailing ``:latest`` is therefore accepted and ignored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,14 +40,14 @@ from typing import Any
 from stowaway.errors import InvalidStorePath, PathNotFound, StowawayError
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
-from stowaway.image.digest import parse_digest
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
-from stowaway.image.model import Blob, Descriptor, Image, Layer, MediaType
+from stowaway.image.model import Descriptor, Image
 from stowaway.runtime.containerd_client import ContainerdClient, ImageRecord
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.runtime.substitute import Substituter
 from stowaway.runtime.unpack import unpack_layers
+from stowaway.sinks.oci_layout import read_layout_image
 from stowaway.store.binary_cache import BinaryCache
 from stowaway.store.local import LocalStore
 from stowaway.store.model import STORE_DIR, PathInfo
@@ -308,106 +307,3 @@ def default_entrypoint(store_path: str, disk: Path) -> list[str] | None:
         if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
             exes.append(n)
     return [f"{store_path}/bin/{exes[0]}"] if len(exes) == 1 else None
-
-
-def read_layout_image(layout: Path) -> Image:
-    """The single image of an OCI layout directory (blobs stay on disk).
-
-    A store path is input like any other: every way it can be malformed (bad JSON, a
-    missing key, a wrong type, an unknown media type, a bad digest) is a StowawayError
-    naming the layout and the document.
-    """
-    where = f"OCI layout {layout}"
-    try:
-        return _read_layout(layout, where)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise StowawayError(f"{where}: malformed image ({type(e).__name__}: {e})") from None
-
-
-def _digest(where: str, value: object, what: str) -> tuple[str, str]:
-    try:
-        return parse_digest(str(value))
-    except StowawayError as e:
-        raise StowawayError(f"{where}: {what}: {e.message}") from None
-
-
-def _blob_path(layout: Path, where: str, digest: object) -> Path:
-    algo, hexpart = _digest(where, digest, "blob digest")
-    return layout / "blobs" / algo / hexpart
-
-
-def _load(layout: Path, where: str, desc: object, what: str) -> tuple[Blob, dict[str, Any]]:
-    """A small blob (manifest, config) checked against its descriptor, and its JSON."""
-    if not isinstance(desc, dict):
-        raise StowawayError(f"{where}: {what} descriptor is not a JSON object")
-    try:
-        digest, size, mt = str(desc["digest"]), int(desc["size"]), str(desc["mediaType"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise StowawayError(f"{where}: {what} descriptor is malformed ({e!r})") from None
-    try:
-        data = _blob_path(layout, where, digest).read_bytes()
-    except OSError as e:
-        raise StowawayError(f"{where}: {what} blob {digest} missing ({e.strerror})") from None
-    if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-        raise StowawayError(f"{where}: {what} blob {digest} does not match its digest/size")
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise StowawayError(f"{where}: {what} blob {digest} is not JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise StowawayError(f"{where}: {what} blob {digest} is not a JSON object")
-    return Blob(digest, size, mt, data=data), doc
-
-
-def _read_layout(layout: Path, where: str) -> Image:
-    try:
-        index = json.loads((layout / "index.json").read_text())
-        manifests = index["manifests"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StowawayError(f"{where}: unreadable index.json ({e})") from None
-    if not isinstance(manifests, list) or len(manifests) != 1:
-        n = len(manifests) if isinstance(manifests, list) else "no list of"
-        raise StowawayError(
-            f"{where}: index.json lists {n} manifests; an image store path must hold exactly one"
-        )
-    manifest, mdoc = _load(layout, where, manifests[0], "manifest")
-    try:
-        is_manifest = MediaType(manifest.media_type).is_manifest
-    except ValueError:
-        is_manifest = False
-    if not is_manifest:
-        raise StowawayError(f"{where}: {manifest.media_type!r} is not an image manifest")
-    config, cdoc = _load(layout, where, mdoc.get("config"), "config")
-    rootfs = cdoc.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    ldescs = mdoc.get("layers")
-    if not isinstance(diff_ids, list) or not isinstance(ldescs, list):
-        raise StowawayError(f"{where}: manifest layers or config rootfs.diff_ids is not a list")
-    if len(diff_ids) != len(ldescs):
-        raise StowawayError(
-            f"{where}: config lists {len(diff_ids)} diff IDs for {len(ldescs)} layers"
-        )
-    layers = []
-    for i, (ldesc, diff_id) in enumerate(zip(ldescs, diff_ids, strict=True)):
-        if not isinstance(ldesc, dict):
-            raise StowawayError(f"{where}: layer {i} descriptor is not a JSON object")
-        digest = str(ldesc.get("digest"))
-        path = _blob_path(layout, where, digest)
-        if not path.is_file():
-            raise StowawayError(f"{where}: layer {i} blob {digest} is missing")
-        _digest(where, diff_id, f"diff ID of layer {i}")
-        annotations = ldesc.get("annotations") or {}
-        if not isinstance(annotations, dict):
-            raise StowawayError(f"{where}: layer {i} annotations are not a JSON object")
-        layers.append(
-            Layer(
-                digest=digest,
-                size=int(ldesc["size"]),
-                media_type=str(ldesc["mediaType"]),
-                path=path,
-                diff_id=str(diff_id),
-                annotations={str(k): str(v) for k, v in annotations.items()},
-            )
-        )
-    docker = manifest.media_type == MediaType.DOCKER_MANIFEST
-    return Image(layers, config, manifest, format="docker" if docker else "oci")

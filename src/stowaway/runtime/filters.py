@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 
-from stowaway.runtime.snapshotter import Info, InvalidArgument
+from stowaway.runtime.snapshotter.contract import Info, InvalidArgument
 
 __all__ = ["compile_filters", "required_labels"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stowaway.runtime.snapshotter import (
+from stowaway.runtime.snapshotter.contract import (
     AlreadyExists,
     FailedPrecondition,
     Info,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stowaway.runtime.metadata import Record
 from stowaway.runtime.skeleton import Mode
-from stowaway.runtime.snapshotter import Kind, Mount
+from stowaway.runtime.snapshotter.contract import Kind, Mount
 
 __all__ = ["Layout", "mounts", "store_binds"]
 

@@ -11,15 +11,15 @@ store (digest checked on the way) and applied.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
+from stowaway.distribution.client import RegistryClient
 from stowaway.errors import StowawayError
+from stowaway.image.config import default_architecture
+from stowaway.image.digest import sha256_digest
 from stowaway.image.model import Blob, Descriptor, Layer, MediaType
-from stowaway.registry.client import RegistryClient
 from stowaway.runtime.containerd_client import ContainerdClient
 from stowaway.runtime.unpack import unpack_layers
 from stowaway.sinks.targets import RegistryTarget, parse_target
@@ -29,8 +29,6 @@ __all__ = ["PullError", "PullResult", "pull_image"]
 ACCEPT = ", ".join(
     [MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST, MediaType.OCI_INDEX, MediaType.DOCKER_LIST]
 )
-#: Python's machine names → OCI architectures (the ones containerd runs here).
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
 
 
 class PullError(StowawayError):
@@ -61,10 +59,6 @@ class PullResult:
         }
 
 
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 class _Source:
     """Manifests and blobs of one repository; blobs streamed, following redirects."""
 
@@ -78,7 +72,7 @@ class _Source:
         """(body, media type, digest) of a manifest or index."""
         url = self.reg.url(f"/v2/{self.repo}/manifests/{reference}")
         resp = self.reg.request("GET", url, ok={200}, headers={"Accept": ACCEPT})
-        digest = _sha256(resp.body)
+        digest = sha256_digest(resp.body)
         if reference.startswith("sha256:") and digest != reference:
             raise PullError(f"{url}: manifest body has digest {digest}, not {reference}")
         media_type = resp.header("Content-Type") or ""
@@ -97,7 +91,7 @@ class _Source:
     def small_blob(self, desc: Descriptor) -> bytes:
         with self.open_blob(desc.digest) as f:
             data = f.read(desc.size + 1)
-        if len(data) != desc.size or _sha256(data) != desc.digest:
+        if len(data) != desc.size or sha256_digest(data) != desc.digest:
             raise PullError(f"blob {desc.digest} of {self.repo}: wrong size or digest")
         return data
 
@@ -107,7 +101,7 @@ class _Source:
 
 def _platform_manifest(index: dict[str, Any], where: str) -> str:
     """The digest of the linux/<this machine> manifest of an image index."""
-    arch = _ARCH.get(platform.machine(), platform.machine())
+    arch = default_architecture()
     seen = []
     for m in index.get("manifests", []):
         p = m.get("platform") or {}

@@ -25,7 +25,7 @@ from stowaway.errors import StowawayError
 from stowaway.runtime.containerd_client import mount_to_pb
 from stowaway.runtime.proto import snapshots_pb2 as pb
 from stowaway.runtime.proto import snapshots_pb2_grpc as pb_grpc
-from stowaway.runtime.snapshotter import (
+from stowaway.runtime.snapshotter.contract import (
     AlreadyExists,
     FailedPrecondition,
     Info,
@@ -35,7 +35,8 @@ from stowaway.runtime.snapshotter import (
     NotFound,
     Snapshotter,
 )
-from stowaway.runtime.store_snapshotter import SnapshotterConfig, StoreSnapshotter
+from stowaway.runtime.snapshotter.state import SnapshotterConfig
+from stowaway.runtime.snapshotter.store_snapshotter import StoreSnapshotter
 
 __all__ = ["SnapshotterServer", "SnapshotsServicer", "serve_snapshotter"]
 

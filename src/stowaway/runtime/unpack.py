@@ -11,17 +11,15 @@ the CRI image service (``nix:0`` images) and ``stowaway pull``.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 
+from stowaway.image.annotations import REF_LABEL, SNAPSHOT_LABEL_PREFIX
+from stowaway.image.digest import sha256_digest
 from stowaway.image.model import Layer
 from stowaway.runtime.containerd_client import ContainerdClient, ContainerdError
 
-__all__ = ["SNAPSHOT_ANNOTATION_PREFIX", "SNAPSHOT_REF_LABEL", "chain_ids", "unpack_layers"]
-
-SNAPSHOT_ANNOTATION_PREFIX = "containerd.io/snapshot/"
-SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
+__all__ = ["chain_ids", "unpack_layers"]
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
@@ -29,9 +27,7 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
     out: list[str] = []
     for d in diff_ids:
-        out.append(
-            d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest()
-        )
+        out.append(d if not out else sha256_digest(f"{out[-1]} {d}".encode()))
     return out
 
 
@@ -51,11 +47,9 @@ def unpack_layers(
     for layer, chain in zip(layers, chains, strict=True):
         if not client.snapshot_exists(snapshotter, chain):
             labels = {
-                k: v
-                for k, v in layer.annotations.items()
-                if k.startswith(SNAPSHOT_ANNOTATION_PREFIX)
+                k: v for k, v in layer.annotations.items() if k.startswith(SNAPSHOT_LABEL_PREFIX)
             }
-            labels[SNAPSHOT_REF_LABEL] = chain
+            labels[REF_LABEL] = chain
             key = f"extract-{uuid.uuid4().hex} {chain}"
             mounts = client.prepare(snapshotter, key, parent, labels)
             if mounts is None:  # the snapshotter had the layer already

@@ -6,64 +6,13 @@ annotations the composer writes, so this works on any stowaway-built image.
 
 from __future__ import annotations
 
-import json
-import tarfile
 from pathlib import Path
 from typing import Any
 
 from stowaway.errors import StowawayError
-from stowaway.image.digest import parse_digest
+from stowaway.image.annotations import decode_paths
+from stowaway.sinks.oci_layout import LayoutReader, blob_name
 from stowaway.store.model import STORE_DIR
-
-PATHS_PREFIX = "containerd.io/snapshot/stowaway.paths."
-
-
-def store_paths_from_annotations(annotations: dict[str, str]) -> list[str]:
-    """Join the split ``stowaway.paths.<i>`` annotation values back into full paths."""
-    keys = sorted(
-        (k for k in annotations if k.startswith(PATHS_PREFIX)),
-        key=lambda k: int(k[len(PATHS_PREFIX) :]) if k[len(PATHS_PREFIX) :].isdigit() else -1,
-    )
-    return [f"{STORE_DIR}/{b}" for k in keys for b in annotations[k].split()]
-
-
-class _Layout:
-    """Reads files of an OCI layout from a directory or from an oci-archive tarball;
-    a context manager, so the tarball is closed."""
-
-    def __init__(self, kind: str, location: str) -> None:
-        self.kind = kind
-        self.location = location
-        self._tar: tarfile.TarFile | None = None
-        if kind == "oci-archive":
-            try:
-                self._tar = tarfile.open(location)
-            except (OSError, tarfile.TarError) as e:
-                raise StowawayError(f"cannot read OCI archive {location}: {e}") from None
-
-    def __enter__(self) -> _Layout:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._tar is not None:
-            self._tar.close()
-
-    def read(self, name: str) -> bytes:
-        try:
-            if self._tar is not None:
-                member = self._tar.extractfile(name)
-                if member is None:
-                    raise KeyError(name)
-                return member.read()
-            return (Path(self.location) / name).read_bytes()
-        except (KeyError, OSError):
-            raise StowawayError(f"{self.kind}:{self.location} has no {name}") from None
-
-    def json(self, name: str) -> Any:
-        try:
-            return json.loads(self.read(name))
-        except ValueError as e:
-            raise StowawayError(f"{self.kind}:{self.location}: {name} is not JSON: {e}") from None
 
 
 def read_image_summary(target: str) -> dict[str, Any]:
@@ -75,13 +24,13 @@ def read_image_summary(target: str) -> dict[str, Any]:
         )
     location, _, tag = rest.partition(":")
     try:
-        return _summary(target, _Layout(kind, location), tag)
+        return _summary(target, LayoutReader(Path(location), archive=kind == "oci-archive"), tag)
     except (KeyError, TypeError, AttributeError) as e:  # valid JSON, not an OCI layout
         why = f"{type(e).__name__}: {e}"
         raise StowawayError(f"{target} is not a valid OCI layout ({why})") from None
 
 
-def _summary(target: str, layout: _Layout, tag: str) -> dict[str, Any]:
+def _summary(target: str, layout: LayoutReader, tag: str) -> dict[str, Any]:
     with layout:
         index = layout.json("index.json")
         manifests = index.get("manifests", [])
@@ -94,14 +43,15 @@ def _summary(target: str, layout: _Layout, tag: str) -> dict[str, Any]:
         if not manifests:
             raise StowawayError(f"no image{' tagged ' + tag if tag else ''} in {target}")
         desc = manifests[0]
-        algo, hexdigest = parse_digest(str(desc["digest"]))  # it names a file: no "../"
-        manifest = layout.json(f"blobs/{algo}/{hexdigest}")
+        manifest = layout.json(blob_name(str(desc["digest"])))
     layers = [
         {
             "digest": layer["digest"],
             "size": layer["size"],
             "media_type": layer.get("mediaType", ""),
-            "store_paths": store_paths_from_annotations(layer.get("annotations", {})),
+            "store_paths": [
+                f"{STORE_DIR}/{base}" for base in decode_paths(layer.get("annotations", {})) or []
+            ],
         }
         for layer in manifest.get("layers", [])
     ]

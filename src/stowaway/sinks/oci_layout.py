@@ -8,6 +8,9 @@ a damaged cache entry as is, and one sequential read is far cheaper than the
 copy it saves. Every file appears by rename (``stowaway.fsutil``: synced, mode
 0644 whether linked or copied); ``index.json`` is written last, so a crash leaves
 either the old image list or the new one, never a broken one.
+
+Reading back (``LayoutReader``, ``read_layout_image``) is here too, for ``inspect``
+and for store paths that hold an image: one idea of what a layout looks like.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import fcntl
 import json
 import os
 import stat
+import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,8 +36,9 @@ from stowaway.image.digest import (
     copy_verified,
     dropping_corrupt,
     parse_digest,
+    sha256_digest,
 )
-from stowaway.image.model import Blob, Descriptor, Image, MediaType
+from stowaway.image.model import Blob, Descriptor, Image, Layer, MediaType
 from stowaway.progress import NoProgress, Progress
 from stowaway.sinks.targets import SinkResult
 
@@ -223,3 +228,154 @@ def verify_file(blob: Blob, path: Path) -> None:
         reader = VerifyingReader(f, blob.digest, blob.size)
         while reader.read(CHUNK):
             pass
+
+
+# ------------------------------------------------------------------ reading
+
+
+class LayoutReader:
+    """Files of an OCI layout by name (``index.json``, ``blobs/<algo>/<hex>``), from a
+    directory or from an oci-archive tarball: the one way layouts are read back. A
+    context manager, so the tarball is closed."""
+
+    def __init__(self, location: Path, *, archive: bool = False) -> None:
+        self.location = location
+        self.where = f"{'oci-archive' if archive else 'oci'}:{location}"
+        self._tar: tarfile.TarFile | None = None
+        if archive:
+            try:
+                self._tar = tarfile.open(location)
+            except (OSError, tarfile.TarError) as e:
+                raise LayoutError(f"cannot read OCI archive {location}: {e}") from None
+
+    def __enter__(self) -> LayoutReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tar is not None:
+            self._tar.close()
+
+    def read(self, name: str) -> bytes:
+        try:
+            if self._tar is not None:
+                member = self._tar.extractfile(name)
+                if member is None:
+                    raise KeyError(name)
+                return member.read()
+            return (self.location / name).read_bytes()
+        except (KeyError, OSError):
+            raise LayoutError(f"{self.where} has no {name}") from None
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name))
+        except ValueError as e:
+            raise LayoutError(f"{self.where}: {name} is not JSON: {e}") from None
+
+
+def blob_name(digest: str) -> str:
+    """``blobs/<algo>/<hex>`` of a digest, which is checked first: it names a file."""
+    algo, hexpart = parse_digest(digest)
+    return f"blobs/{algo}/{hexpart}"
+
+
+def read_layout_image(layout: Path) -> Image:
+    """The single image of an OCI layout directory (blobs stay on disk).
+
+    A store path is input like any other: every way it can be malformed (bad JSON, a
+    missing key, a wrong type, an unknown media type, a bad digest) is a StowawayError
+    naming the layout and the document.
+    """
+    where = f"OCI layout {layout}"
+    try:
+        return _read_layout(LayoutReader(layout), where)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StowawayError(f"{where}: malformed image ({type(e).__name__}: {e})") from None
+
+
+def _digest(where: str, value: object, what: str) -> tuple[str, str]:
+    try:
+        return parse_digest(str(value))
+    except StowawayError as e:
+        raise StowawayError(f"{where}: {what}: {e.message}") from None
+
+
+def _blob_name(where: str, digest: object) -> str:
+    return "blobs/{}/{}".format(*_digest(where, digest, "blob digest"))
+
+
+def _load(reader: LayoutReader, where: str, desc: object, what: str) -> tuple[Blob, dict[str, Any]]:
+    """A small blob (manifest, config) checked against its descriptor, and its JSON."""
+    if not isinstance(desc, dict):
+        raise StowawayError(f"{where}: {what} descriptor is not a JSON object")
+    try:
+        digest, size, mt = str(desc["digest"]), int(desc["size"]), str(desc["mediaType"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise StowawayError(f"{where}: {what} descriptor is malformed ({e!r})") from None
+    name = _blob_name(where, digest)
+    try:
+        data = reader.read(name)
+    except LayoutError:
+        raise StowawayError(f"{where}: {what} blob {digest} missing ({name})") from None
+    if len(data) != size or sha256_digest(data) != digest:
+        raise StowawayError(f"{where}: {what} blob {digest} does not match its digest/size")
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise StowawayError(f"{where}: {what} blob {digest} is not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise StowawayError(f"{where}: {what} blob {digest} is not a JSON object")
+    return Blob(digest, size, mt, data=data), doc
+
+
+def _read_layout(reader: LayoutReader, where: str) -> Image:
+    try:
+        manifests = reader.json("index.json")["manifests"]
+    except (LayoutError, KeyError, TypeError) as e:
+        raise StowawayError(f"{where}: unreadable index.json ({e})") from None
+    if not isinstance(manifests, list) or len(manifests) != 1:
+        n = len(manifests) if isinstance(manifests, list) else "no list of"
+        raise StowawayError(
+            f"{where}: index.json lists {n} manifests; an image store path must hold exactly one"
+        )
+    manifest, mdoc = _load(reader, where, manifests[0], "manifest")
+    try:
+        is_manifest = MediaType(manifest.media_type).is_manifest
+    except ValueError:
+        is_manifest = False
+    if not is_manifest:
+        raise StowawayError(f"{where}: {manifest.media_type!r} is not an image manifest")
+    config, cdoc = _load(reader, where, mdoc.get("config"), "config")
+    rootfs = cdoc.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    ldescs = mdoc.get("layers")
+    if not isinstance(diff_ids, list) or not isinstance(ldescs, list):
+        raise StowawayError(f"{where}: manifest layers or config rootfs.diff_ids is not a list")
+    if len(diff_ids) != len(ldescs):
+        raise StowawayError(
+            f"{where}: config lists {len(diff_ids)} diff IDs for {len(ldescs)} layers"
+        )
+    layers = []
+    for i, (ldesc, diff_id) in enumerate(zip(ldescs, diff_ids, strict=True)):
+        if not isinstance(ldesc, dict):
+            raise StowawayError(f"{where}: layer {i} descriptor is not a JSON object")
+        digest = str(ldesc.get("digest"))
+        path = reader.location / _blob_name(where, digest)
+        if not path.is_file():
+            raise StowawayError(f"{where}: layer {i} blob {digest} is missing")
+        _digest(where, diff_id, f"diff ID of layer {i}")
+        annotations = ldesc.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise StowawayError(f"{where}: layer {i} annotations are not a JSON object")
+        layers.append(
+            Layer(
+                digest=digest,
+                size=int(ldesc["size"]),
+                media_type=str(ldesc["mediaType"]),
+                path=path,
+                diff_id=str(diff_id),
+                annotations={str(k): str(v) for k, v in annotations.items()},
+            )
+        )
+    docker = manifest.media_type == MediaType.DOCKER_MANIFEST
+    return Image(layers, config, manifest, format="docker" if docker else "oci")

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from stowaway.distribution.client import RegistryClient, Response, TransportError
+from stowaway.distribution.errors import RegistryApiError
 from stowaway.errors import RegistryError
 from stowaway.fsutil import atomic_write
 from stowaway.image.digest import CorruptBlob, VerifyingReader, dropping_corrupt
 from stowaway.image.model import Blob, Image
 from stowaway.progress import NoProgress, Progress
-from stowaway.registry.client import RegistryClient, Response, TransportError
-from stowaway.registry.errors import RegistryApiError
 
 __all__ = ["PushResult", "PushRecord", "push"]
 
@@ -45,7 +45,9 @@ Outcome = Literal["existing", "mounted", "uploaded"]
 
 @dataclass
 class PushResult:
-    """What a push did, by blob digest."""
+    """What a push did, by blob digest: each layer, the config and the manifest's
+    blobs are in exactly one of ``uploaded``, ``mounted`` and ``existing``. Whether a
+    layer was built or came from the cache is the composer's to say (``Layer.reused``)."""
 
     uploaded: list[str] = field(default_factory=list)
     uploaded_bytes: int = 0
@@ -69,21 +71,21 @@ def push(
     state_dir: Path | None = None,
 ) -> PushResult:
     """Push ``image`` to ``host``/``repo`` under ``tag`` (or by digest when None).
+    ``image`` is only read.
 
-    ``state_dir`` holds ``pushed/<host>.json``, the record of which repos got which
-    blobs (default: the stowaway cache dir). Layers found in the registry (or
-    mounted) get ``reused=True``. Raises RegistryError (with a hint) or CorruptBlob.
+    ``state_dir``, when given, holds ``pushed/<host>.json``: which repos got which
+    blobs, read for cross-repository mount sources and updated after the push (the
+    CLI passes its cache dir). Without it only ``mount_from`` is tried and nothing is
+    written. Raises RegistryError (with a hint) or CorruptBlob.
     """
-    if state_dir is None:
-        from stowaway.image.layer_cache import default_cache_dir
-
-        state_dir = default_cache_dir()
-    record = PushRecord.load(state_dir / "pushed" / f"{_safe(host)}.json")
+    record = PushRecord.load(state_dir / "pushed" / f"{_safe(host)}.json") if state_dir else None
     blobs = {b.digest: b for b in image.blobs()}
     sources = {
-        d: [r for r in dict.fromkeys([*record.repos(d), *mount_from]) if r != repo][
-            :MAX_MOUNT_SOURCES
-        ]
+        d: [
+            r
+            for r in dict.fromkeys([*(record.repos(d) if record else ()), *mount_from])
+            if r != repo
+        ][:MAX_MOUNT_SOURCES]
         for d in blobs
     }
     client = RegistryClient(host, tls_verify=tls_verify, creds=creds)
@@ -101,14 +103,12 @@ def push(
                 result.uploaded_bytes += blobs[digest].size
             else:
                 getattr(result, outcome).append(digest)
-        for layer in image.layers:
-            if outcomes[layer.digest] != "uploaded":
-                layer.reused = True
         result.manifest_digest, result.manifest_url = _put_manifest(client, repo, tag, image)
     finally:
         client.close()
-    record.add(blobs, repo)
-    record.save()
+    if record is not None:
+        record.add(blobs, repo)
+        record.save()
     return result
 
 

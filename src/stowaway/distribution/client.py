@@ -21,8 +21,8 @@ from email.message import Message
 from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
+from stowaway.distribution.errors import RegistryApiError
 from stowaway.errors import RegistryError
-from stowaway.registry.errors import RegistryApiError
 
 __all__ = ["RegistryClient", "Response", "TransportError", "CREDS_HINT"]
 

@@ -1,0 +1,144 @@
+"""Click options and error reporting shared by ``stowaway``'s commands and the faces'
+own command modules (registered lazily by ``stowaway.cli``), which import them from
+here rather than from ``stowaway.cli``: the top-level command imports the faces."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+
+from stowaway.errors import StowawayError
+
+if TYPE_CHECKING:
+    from stowaway.image.config import ImageOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def option_group(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several click decorators as one, in the order they read (click adds options
+    bottom-up, so they are applied in reverse)."""
+
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+def fail(err: StowawayError) -> NoReturn:
+    """Print ``err`` the way every command reports errors and exit with status 1."""
+    click.echo(f"error: {err}", err=True)
+    sys.exit(1)
+
+
+#: --substituter and --trusted-public-key: the binary caches missing store paths
+#: come from (`build`, `plan`, `snapshotter`, `cri-image-service`).
+cache_options = option_group(
+    click.option(
+        "--substituter",
+        "substituters",
+        multiple=True,
+        metavar="URL",
+        help="Binary cache (file:// or http(s)://) to take missing paths from; "
+        "repeatable, in priority order.",
+    ),
+    click.option(
+        "--trusted-public-key",
+        "trusted_keys",
+        multiple=True,
+        metavar="NAME:BASE64",
+        help="Key whose signatures are accepted on binary cache paths; repeatable.",
+    ),
+)
+
+
+#: Flags that choose where store paths come from (shared by several commands).
+store_options = option_group(
+    click.option(
+        "--store",
+        metavar="DIR",
+        help="Read store paths from DIR (e.g. a SAN mount of /nix/store) instead of /nix/store.",
+    ),
+    cache_options,
+    click.option(
+        "--no-require-sigs",
+        is_flag=True,
+        help="Accept unsigned binary cache paths (trust the transport instead).",
+    ),
+)
+
+
+layering_options = option_group(
+    click.option(
+        "--max-layers",
+        default=100,
+        show_default=True,
+        type=int,
+        help="Most layers in the image, the customisation layer included (≤ 125).",
+    ),
+    click.option(
+        "--layering",
+        type=click.Choice(["auto", "popularity", "dominator"]),
+        default="auto",
+        show_default=True,
+        help="auto: stable groups for reuse across versions and images; "
+        "popularity: nixpkgs' popularity contest; dominator: Nixery's grouping.",
+    ),
+)
+
+
+#: The image-config flags shared by `build` and `buildkit context`.
+image_flags = option_group(
+    click.option(
+        "--entrypoint", default=None, help='JSON array or shell words, e.g. "/bin/app -v".'
+    ),
+    click.option("--cmd", default=None, help="Default arguments (JSON array or shell words)."),
+    click.option("--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable."),
+    click.option("--workdir", default=None),
+    click.option("--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd."),
+    click.option(
+        "--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable."
+    ),
+    click.option(
+        "--label", "labels", multiple=True, metavar="K=V", help="Image label; repeatable."
+    ),
+    click.option(
+        "--created",
+        default=None,
+        help="Creation time: epoch seconds, RFC 3339 (UTC without an offset) or 'now' "
+        "(default: epoch 1).",
+    ),
+)
+
+
+def image_options_from_flags(
+    *,
+    entrypoint: str | None,
+    cmd: str | None,
+    env: Sequence[str],
+    workdir: str | None,
+    user: str | None,
+    expose: Sequence[str],
+    labels: Sequence[str],
+    created: str | None,
+    contents: Sequence[str] = (),
+) -> ImageOptions:
+    """ImageOptions from the raw values of the `image_flags` flags."""
+    from stowaway.image.config import ImageOptions, parse_created, parse_labels, parse_words
+
+    return ImageOptions(
+        entrypoint=parse_words(entrypoint, "--entrypoint") if entrypoint is not None else None,
+        cmd=parse_words(cmd, "--cmd") if cmd is not None else None,
+        env=list(env),
+        workdir=workdir,
+        user=user,
+        expose=list(expose),
+        labels=parse_labels(labels),
+        contents=list(contents),
+        created=parse_created(created) if created is not None else 1,
+    )

@@ -1,0 +1,59 @@
+"""The store-path annotations: split below containerd's label limit, read back strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stowaway.errors import StowawayError
+from stowaway.image.annotations import (
+    LABEL_LIMIT,
+    PATHS_PREFIX,
+    PathsAnnotationError,
+    decode_paths,
+    encode_paths,
+)
+
+HASH = "0" * 32
+
+
+def test_annotations_split_below_the_label_limit() -> None:
+    paths = [f"/nix/store/{i:032d}-{'n' * 150}-{i}" for i in range(300)]
+    annotations = encode_paths(paths)
+    assert len(annotations) > 10
+    assert list(annotations) == [f"{PATHS_PREFIX}{i}" for i in range(len(annotations))]
+    for key, value in annotations.items():
+        assert len(key.encode()) + len(value.encode()) < LABEL_LIMIT
+    joined = " ".join(annotations.values()).split(" ")
+    assert joined == [Path(p).name for p in paths]
+    assert encode_paths([]) == {}
+    with pytest.raises(StowawayError, match="too long for an annotation"):
+        encode_paths(["/nix/store/" + "x" * 5000])
+
+
+def test_round_trip_keeps_order() -> None:
+    paths = [f"/nix/store/{i:032d}-{'n' * 150}-{i}" for i in range(300)]
+    assert decode_paths(encode_paths(paths)) == [Path(p).name for p in paths]
+
+
+def test_decoder_orders_by_index_not_by_text() -> None:
+    annotations = {f"{PATHS_PREFIX}{i}": f"{HASH}-p{i}" for i in (10, 2, 0, 1)}
+    assert decode_paths(annotations) == [f"{HASH}-p{i}" for i in (0, 1, 2, 10)]
+
+
+def test_decoder_ignores_other_annotations() -> None:
+    assert decode_paths({"org.opencontainers.image.title": "x"}) is None
+    assert decode_paths({}) is None
+    assert decode_paths({f"{PATHS_PREFIX}0": ""}) == []
+
+
+@pytest.mark.parametrize("suffix", ["x", "", "-1", "1a", "²"])
+def test_decoder_rejects_a_non_numeric_index(suffix: str) -> None:
+    with pytest.raises(PathsAnnotationError, match="expected .*<number>"):
+        decode_paths({f"{PATHS_PREFIX}0": f"{HASH}-a", f"{PATHS_PREFIX}{suffix}": f"{HASH}-b"})
+
+
+def test_decoder_rejects_a_bad_store_path_name() -> None:
+    with pytest.raises(PathsAnnotationError, match=r"stowaway\.paths\.0"):
+        decode_paths({f"{PATHS_PREFIX}0": "not-a-store-path"})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import hashlib
 import json
 import os
 import re
@@ -26,13 +28,50 @@ from typing import TypeVar
 import grpc
 
 from daemons import Containerd, Daemon, Registry, _short_dir
-from stowaway.image.annotations import PATHS_PREFIX
+from stowaway.image.annotations import PATHS_PREFIX, REF_LABEL
+from stowaway.image.tar import store_path_entries, write_tar
 from stowaway.runtime.proto.cri import api_pb2 as cri
 from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
+from stowaway.store.local import LocalStore
 
 T = TypeVar("T")
 
 SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+@functools.lru_cache
+def _diff_id(paths: tuple[str, ...]) -> str:
+    """The diff_id of the layer the composer builds from ``paths`` (its own tar writer)."""
+    with LocalStore() as store:
+        sha = hashlib.sha256()
+        for piece in write_tar(store_path_entries(store, list(paths)), mtime=1):
+            sha.update(piece)
+    return "sha256:" + sha.hexdigest()
+
+
+def ref_of(paths: list[str], parent_chain: str = "") -> str:
+    """The chain ID containerd asks for when that layer sits on ``parent_chain``."""
+    diff_id = _diff_id(tuple(sorted(paths)))
+    if not parent_chain:
+        return diff_id
+    return "sha256:" + hashlib.sha256(f"{parent_chain} {diff_id}".encode()).hexdigest()
+
+
+def layer_labels(
+    paths: list[str], parent_chain: str = "", ref: str | None = None
+) -> dict[str, str]:
+    """What CRI passes to Prepare for a stowaway layer of ``paths`` (``ref``: another
+    chain ID than the layer's, as a lying or broken image would make containerd ask)."""
+    return {
+        REF_LABEL: ref or ref_of(paths, parent_chain),
+        f"{PATHS_PREFIX}0": " ".join(os.path.basename(p) for p in paths),
+    }
+
+
+def unpacked_name(n: int) -> str:
+    """A backend name like the one containerd's metadata layer gives an unpacked layer
+    (``<namespace>/<n>/<chain ID>``)."""
+    return f"default/{n}/sha256:{hashlib.sha256(str(n).encode()).hexdigest()}"
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -16,6 +16,7 @@ from google.protobuf import descriptor_pb2
 from stowaway.errors import StowawayError
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
+from stowaway.image.digest import chain_ids
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
 from stowaway.runtime.cri_nix import InvalidNixReference, default_entrypoint, parse_nix_ref
@@ -29,7 +30,6 @@ from stowaway.runtime.proto.containerd_api import (
     descriptor_pb2 as ctrd_descriptor_pb2,
 )
 from stowaway.runtime.proto.cri import api_pb2
-from stowaway.runtime.unpack import chain_ids
 from stowaway.sinks.oci_layout import read_layout_image, write_oci_layout
 from stowaway.store.local import LocalStore
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from runtime_helpers import mount_like_containerd
+from runtime_helpers import layer_labels, mount_like_containerd, ref_of
 
 from stowaway.errors import StowawayError
-from stowaway.image.annotations import PATHS_PREFIX, REF_LABEL
 from stowaway.runtime.cli_snapshotter import snapshotter_command
 from stowaway.runtime.metadata import Record
 from stowaway.runtime.modes import ModeFacts, choose, containerd_version, parse_version
@@ -213,13 +212,10 @@ def test_bind_mode_snapshotter_end_to_end(
     snap = StoreSnapshotter(config)
     try:
         assert snap.mode == "bind"
-        labels = {
-            REF_LABEL: "sha256:l1",
-            f"{PATHS_PREFIX}0": " ".join(os.path.basename(p) for p in demo_closure),
-        }
+        labels = layer_labels(demo_closure)
         with pytest.raises(AlreadyExists):
             snap.prepare("extract", "", labels)
-        ms = snap.prepare("ctr", snap.nix_name("sha256:l1", ""), {})
+        ms = snap.prepare("ctr", snap.nix_name(ref_of(demo_closure), ""), {})
         targets = [m.target for m in ms[1:]]
         dirs = [p for p in demo_closure if not os.path.islink(p)]
         assert targets == sorted(f"/nix/store/{os.path.basename(p)}" for p in dirs)

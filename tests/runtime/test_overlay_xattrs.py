@@ -24,10 +24,14 @@ import tarfile
 from pathlib import Path
 
 from daemons import Containerd, Registry
+from stowaway.image.layer_cache import LayerCache
+from stowaway.image.layers import LayerSettings, build_layers
 from stowaway.image.model import Blob, Image, Layer, MediaType
+from stowaway.layering.model import PlannedLayer
 from stowaway.runtime.containerd_client import ContainerdClient
 from stowaway.runtime.pull import pull_image
 from stowaway.sinks.registry import push
+from stowaway.store.local import LocalStore
 from stowaway.store.paths import parse_store_path
 
 NS = "xattrtest"
@@ -88,7 +92,11 @@ def _image(layers: list[Layer]) -> Image:
 
 
 def test_layer_xattrs_cannot_redirect_outside_the_closure(
-    containerd: Containerd, registry: Registry, demo_closure: list[str]
+    containerd: Containerd,
+    registry: Registry,
+    demo_closure: list[str],
+    local_store: LocalStore,
+    tmp_path: Path,
 ) -> None:
     busybox = next(p for p in demo_closure if p.endswith("-busybox"))
     greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
@@ -99,9 +107,13 @@ def test_layer_xattrs_cannot_redirect_outside_the_closure(
         "SCHILY.xattr.trusted.overlay.metacopy": "",
         "SCHILY.xattr.trusted.overlay.redirect": redirect,
     }
-    store_layer = _layer(
-        {"marker": (0, {})},
-        {"containerd.io/snapshot/stowaway.paths.0": os.path.basename(busybox)},
+    # a real store layer (the snapshotter proves its claim before it commits it)
+    (store_layer,) = build_layers(
+        local_store,
+        [PlannedLayer((busybox,), 0)],
+        local_store.closure_infos([busybox]),
+        LayerSettings(),
+        LayerCache(tmp_path / "cache"),
     )
     image = _image(
         [

@@ -14,10 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runtime_helpers import mount_like_containerd
+from runtime_helpers import layer_labels, mount_like_containerd, ref_of, unpacked_name
 
 from stowaway.errors import StowawayError
-from stowaway.image.annotations import PATHS_PREFIX, REF_LABEL
+from stowaway.image.annotations import MTIME_LABEL, PATHS_PREFIX, REF_LABEL
+from stowaway.image.layer_cache import LayerCache
+from stowaway.image.layers import LayerSettings, build_layers
+from stowaway.layering.model import PlannedLayer
 from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.snapshotter.contract import (
     AlreadyExists,
@@ -30,6 +33,7 @@ from stowaway.runtime.snapshotter.contract import (
 )
 from stowaway.runtime.snapshotter.state import SnapshotterConfig, link_dir_for
 from stowaway.runtime.snapshotter.store_snapshotter import StoreSnapshotter
+from stowaway.store.local import LocalStore
 
 MISSING = "0" * 32 + "-not-here"
 
@@ -39,10 +43,6 @@ def snap(tmp_path: Path) -> Iterator[StoreSnapshotter]:
     s = StoreSnapshotter(SnapshotterConfig(root=tmp_path / "root", gcroots=tmp_path / "gc"))
     yield s
     s.close()
-
-
-def layer_labels(paths: list[str], ref: str = "sha256:layer1") -> dict[str, str]:
-    return {REF_LABEL: ref, f"{PATHS_PREFIX}0": " ".join(os.path.basename(p) for p in paths)}
 
 
 def mounted(ms: list[Mount], where: Path) -> Path:
@@ -56,9 +56,12 @@ def umount(where: Path) -> None:
     subprocess.run(["umount", str(where)], check=True)
 
 
-def assert_container_reads(s: StoreSnapshotter, greeting: str, where: Path) -> None:
-    """A container on layer1 (a store layer holding ``greeting``) reads its message."""
-    root = mounted(s.prepare("ctr", s.nix_name("sha256:layer1", ""), {}), where)
+def assert_container_reads(
+    s: StoreSnapshotter, layer: list[str], greeting: str, where: Path
+) -> None:
+    """A container on the store layer of ``layer`` (holding ``greeting``) reads its
+    message."""
+    root = mounted(s.prepare("ctr", s.nix_name(ref_of(layer), ""), {}), where)
     try:
         msg = root / greeting.lstrip("/") / "share/greeting/message"
         assert msg.read_bytes() == Path(greeting, "share/greeting/message").read_bytes()
@@ -120,11 +123,12 @@ def test_store_layer_committed_and_mounted(
 ) -> None:
     with pytest.raises(AlreadyExists):
         snap.prepare("extract-1", "", layer_labels(demo_closure))
-    name = snap.nix_name("sha256:layer1", "")
+    ref = ref_of(demo_closure)
+    name = snap.nix_name(ref, "")
     info = snap.stat(name)
-    assert info.kind == Kind.COMMITTED and info.labels[REF_LABEL] == "sha256:layer1"
+    assert info.kind == Kind.COMMITTED and info.labels[REF_LABEL] == ref
     # what containerd's metadata layer looks for after ALREADY_EXISTS
-    flt = f'labels."{REF_LABEL}"==sha256:layer1,parent==""'
+    flt = f'labels."{REF_LABEL}"=={ref},parent==""'
     assert [i.name for i in snap.walk([flt])] == [name]
     with pytest.raises(AlreadyExists):  # second pull: nothing rebuilt
         snap.prepare("extract-2", "", layer_labels(demo_closure))
@@ -164,12 +168,12 @@ def test_store_layer_committed_and_mounted(
 )
 def test_store_labels_validated(snap: StoreSnapshotter, value: str) -> None:
     with pytest.raises(InvalidArgument, match=r"stowaway\.paths\.0"):
-        snap.prepare("k", "", {REF_LABEL: "sha256:x", f"{PATHS_PREFIX}0": value})
+        snap.prepare("k", "", {REF_LABEL: "sha256:" + "0" * 64, f"{PATHS_PREFIX}0": value})
     assert list(snap.walk([])) == []
 
 
 def test_missing_paths_fall_back_to_unpack(snap: StoreSnapshotter, demo_app: str) -> None:
-    labels = layer_labels([demo_app, MISSING])
+    labels = layer_labels([demo_app, MISSING], ref="sha256:" + "0" * 64)
     (m,) = snap.prepare("extract", "", labels)
     assert m.type == "bind" and snap.stat("extract").kind == Kind.ACTIVE
     assert snap.gcroots.rooted() == set()
@@ -182,7 +186,7 @@ def test_path_named_twice_in_labels_is_one_path(
     labels[f"{PATHS_PREFIX}1"] = os.path.basename(demo_closure[0])  # again, in another key
     with pytest.raises(AlreadyExists):
         snap.prepare("x", "", labels)
-    name = snap.nix_name("sha256:layer1", "")
+    name = snap.nix_name(ref_of(demo_closure), "")
     rec = snap.meta.get(name)  # NotFound if the layer was not committed
     assert sorted(snap.meta.paths_of(rec.id)) == sorted(demo_closure)
     root = mounted(snap.view("v", name, {}), tmp_path / "m")
@@ -203,6 +207,7 @@ def test_overlay_xattrs_from_layers_are_dropped_at_commit(
     busybox = next(p for p in demo_closure if p.endswith("-busybox"))
     greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
     secret = Path(greeting, "share/greeting/message")
+    parent = unpacked_name(1)
     (m,) = snap.prepare("a", "", {})
     leak = Path(m.source, "leak")
     leak.write_bytes(bytes(secret.stat().st_size))
@@ -211,13 +216,14 @@ def test_overlay_xattrs_from_layers_are_dropped_at_commit(
     os.setxattr(leak, "trusted.overlay.redirect", redirect.encode())
     Path(m.source, "d").mkdir()
     os.setxattr(Path(m.source, "d"), "trusted.overlay.opaque", b"y")  # containerd's own
-    snap.commit("A", "a", {})
+    snap.commit(parent, "a", {})
     assert os.listxattr(leak) == [] and os.listxattr(Path(m.source, "d")) == [
         "trusted.overlay.opaque"
     ]
     with pytest.raises(AlreadyExists):
-        snap.prepare("s", "A", layer_labels([busybox], "sha256:bb"))
-    root = mounted(snap.view("v", snap.nix_name("sha256:bb", "A"), {}), tmp_path / "m")
+        snap.prepare("s", parent, layer_labels([busybox], parent.rsplit("/", 1)[-1]))
+    name = snap.nix_name(ref_of([busybox], parent.rsplit("/", 1)[-1]), parent)
+    root = mounted(snap.view("v", name, {}), tmp_path / "m")
     try:
         assert sorted(os.listdir(root / "nix/store")) == [os.path.basename(busybox)]
         assert (root / "leak").read_bytes() == bytes(secret.stat().st_size)
@@ -250,7 +256,7 @@ def test_restart_keeps_snapshots_and_cleans_orphans(
     s = StoreSnapshotter(cfg)
     with pytest.raises(AlreadyExists):
         s.prepare("x", "", layer_labels(demo_closure))
-    name = s.nix_name("sha256:layer1", "")
+    name = s.nix_name(ref_of(demo_closure), "")
     before = s.prepare("ctr", name, {})
     s.close()
     (cfg.root / "snapshots" / "999").mkdir()  # what a crash mid-Prepare may leave
@@ -273,8 +279,9 @@ def test_remove_during_commit_keeps_shared_roots(
 ) -> None:
     """A Remove of the last snapshot using a path, racing with the commit of another
     layer using it, must not drop the root the new layer needs."""
+    two = [p for p in demo_closure if not p.endswith("-stowaway-demo-app")]  # shared paths
     with pytest.raises(AlreadyExists):
-        snap.prepare("x1", "", layer_labels(demo_closure, "sha256:one"))
+        snap.prepare("x1", "", layer_labels(demo_closure))
     add = snap.gcroots.add
     racers: list[threading.Thread] = []
 
@@ -282,17 +289,19 @@ def test_remove_during_commit_keeps_shared_roots(
         add(target)
         if not racers:  # the commit of "two" has rooted a path: remove "one" right now
             racers.append(
-                threading.Thread(target=snap.remove, args=(snap.nix_name("sha256:one", ""),))
+                threading.Thread(
+                    target=snap.remove, args=(snap.nix_name(ref_of(demo_closure), ""),)
+                )
             )
             racers[0].start()
             racers[0].join(timeout=0.5)  # the fix makes it wait for the commit instead
 
     snap.gcroots.add = add_then_race  # type: ignore[method-assign]
     with pytest.raises(AlreadyExists):
-        snap.prepare("x2", "", layer_labels(demo_closure, "sha256:two"))
+        snap.prepare("x2", "", layer_labels(two))
     racers[0].join()
-    assert [i.name for i in snap.walk([])] == [snap.nix_name("sha256:two", "")]
-    assert snap.gcroots.rooted() == {os.path.basename(p) for p in demo_closure}
+    assert [i.name for i in snap.walk([])] == [snap.nix_name(ref_of(two), "")]
+    assert snap.gcroots.rooted() == {os.path.basename(p) for p in two}
 
 
 def test_gc_roots_protect_paths_from_nix_gc(tmp_path: Path) -> None:
@@ -306,10 +315,10 @@ def test_gc_roots_protect_paths_from_nix_gc(tmp_path: Path) -> None:
     s = StoreSnapshotter(SnapshotterConfig(root=tmp_path / "root", gcroots=gc))
     try:
         with pytest.raises(AlreadyExists):
-            s.prepare("x", "", layer_labels([path], "sha256:victim"))
+            s.prepare("x", "", layer_labels([path]))
         r = subprocess.run(["nix-store", "--delete", path], capture_output=True, text=True)
         assert r.returncode != 0 and os.path.exists(path), r.stderr
-        s.remove(s.nix_name("sha256:victim", ""))
+        s.remove(s.nix_name(ref_of([path]), ""))
         subprocess.run(["nix-store", "--delete", path], check=True, capture_output=True)
         assert not os.path.exists(path)
     finally:
@@ -389,7 +398,7 @@ def test_read_only_store_plus_substituted_local_store(
                 s.prepare("x", "", layer_labels(demo_closure))
             local = tmp_path / "local" / os.path.basename(greeting)
             assert sorted(os.listdir(local)) == sorted(os.listdir(greeting))
-            assert_container_reads(s, greeting, tmp_path / "m")
+            assert_container_reads(s, demo_closure, greeting, tmp_path / "m")
         finally:
             s.close()
     finally:
@@ -437,20 +446,20 @@ def test_cleanup_drops_local_paths_no_snapshot_uses(
         everything = sorted([*(os.path.basename(p) for p in demo_closure), "README"])
         assert sorted(os.listdir(local)) == everything
         with pytest.raises(AlreadyExists):
-            s.prepare("y", "", layer_labels([greeting], ref="sha256:layer2"))
+            s.prepare("y", "", layer_labels([greeting]))
         s.cleanup()
         assert sorted(os.listdir(local)) == everything  # both layers use them
 
-        s.remove(s.nix_name("sha256:layer1", ""))
+        s.remove(s.nix_name(ref_of(demo_closure), ""))
         s.cleanup()
         assert sorted(os.listdir(local)) == sorted([os.path.basename(greeting), "README"])
-        s.remove(s.nix_name("sha256:layer2", ""))
+        s.remove(s.nix_name(ref_of([greeting]), ""))
         s.cleanup()
         assert os.listdir(local) == ["README"]
 
         with pytest.raises(AlreadyExists):  # needed again: substituted again
             s.prepare("z", "", layer_labels(demo_closure))
-        assert_container_reads(s, greeting, tmp_path / "m")
+        assert_container_reads(s, demo_closure, greeting, tmp_path / "m")
     finally:
         s.close()
 
@@ -488,7 +497,7 @@ def test_a_restart_in_another_mode_is_refused_while_snapshots_exist(
     assert not link_dir_for(root).exists()  # the refused start left nothing mounted
     s = StoreSnapshotter(SnapshotterConfig(root=root, mode="hardlink", gcroots=tmp_path / "gc"))
     try:
-        assert s.stat(s.nix_name("sha256:layer1", "")).kind == Kind.COMMITTED
+        assert s.stat(s.nix_name(ref_of(demo_closure), "")).kind == Kind.COMMITTED
     finally:
         s.close()
 
@@ -516,7 +525,7 @@ def test_a_path_being_built_in_the_store_is_not_taken_from_the_local_store(
         (m,) = s.prepare("extract", "", layer_labels([greeting, busybox]))
         assert m.type == "bind" and s.stat("extract").kind == Kind.ACTIVE
         with pytest.raises(AlreadyExists):  # valid in the store: taken from there
-            s.prepare("x", "", layer_labels([greeting], ref="sha256:other"))
+            s.prepare("x", "", layer_labels([greeting]))
     finally:
         s.close()
 
@@ -560,11 +569,12 @@ def test_many_layers_fit_one_mount(tmp_path: Path, demo_closure: list[str]) -> N
                 else dict(o.split("=", 1) for o in m.options if "=" in o)["upperdir"],
                 f"f{i}",
             ).write_text(str(i))
-            s.commit(f"L{i}", f"k{i}", {})
-            parent = f"L{i}"
+            s.commit(unpacked_name(i), f"k{i}", {})
+            parent = unpacked_name(i)
+        chain = parent.rsplit("/", 1)[-1]
         with pytest.raises(AlreadyExists):
-            s.prepare("x", parent, layer_labels(demo_closure))
-        ms = s.prepare("ctr", s.nix_name("sha256:layer1", parent), {})
+            s.prepare("x", parent, layer_labels(demo_closure, chain))
+        ms = s.prepare("ctr", s.nix_name(ref_of(demo_closure, chain), parent), {})
         assert len(str(s.layout.fs(1))) * 125 > 4096  # would not fit without the links
         assert len(",".join(ms[0].options)) < 4096
         root_fs = mounted(ms, tmp_path / "mnt")
@@ -590,12 +600,17 @@ def test_stub_trees_rebuilt_after_reboot_and_shared(
     s = StoreSnapshotter(cfg)
     try:
         assert os.path.ismount(s.link_dir)
-        with pytest.raises(AlreadyExists):
-            s.prepare("x1", "", layer_labels(demo_closure, "sha256:one"))
-        with pytest.raises(AlreadyExists):
-            s.prepare("x2", "", layer_labels(demo_closure, "sha256:two"))
-        one, two = (s.meta.get(s.nix_name(r, "")).id for r in ("sha256:one", "sha256:two"))
-        assert s.usage(s.nix_name("sha256:two", "")).inodes > 2  # waits for both trees
+        parents = [unpacked_name(1), unpacked_name(2)]  # the same paths on two parents
+        names = []
+        for i, parent in enumerate(parents):
+            s.prepare(f"p{i}", "", {})
+            s.commit(parent, f"p{i}", {})
+            chain = parent.rsplit("/", 1)[-1]
+            with pytest.raises(AlreadyExists):
+                s.prepare(f"x{i}", parent, layer_labels(demo_closure, chain))
+            names.append(s.nix_name(ref_of(demo_closure, chain), parent))
+        one, two = (s.meta.get(n).id for n in names)
+        assert s.usage(names[1]).inodes > 2  # waits for both trees
         rel = Path(demo_app.lstrip("/"), "bin/demo")
         st1, st2 = (os.lstat(s.link_dir / str(i) / rel) for i in (one, two))
         assert st1.st_ino == st2.st_ino and st1.st_blocks == 0
@@ -607,7 +622,7 @@ def test_stub_trees_rebuilt_after_reboot_and_shared(
     assert not s.link_dir.exists()  # nothing mounted it: tmpfs dropped
     s = StoreSnapshotter(cfg)  # "after a reboot": trees rebuilt at start-up
     try:
-        ms = s.prepare("ctr", s.nix_name("sha256:one", ""), {})
+        ms = s.prepare("ctr", names[0], {})
         root = mounted(ms, tmp_path / "mnt")
         try:
             out = subprocess.run(
@@ -635,7 +650,7 @@ def test_a_store_path_missing_after_reboot_refuses_only_its_mounts(
     try:
         with pytest.raises(AlreadyExists):
             s.prepare("x", "", layer_labels(demo_closure))
-        s.prepare("running", s.nix_name("sha256:layer1", ""), {})  # a container's rootfs
+        s.prepare("running", s.nix_name(ref_of(demo_closure), ""), {})  # a container's rootfs
     finally:
         s.close()
     greeting = store / os.path.basename(next(p for p in demo_closure if "greeting" in p))
@@ -645,15 +660,15 @@ def test_a_store_path_missing_after_reboot_refuses_only_its_mounts(
         (m,) = s.prepare("plain", "", {})  # ordinary images still work
         assert m.type == "bind"
         with pytest.raises(FailedPrecondition, match="stub tree of layer"):
-            s.prepare("ctr", s.nix_name("sha256:layer1", ""), {})
+            s.prepare("ctr", s.nix_name(ref_of(demo_closure), ""), {})
         with pytest.raises(NotFound):  # the failed Prepare made no snapshot
             s.stat("ctr")
         with pytest.raises(FailedPrecondition, match="children"):
-            s.remove(s.nix_name("sha256:layer1", ""))
+            s.remove(s.nix_name(ref_of(demo_closure), ""))
         with pytest.raises(FailedPrecondition, match="stub tree of layer"):
             s.mounts("running")  # still refused: the failed remove forgot nothing
         os.rename(tmp_path / "away", greeting)
-        assert s.prepare("ctr", s.nix_name("sha256:layer1", ""), {})[0].type == "overlay"
+        assert s.prepare("ctr", s.nix_name(ref_of(demo_closure), ""), {})[0].type == "overlay"
         assert s.mounts("running")[0].type == "overlay"
     finally:
         s.close()
@@ -669,11 +684,12 @@ def test_a_waiting_mount_builds_queued_trees_itself(
     os.kill(child, signal.SIGSTOP)
     resume = threading.Timer(1.0, os.kill, (child, signal.SIGCONT))
     try:
-        parent = ""
+        parent = chain = ""
         for i, path in enumerate(sorted(demo_closure)):
             with pytest.raises(AlreadyExists):
-                snap.prepare(f"x{i}", parent, layer_labels([path], f"sha256:l{i}"))
-            parent = snap.nix_name(f"sha256:l{i}", parent)
+                snap.prepare(f"x{i}", parent, layer_labels([path], chain))
+            chain = ref_of([path], chain)
+            parent = snap.nix_name(chain, parent)
         caplog.set_level(logging.DEBUG, logger="stowaway.runtime.snapshotter")
         resume.start()
         root = mounted(snap.prepare("ctr", parent, {}), Path(snap.config.root, "mnt"))
@@ -691,3 +707,85 @@ def test_a_waiting_mount_builds_queued_trees_itself(
         umount(root)
     built_here = [r.getMessage() for r in caplog.records if "built here" in r.getMessage()]
     assert len(built_here) == len(demo_closure) - 1, built_here  # all but the child's current
+
+
+def test_claims_are_proven_before_a_layer_is_committed(
+    snap: StoreSnapshotter, demo_closure: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the annotations say, a store layer is committed only when the tar of
+    the named paths is the layer containerd asks for (its chain ID); otherwise it is an
+    ordinary unpack and nothing of the host store is used."""
+    busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+    greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
+    parent = unpacked_name(7)
+    snap.prepare("p", "", {})
+    snap.commit(parent, "p", {})
+    chain = parent.rsplit("/", 1)[-1]
+    lies = {
+        # the layer holds busybox; its annotations name another host path
+        "other paths": ("", layer_labels([greeting], ref=ref_of([busybox]))),
+        # one path more than the layer holds
+        "extra path": ("", layer_labels([busybox, greeting], ref=ref_of([busybox]))),
+        # the right paths, but the chain ID of another parent
+        "other parent": (parent, layer_labels([busybox])),
+        # a parent that is no chain: nothing to prove the claim against
+        "unknown parent": ("A", layer_labels([busybox], chain)),
+        # the members' mtime the annotation gives is not the layer's
+        "other mtime": ("", {**layer_labels([busybox]), MTIME_LABEL: "1234"}),
+        # no chain ID at all
+        "no chain id": ("", layer_labels([busybox], ref="layer-one")),
+    }
+    snap.prepare("a", "", {})
+    snap.commit("A", "a", {})
+    for what, (on, labels) in lies.items():
+        (m,) = snap.prepare(f"extract-{what}", on, labels)
+        assert snap.stat(f"extract-{what}").kind == Kind.ACTIVE, what
+        snap.remove(f"extract-{what}")
+    assert not [i for i in snap.walk([]) if i.name.startswith("stowaway/")]
+    assert snap.gcroots.rooted() == set()
+    assert "do not make that layer" in caplog.text
+    with pytest.raises(InvalidArgument, match="stowaway.mtime"):
+        snap.prepare("bad", "", {**layer_labels([busybox]), MTIME_LABEL: "soon"})
+    # the truth is committed, on a chain too
+    with pytest.raises(AlreadyExists):
+        snap.prepare("x", parent, layer_labels([busybox], chain))
+
+
+def test_each_layer_is_hashed_once_per_node(tmp_path: Path, demo_closure: list[str]) -> None:
+    """A layer's (paths, tar settings) → diff_id is remembered in the state dir: the same
+    paths on another parent, or after a restart, are not hashed again."""
+    cfg = SnapshotterConfig(root=tmp_path / "root", gcroots=tmp_path / "gc")
+    s = StoreSnapshotter(cfg)
+    try:
+        with pytest.raises(AlreadyExists):
+            s.prepare("x", "", layer_labels(demo_closure))
+        parent = unpacked_name(3)
+        s.prepare("p", "", {})
+        s.commit(parent, "p", {})
+        with pytest.raises(AlreadyExists):
+            s.prepare("y", parent, layer_labels(demo_closure, parent.rsplit("/", 1)[-1]))
+        assert s.proof.hashed == 1
+    finally:
+        s.close()
+    s = StoreSnapshotter(cfg)
+    try:
+        s.remove(s.nix_name(ref_of(demo_closure), ""))
+        with pytest.raises(AlreadyExists):
+            s.prepare("z", "", layer_labels(demo_closure))
+        assert s.proof.hashed == 0
+    finally:
+        s.close()
+
+
+def test_layers_built_with_another_mtime_are_proven_too(
+    snap: StoreSnapshotter, demo_closure: list[str], local_store: LocalStore, tmp_path: Path
+) -> None:
+    """SOURCE_DATE_EPOCH changes every member's mtime: the composer records it in the
+    layer's annotations, and the snapshotter rebuilds the tar with it."""
+    closure = local_store.closure_infos(demo_closure)
+    planned = [PlannedLayer(tuple(sorted(demo_closure)), 0)]
+    settings = LayerSettings(mtime=1234)
+    (layer,) = build_layers(local_store, planned, closure, settings, LayerCache(tmp_path / "cache"))
+    assert layer.annotations[MTIME_LABEL] == "1234"
+    with pytest.raises(AlreadyExists):
+        snap.prepare("x", "", {**layer.annotations, REF_LABEL: layer.diff_id})

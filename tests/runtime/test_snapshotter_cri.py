@@ -5,10 +5,12 @@ an ordinary image works; the snapshotter survives kill + restart."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 from runtime_helpers import (
@@ -25,6 +27,7 @@ from runtime_helpers import (
 )
 
 from daemons import Containerd, Registry
+from stowaway.image.annotations import PATHS_PREFIX
 
 
 def wait_reconnected(containerd: Containerd, timeout: float = 15) -> None:
@@ -172,3 +175,69 @@ def test_cri_pull_substitutes_absent_paths_and_gc_frees_them(
             assert os.listdir(local) == [], "Cleanup left substituted paths behind"
             snaps = ctrd.ctr("snapshots", "--snapshotter", "stowaway", "ls", namespace=NS)
             assert "stowaway/" not in snaps.stdout
+
+
+def test_a_layer_claiming_host_paths_it_does_not_hold_is_downloaded(
+    containerd: Containerd,
+    registry: Registry,
+    demo_ref: str,
+    demo_closure: list[str],
+    tmp_path: Path,
+) -> None:
+    """A hostile image: one layer's annotations name a host store path (a "secret"
+    outside the image) instead of what the layer holds. The claim does not make the
+    chain ID containerd asks for, so the layer is downloaded and unpacked like any other:
+    the container sees the image's bytes and never the secret."""
+    secret_file = tmp_path / "stowaway-test-secret"
+    secret_file.write_text(f"another tenant's secret {tmp_path}\n")
+    secret = subprocess.run(
+        ["nix-store", "--add", str(secret_file)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        subprocess.run(
+            ["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false",
+             f"docker://{demo_ref}", f"docker://{registry.host}/hostile:base"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        oci = "application/vnd.oci.image.manifest.v1+json"
+        get = urllib.request.Request(
+            f"{registry.url}/v2/hostile/manifests/base", headers={"Accept": oci}
+        )
+        with urllib.request.urlopen(get) as r:
+            manifest = json.load(r)
+        greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
+        (lying,) = [
+            ly
+            for ly in manifest["layers"]
+            if os.path.basename(greeting)
+            in (ly.get("annotations") or {}).get(PATHS_PREFIX + "0", "")
+        ]
+        lying["annotations"] = {PATHS_PREFIX + "0": os.path.basename(secret)}
+        put = urllib.request.Request(
+            f"{registry.url}/v2/hostile/manifests/evil",
+            data=json.dumps(manifest).encode(),
+            method="PUT",
+            headers={"Content-Type": oci},
+        )
+        urllib.request.urlopen(put).close()
+        ref = f"{registry.host}/hostile:evil"
+
+        before = blob_get_counts(registry)
+        cri_pull(containerd, ref)
+        fetched = set(blob_get_counts(registry) - before)
+        assert lying["digest"] in fetched, "the lying layer must be downloaded"
+        # the honest store layers below it are still skipped (containerd fetches every
+        # layer from the first one it must unpack on, whatever the snapshotter says)
+        below = manifest["layers"][: manifest["layers"].index(lying)]
+        honest = store_layer_digests(below)
+        assert honest and not fetched & honest
+
+        busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+        run = ["run", "--rm", "--snapshotter", "stowaway", ref]
+        ls = containerd.ctr(*run, "h1", f"{busybox}/bin/ls", "/nix/store", namespace=NS).stdout
+        assert os.path.basename(secret) not in ls.split()
+        assert sorted(ls.split()) == sorted(os.path.basename(p) for p in demo_closure)
+        out = containerd.ctr(*run, "h2", namespace=NS).stdout
+        assert "hello from stowaway" in out  # the greeting, from the downloaded layer
+    finally:
+        subprocess.run(["nix-store", "--delete", secret], capture_output=True)

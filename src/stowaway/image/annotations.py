@@ -5,7 +5,10 @@ Store-path layers carry ``containerd.io/snapshot/stowaway.paths.<i>`` annotation
 values are the layer's store path basenames, space separated. containerd passes every
 ``containerd.io/snapshot/`` annotation to the snapshotter as a Prepare label, next to
 ``containerd.io/snapshot.ref`` (the layer's chain ID), and refuses labels whose key +
-value reach 4096 bytes: hence the split over numbered keys.
+value reach 4096 bytes: hence the split over numbered keys. A layer whose tar members
+carry another mtime than 1 (``SOURCE_DATE_EPOCH``) says so in
+``containerd.io/snapshot/stowaway.mtime``, so a node can rebuild the same tar to prove the
+claim (see ``runtime/snapshotter/verify.py``); like every annotation it is only a hint.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from stowaway.image.tar import store_basename
 from stowaway.store.paths import parse_basename
 
 __all__ = [
+    "DEFAULT_MTIME",
     "LABEL_LIMIT",
+    "MTIME_LABEL",
     "PATHS_PREFIX",
     "REF_LABEL",
     "SNAPSHOT_LABEL_PREFIX",
     "PathsAnnotationError",
+    "decode_mtime",
     "decode_paths",
     "encode_paths",
 ]
@@ -32,8 +38,13 @@ SNAPSHOT_LABEL_PREFIX = "containerd.io/snapshot/"
 PATHS_PREFIX = f"{SNAPSHOT_LABEL_PREFIX}stowaway.paths."
 #: The label naming the chain ID a Prepare is for (set by the unpacker).
 REF_LABEL = "containerd.io/snapshot.ref"
+#: The tar members' mtime when it is not DEFAULT_MTIME (absent: the default).
+MTIME_LABEL = f"{SNAPSHOT_LABEL_PREFIX}stowaway.mtime"
+DEFAULT_MTIME = 1
 #: containerd's bound on a label's key + value, in bytes.
 LABEL_LIMIT = 4096
+#: Largest mtime a tar header's 11 octal digits hold.
+_MAX_MTIME = 8**11 - 1
 
 _INDEX = re.compile(r"[0-9]+")
 
@@ -42,9 +53,10 @@ class PathsAnnotationError(StowawayError):
     """A ``stowaway.paths.<i>`` annotation with a bad index or a bad store path name."""
 
 
-def encode_paths(paths: Sequence[str]) -> dict[str, str]:
+def encode_paths(paths: Sequence[str], mtime: int = DEFAULT_MTIME) -> dict[str, str]:
     """``PATHS_PREFIX<i>`` → space-separated basenames of ``paths``, packed greedily in
-    order so every key + value stays below LABEL_LIMIT."""
+    order so every key + value stays below LABEL_LIMIT; plus MTIME_LABEL unless the
+    members' mtime is the default (so default images keep their manifests)."""
     out: dict[str, str] = {}
     value = ""
     for base in (store_basename(p) for p in paths):
@@ -61,7 +73,19 @@ def encode_paths(paths: Sequence[str]) -> dict[str, str]:
         value = base
     if value:
         out[f"{PATHS_PREFIX}{len(out)}"] = value
+    if mtime != DEFAULT_MTIME:
+        out[MTIME_LABEL] = str(mtime)
     return out
+
+
+def decode_mtime(annotations: Mapping[str, str]) -> int:
+    """The members' mtime ``encode_paths`` recorded (DEFAULT_MTIME when absent)."""
+    raw = annotations.get(MTIME_LABEL)
+    if raw is None:
+        return DEFAULT_MTIME
+    if not (raw.isascii() and raw.isdigit() and int(raw) <= _MAX_MTIME):
+        raise PathsAnnotationError(f"{MTIME_LABEL!r}: {raw[:40]!r} is not a tar mtime")
+    return int(raw)
 
 
 def decode_paths(annotations: Mapping[str, str]) -> list[str] | None:

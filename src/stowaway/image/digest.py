@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from stowaway.errors import StowawayError
@@ -36,6 +36,20 @@ class CorruptBlob(StowawayError):
 def sha256_digest(data: bytes) -> str:
     """``sha256:<hex>`` of ``data``: the content address of a blob held in memory."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def chain_id(parent_chain: str, diff_id: str) -> str:
+    """OCI's ChainID of a layer on ``parent_chain``: its diff_id for a base layer
+    (``parent_chain`` ""), else sha256 of "<parent chain> <diff_id>"."""
+    return sha256_digest(f"{parent_chain} {diff_id}".encode()) if parent_chain else diff_id
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """The chain IDs of a stack of layers, bottom first."""
+    out: list[str] = []
+    for d in diff_ids:
+        out.append(chain_id(out[-1] if out else "", d))
+    return out
 
 
 def parse_digest(digest: str) -> tuple[str, str]:

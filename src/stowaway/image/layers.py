@@ -204,7 +204,11 @@ def build_layers(
             _build_missing(source, planned, missing, keys, totals, settings, cache, progress, jobs)
         )
     return [
-        replace(layers[i], store_paths=tuple(plan.paths), annotations=encode_paths(plan.paths))
+        replace(
+            layers[i],
+            store_paths=tuple(plan.paths),
+            annotations=encode_paths(plan.paths, settings.mtime),
+        )
         for i, plan in enumerate(planned)
     ]
 

@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS store_paths (
     PRIMARY KEY (snapshot_id, path)
 );
 CREATE INDEX IF NOT EXISTS store_paths_path ON store_paths(path);
+CREATE TABLE IF NOT EXISTS verified_layers (
+    key TEXT PRIMARY KEY,
+    diff_id TEXT NOT NULL
+);
 """
 
 
@@ -108,6 +112,21 @@ class MetaStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def verified_diff_id(self, key: str) -> str | None:
+        """The diff_id remembered for a store layer's (paths, tar settings) ``key``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT diff_id FROM verified_layers WHERE key = ?", (key,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def remember_diff_id(self, key: str, diff_id: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO verified_layers (key, diff_id) VALUES (?, ?)",
+                (key, diff_id),
+            )
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

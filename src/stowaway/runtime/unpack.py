@@ -15,20 +15,11 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from stowaway.image.annotations import REF_LABEL, SNAPSHOT_LABEL_PREFIX
-from stowaway.image.digest import sha256_digest
+from stowaway.image.digest import chain_ids
 from stowaway.image.model import Layer
 from stowaway.runtime.containerd_client import ContainerdClient, ContainerdError
 
-__all__ = ["chain_ids", "unpack_layers"]
-
-
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """OCI chain IDs: ChainID(L0) = DiffID(L0),
-    ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(d if not out else sha256_digest(f"{out[-1]} {d}".encode()))
-    return out
+__all__ = ["unpack_layers"]
 
 
 def unpack_layers(

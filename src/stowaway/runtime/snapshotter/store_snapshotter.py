@@ -4,9 +4,11 @@ Ordinary layers behave as with containerd's overlayfs snapshotter. A Prepare car
 ``containerd.io/snapshot/stowaway.paths.<i>`` and ``containerd.io/snapshot.ref`` labels
 (what CRI passes from a stowaway layer's annotations) is answered from the Nix store:
 when every listed path is in ``store`` or ``local_store`` (or can be substituted into
-it), the layer is committed as a *skeleton* snapshot under a name carrying the ref label
-and containerd gets ALREADY_EXISTS, so it never downloads the blob. Otherwise it becomes
-an ordinary active snapshot and containerd unpacks the layer: never a broken rootfs.
+it) and the tar rebuilt from them is the layer the ref names (``verify.py``: the claim is
+proven, never trusted), the layer is committed as a *skeleton* snapshot under a name
+carrying the ref label and containerd gets ALREADY_EXISTS, so it never downloads the
+blob. Otherwise it becomes an ordinary active snapshot and containerd unpacks the layer:
+never a broken rootfs.
 
 Order of work (crash safety): expensive file work in temp dirs (under ``snapshots/``,
 and for stub trees under the link dir); GC roots before metadata; then one SQLite
@@ -46,6 +48,7 @@ from stowaway.image.annotations import (
     PATHS_PREFIX,
     REF_LABEL,
     PathsAnnotationError,
+    decode_mtime,
     decode_paths,
 )
 from stowaway.runtime.filters import compile_filters, required_labels
@@ -60,6 +63,7 @@ from stowaway.runtime.snapshotter.contract import (
     InvalidArgument,
     Kind,
     Mount,
+    NotFound,
     Snapshotter,
     Usage,
 )
@@ -76,6 +80,7 @@ from stowaway.runtime.snapshotter.state import (
 )
 from stowaway.runtime.snapshotter.store_paths import StorePaths
 from stowaway.runtime.snapshotter.trees import StubTrees
+from stowaway.runtime.snapshotter.verify import LayerProof, is_digest
 from stowaway.runtime.tree_builder import TreeBuilder
 
 __all__ = ["StoreSnapshotter"]
@@ -142,6 +147,7 @@ class StoreSnapshotter(Snapshotter):
         self.gcroots = GcRoots(config.gcroots or default_gcroots(config))
         self.gcroots.reconcile(Path(p) for p in self.meta.store_paths())
         self.store_paths = StorePaths(config, self._pool)
+        self.proof = LayerProof(self.meta)
         self._name_locks: dict[str, threading.Lock] = {}
         self._inflight: set[str] = set()
         self._placing: Counter[str] = Counter()  # basenames located, not yet in a row
@@ -193,6 +199,19 @@ class StoreSnapshotter(Snapshotter):
                 log.info("layer %s: %s not available; containerd will unpack it", target, base)
                 return False
             located.append((base, where))
+        try:
+            mtime = decode_mtime(labels)
+        except PathsAnnotationError as e:
+            raise InvalidArgument(f"label {e.message}") from None
+        if not self.proof.holds(target, self._chain_of(parent), located, mtime):
+            log.warning(
+                "layer %s: its %d store paths on this node do not make that layer (parent "
+                "%r); containerd will unpack it",
+                target,
+                len(located),
+                parent,
+            )
+            return False
         # overlay: no directory under snapshots/ at all; the tree is built after
         # COMMIT (see the module docstring) and usage() measures it
         tmp = None if self.mode == "overlay" else self._tempdir()
@@ -226,6 +245,23 @@ class StoreSnapshotter(Snapshotter):
                 self._done(tmp)
         log.info("layer %s: committed %s from %d store paths", target, name, len(located))
         return True
+
+    def _chain_of(self, parent: str) -> str | None:
+        """The chain ID of the snapshot ``parent`` ("" for none; None when unknown).
+
+        A store layer's is its ref, proven when it was committed. containerd's metadata
+        layer names an unpacked layer's backend snapshot ``<ns>/<n>/<chain ID>``; a
+        parent named otherwise cannot be placed in a chain, so its children unpack."""
+        if not parent:
+            return ""
+        try:
+            rec = self.meta.get(parent)
+        except NotFound:
+            return None
+        if rec.nix:
+            return rec.labels.get(REF_LABEL)
+        tail = parent.rsplit("/", 1)[-1]
+        return tail if is_digest(tail) else None
 
     # ------------------------------------------------------------------ directories
 

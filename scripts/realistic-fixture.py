@@ -282,7 +282,11 @@ def build(
     variant: str, graph_file: Path, deb_dir: Path, app_salt: str, mid_salt: str, leaf_salt: str
 ) -> str:
     # No substituters: everything is built locally, and there is no network to ask.
+    # The sandbox is off for this build only (a command-line option; no nix.conf is
+    # touched): each derivation unpacks a Debian .deb from the host's cache with the host's
+    # dpkg-deb, which the sandbox (store paths only) cannot see.
     cmd = ["nix-build", str(NIX_EXPR), "--no-out-link", "--quiet", "--option", "substituters", ""]
+    cmd += ["--option", "sandbox", "false"]
     for k, v in {
         "graphFile": str(graph_file),
         "debDir": str(deb_dir),

@@ -4,11 +4,12 @@ import base64
 import gzip
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import bcrypt
 import pytest
-from registry_harness import Server
+from registry_harness import Reply, Server
 
 from stowaway.errors import RegistryError
 from stowaway.image.model import Blob, Image, Layer, MediaType
@@ -124,3 +125,50 @@ def test_bad_htpasswd_lines_are_reported(tmp_path: Path) -> None:
         load_htpasswd(path)
     with pytest.raises(RegistryConfigError, match="cannot read"):
         load_htpasswd(tmp_path / "missing")
+
+
+def test_password_over_bcrypts_72_bytes_is_a_plain_401(make_server: object, tmp_path: Path) -> None:
+    """bcrypt refuses more than 72 bytes (ValueError); that must not become a 500.
+    htpasswd silently truncates such passwords, we refuse them whole."""
+    path = tmp_path / "htpasswd"
+    long_pw = "p" * 80
+    path.write_text(
+        "bob:" + bcrypt.hashpw(long_pw[:72].encode(), bcrypt.gensalt(4)).decode() + "\n"
+    )
+    server: Server = make_server(htpasswd=path, anonymous_read=False)  # type: ignore[operator]
+    for user, password in (("bob", long_pw), ("bob", "q" * 100), ("nobody", long_pw)):
+        r = server.request("GET", "/v2/a/tags/list", headers=basic(user, password))
+        assert r.status == 401 and r.code == "UNAUTHORIZED", (user, password, r.body)
+    assert server.request("GET", "/v2/", headers=basic("bob", long_pw[:72])).status == 200
+
+
+def test_unknown_users_cost_a_bcrypt_check_and_get_the_same_answer(
+    make_server: object, tmp_path: Path
+) -> None:
+    """Neither the answer nor the time tells whether a user exists: an unknown user
+    is checked against a dummy hash of the same cost. Only lower bounds are timed:
+    a slow machine cannot make a check that is skipped look expensive."""
+    rounds = 11  # ~0.1-0.2 s a check: far above a request's own cost
+    path = tmp_path / "htpasswd"
+    path.write_text("bob:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds)).decode() + "\n")
+    server: Server = make_server(htpasswd=path, anonymous_read=False)  # type: ignore[operator]
+    hashed = bcrypt.hashpw(b"x", bcrypt.gensalt(rounds))
+    one_check = min(_timed(lambda: bcrypt.checkpw(b"y", hashed)) for _ in range(3))
+
+    def login(user: str) -> tuple[int, bytes, float]:
+        out: list[Reply] = []
+        took = _timed(lambda: out.append(server.request("GET", "/v2/", headers=basic(user, "no"))))
+        return out[0].status, out[0].body, took
+
+    known = [login("bob") for _ in range(3)]
+    unknown = [login(f"ghost{i}") for i in range(3)]
+    assert {(s, b) for s, b, _ in known + unknown} == {(known[0][0], known[0][1])}
+    assert known[0][0] == 401
+    assert min(t for *_, t in unknown) > one_check / 2
+    assert min(t for *_, t in known) > one_check / 2
+
+
+def _timed(fn: object) -> float:
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return time.perf_counter() - start

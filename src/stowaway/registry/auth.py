@@ -6,7 +6,11 @@ Policy: with no htpasswd and no tokens, everything is open. Otherwise pushes
 auth (any user name), so ``docker login`` works with tokens.
 
 bcrypt is slow by design (~0.1 s a check), and clients send credentials on
-every request, so verified (user, sha256(password)) pairs are remembered.
+every request, so verified (user, sha256(password)) pairs are remembered. A
+failed check costs the same bcrypt work whether or not the user exists (unknown
+users are checked against a dummy hash of the file's highest cost), so neither
+the status nor the time tells which user names exist. bcrypt reads at most 72
+bytes; a longer password is refused (401) rather than silently truncated.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
+import secrets
 from pathlib import Path
 
 import bcrypt
@@ -24,6 +30,15 @@ from stowaway.registry.config import RegistryConfig, RegistryConfigError
 from stowaway.registry.errors import ErrorCode, RegistryApiError
 
 READ_METHODS = frozenset({"GET", "HEAD"})
+#: bcrypt's input limit: longer passwords are refused, never truncated
+BCRYPT_MAX = 72
+
+
+def dummy_hash(users: dict[str, bytes]) -> bytes:
+    """A hash of a random password at the highest cost in ``users``: checked for
+    unknown users so that they cost as much as known ones."""
+    cost = max((int(h[4:6]) for h in users.values()), default=4)
+    return bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=cost))
 
 
 def load_htpasswd(path: Path) -> dict[str, bytes]:
@@ -38,7 +53,7 @@ def load_htpasswd(path: Path) -> dict[str, bytes]:
         if not line or line.startswith("#"):
             continue
         user, sep, hashed = line.partition(":")
-        if not sep or not user or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
+        if not sep or not user or not re.fullmatch(r"\$2[aby]\$\d\d\$.{53}", hashed):
             raise RegistryConfigError(
                 f"{path} line {lineno}: expected user:<bcrypt hash> (htpasswd -B)"
             )
@@ -53,6 +68,7 @@ class Authenticator:
         self.anonymous_read = config.anonymous_read
         self._tokens = [t.encode() for t in config.tokens]
         self._users = load_htpasswd(config.htpasswd) if config.htpasswd else {}
+        self._dummy = dummy_hash(self._users) if self._users else b""
         self._verified: set[tuple[str, bytes]] = set()
         # Always Basic, also with tokens only: a Bearer challenge names a token
         # service URL in its realm, which clients (docker, our own push client) call,
@@ -63,13 +79,16 @@ class Authenticator:
         return any(hmac.compare_digest(token.encode(), t) for t in self._tokens)
 
     async def _password_ok(self, user: str, password: str) -> bool:
-        hashed = self._users.get(user)
-        if hashed is None:
+        if not self._users:
             return False
-        key = (user, hashlib.sha256(password.encode()).digest())
+        secret = password.encode()
+        key = (user, hashlib.sha256(secret).digest())
         if key in self._verified:
             return True
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        hashed = self._users.get(user)
+        # the same bcrypt work for unknown users and over-long passwords
+        ok = await asyncio.to_thread(bcrypt.checkpw, secret[:BCRYPT_MAX], hashed or self._dummy)
+        ok = ok and hashed is not None and len(secret) <= BCRYPT_MAX
         if ok:
             self._verified.add(key)
         return ok

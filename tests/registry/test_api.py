@@ -98,8 +98,13 @@ def test_digest_mismatch_stores_nothing(server: Server) -> None:
         ("/v2/a/../../x/blobs/uploads/", "NAME_INVALID"),
         ("/v2/Bad/blobs/uploads/", "NAME_INVALID"),
         ("/v2/a/blobs/uploads/?digest=sha256:short", "DIGEST_INVALID"),
-        ("/v2/a/blobs/uploads/?digest=md5:abcd", "UNSUPPORTED"),
+        ("/v2/a/blobs/uploads/?digest=md5:abcd", "DIGEST_INVALID"),
+        (f"/v2/a/blobs/uploads/?digest=sha512:{'0' * 128}", "DIGEST_INVALID"),
+        (f"/v2/a/blobs/uploads/?mount=sha512:{'0' * 128}&from=b", "DIGEST_INVALID"),
         ("/v2/a/manifests/sha256:XYZ", "DIGEST_INVALID"),
+        (f"/v2/a/manifests/sha512:{'0' * 128}", "DIGEST_INVALID"),
+        ("/v2/a/manifests/a:b", "MANIFEST_INVALID"),  # a tag, of invalid grammar
+        ("/v2/a/manifests/.hidden", "MANIFEST_INVALID"),
     ],
 )
 def test_bad_requests_store_nothing(server: Server, path: str, code: str) -> None:
@@ -107,7 +112,7 @@ def test_bad_requests_store_nothing(server: Server, path: str, code: str) -> Non
     before = stored_files(root)
     method = "PUT" if "/manifests/" in path else "POST"
     r = server.request(method, path, b"{}", {"Content-Type": OCI})
-    assert r.code == code and r.status in (400, 415)
+    assert r.code == code and r.status == 400, r.body
     assert stored_files(root) == before
     assert not (root.parent / "escape").exists()
 
@@ -157,6 +162,27 @@ def test_chunked_upload_out_of_order_status_and_cancel(server: Server) -> None:
     assert server.request("DELETE", loc2).status == 204
     assert server.request("PATCH", loc2, b"abc").code == "BLOB_UPLOAD_UNKNOWN"
     assert stored_files(Path(server.config.storage) / "_uploads") == []
+
+
+def test_final_put_honours_content_range_and_digest_algorithm(server: Server) -> None:
+    """The closing PUT's chunk must start where the upload ends (416 otherwise, the
+    upload kept); a digest of another algorithm is refused before any data is read."""
+    data = b"abcdefghij" * 100
+    loc = server.request("POST", "/v2/a/blobs/uploads/").headers["Location"]
+    assert server.request("PATCH", loc, data[:400], {"Content-Range": "0-399"}).status == 202
+    r = server.request(
+        "PUT", f"{loc}?digest={digest(data)}", data[500:], {"Content-Range": "500-999"}
+    )
+    assert r.status == 416 and r.code == "RANGE_INVALID"
+    r = server.request("PUT", f"{loc}?digest=sha512:{'0' * 128}", data[400:])
+    assert r.status == 400 and r.code == "DIGEST_INVALID" and "sha256 only" in r.body.decode()
+    assert server.request("GET", loc).headers["Range"] == "0-399"  # still resumable
+    assert server.request("PATCH", loc, data[400:600], {"Content-Range": "400-599"}).status == 202
+    r = server.request(
+        "PUT", f"{loc}?digest={digest(data)}", data[600:], {"Content-Range": "600-999"}
+    )
+    assert r.status == 201, r.body
+    assert server.request("GET", f"/v2/a/blobs/{digest(data)}").body == data
 
 
 def test_chunked_upload_digest_mismatch_drops_upload(server: Server) -> None:

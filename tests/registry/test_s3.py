@@ -128,6 +128,9 @@ def test_s3_chunked_multipart_and_rejections(
     )
     r = server.request("PATCH", loc, data[: 1 << 20], {"Content-Range": "0-1048575"})
     assert r.status == 416 and r.code == "RANGE_INVALID"
+    r = server.request("PUT", f"{loc}?digest={d}", data[5 << 20 :], {"Content-Range": f"{5 << 20}-"
+                       f"{len(data) - 1}"})  # fmt: skip
+    assert r.status == 416 and r.code == "RANGE_INVALID"  # the upload is kept
     assert server.request("PATCH", loc, data[3 << 20 : 10 << 20]).status == 202
     assert server.request("GET", loc).headers["Range"] == f"0-{(10 << 20) - 1}"
     r = server.request("PUT", f"{loc}?digest={d}", data[10 << 20 :])

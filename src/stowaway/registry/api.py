@@ -409,18 +409,24 @@ class RegistryApi:
             status=204, headers=self._upload_headers(route.name, route.reference, size)
         )
 
+    def _chunk_offset(self, request: web.Request, current: int) -> int:
+        """Where the body goes: ``Content-Range``'s start (checked against
+        Content-Length), else the upload's current end."""
+        if "Content-Range" not in request.headers:
+            return current
+        offset, end = parse_content_range(request.headers["Content-Range"])
+        length = request.content_length
+        if length is not None and length != end - offset + 1:
+            raise RegistryApiError.of(
+                ErrorCode.BLOB_UPLOAD_INVALID,
+                f"Content-Range {offset}-{end} does not match Content-Length {length}",
+            )
+        return offset
+
     async def patch_upload(self, request: web.Request, route: Route) -> web.Response:
         name, upload_id = route.name, route.reference
         current = await self.storage.upload_size(name, upload_id)
-        offset = current
-        if "Content-Range" in request.headers:
-            offset, end = parse_content_range(request.headers["Content-Range"])
-            length = request.content_length
-            if length is not None and length != end - offset + 1:
-                raise RegistryApiError.of(
-                    ErrorCode.BLOB_UPLOAD_INVALID,
-                    f"Content-Range {offset}-{end} does not match Content-Length {length}",
-                )
+        offset = self._chunk_offset(request, current)
         body = self._body(request, offset)
         size = await self.storage.upload_append(
             name, upload_id, offset, body, self.config.max_upload_size
@@ -434,8 +440,14 @@ class RegistryApi:
             raise RegistryApiError.of(ErrorCode.DIGEST_INVALID, "PUT needs a ?digest= parameter")
         digest = check_digest(request.query["digest"])
         current = await self.storage.upload_size(name, upload_id)
+        offset = self._chunk_offset(request, current)
         size = await self.storage.upload_finish(
-            name, upload_id, digest, self._body(request, current), self.config.max_upload_size
+            name,
+            upload_id,
+            digest,
+            self._body(request, offset),
+            self.config.max_upload_size,
+            offset,
         )
         self.metrics.bytes_received += size - current
         return self._blob_created(name, digest)

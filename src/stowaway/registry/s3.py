@@ -31,6 +31,7 @@ from stowaway.errors import StowawayError
 from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.storage import (
     CHUNK,
+    check_offset,
     digest_mismatch,
     rechunk,
     too_large,
@@ -264,11 +265,7 @@ class S3Storage:
         self, name: str, upload_id: str, offset: int, chunks: AsyncIterable[bytes], limit: int
     ) -> int:
         size = self._size(await self._chunks(name, upload_id))
-        if offset != size:
-            raise RegistryApiError.of(
-                ErrorCode.RANGE_INVALID,
-                f"chunk starts at byte {offset}, but upload {upload_id} holds {size} bytes",
-            )
+        check_offset(upload_id, offset, size)
         # streamed: a PATCH may carry a whole layer (docker sends one per layer)
         writer = _StreamedObject(self, self._up(upload_id, "data", f"{size:020d}"))
         try:
@@ -283,9 +280,16 @@ class S3Storage:
             await writer.abort()
 
     async def upload_finish(
-        self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
+        self,
+        name: str,
+        upload_id: str,
+        digest: str,
+        chunks: AsyncIterable[bytes],
+        limit: int,
+        offset: int,
     ) -> int:
         stored = await self._chunks(name, upload_id)
+        check_offset(upload_id, offset, self._size(stored))
 
         async def everything() -> AsyncIterator[bytes]:
             for _, _n, key in stored:

@@ -72,8 +72,19 @@ class Storage(Protocol):
         self, name: str, upload_id: str, offset: int, chunks: AsyncIterable[bytes], limit: int
     ) -> int: ...
     async def upload_finish(
-        self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
-    ) -> int: ...
+        self,
+        name: str,
+        upload_id: str,
+        digest: str,
+        chunks: AsyncIterable[bytes],
+        limit: int,
+        offset: int,
+    ) -> int:
+        """Append the last chunk (at ``offset``, which must be the upload's end, else
+        RANGE_INVALID with the upload kept), verify ``digest`` and publish the blob;
+        on any other failure the upload is dropped."""
+        ...
+
     async def upload_cancel(self, name: str, upload_id: str) -> None: ...
     async def purge_uploads(self, max_age: float) -> int:
         """Drop uploads whose data has not changed for ``max_age`` seconds (clients
@@ -95,6 +106,15 @@ def digest_mismatch(expected: str, actual: str) -> RegistryApiError:
 
 def upload_unknown(upload_id: str) -> RegistryApiError:
     return RegistryApiError.of(ErrorCode.BLOB_UPLOAD_UNKNOWN, f"unknown upload {upload_id}")
+
+
+def check_offset(upload_id: str, offset: int, size: int) -> None:
+    """A chunk must start where the upload ends (416 otherwise; the upload is kept)."""
+    if offset != size:
+        raise RegistryApiError.of(
+            ErrorCode.RANGE_INVALID,
+            f"chunk starts at byte {offset}, but upload {upload_id} holds {size} bytes",
+        )
 
 
 async def rechunk(chunks: AsyncIterable[bytes], size: int = CHUNK) -> AsyncIterator[bytes]:
@@ -336,23 +356,26 @@ class FilesystemStorage:
             # again under the lock: a request we waited for may have finished the upload
             path = self._check_upload(name, upload_id)
             size = await self.upload_size(name, upload_id)
-            if offset != size:
-                raise RegistryApiError.of(
-                    ErrorCode.RANGE_INVALID,
-                    f"chunk starts at byte {offset}, but upload {upload_id} holds {size} bytes",
-                )
+            check_offset(upload_id, offset, size)
             h = await self._hasher(upload_id, path, size)
             new_size = await self._spool(path, "ab", chunks, h, size, limit, f"upload {upload_id}")
             self._hashers[upload_id] = (h, new_size)
             return new_size
 
     async def upload_finish(
-        self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
+        self,
+        name: str,
+        upload_id: str,
+        digest: str,
+        chunks: AsyncIterable[bytes],
+        limit: int,
+        offset: int,
     ) -> int:
         self._check_upload(name, upload_id)
         async with self._lock(upload_id):
             path = self._check_upload(name, upload_id)  # again: see upload_append
             size = await self.upload_size(name, upload_id)
+            check_offset(upload_id, offset, size)
             h = await self._hasher(upload_id, path, size)
             try:
                 size = await self._spool(path, "ab", chunks, h, size, limit, f"upload {upload_id}")

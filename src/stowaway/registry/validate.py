@@ -23,6 +23,8 @@ TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
 #: any algorithm:encoded pair the OCI spec allows; we only *support* sha256.
 DIGEST_GRAMMAR_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+#: the algorithms the OCI image spec registers; only sha256 is supported
+REGISTERED_ALGORITHMS = frozenset({"sha256", "sha512", "blake3"})
 MAX_NAME = 255
 
 RouteKind = Literal["manifest", "blob", "upload_start", "upload", "tags"]
@@ -75,12 +77,15 @@ def check_name(name: str) -> str:
 
 
 def check_digest(digest: str) -> str:
-    """A ``sha256:<64 lowercase hex>`` digest; other algorithms are UNSUPPORTED."""
+    """A ``sha256:<64 lowercase hex>`` digest. Anything else is DIGEST_INVALID (400),
+    also a well-formed digest of another algorithm: refused where it is first seen
+    (upload start, mount, finish), before any data is read."""
     if SHA256_RE.fullmatch(digest):
         return digest
     if DIGEST_GRAMMAR_RE.fullmatch(digest) and not digest.startswith("sha256:"):
         raise RegistryApiError.of(
-            ErrorCode.UNSUPPORTED, f"digest algorithm of {digest!r} is not supported (sha256 only)"
+            ErrorCode.DIGEST_INVALID,
+            f"digest algorithm of {digest!r} is not supported (sha256 only)",
         )
     raise RegistryApiError.of(ErrorCode.DIGEST_INVALID, f"malformed digest {digest!r}")
 
@@ -90,8 +95,9 @@ def is_digest(reference: str) -> bool:
 
 
 def check_reference(reference: str) -> str:
-    """A manifest reference: a digest, or else a tag."""
-    if is_digest(reference):
+    """A manifest reference: a digest of a registered algorithm, or else a tag
+    (so ``a:b`` is an invalid tag, MANIFEST_INVALID, not an unknown algorithm)."""
+    if reference.split(":", 1)[0] in REGISTERED_ALGORITHMS:
         return check_digest(reference)
     if not TAG_RE.fullmatch(reference):
         raise RegistryApiError.of(ErrorCode.MANIFEST_INVALID, f"invalid tag {reference!r}")

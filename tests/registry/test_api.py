@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from registry_harness import Server
 
+from stowaway.registry.storage import FilesystemStorage
+
 OCI = "application/vnd.oci.image.manifest.v1+json"
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -203,6 +205,52 @@ def test_cross_repo_mount(server: Server) -> None:
     assert r.status == 202 and "Docker-Upload-UUID" in r.headers
     r = server.request("POST", f"/v2/dst/blobs/uploads/?mount={d}&from=..%2fsrc")
     assert r.code == "NAME_INVALID"
+
+
+def check_blobs_are_scoped(server: Server, replica: Server) -> None:
+    """A blob is served only under names it was pushed or mounted to, or that a
+    manifest references it from; the links are in storage (``replica`` shares it)."""
+    secret = push_blob(server, "team/a", b"team a's layer")
+    for method in ("GET", "HEAD"):
+        assert server.request(method, f"/v2/team/a/blobs/{secret}").status == 200
+        r = server.request(method, f"/v2/other/blobs/{secret}")
+        assert r.status == 404, (method, r.status)
+    assert server.request("GET", f"/v2/other/blobs/{secret}").code == "BLOB_UNKNOWN"
+    # a mount from a repository that does not hold the blob is an upload session
+    r = server.request("POST", f"/v2/other/blobs/uploads/?mount={secret}&from=elsewhere")
+    assert r.status == 202 and "Docker-Upload-UUID" in r.headers
+    r = server.request("POST", f"/v2/other/blobs/uploads/?mount={secret}")  # no from=
+    assert r.status == 202
+    assert server.request("GET", f"/v2/other/blobs/{secret}").status == 404
+    # nor can a manifest reach it by digest
+    body = json.loads(image_manifest(server, "other"))
+    body["layers"][0].update(digest=secret, size=len(b"team a's layer"))
+    r = server.request(
+        "PUT", "/v2/other/manifests/x", json.dumps(body).encode(), {"Content-Type": OCI}
+    )
+    assert r.status == 400 and r.code == "MANIFEST_BLOB_UNKNOWN" and "other" in r.body.decode()
+    # mounted from where it is visible: then it is visible here too, and stays stored once
+    r = server.request("POST", f"/v2/team/b/blobs/uploads/?mount={secret}&from=team/a")
+    assert r.status == 201 and r.headers["Location"] == f"/v2/team/b/blobs/{secret}"
+    assert server.request("GET", f"/v2/team/b/blobs/{secret}").body == b"team a's layer"
+    # a manifest's blobs are visible under its name, on every replica
+    manifest = image_manifest(server, "app")
+    r = server.request("PUT", "/v2/app/manifests/v1", manifest, {"Content-Type": OCI})
+    assert r.status == 201, r.body
+    for d in [json.loads(manifest)["config"]["digest"], secret]:
+        assert (
+            replica.request("HEAD", f"/v2/{'app' if d != secret else 'team/b'}/blobs/{d}").status
+            == 200
+        )
+        assert replica.request("HEAD", f"/v2/nobody/blobs/{d}").status == 404
+
+
+def test_blobs_are_scoped_to_repositories(make_server: object) -> None:
+    server: Server = make_server()  # type: ignore[operator]
+    replica: Server = make_server(storage=FilesystemStorage(Path(server.config.storage)))  # type: ignore[operator]
+    check_blobs_are_scoped(server, replica)
+    blobs = Path(server.config.storage) / "blobs" / "sha256"
+    assert len(list(blobs.iterdir())) == 4  # secret, config, layer, manifest: each once
 
 
 def test_manifest_put_get_tags_and_negotiation(server: Server) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 from registry_harness import Server
-from test_api import OCI, digest, image_manifest
+from test_api import OCI, check_blobs_are_scoped, digest, image_manifest
 from test_skopeo import layout_manifest, skopeo
 
 from stowaway.registry.config import RegistryConfig, S3Options, open_storage
@@ -109,6 +109,13 @@ def test_skopeo_round_trip_through_s3(
         "repositories": ["s3/busybox"]
     }
     assert not [k for k in keys(storage) if "/_uploads/" in k]
+
+
+def test_s3_blobs_are_scoped_to_repositories(
+    make_server: object, moto_endpoint: str, bucket: str
+) -> None:
+    server = s3_server(make_server, moto_endpoint, bucket)
+    check_blobs_are_scoped(server, s3_server(make_server, moto_endpoint, bucket))
 
 
 def test_s3_chunked_multipart_and_rejections(
@@ -204,5 +211,6 @@ def test_s3_delete_of_the_last_manifest_removes_its_tags(
         r = server.request("PUT", f"/v2/solo/manifests/{tag}", body, {"Content-Type": OCI})
         assert r.status == 201, r.body
     assert server.request("DELETE", f"/v2/solo/manifests/{digest(body)}").status == 202
-    assert not [k for k in keys(storage) if "/repositories/solo/" in k]
+    left = [k for k in keys(storage) if "/repositories/solo/" in k]
+    assert left and all("/solo/_layers/" in k for k in left)  # blob links stay
     assert server.request("GET", "/v2/solo/manifests/v1").code == "MANIFEST_UNKNOWN"

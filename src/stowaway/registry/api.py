@@ -215,6 +215,7 @@ class RegistryApi:
             return result.data, result.media_type, digest
         for blob, path in sorted(result.blobs.items()):
             await self.storage.put_blob_file(check_digest(blob), path)
+            await self.storage.link_blob(name, blob)
         await self.storage.put_manifest(name, digest, result.data, result.media_type)
         if len(self._ingested) >= 100_000:
             self._ingested.clear()
@@ -293,10 +294,14 @@ class RegistryApi:
             refs = [descriptor(doc.get("config"), "config")]
             refs += [descriptor(d, f"layers[{i}]") for i, d in enumerate(layers)]
             for digest, size in refs:
-                have = await self.storage.blob_size(digest)
+                # linked here, not merely stored: a manifest is no way to reach
+                # another repository's blobs by their digest
+                linked = await self.storage.blob_linked(name, digest)
+                have = await self.storage.blob_size(digest) if linked else None
                 if have is None:
                     raise RegistryApiError.of(
-                        ErrorCode.MANIFEST_BLOB_UNKNOWN, f"blob {digest} is not in the registry"
+                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                        f"blob {digest} is not in repository {name}",
                     )
                 if have != size:
                     raise invalid(f"blob {digest} has {have} bytes, the manifest says {size}")
@@ -326,9 +331,12 @@ class RegistryApi:
     # -- blobs -----------------------------------------------------------------
     async def get_blob(self, request: web.Request, route: Route) -> web.StreamResponse:
         digest = route.reference
-        size = await self.storage.blob_size(digest)
+        linked = await self.storage.blob_linked(route.name, digest)
+        size = await self.storage.blob_size(digest) if linked else None
         if size is None:
-            raise RegistryApiError.of(ErrorCode.BLOB_UNKNOWN, f"blob {digest} not found")
+            raise RegistryApiError.of(
+                ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in repository {route.name}"
+            )
         span = parse_range(request.headers["Range"], size) if "Range" in request.headers else None
         headers = {
             **API_VERSION,
@@ -371,7 +379,8 @@ class RegistryApi:
             "Range": f"0-{max(size - 1, 0)}",
         }
 
-    def _blob_created(self, name: str, digest: str) -> web.Response:
+    async def _blob_created(self, name: str, digest: str) -> web.Response:
+        await self.storage.link_blob(name, digest)
         headers = {
             **API_VERSION,
             "Location": f"/v2/{name}/blobs/{digest}",
@@ -388,18 +397,23 @@ class RegistryApi:
     async def start_upload(self, request: web.Request, route: Route) -> web.Response:
         name, query = route.name, request.query
         if "mount" in query:
+            # only from a named repository the blob is visible in; else (also
+            # without from=) the client gets an upload session and pushes the bytes
             digest = check_digest(query["mount"])
-            if "from" in query:
-                check_name(query["from"])
-            if await self.storage.blob_size(digest) is not None:
-                return self._blob_created(name, digest)
+            source = check_name(query["from"]) if "from" in query else None
+            if (
+                source is not None
+                and await self.storage.blob_linked(source, digest)
+                and await self.storage.blob_size(digest) is not None
+            ):
+                return await self._blob_created(name, digest)
         elif "digest" in query:
             digest = check_digest(query["digest"])
             size = await self.storage.put_blob(
                 digest, self._body(request), self.config.max_upload_size
             )
             self.metrics.bytes_received += size
-            return self._blob_created(name, digest)
+            return await self._blob_created(name, digest)
         upload_id = await self.storage.upload_start(name)
         return web.Response(status=202, headers=self._upload_headers(name, upload_id, 0))
 
@@ -450,7 +464,7 @@ class RegistryApi:
             offset,
         )
         self.metrics.bytes_received += size - current
-        return self._blob_created(name, digest)
+        return await self._blob_created(name, digest)
 
     # -- listings --------------------------------------------------------------
     async def list_tags(self, request: web.Request, route: Route) -> web.Response:

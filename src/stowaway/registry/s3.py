@@ -191,6 +191,21 @@ class S3Storage:
     def _repo(self, name: str, *parts: str) -> str:
         return self._key("repositories", name, *parts)
 
+    def _link(self, name: str, digest: str) -> str:
+        return self._repo(name, "_layers", digest.removeprefix("sha256:"))
+
+    async def link_blob(self, name: str, digest: str) -> None:
+        await self._put(self._link(name, digest), b"")
+
+    async def blob_linked(self, name: str, digest: str) -> bool:
+        try:
+            await self._call(self._s3.head_object, Bucket=self.bucket, Key=self._link(name, digest))
+        except ClientError as err:
+            if _missing(err):
+                return False
+            raise
+        return True
+
     async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None:
         media_type = await self._get(self._repo(name, "_manifests", digest.removeprefix("sha256:")))
         if media_type is None:

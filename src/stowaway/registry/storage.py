@@ -8,11 +8,13 @@
 ``os.replace``d into place after its digest was verified, so a crash or a bad
 upload never leaves a file that is later served.
 
-Repository metadata lives under ``<root>/repositories/<name>/`` in ``_manifests``
-and ``_tags``; the ``_`` prefix cannot collide with a name component (the name
-grammar starts components with ``[a-z0-9]``). Blobs are one content-addressed
-namespace shared by all repositories (a single-tenant registry; images composed
-on demand share layers across names by design).
+Repository metadata lives under ``<root>/repositories/<name>/`` in ``_manifests``,
+``_tags`` and ``_layers``; the ``_`` prefix cannot collide with a name component
+(the name grammar starts components with ``[a-z0-9]``). Blob *bytes* are one
+content-addressed namespace shared by all repositories (stored once), but a blob
+is served under a name only when ``_layers/<hex>`` links it there: it was pushed
+or mounted there, or a manifest of that name (also one composed on demand)
+references it. Knowing a digest is no key to another repository's content.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ class Storage(Protocol):
 
     async def put_blob_file(self, digest: str, path: Path) -> None:
         """Store a blob from a local file (resolver output) unless present."""
+        ...
+
+    async def link_blob(self, name: str, digest: str) -> None:
+        """Make a stored blob visible under repository ``name``."""
+        ...
+
+    async def blob_linked(self, name: str, digest: str) -> bool:
+        """Whether the blob is visible under ``name`` (see ``link_blob``)."""
         ...
 
     async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None: ...
@@ -254,6 +264,16 @@ class FilesystemStorage:
     # -- manifests and tags ----------------------------------------------------
     def _repo(self, name: str) -> Path:
         return self._repos / name
+
+    def _link(self, name: str, digest: str) -> Path:
+        return self._repo(name) / "_layers" / digest.removeprefix("sha256:")
+
+    async def link_blob(self, name: str, digest: str) -> None:
+        if not self._link(name, digest).exists():
+            await _io(atomic_write, self._link(name, digest), b"")
+
+    async def blob_linked(self, name: str, digest: str) -> bool:
+        return self._link(name, digest).exists()
 
     async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None:
         link = self._repo(name) / "_manifests" / digest.removeprefix("sha256:")

@@ -253,6 +253,69 @@ def test_blobs_are_scoped_to_repositories(make_server: object) -> None:
     assert len(list(blobs.iterdir())) == 4  # secret, config, layer, manifest: each once
 
 
+INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY = "application/vnd.oci.empty.v1+json"
+
+
+def artifact(server: Server, name: str, subject: str, **fields: object) -> bytes:
+    """An OCI 1.1 artifact manifest (empty config, no layers) referring to ``subject``."""
+    config = {"mediaType": EMPTY, "digest": push_blob(server, name, b"{}"), "size": 2}
+    doc = {"schemaVersion": 2, "mediaType": OCI, "config": config, "layers": []}
+    doc["subject"] = {"mediaType": OCI, "digest": subject, "size": 123}
+    return json.dumps({**doc, **fields}).encode()
+
+
+def check_referrers(server: Server, replica: Server) -> None:
+    """OCI 1.1 referrers: listed per repository and subject (which need not exist),
+    filtered by artifactType, unlisted when deleted; kept in storage (``replica``)."""
+    subject = digest(b"an image pushed later, or never")
+    sbom = artifact(server, "app", subject, artifactType="application/spdx+json",
+                    annotations={"org.example.kind": "sbom"})  # fmt: skip
+    sig = json.loads(artifact(server, "app", subject))
+    sig["config"]["mediaType"] = "application/vnd.example.sig"
+    sig_body = json.dumps(sig).encode()
+    for body in (sbom, sig_body):
+        r = server.request("PUT", f"/v2/app/manifests/{digest(body)}", body, {"Content-Type": OCI})
+        assert r.status == 201 and r.headers["OCI-Subject"] == subject, r.body
+    plain = image_manifest(server, "app")
+    r = server.request("PUT", "/v2/app/manifests/v1", plain, {"Content-Type": OCI})
+    assert r.status == 201 and "OCI-Subject" not in r.headers
+    r = replica.request("GET", f"/v2/app/referrers/{subject}")
+    assert r.status == 200 and r.headers["Content-Type"] == INDEX
+    assert "OCI-Filters-Applied" not in r.headers
+    index = json.loads(r.body)
+    assert index["schemaVersion"] == 2 and index["mediaType"] == INDEX
+    expected = {
+        digest(sbom): {"mediaType": OCI, "digest": digest(sbom), "size": len(sbom),
+                       "artifactType": "application/spdx+json",
+                       "annotations": {"org.example.kind": "sbom"}},
+        digest(sig_body): {"mediaType": OCI, "digest": digest(sig_body), "size": len(sig_body),
+                           "artifactType": "application/vnd.example.sig"},
+    }  # fmt: skip
+    assert {d["digest"]: d for d in index["manifests"]} == expected
+    r = server.request("GET", f"/v2/app/referrers/{subject}?artifactType=application/spdx%2Bjson")
+    assert r.headers["OCI-Filters-Applied"] == "artifactType"
+    assert json.loads(r.body)["manifests"] == [expected[digest(sbom)]]
+    for path in (f"/v2/other/referrers/{subject}", f"/v2/app/referrers/{digest(plain)}"):
+        r = server.request("GET", path)
+        assert r.status == 200 and json.loads(r.body)["manifests"] == [], path
+    assert server.request("GET", "/v2/app/referrers/sha256:nope").code == "DIGEST_INVALID"
+    assert server.request("DELETE", f"/v2/app/manifests/{digest(sbom)}").status == 202
+    r = replica.request("GET", f"/v2/app/referrers/{subject}")
+    assert json.loads(r.body)["manifests"] == [expected[digest(sig_body)]]
+    bad = json.loads(sbom) | {"subject": {"digest": "sha256:x"}}
+    r = server.request(
+        "PUT", "/v2/app/manifests/bad", json.dumps(bad).encode(), {"Content-Type": OCI}
+    )
+    assert r.status == 400 and r.code == "MANIFEST_INVALID" and "subject" in r.body.decode()
+
+
+def test_referrers_api(make_server: object) -> None:
+    server: Server = make_server()  # type: ignore[operator]
+    replica: Server = make_server(storage=FilesystemStorage(Path(server.config.storage)))  # type: ignore[operator]
+    check_referrers(server, replica)
+
+
 def test_manifest_put_get_tags_and_negotiation(server: Server) -> None:
     body = image_manifest(server, "app")
     md = digest(body)

@@ -17,7 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 from registry_harness import Server
-from test_api import OCI, check_blobs_are_scoped, digest, image_manifest
+from test_api import OCI, check_blobs_are_scoped, check_referrers, digest, image_manifest
 from test_skopeo import layout_manifest, skopeo
 
 from stowaway.registry.config import RegistryConfig, S3Options, open_storage
@@ -116,6 +116,11 @@ def test_s3_blobs_are_scoped_to_repositories(
 ) -> None:
     server = s3_server(make_server, moto_endpoint, bucket)
     check_blobs_are_scoped(server, s3_server(make_server, moto_endpoint, bucket))
+
+
+def test_s3_referrers_api(make_server: object, moto_endpoint: str, bucket: str) -> None:
+    server = s3_server(make_server, moto_endpoint, bucket)
+    check_referrers(server, s3_server(make_server, moto_endpoint, bucket))
 
 
 def test_s3_chunked_multipart_and_rejections(

@@ -36,6 +36,7 @@ from stowaway.registry.verified import VerifiedFiles
 
 log = logging.getLogger("stowaway.registry")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
                    "application/vnd.docker.distribution.manifest.v2+json")  # fmt: skip
 
@@ -53,6 +54,25 @@ def parse_accept(values: list[str]) -> frozenset[str]:
     if "*/*" in types:
         return frozenset()
     return frozenset(types & MANIFEST_TYPES)
+
+
+def referrer_descriptor(doc: dict[str, Any], media_type: str, body: bytes) -> bytes:
+    """What the referrers API lists for a manifest: its descriptor, with the
+    ``artifactType`` (the manifest's, else its config's media type) and annotations."""
+    config = doc.get("config")
+    artifact_type = doc.get("artifactType") or (
+        config.get("mediaType") if isinstance(config, dict) else None
+    )
+    out: dict[str, Any] = {
+        "mediaType": media_type,
+        "digest": sha256_digest(body),
+        "size": len(body),
+    }
+    if artifact_type:
+        out["artifactType"] = artifact_type
+    if doc.get("annotations"):
+        out["annotations"] = doc["annotations"]
+    return json.dumps(out, sort_keys=True).encode()
 
 
 def sha256_digest(data: bytes) -> str:
@@ -96,6 +116,8 @@ class RegistryApi:
                 return await self.get_blob(request, route)
             case "tags", "GET":
                 return await self.list_tags(request, route)
+            case "referrers", "GET":
+                return await self.list_referrers(request, route)
             case "upload_start", "POST":
                 return await self.start_upload(request, route)
             case "upload", "GET":
@@ -234,26 +256,35 @@ class RegistryApi:
                 raise too_large(limit, f"manifest {name}:{ref}")
         body = bytes(data)
         ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip()
-        media_type = await self._validate_manifest(name, body, ctype)
+        media_type, doc = await self._validate_manifest(name, body, ctype)
         digest = sha256_digest(body)
         if is_digest(ref) and ref != digest:
             raise RegistryApiError.of(
                 ErrorCode.DIGEST_INVALID, f"manifest digest is {digest}, but it was put as {ref}"
             )
         await self.storage.put_manifest(name, digest, body, media_type)
-        if not is_digest(ref):
-            await self.storage.put_tag(name, ref, digest)
         headers = {
             **API_VERSION,
             "Location": f"/v2/{name}/manifests/{digest}",
             "Docker-Content-Digest": digest,
         }
+        subject = doc.get("subject")
+        if subject is not None:  # validated: a descriptor (the manifest need not exist)
+            await self.storage.add_referrer(
+                name, subject["digest"], digest, referrer_descriptor(doc, media_type, body)
+            )
+            headers["OCI-Subject"] = subject["digest"]
+        if not is_digest(ref):
+            await self.storage.put_tag(name, ref, digest)
         return web.Response(status=201, headers=headers)
 
-    async def _validate_manifest(self, name: str, body: bytes, content_type: str) -> str:
+    async def _validate_manifest(
+        self, name: str, body: bytes, content_type: str
+    ) -> tuple[str, dict[str, Any]]:
         """Check JSON shape, media type (``content_type`` is the request header, ""
-        when absent) and that every referenced blob/manifest exists; return the
-        media type."""
+        when absent), the referrers fields (``subject``, ``artifactType``,
+        ``annotations``) and that every referenced blob/manifest exists; return the
+        media type and the parsed manifest."""
 
         def invalid(message: str) -> RegistryApiError:
             return RegistryApiError.of(ErrorCode.MANIFEST_INVALID, message)
@@ -316,17 +347,47 @@ class RegistryApi:
                         ErrorCode.MANIFEST_BLOB_UNKNOWN,
                         f"manifest {digest} is not in repository {name}",
                     )
-        return str(media_type)
+        if "subject" in doc:
+            descriptor(doc["subject"], "subject")
+        if not isinstance(doc.get("artifactType", ""), str):
+            raise invalid("artifactType must be a string")
+        annotations = doc.get("annotations", {})
+        if not isinstance(annotations, dict) or not all(
+            isinstance(v, str) for v in annotations.values()
+        ):
+            raise invalid("annotations must map strings to strings")
+        return str(media_type), doc
 
     async def delete_manifest(self, route: Route) -> web.Response:
-        if not is_digest(route.reference):
+        name, digest = route.name, route.reference
+        if not is_digest(digest):
             raise unsupported("manifests are deleted by digest, not by tag")
-        self._ingested.discard((route.name, route.reference))
-        if not await self.storage.delete_manifest(route.name, route.reference):
+        self._ingested.discard((name, digest))
+        found = await self.storage.get_manifest(name, digest)
+        subject = json.loads(found[0]).get("subject") if found is not None else None
+        if isinstance(subject, dict):
+            # first: a crash in between leaves a manifest unlisted (a push lists it
+            # again), never a listed manifest that is gone
+            await self.storage.remove_referrer(name, subject["digest"], digest)
+        if not await self.storage.delete_manifest(name, digest):
             raise RegistryApiError.of(
-                ErrorCode.MANIFEST_UNKNOWN, f"manifest {route.name}@{route.reference} not found"
+                ErrorCode.MANIFEST_UNKNOWN, f"manifest {name}@{digest} not found"
             )
         return web.Response(status=202, headers=API_VERSION)
+
+    async def list_referrers(self, request: web.Request, route: Route) -> web.Response:
+        """The OCI 1.1 referrers API: an image index of the manifests in ``name``
+        whose ``subject`` is the digest (200 with none, whether or not it exists)."""
+        stored = await self.storage.list_referrers(route.name, route.reference)
+        found = [json.loads(d) for d in stored]
+        headers = {**API_VERSION}
+        wanted = request.query.get("artifactType")
+        if wanted is not None:
+            found = [d for d in found if d.get("artifactType") == wanted]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        body = json.dumps(index).encode()
+        return web.Response(body=body, content_type=OCI_INDEX, headers=headers)
 
     # -- blobs -----------------------------------------------------------------
     async def get_blob(self, request: web.Request, route: Route) -> web.StreamResponse:

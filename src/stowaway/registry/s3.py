@@ -206,6 +206,24 @@ class S3Storage:
             raise
         return True
 
+    def _referrer(self, name: str, subject: str, digest: str = "") -> str:
+        return self._repo(
+            name, "_referrers", subject.removeprefix("sha256:"), digest.removeprefix("sha256:")
+        )
+
+    async def add_referrer(self, name: str, subject: str, digest: str, descriptor: bytes) -> None:
+        await self._put(self._referrer(name, subject, digest), descriptor)
+
+    async def remove_referrer(self, name: str, subject: str, digest: str) -> None:
+        await self._call(
+            self._s3.delete_object, Bucket=self.bucket, Key=self._referrer(name, subject, digest)
+        )
+
+    async def list_referrers(self, name: str, subject: str) -> list[bytes]:
+        keys = sorted(k for k, _ in await self._list(self._referrer(name, subject) + "/"))
+        found = [await self._get(k) for k in keys]
+        return [d for d in found if d is not None]  # deleted since the listing: skipped
+
     async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None:
         media_type = await self._get(self._repo(name, "_manifests", digest.removeprefix("sha256:")))
         if media_type is None:

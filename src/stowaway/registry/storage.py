@@ -66,6 +66,16 @@ class Storage(Protocol):
         """Whether the blob is visible under ``name`` (see ``link_blob``)."""
         ...
 
+    async def add_referrer(self, name: str, subject: str, digest: str, descriptor: bytes) -> None:
+        """Record manifest ``digest`` of ``name`` as a referrer of ``subject``; the
+        descriptor (JSON) is what the referrers API lists."""
+        ...
+
+    async def remove_referrer(self, name: str, subject: str, digest: str) -> None: ...
+    async def list_referrers(self, name: str, subject: str) -> list[bytes]:
+        """The descriptors recorded for ``subject`` in ``name``, in digest order."""
+        ...
+
     async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None: ...
     async def put_manifest(self, name: str, digest: str, data: bytes, media_type: str) -> None: ...
     async def delete_manifest(self, name: str, digest: str) -> bool: ...
@@ -116,6 +126,10 @@ def digest_mismatch(expected: str, actual: str) -> RegistryApiError:
 
 def upload_unknown(upload_id: str) -> RegistryApiError:
     return RegistryApiError.of(ErrorCode.BLOB_UPLOAD_UNKNOWN, f"unknown upload {upload_id}")
+
+
+def _hex(digest: str) -> str:
+    return digest.removeprefix("sha256:")
 
 
 def check_offset(upload_id: str, offset: int, size: int) -> None:
@@ -274,6 +288,22 @@ class FilesystemStorage:
 
     async def blob_linked(self, name: str, digest: str) -> bool:
         return self._link(name, digest).exists()
+
+    def _referrer(self, name: str, subject: str, digest: str = "") -> Path:
+        return self._repo(name) / "_referrers" / _hex(subject) / _hex(digest)
+
+    async def add_referrer(self, name: str, subject: str, digest: str, descriptor: bytes) -> None:
+        await _io(atomic_write, self._referrer(name, subject, digest), descriptor)
+
+    async def remove_referrer(self, name: str, subject: str, digest: str) -> None:
+        self._referrer(name, subject, digest).unlink(missing_ok=True)
+
+    async def list_referrers(self, name: str, subject: str) -> list[bytes]:
+        folder = self._referrer(name, subject)
+        if not folder.is_dir():
+            return []
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".tmp-"))
+        return [p.read_bytes() for p in entries]
 
     async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None:
         link = self._repo(name) / "_manifests" / digest.removeprefix("sha256:")

@@ -27,10 +27,11 @@ DIGEST_GRAMMAR_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 REGISTERED_ALGORITHMS = frozenset({"sha256", "sha512", "blake3"})
 MAX_NAME = 255
 
-RouteKind = Literal["manifest", "blob", "upload_start", "upload", "tags"]
+RouteKind = Literal["manifest", "blob", "upload_start", "upload", "tags", "referrers"]
 
 _ROUTES: tuple[tuple[RouteKind, re.Pattern[str]], ...] = (
     ("tags", re.compile(r"/v2/(?P<name>.+)/tags/list")),
+    ("referrers", re.compile(r"/v2/(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
     ("upload_start", re.compile(r"/v2/(?P<name>.+)/blobs/uploads/?")),
     ("upload", re.compile(r"/v2/(?P<name>.+)/blobs/uploads/(?P<ref>[^/]+)")),
     ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
@@ -44,7 +45,8 @@ class Route:
 
     kind: RouteKind
     name: str
-    reference: str = ""  # tag or digest (manifests), digest (blobs), uuid (uploads)
+    #: tag or digest (manifests), digest (blobs, referrers' subject), uuid (uploads)
+    reference: str = ""
 
 
 def _name_invalid(message: str) -> RegistryApiError:
@@ -124,7 +126,7 @@ def parse_route(raw_path: str) -> Route | None:
         ref = m.groupdict().get("ref") or ""
         if kind == "manifest":
             ref = check_reference(ref)
-        elif kind == "blob":
+        elif kind in ("blob", "referrers"):
             ref = check_digest(ref)
         elif kind == "upload":
             ref = check_upload_id(ref)

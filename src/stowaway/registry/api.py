@@ -7,6 +7,7 @@ tag, digest or traversal attempt never reaches storage.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -250,7 +251,7 @@ class RegistryApi:
         if (request.content_length or 0) > limit:
             raise too_large(limit, f"manifest {name}:{ref}")
         data = bytearray()
-        async for chunk in request.content.iter_chunked(CHUNK):
+        async for chunk in self._timed(request):
             data += chunk
             if len(data) > limit:
                 raise too_large(limit, f"manifest {name}:{ref}")
@@ -453,7 +454,29 @@ class RegistryApi:
         limit = self.config.max_upload_size
         if already + (request.content_length or 0) > limit:
             raise too_large(limit, f"upload to {request.path}")
-        return request.content.iter_chunked(CHUNK)
+        return self._timed(request)
+
+    async def _timed(self, request: web.Request) -> AsyncIterator[bytes]:
+        """The request body; a pause over ``body_timeout`` ends the request (408; a
+        chunked upload keeps what it had, to be resumed)."""
+        timeout = self.config.body_timeout
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    chunk = await request.content.read(CHUNK)
+            except TimeoutError:
+                raise RegistryApiError(
+                    408,
+                    [
+                        (
+                            ErrorCode.BLOB_UPLOAD_INVALID.value,
+                            f"no request body data for {timeout:g} s",
+                        )
+                    ],
+                ) from None
+            if not chunk:
+                return
+            yield chunk
 
     async def start_upload(self, request: web.Request, route: Route) -> web.Response:
         name, query = route.name, request.query

@@ -12,6 +12,9 @@ Example (every key optional)::
     tokens = ["s3cr3t"]                   # static bearer tokens
     anonymous_read = true
     access_log = true
+    max_connections = 768                 # open connections; a new one evicts the longest idle
+    header_timeout = 30                   # seconds for a request's headers; also keep-alive idle
+    body_timeout = 60                     # longest pause within a request body (408, upload kept)
 
     [s3]
     endpoint = "http://127.0.0.1:9000"
@@ -168,6 +171,10 @@ class RegistryConfig:
     tokens: tuple[str, ...] = ()
     anonymous_read: bool = True
     access_log: bool = True
+    #: open connections at most (each is a file descriptor: keep it under ``ulimit -n``)
+    max_connections: int = 768
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -193,6 +200,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "tokens": (list,),
     "anonymous_read": (bool,),
     "access_log": (bool,),
+    "max_connections": (int,),
+    "header_timeout": (int, float),
+    "body_timeout": (int, float),
 }
 
 
@@ -231,8 +241,11 @@ def config_from_dict(doc: dict[str, Any], where: str = "config") -> RegistryConf
             raise RegistryConfigError(f"{where}: {key} has the wrong type {type(value).__name__}")
         kwargs[key] = _convert(key, value, where)
     config = RegistryConfig(**kwargs)
-    if not config.upload_max_age > 0:
-        raise RegistryConfigError(f"{where}: upload_max_age must be a positive number of seconds")
+    for key in ("upload_max_age", "header_timeout", "body_timeout"):
+        if not getattr(config, key) > 0:
+            raise RegistryConfigError(f"{where}: {key} must be a positive number of seconds")
+    if config.max_connections < 1:
+        raise RegistryConfigError(f"{where}: max_connections must be at least 1")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise RegistryConfigError(f"{where}: tls_cert and tls_key go together")
     config.host_port  # noqa: B018 - validate early

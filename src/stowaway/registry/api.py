@@ -11,13 +11,14 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from stowaway.registry.auth import Authenticator
+from stowaway.registry.auth import ANONYMOUS, READ_METHODS, TOKEN_LIFETIME, Authenticator, Caller
 from stowaway.registry.config import RegistryConfig
 from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.metrics import Metrics
@@ -36,6 +37,9 @@ from stowaway.registry.validate import (
 from stowaway.registry.verified import VerifiedFiles
 
 log = logging.getLogger("stowaway.registry")
+#: who sent a request, and the scope a 401 challenge names
+CALLER_KEY = web.RequestKey("caller", Caller)
+SCOPE_KEY = web.RequestKey("auth_scope", str)
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
@@ -104,8 +108,13 @@ class RegistryApi:
         route = parse_route(request.raw_path)
         if route is None:
             return await self.base(request)
-        await self.auth.check(request.method, request.headers.get("Authorization"))
         method = request.method
+        caller = await self._caller(request)
+        action = "pull" if method in READ_METHODS else "push"
+        request[SCOPE_KEY] = (
+            f"repository:{route.name}:{'pull' if action == 'pull' else 'pull,push'}"
+        )
+        self.auth.authorize(caller, route.name, action)
         match route.kind, method:
             case "manifest", "GET" | "HEAD":
                 return await self.get_manifest(request, route)
@@ -132,21 +141,44 @@ class RegistryApi:
                 return web.Response(status=204, headers=API_VERSION)
         raise unsupported(f"{method} is not supported on {request.path}")
 
+    async def _caller(self, request: web.Request) -> Caller:
+        """Who sent the request (kept on it for later checks); 401 for bad credentials."""
+        caller = await self.auth.identify(request.headers.get("Authorization"))
+        if caller is None:
+            raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "invalid credentials")
+        request[CALLER_KEY] = caller
+        return caller
+
     async def base(self, request: web.Request) -> web.Response:
         # The ping answers 401 to anonymous callers whenever auth is configured,
         # even with anonymous reads: clients learn the challenge here and would
         # otherwise never send credentials for a push.
-        if (
-            self.auth.enabled
-            and await self.auth.identify(request.headers.get("Authorization")) is None
-        ):
+        if await self._caller(request) is ANONYMOUS and self.auth.enabled:
             raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "authentication required")
         return web.json_response({}, headers=API_VERSION)
 
     async def catalog(self, request: web.Request) -> web.Response:
-        await self.auth.check(request.method, request.headers.get("Authorization"))
-        repos = await self.storage.list_repositories()
+        """The repositories the caller may pull (401 for anonymous callers who may
+        pull none)."""
+        caller = await self._caller(request)
+        repos = [
+            r
+            for r in await self.storage.list_repositories()
+            if "pull" in self.auth.rights(caller, r)
+        ]
+        if not repos and caller is ANONYMOUS and self.auth.enabled:
+            raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "authentication required to pull")
         return self._paginate(request, "/v2/_catalog", "repositories", repos, {})
+
+    async def token(self, request: web.Request) -> web.Response:
+        """Docker token auth: a bearer token for the requested ``scope``s, granted as
+        far as the caller's rights go."""
+        caller = await self._caller(request)
+        scopes = [s for value in request.query.getall("scope", []) for s in value.split()]
+        token = self.auth.issue(caller, scopes)
+        issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = {"token": token, "access_token": token, "expires_in": TOKEN_LIFETIME}
+        return web.json_response({**body, "issued_at": issued})
 
     # -- manifests -------------------------------------------------------------
     async def get_manifest(self, request: web.Request, route: Route) -> web.Response:
@@ -487,6 +519,7 @@ class RegistryApi:
             source = check_name(query["from"]) if "from" in query else None
             if (
                 source is not None
+                and "pull" in self.auth.rights(request[CALLER_KEY], source)
                 and await self.storage.blob_linked(source, digest)
                 and await self.storage.blob_size(digest) is not None
             ):

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
-from stowaway.registry.api import API_VERSION, RegistryApi
+from stowaway.registry.api import API_VERSION, SCOPE_KEY, RegistryApi
 from stowaway.registry.config import RegistryConfig, open_storage
 from stowaway.registry.errors import ErrorCode, RegistryApiError
 from stowaway.registry.guard import ConnectionGuard
@@ -34,7 +34,9 @@ log = logging.getLogger("stowaway.registry")
 def _error_response(request: web.Request, err: RegistryApiError) -> web.Response:
     headers = dict(API_VERSION)
     if err.status == 401:
-        headers["WWW-Authenticate"] = request.app[API_KEY].auth.challenge
+        realm_base = f"{request.scheme}://{request.host}"
+        auth = request.app[API_KEY].auth
+        headers["WWW-Authenticate"] = auth.challenge(realm_base, request.get(SCOPE_KEY))
     resp = web.Response(
         status=err.status, body=err.to_json(), content_type="application/json", headers=headers
     )
@@ -165,6 +167,8 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v2/_catalog", api.catalog)
+    if config.access:  # only then do challenges name the token endpoint
+        app.router.add_get("/auth/token", api.token)
     app.router.add_route("*", "/v2", api.handle)
     app.router.add_route("*", "/v2/{tail:.*}", api.handle)
     return app

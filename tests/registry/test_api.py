@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from registry_harness import Server
 
+from stowaway.registry.storage import FilesystemStorage
+
 OCI = "application/vnd.oci.image.manifest.v1+json"
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -98,8 +100,13 @@ def test_digest_mismatch_stores_nothing(server: Server) -> None:
         ("/v2/a/../../x/blobs/uploads/", "NAME_INVALID"),
         ("/v2/Bad/blobs/uploads/", "NAME_INVALID"),
         ("/v2/a/blobs/uploads/?digest=sha256:short", "DIGEST_INVALID"),
-        ("/v2/a/blobs/uploads/?digest=md5:abcd", "UNSUPPORTED"),
+        ("/v2/a/blobs/uploads/?digest=md5:abcd", "DIGEST_INVALID"),
+        (f"/v2/a/blobs/uploads/?digest=sha512:{'0' * 128}", "DIGEST_INVALID"),
+        (f"/v2/a/blobs/uploads/?mount=sha512:{'0' * 128}&from=b", "DIGEST_INVALID"),
         ("/v2/a/manifests/sha256:XYZ", "DIGEST_INVALID"),
+        (f"/v2/a/manifests/sha512:{'0' * 128}", "DIGEST_INVALID"),
+        ("/v2/a/manifests/a:b", "MANIFEST_INVALID"),  # a tag, of invalid grammar
+        ("/v2/a/manifests/.hidden", "MANIFEST_INVALID"),
     ],
 )
 def test_bad_requests_store_nothing(server: Server, path: str, code: str) -> None:
@@ -107,7 +114,7 @@ def test_bad_requests_store_nothing(server: Server, path: str, code: str) -> Non
     before = stored_files(root)
     method = "PUT" if "/manifests/" in path else "POST"
     r = server.request(method, path, b"{}", {"Content-Type": OCI})
-    assert r.code == code and r.status in (400, 415)
+    assert r.code == code and r.status == 400, r.body
     assert stored_files(root) == before
     assert not (root.parent / "escape").exists()
 
@@ -159,6 +166,27 @@ def test_chunked_upload_out_of_order_status_and_cancel(server: Server) -> None:
     assert stored_files(Path(server.config.storage) / "_uploads") == []
 
 
+def test_final_put_honours_content_range_and_digest_algorithm(server: Server) -> None:
+    """The closing PUT's chunk must start where the upload ends (416 otherwise, the
+    upload kept); a digest of another algorithm is refused before any data is read."""
+    data = b"abcdefghij" * 100
+    loc = server.request("POST", "/v2/a/blobs/uploads/").headers["Location"]
+    assert server.request("PATCH", loc, data[:400], {"Content-Range": "0-399"}).status == 202
+    r = server.request(
+        "PUT", f"{loc}?digest={digest(data)}", data[500:], {"Content-Range": "500-999"}
+    )
+    assert r.status == 416 and r.code == "RANGE_INVALID"
+    r = server.request("PUT", f"{loc}?digest=sha512:{'0' * 128}", data[400:])
+    assert r.status == 400 and r.code == "DIGEST_INVALID" and "sha256 only" in r.body.decode()
+    assert server.request("GET", loc).headers["Range"] == "0-399"  # still resumable
+    assert server.request("PATCH", loc, data[400:600], {"Content-Range": "400-599"}).status == 202
+    r = server.request(
+        "PUT", f"{loc}?digest={digest(data)}", data[600:], {"Content-Range": "600-999"}
+    )
+    assert r.status == 201, r.body
+    assert server.request("GET", f"/v2/a/blobs/{digest(data)}").body == data
+
+
 def test_chunked_upload_digest_mismatch_drops_upload(server: Server) -> None:
     root = Path(server.config.storage)
     before = stored_files(root)
@@ -177,6 +205,115 @@ def test_cross_repo_mount(server: Server) -> None:
     assert r.status == 202 and "Docker-Upload-UUID" in r.headers
     r = server.request("POST", f"/v2/dst/blobs/uploads/?mount={d}&from=..%2fsrc")
     assert r.code == "NAME_INVALID"
+
+
+def check_blobs_are_scoped(server: Server, replica: Server) -> None:
+    """A blob is served only under names it was pushed or mounted to, or that a
+    manifest references it from; the links are in storage (``replica`` shares it)."""
+    secret = push_blob(server, "team/a", b"team a's layer")
+    for method in ("GET", "HEAD"):
+        assert server.request(method, f"/v2/team/a/blobs/{secret}").status == 200
+        r = server.request(method, f"/v2/other/blobs/{secret}")
+        assert r.status == 404, (method, r.status)
+    assert server.request("GET", f"/v2/other/blobs/{secret}").code == "BLOB_UNKNOWN"
+    # a mount from a repository that does not hold the blob is an upload session
+    r = server.request("POST", f"/v2/other/blobs/uploads/?mount={secret}&from=elsewhere")
+    assert r.status == 202 and "Docker-Upload-UUID" in r.headers
+    r = server.request("POST", f"/v2/other/blobs/uploads/?mount={secret}")  # no from=
+    assert r.status == 202
+    assert server.request("GET", f"/v2/other/blobs/{secret}").status == 404
+    # nor can a manifest reach it by digest
+    body = json.loads(image_manifest(server, "other"))
+    body["layers"][0].update(digest=secret, size=len(b"team a's layer"))
+    r = server.request(
+        "PUT", "/v2/other/manifests/x", json.dumps(body).encode(), {"Content-Type": OCI}
+    )
+    assert r.status == 400 and r.code == "MANIFEST_BLOB_UNKNOWN" and "other" in r.body.decode()
+    # mounted from where it is visible: then it is visible here too, and stays stored once
+    r = server.request("POST", f"/v2/team/b/blobs/uploads/?mount={secret}&from=team/a")
+    assert r.status == 201 and r.headers["Location"] == f"/v2/team/b/blobs/{secret}"
+    assert server.request("GET", f"/v2/team/b/blobs/{secret}").body == b"team a's layer"
+    # a manifest's blobs are visible under its name, on every replica
+    manifest = image_manifest(server, "app")
+    r = server.request("PUT", "/v2/app/manifests/v1", manifest, {"Content-Type": OCI})
+    assert r.status == 201, r.body
+    for d in [json.loads(manifest)["config"]["digest"], secret]:
+        assert (
+            replica.request("HEAD", f"/v2/{'app' if d != secret else 'team/b'}/blobs/{d}").status
+            == 200
+        )
+        assert replica.request("HEAD", f"/v2/nobody/blobs/{d}").status == 404
+
+
+def test_blobs_are_scoped_to_repositories(make_server: object) -> None:
+    server: Server = make_server()  # type: ignore[operator]
+    replica: Server = make_server(storage=FilesystemStorage(Path(server.config.storage)))  # type: ignore[operator]
+    check_blobs_are_scoped(server, replica)
+    blobs = Path(server.config.storage) / "blobs" / "sha256"
+    assert len(list(blobs.iterdir())) == 4  # secret, config, layer, manifest: each once
+
+
+INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY = "application/vnd.oci.empty.v1+json"
+
+
+def artifact(server: Server, name: str, subject: str, **fields: object) -> bytes:
+    """An OCI 1.1 artifact manifest (empty config, no layers) referring to ``subject``."""
+    config = {"mediaType": EMPTY, "digest": push_blob(server, name, b"{}"), "size": 2}
+    doc = {"schemaVersion": 2, "mediaType": OCI, "config": config, "layers": []}
+    doc["subject"] = {"mediaType": OCI, "digest": subject, "size": 123}
+    return json.dumps({**doc, **fields}).encode()
+
+
+def check_referrers(server: Server, replica: Server) -> None:
+    """OCI 1.1 referrers: listed per repository and subject (which need not exist),
+    filtered by artifactType, unlisted when deleted; kept in storage (``replica``)."""
+    subject = digest(b"an image pushed later, or never")
+    sbom = artifact(server, "app", subject, artifactType="application/spdx+json",
+                    annotations={"org.example.kind": "sbom"})  # fmt: skip
+    sig = json.loads(artifact(server, "app", subject))
+    sig["config"]["mediaType"] = "application/vnd.example.sig"
+    sig_body = json.dumps(sig).encode()
+    for body in (sbom, sig_body):
+        r = server.request("PUT", f"/v2/app/manifests/{digest(body)}", body, {"Content-Type": OCI})
+        assert r.status == 201 and r.headers["OCI-Subject"] == subject, r.body
+    plain = image_manifest(server, "app")
+    r = server.request("PUT", "/v2/app/manifests/v1", plain, {"Content-Type": OCI})
+    assert r.status == 201 and "OCI-Subject" not in r.headers
+    r = replica.request("GET", f"/v2/app/referrers/{subject}")
+    assert r.status == 200 and r.headers["Content-Type"] == INDEX
+    assert "OCI-Filters-Applied" not in r.headers
+    index = json.loads(r.body)
+    assert index["schemaVersion"] == 2 and index["mediaType"] == INDEX
+    expected = {
+        digest(sbom): {"mediaType": OCI, "digest": digest(sbom), "size": len(sbom),
+                       "artifactType": "application/spdx+json",
+                       "annotations": {"org.example.kind": "sbom"}},
+        digest(sig_body): {"mediaType": OCI, "digest": digest(sig_body), "size": len(sig_body),
+                           "artifactType": "application/vnd.example.sig"},
+    }  # fmt: skip
+    assert {d["digest"]: d for d in index["manifests"]} == expected
+    r = server.request("GET", f"/v2/app/referrers/{subject}?artifactType=application/spdx%2Bjson")
+    assert r.headers["OCI-Filters-Applied"] == "artifactType"
+    assert json.loads(r.body)["manifests"] == [expected[digest(sbom)]]
+    for path in (f"/v2/other/referrers/{subject}", f"/v2/app/referrers/{digest(plain)}"):
+        r = server.request("GET", path)
+        assert r.status == 200 and json.loads(r.body)["manifests"] == [], path
+    assert server.request("GET", "/v2/app/referrers/sha256:nope").code == "DIGEST_INVALID"
+    assert server.request("DELETE", f"/v2/app/manifests/{digest(sbom)}").status == 202
+    r = replica.request("GET", f"/v2/app/referrers/{subject}")
+    assert json.loads(r.body)["manifests"] == [expected[digest(sig_body)]]
+    bad = json.loads(sbom) | {"subject": {"digest": "sha256:x"}}
+    r = server.request(
+        "PUT", "/v2/app/manifests/bad", json.dumps(bad).encode(), {"Content-Type": OCI}
+    )
+    assert r.status == 400 and r.code == "MANIFEST_INVALID" and "subject" in r.body.decode()
+
+
+def test_referrers_api(make_server: object) -> None:
+    server: Server = make_server()  # type: ignore[operator]
+    replica: Server = make_server(storage=FilesystemStorage(Path(server.config.storage)))  # type: ignore[operator]
+    check_referrers(server, replica)
 
 
 def test_manifest_put_get_tags_and_negotiation(server: Server) -> None:

@@ -75,6 +75,8 @@ def test_hundred_concurrent_first_pulls_compose_once(make_server: object, tmp_pa
     r = server.request("GET", f"/v2/shell/git/blobs/{layer}")
     assert r.status == 200 and r.body == b"layer of shell/git" * 1000
     assert server.request("GET", f"/v2/shell/git/manifests/{md}").status == 200
+    # composed for shell/git: not served under a name that never composed it
+    assert server.request("GET", f"/v2/shell/htop/blobs/{layer}").code == "BLOB_UNKNOWN"
     assert "stowaway_registry_builds_total 1" in server.request("GET", "/metrics").body.decode()
     # tags of resolved names are not stored: the next pull asks the resolver again
     server.request("GET", "/v2/shell/git/manifests/latest")

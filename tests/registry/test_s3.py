@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 from registry_harness import Server
-from test_api import OCI, digest, image_manifest
+from test_api import OCI, check_blobs_are_scoped, check_referrers, digest, image_manifest
 from test_skopeo import layout_manifest, skopeo
 
 from daemons import free_port
@@ -105,6 +105,18 @@ def test_skopeo_round_trip_through_s3(
     assert not [k for k in keys(storage) if "/_uploads/" in k]
 
 
+def test_s3_blobs_are_scoped_to_repositories(
+    make_server: object, moto_endpoint: str, bucket: str
+) -> None:
+    server = s3_server(make_server, moto_endpoint, bucket)
+    check_blobs_are_scoped(server, s3_server(make_server, moto_endpoint, bucket))
+
+
+def test_s3_referrers_api(make_server: object, moto_endpoint: str, bucket: str) -> None:
+    server = s3_server(make_server, moto_endpoint, bucket)
+    check_referrers(server, s3_server(make_server, moto_endpoint, bucket))
+
+
 def test_s3_chunked_multipart_and_rejections(
     make_server: object, moto_endpoint: str, bucket: str
 ) -> None:
@@ -122,6 +134,9 @@ def test_s3_chunked_multipart_and_rejections(
     )
     r = server.request("PATCH", loc, data[: 1 << 20], {"Content-Range": "0-1048575"})
     assert r.status == 416 and r.code == "RANGE_INVALID"
+    r = server.request("PUT", f"{loc}?digest={d}", data[5 << 20 :], {"Content-Range": f"{5 << 20}-"
+                       f"{len(data) - 1}"})  # fmt: skip
+    assert r.status == 416 and r.code == "RANGE_INVALID"  # the upload is kept
     assert server.request("PATCH", loc, data[3 << 20 : 10 << 20]).status == 202
     assert server.request("GET", loc).headers["Range"] == f"0-{(10 << 20) - 1}"
     r = server.request("PUT", f"{loc}?digest={d}", data[10 << 20 :])
@@ -195,5 +210,6 @@ def test_s3_delete_of_the_last_manifest_removes_its_tags(
         r = server.request("PUT", f"/v2/solo/manifests/{tag}", body, {"Content-Type": OCI})
         assert r.status == 201, r.body
     assert server.request("DELETE", f"/v2/solo/manifests/{digest(body)}").status == 202
-    assert not [k for k in keys(storage) if "/repositories/solo/" in k]
+    left = [k for k in keys(storage) if "/repositories/solo/" in k]
+    assert left and all("/solo/_layers/" in k for k in left)  # blob links stay
     assert server.request("GET", "/v2/solo/manifests/v1").code == "MANIFEST_UNKNOWN"

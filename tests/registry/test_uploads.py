@@ -64,7 +64,8 @@ def test_stored_files_are_0644_whatever_the_umask(server: Server, strict_umask: 
     assert server.request("PUT", f"{loc}?digest={digest(b'chunk!')}", b"!").status == 201
     root = Path(server.config.storage)
     files = [p for p in root.rglob("*") if p.is_file() and "_uploads" not in p.parts]
-    assert len(files) == 6  # config, layer, chunked blob, manifest, its link, the tag
+    # config, layer, chunked blob, manifest, its link, the tag, 3 blob links
+    assert len(files) == 9
     assert {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in files} == {
         str(p.relative_to(root)): 0o644 for p in files
     }

@@ -37,7 +37,8 @@ def test_digests() -> None:
         assert err.value.code == "DIGEST_INVALID", bad
     with pytest.raises(RegistryApiError) as err:
         check_digest("sha512:" + "ab" * 64)
-    assert err.value.code == "UNSUPPORTED"
+    assert (err.value.status, err.value.code) == (400, "DIGEST_INVALID")
+    assert "sha256 only" in err.value.message
 
 
 def test_routes() -> None:

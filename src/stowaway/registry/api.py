@@ -7,8 +7,10 @@ tag, digest or traversal attempt never reaches storage.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from aiohttp import web
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.image.digest import sha256_digest
-from stowaway.registry.auth import Authenticator
+from stowaway.registry.auth import ANONYMOUS, READ_METHODS, TOKEN_LIFETIME, Authenticator, Caller
 from stowaway.registry.config import RegistryConfig
 from stowaway.registry.metrics import Metrics
 from stowaway.registry.resolver import MANIFEST_TYPES, ManifestResolver, ResolvedManifest
@@ -35,7 +37,11 @@ from stowaway.registry.validate import (
 from stowaway.registry.verified import VerifiedFiles
 
 log = logging.getLogger("stowaway.registry")
+#: who sent a request, and the scope a 401 challenge names
+CALLER_KEY = web.RequestKey("caller", Caller)
+SCOPE_KEY = web.RequestKey("auth_scope", str)
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
                    "application/vnd.docker.distribution.manifest.v2+json")  # fmt: skip
 
@@ -53,6 +59,25 @@ def parse_accept(values: list[str]) -> frozenset[str]:
     if "*/*" in types:
         return frozenset()
     return frozenset(types & MANIFEST_TYPES)
+
+
+def referrer_descriptor(doc: dict[str, Any], media_type: str, body: bytes) -> bytes:
+    """What the referrers API lists for a manifest: its descriptor, with the
+    ``artifactType`` (the manifest's, else its config's media type) and annotations."""
+    config = doc.get("config")
+    artifact_type = doc.get("artifactType") or (
+        config.get("mediaType") if isinstance(config, dict) else None
+    )
+    out: dict[str, Any] = {
+        "mediaType": media_type,
+        "digest": sha256_digest(body),
+        "size": len(body),
+    }
+    if artifact_type:
+        out["artifactType"] = artifact_type
+    if doc.get("annotations"):
+        out["annotations"] = doc["annotations"]
+    return json.dumps(out, sort_keys=True).encode()
 
 
 class RegistryApi:
@@ -79,8 +104,13 @@ class RegistryApi:
         route = parse_route(request.raw_path)
         if route is None:
             return await self.base(request)
-        await self.auth.check(request.method, request.headers.get("Authorization"))
         method = request.method
+        caller = await self._caller(request)
+        action = "pull" if method in READ_METHODS else "push"
+        request[SCOPE_KEY] = (
+            f"repository:{route.name}:{'pull' if action == 'pull' else 'pull,push'}"
+        )
+        self.auth.authorize(caller, route.name, action)
         match route.kind, method:
             case "manifest", "GET" | "HEAD":
                 return await self.get_manifest(request, route)
@@ -92,6 +122,8 @@ class RegistryApi:
                 return await self.get_blob(request, route)
             case "tags", "GET":
                 return await self.list_tags(request, route)
+            case "referrers", "GET":
+                return await self.list_referrers(request, route)
             case "upload_start", "POST":
                 return await self.start_upload(request, route)
             case "upload", "GET":
@@ -105,21 +137,44 @@ class RegistryApi:
                 return web.Response(status=204, headers=API_VERSION)
         raise unsupported(f"{method} is not supported on {request.path}")
 
+    async def _caller(self, request: web.Request) -> Caller:
+        """Who sent the request (kept on it for later checks); 401 for bad credentials."""
+        caller = await self.auth.identify(request.headers.get("Authorization"))
+        if caller is None:
+            raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "invalid credentials")
+        request[CALLER_KEY] = caller
+        return caller
+
     async def base(self, request: web.Request) -> web.Response:
         # The ping answers 401 to anonymous callers whenever auth is configured,
         # even with anonymous reads: clients learn the challenge here and would
         # otherwise never send credentials for a push.
-        if (
-            self.auth.enabled
-            and await self.auth.identify(request.headers.get("Authorization")) is None
-        ):
+        if await self._caller(request) is ANONYMOUS and self.auth.enabled:
             raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "authentication required")
         return web.json_response({}, headers=API_VERSION)
 
     async def catalog(self, request: web.Request) -> web.Response:
-        await self.auth.check(request.method, request.headers.get("Authorization"))
-        repos = await self.storage.list_repositories()
+        """The repositories the caller may pull (401 for anonymous callers who may
+        pull none)."""
+        caller = await self._caller(request)
+        repos = [
+            r
+            for r in await self.storage.list_repositories()
+            if "pull" in self.auth.rights(caller, r)
+        ]
+        if not repos and caller is ANONYMOUS and self.auth.enabled:
+            raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "authentication required to pull")
         return self._paginate(request, "/v2/_catalog", "repositories", repos, {})
+
+    async def token(self, request: web.Request) -> web.Response:
+        """Docker token auth: a bearer token for the requested ``scope``s, granted as
+        far as the caller's rights go."""
+        caller = await self._caller(request)
+        scopes = [s for value in request.query.getall("scope", []) for s in value.split()]
+        token = self.auth.issue(caller, scopes)
+        issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = {"token": token, "access_token": token, "expires_in": TOKEN_LIFETIME}
+        return web.json_response({**body, "issued_at": issued})
 
     # -- manifests -------------------------------------------------------------
     async def get_manifest(self, request: web.Request, route: Route) -> web.Response:
@@ -211,6 +266,7 @@ class RegistryApi:
             return result.data, result.media_type, digest
         for blob, path in sorted(result.blobs.items()):
             await self.storage.put_blob_file(check_digest(blob), path)
+            await self.storage.link_blob(name, blob)
         await self.storage.put_manifest(name, digest, result.data, result.media_type)
         if len(self._ingested) >= 100_000:
             self._ingested.clear()
@@ -223,32 +279,41 @@ class RegistryApi:
         if (request.content_length or 0) > limit:
             raise too_large(limit, f"manifest {name}:{ref}")
         data = bytearray()
-        async for chunk in request.content.iter_chunked(CHUNK):
+        async for chunk in self._timed(request):
             data += chunk
             if len(data) > limit:
                 raise too_large(limit, f"manifest {name}:{ref}")
         body = bytes(data)
         ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip()
-        media_type = await self._validate_manifest(name, body, ctype)
+        media_type, doc = await self._validate_manifest(name, body, ctype)
         digest = sha256_digest(body)
         if is_digest(ref) and ref != digest:
             raise RegistryApiError.of(
                 ErrorCode.DIGEST_INVALID, f"manifest digest is {digest}, but it was put as {ref}"
             )
         await self.storage.put_manifest(name, digest, body, media_type)
-        if not is_digest(ref):
-            await self.storage.put_tag(name, ref, digest)
         headers = {
             **API_VERSION,
             "Location": f"/v2/{name}/manifests/{digest}",
             "Docker-Content-Digest": digest,
         }
+        subject = doc.get("subject")
+        if subject is not None:  # validated: a descriptor (the manifest need not exist)
+            await self.storage.add_referrer(
+                name, subject["digest"], digest, referrer_descriptor(doc, media_type, body)
+            )
+            headers["OCI-Subject"] = subject["digest"]
+        if not is_digest(ref):
+            await self.storage.put_tag(name, ref, digest)
         return web.Response(status=201, headers=headers)
 
-    async def _validate_manifest(self, name: str, body: bytes, content_type: str) -> str:
+    async def _validate_manifest(
+        self, name: str, body: bytes, content_type: str
+    ) -> tuple[str, dict[str, Any]]:
         """Check JSON shape, media type (``content_type`` is the request header, ""
-        when absent) and that every referenced blob/manifest exists; return the
-        media type."""
+        when absent), the referrers fields (``subject``, ``artifactType``,
+        ``annotations``) and that every referenced blob/manifest exists; return the
+        media type and the parsed manifest."""
 
         def invalid(message: str) -> RegistryApiError:
             return RegistryApiError.of(ErrorCode.MANIFEST_INVALID, message)
@@ -289,10 +354,14 @@ class RegistryApi:
             refs = [descriptor(doc.get("config"), "config")]
             refs += [descriptor(d, f"layers[{i}]") for i, d in enumerate(layers)]
             for digest, size in refs:
-                have = await self.storage.blob_size(digest)
+                # linked here, not merely stored: a manifest is no way to reach
+                # another repository's blobs by their digest
+                linked = await self.storage.blob_linked(name, digest)
+                have = await self.storage.blob_size(digest) if linked else None
                 if have is None:
                     raise RegistryApiError.of(
-                        ErrorCode.MANIFEST_BLOB_UNKNOWN, f"blob {digest} is not in the registry"
+                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                        f"blob {digest} is not in repository {name}",
                     )
                 if have != size:
                     raise invalid(f"blob {digest} has {have} bytes, the manifest says {size}")
@@ -307,24 +376,57 @@ class RegistryApi:
                         ErrorCode.MANIFEST_BLOB_UNKNOWN,
                         f"manifest {digest} is not in repository {name}",
                     )
-        return str(media_type)
+        if "subject" in doc:
+            descriptor(doc["subject"], "subject")
+        if not isinstance(doc.get("artifactType", ""), str):
+            raise invalid("artifactType must be a string")
+        annotations = doc.get("annotations", {})
+        if not isinstance(annotations, dict) or not all(
+            isinstance(v, str) for v in annotations.values()
+        ):
+            raise invalid("annotations must map strings to strings")
+        return str(media_type), doc
 
     async def delete_manifest(self, route: Route) -> web.Response:
-        if not is_digest(route.reference):
+        name, digest = route.name, route.reference
+        if not is_digest(digest):
             raise unsupported("manifests are deleted by digest, not by tag")
-        self._ingested.discard((route.name, route.reference))
-        if not await self.storage.delete_manifest(route.name, route.reference):
+        self._ingested.discard((name, digest))
+        found = await self.storage.get_manifest(name, digest)
+        subject = json.loads(found[0]).get("subject") if found is not None else None
+        if isinstance(subject, dict):
+            # first: a crash in between leaves a manifest unlisted (a push lists it
+            # again), never a listed manifest that is gone
+            await self.storage.remove_referrer(name, subject["digest"], digest)
+        if not await self.storage.delete_manifest(name, digest):
             raise RegistryApiError.of(
-                ErrorCode.MANIFEST_UNKNOWN, f"manifest {route.name}@{route.reference} not found"
+                ErrorCode.MANIFEST_UNKNOWN, f"manifest {name}@{digest} not found"
             )
         return web.Response(status=202, headers=API_VERSION)
+
+    async def list_referrers(self, request: web.Request, route: Route) -> web.Response:
+        """The OCI 1.1 referrers API: an image index of the manifests in ``name``
+        whose ``subject`` is the digest (200 with none, whether or not it exists)."""
+        stored = await self.storage.list_referrers(route.name, route.reference)
+        found = [json.loads(d) for d in stored]
+        headers = {**API_VERSION}
+        wanted = request.query.get("artifactType")
+        if wanted is not None:
+            found = [d for d in found if d.get("artifactType") == wanted]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        body = json.dumps(index).encode()
+        return web.Response(body=body, content_type=OCI_INDEX, headers=headers)
 
     # -- blobs -----------------------------------------------------------------
     async def get_blob(self, request: web.Request, route: Route) -> web.StreamResponse:
         digest = route.reference
-        size = await self.storage.blob_size(digest)
+        linked = await self.storage.blob_linked(route.name, digest)
+        size = await self.storage.blob_size(digest) if linked else None
         if size is None:
-            raise RegistryApiError.of(ErrorCode.BLOB_UNKNOWN, f"blob {digest} not found")
+            raise RegistryApiError.of(
+                ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in repository {route.name}"
+            )
         span = parse_range(request.headers["Range"], size) if "Range" in request.headers else None
         headers = {
             **API_VERSION,
@@ -367,7 +469,8 @@ class RegistryApi:
             "Range": f"0-{max(size - 1, 0)}",
         }
 
-    def _blob_created(self, name: str, digest: str) -> web.Response:
+    async def _blob_created(self, name: str, digest: str) -> web.Response:
+        await self.storage.link_blob(name, digest)
         headers = {
             **API_VERSION,
             "Location": f"/v2/{name}/blobs/{digest}",
@@ -379,23 +482,51 @@ class RegistryApi:
         limit = self.config.max_upload_size
         if already + (request.content_length or 0) > limit:
             raise too_large(limit, f"upload to {request.path}")
-        return request.content.iter_chunked(CHUNK)
+        return self._timed(request)
+
+    async def _timed(self, request: web.Request) -> AsyncIterator[bytes]:
+        """The request body; a pause over ``body_timeout`` ends the request (408; a
+        chunked upload keeps what it had, to be resumed)."""
+        timeout = self.config.body_timeout
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    chunk = await request.content.read(CHUNK)
+            except TimeoutError:
+                raise RegistryApiError(
+                    408,
+                    [
+                        (
+                            ErrorCode.BLOB_UPLOAD_INVALID.value,
+                            f"no request body data for {timeout:g} s",
+                        )
+                    ],
+                ) from None
+            if not chunk:
+                return
+            yield chunk
 
     async def start_upload(self, request: web.Request, route: Route) -> web.Response:
         name, query = route.name, request.query
         if "mount" in query:
+            # only from a named repository the blob is visible in; else (also
+            # without from=) the client gets an upload session and pushes the bytes
             digest = check_digest(query["mount"])
-            if "from" in query:
-                check_name(query["from"])
-            if await self.storage.blob_size(digest) is not None:
-                return self._blob_created(name, digest)
+            source = check_name(query["from"]) if "from" in query else None
+            if (
+                source is not None
+                and "pull" in self.auth.rights(request[CALLER_KEY], source)
+                and await self.storage.blob_linked(source, digest)
+                and await self.storage.blob_size(digest) is not None
+            ):
+                return await self._blob_created(name, digest)
         elif "digest" in query:
             digest = check_digest(query["digest"])
             size = await self.storage.put_blob(
                 digest, self._body(request), self.config.max_upload_size
             )
             self.metrics.bytes_received += size
-            return self._blob_created(name, digest)
+            return await self._blob_created(name, digest)
         upload_id = await self.storage.upload_start(name)
         return web.Response(status=202, headers=self._upload_headers(name, upload_id, 0))
 
@@ -405,18 +536,24 @@ class RegistryApi:
             status=204, headers=self._upload_headers(route.name, route.reference, size)
         )
 
+    def _chunk_offset(self, request: web.Request, current: int) -> int:
+        """Where the body goes: ``Content-Range``'s start (checked against
+        Content-Length), else the upload's current end."""
+        if "Content-Range" not in request.headers:
+            return current
+        offset, end = parse_content_range(request.headers["Content-Range"])
+        length = request.content_length
+        if length is not None and length != end - offset + 1:
+            raise RegistryApiError.of(
+                ErrorCode.BLOB_UPLOAD_INVALID,
+                f"Content-Range {offset}-{end} does not match Content-Length {length}",
+            )
+        return offset
+
     async def patch_upload(self, request: web.Request, route: Route) -> web.Response:
         name, upload_id = route.name, route.reference
         current = await self.storage.upload_size(name, upload_id)
-        offset = current
-        if "Content-Range" in request.headers:
-            offset, end = parse_content_range(request.headers["Content-Range"])
-            length = request.content_length
-            if length is not None and length != end - offset + 1:
-                raise RegistryApiError.of(
-                    ErrorCode.BLOB_UPLOAD_INVALID,
-                    f"Content-Range {offset}-{end} does not match Content-Length {length}",
-                )
+        offset = self._chunk_offset(request, current)
         body = self._body(request, offset)
         size = await self.storage.upload_append(
             name, upload_id, offset, body, self.config.max_upload_size
@@ -430,11 +567,17 @@ class RegistryApi:
             raise RegistryApiError.of(ErrorCode.DIGEST_INVALID, "PUT needs a ?digest= parameter")
         digest = check_digest(request.query["digest"])
         current = await self.storage.upload_size(name, upload_id)
+        offset = self._chunk_offset(request, current)
         size = await self.storage.upload_finish(
-            name, upload_id, digest, self._body(request, current), self.config.max_upload_size
+            name,
+            upload_id,
+            digest,
+            self._body(request, offset),
+            self.config.max_upload_size,
+            offset,
         )
         self.metrics.bytes_received += size - current
-        return self._blob_created(name, digest)
+        return await self._blob_created(name, digest)
 
     # -- listings --------------------------------------------------------------
     async def list_tags(self, request: web.Request, route: Route) -> web.Response:

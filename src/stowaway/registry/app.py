@@ -18,13 +18,15 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
-from stowaway.registry.api import API_VERSION, RegistryApi
+from stowaway.registry.api import API_VERSION, SCOPE_KEY, RegistryApi
 from stowaway.registry.config import RegistryConfig, open_storage
+from stowaway.registry.guard import ConnectionGuard
 from stowaway.registry.landing import PackageSets, render_landing
 from stowaway.registry.resolver import ManifestResolver
 from stowaway.registry.storage import Storage
 
 API_KEY = web.AppKey("registry_api", RegistryApi)
+GUARD_KEY = web.AppKey("connection_guard", ConnectionGuard)
 access_log = logging.getLogger("stowaway.registry.access")
 log = logging.getLogger("stowaway.registry")
 
@@ -32,7 +34,9 @@ log = logging.getLogger("stowaway.registry")
 def _error_response(request: web.Request, err: RegistryApiError) -> web.Response:
     headers = dict(API_VERSION)
     if err.status == 401:
-        headers["WWW-Authenticate"] = request.app[API_KEY].auth.challenge
+        realm_base = f"{request.scheme}://{request.host}"
+        auth = request.app[API_KEY].auth
+        headers["WWW-Authenticate"] = auth.challenge(realm_base, request.get(SCOPE_KEY))
     resp = web.Response(
         status=err.status, body=err.to_json(), content_type="application/json", headers=headers
     )
@@ -55,6 +59,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.exception("internal error on %s %s", request.method, request.path)
         failure = RegistryApiError.of(ErrorCode.UNKNOWN, "internal server error")
         return _error_response(request, failure)
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Mark the connection busy until the response is sent (prepared here, not
+    after the middleware, so a long download is never taken for an idle client)."""
+    with request.app[GUARD_KEY].busy(request.transport):
+        resp = await handler(request)
+        if not resp.prepared:
+            await resp.prepare(request)
+            await resp.write_eof()
+        return resp
 
 
 def access_logger_for(api: RegistryApi) -> type[AbstractAccessLogger]:
@@ -114,8 +130,9 @@ def make_app(
     if landing is None and isinstance(resolver, PackageSets):
         landing = resolver
     api = RegistryApi(config, storage or open_storage(config), resolver)
-    app = web.Application(middlewares=[errors_middleware])
+    app = web.Application(middlewares=[guard_middleware, errors_middleware])
     app[API_KEY] = api
+    guard = app[GUARD_KEY] = ConnectionGuard(config.max_connections, config.header_timeout)
 
     async def purging(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(purge_uploads_forever(api.storage, config.upload_max_age))
@@ -125,6 +142,15 @@ def make_app(
             await task
 
     app.cleanup_ctx.append(purging)
+
+    async def sweeping(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(guard.sweep_forever())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(sweeping)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -141,6 +167,8 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v2/_catalog", api.catalog)
+    if config.access:  # only then do challenges name the token endpoint
+        app.router.add_get("/auth/token", api.token)
     app.router.add_route("*", "/v2", api.handle)
     app.router.add_route("*", "/v2/{tail:.*}", api.handle)
     return app
@@ -149,15 +177,17 @@ def make_app(
 @dataclass
 class RunningServer:
     runner: web.AppRunner
-    site: web.TCPSite
+    listener: asyncio.Server
+    host: str
     port: int
     scheme: str
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://{self.site._host or '127.0.0.1'}:{self.port}"
+        return f"{self.scheme}://{self.host or '127.0.0.1'}:{self.port}"
 
     async def stop(self) -> None:
+        self.listener.close()
         await self.runner.cleanup()
 
 
@@ -185,12 +215,13 @@ async def start(config: RegistryConfig, app: web.Application | None = None) -> R
     )
     await runner.setup()
     tls = ssl_context(config)
-    site = web.TCPSite(runner, host, port, ssl_context=tls)
-    await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.base_events.Server)
-    bound = server.sockets[0].getsockname()[1]
-    return RunningServer(runner, site, bound, "https" if tls else "http")
+    # our own listener rather than a web.TCPSite: connections go through the guard
+    assert runner.server is not None
+    listener = await asyncio.get_running_loop().create_server(
+        app[GUARD_KEY].factory(runner.server), host, port, ssl=tls, backlog=128
+    )
+    bound = listener.sockets[0].getsockname()[1]
+    return RunningServer(runner, listener, host, bound, "https" if tls else "http")
 
 
 async def serve(

@@ -12,6 +12,23 @@ Example (every key optional)::
     tokens = ["s3cr3t"]                   # static bearer tokens
     anonymous_read = true
     access_log = true
+    max_connections = 768                 # open connections; a new one evicts the longest idle
+    header_timeout = 30                   # seconds for a request's headers; also keep-alive idle
+    body_timeout = 60                     # longest pause within a request body (408, upload kept)
+    token_secret = "..."                  # signs issued bearer tokens; same on every replica
+                                          # (default: random per process)
+
+    # Per-repository rights. Without any [[access]] table: authenticated users may
+    # pull and push everything, anonymous callers pull if anonymous_read. With
+    # tables, they alone decide (anonymous_read is ignored): a caller's rights on a
+    # repository are the union of the actions of every table matching both.
+    # Static tokens keep every right. Clients get a Bearer challenge and ask
+    # /auth/token for scopes (docker token auth); basic credentials work as well.
+    [[access]]
+    repositories = ["team/*", "base"]     # fnmatch patterns (* also crosses /)
+    users = ["alice", "bob"]              # htpasswd users; "*" = any authenticated user
+    anonymous = false                     # whether callers without credentials match too
+    actions = ["pull", "push"]            # pull: read; push: write and delete
 
     [s3]
     endpoint = "http://127.0.0.1:9000"
@@ -110,8 +127,39 @@ _NIX_TYPES: dict[str, type] = {
 }
 
 
-def _strings(value: list[Any], where: str) -> tuple[str, ...]:
-    if not all(isinstance(v, str) for v in value):
+@dataclass(frozen=True)
+class AccessRule:
+    """One ``[[access]]`` table (see the module docstring)."""
+
+    repositories: tuple[str, ...]
+    users: tuple[str, ...] = ()
+    anonymous: bool = False
+    actions: frozenset[str] = frozenset({"pull"})
+
+
+def access_rule_from_dict(doc: Any, where: str) -> AccessRule:
+    if not isinstance(doc, dict):
+        raise RegistryConfigError(f"{where} must be a table")
+    unknown = set(doc) - {"repositories", "users", "anonymous", "actions"}
+    if unknown:
+        raise RegistryConfigError(f"{where} has no key {sorted(unknown)[0]!r}")
+    if not isinstance(doc.get("repositories"), list) or not doc["repositories"]:
+        raise RegistryConfigError(f"{where} needs repositories = [patterns]")
+    if not isinstance(doc.get("anonymous", False), bool):
+        raise RegistryConfigError(f"{where}: anonymous must be true or false")
+    actions = _strings(doc.get("actions", ["pull"]), f"{where}: actions")
+    if not set(actions) <= {"pull", "push"}:
+        raise RegistryConfigError(f"{where}: actions are pull and push")
+    return AccessRule(
+        _strings(doc["repositories"], f"{where}: repositories"),
+        _strings(doc.get("users", []), f"{where}: users"),
+        doc.get("anonymous", False),
+        frozenset(actions),
+    )
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise RegistryConfigError(f"{where} must be a list of strings")
     return tuple(value)
 
@@ -168,6 +216,12 @@ class RegistryConfig:
     tokens: tuple[str, ...] = ()
     anonymous_read: bool = True
     access_log: bool = True
+    #: open connections at most (each is a file descriptor: keep it under ``ulimit -n``)
+    max_connections: int = 768
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0
+    token_secret: str | None = None
+    access: tuple[AccessRule, ...] = ()
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -178,7 +232,7 @@ class RegistryConfig:
 
     @property
     def auth_enabled(self) -> bool:
-        return self.htpasswd is not None or bool(self.tokens)
+        return self.htpasswd is not None or bool(self.tokens) or bool(self.access)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -193,12 +247,21 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "tokens": (list,),
     "anonymous_read": (bool,),
     "access_log": (bool,),
+    "max_connections": (int,),
+    "header_timeout": (int, float),
+    "body_timeout": (int, float),
+    "token_secret": (str,),
+    "access": (list,),
 }
 
 
 def _convert(key: str, value: Any, where: str) -> Any:
     if key in ("tls_cert", "tls_key", "htpasswd"):
         return Path(value)
+    if key == "access":
+        return tuple(
+            access_rule_from_dict(r, f"{where}: [[access]] #{i + 1}") for i, r in enumerate(value)
+        )
     if key == "tokens":
         if not all(isinstance(t, str) and t for t in value):
             raise RegistryConfigError(f"{where}: tokens must be non-empty strings")
@@ -231,8 +294,11 @@ def config_from_dict(doc: dict[str, Any], where: str = "config") -> RegistryConf
             raise RegistryConfigError(f"{where}: {key} has the wrong type {type(value).__name__}")
         kwargs[key] = _convert(key, value, where)
     config = RegistryConfig(**kwargs)
-    if not config.upload_max_age > 0:
-        raise RegistryConfigError(f"{where}: upload_max_age must be a positive number of seconds")
+    for key in ("upload_max_age", "header_timeout", "body_timeout"):
+        if not getattr(config, key) > 0:
+            raise RegistryConfigError(f"{where}: {key} must be a positive number of seconds")
+    if config.max_connections < 1:
+        raise RegistryConfigError(f"{where}: max_connections must be at least 1")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise RegistryConfigError(f"{where}: tls_cert and tls_key go together")
     config.host_port  # noqa: B018 - validate early

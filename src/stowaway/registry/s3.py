@@ -32,6 +32,7 @@ from stowaway.errors import StowawayError
 from stowaway.image.digest import sha256_digest
 from stowaway.registry.storage import (
     CHUNK,
+    check_offset,
     digest_mismatch,
     rechunk,
     too_large,
@@ -191,6 +192,39 @@ class S3Storage:
     def _repo(self, name: str, *parts: str) -> str:
         return self._key("repositories", name, *parts)
 
+    def _link(self, name: str, digest: str) -> str:
+        return self._repo(name, "_layers", digest.removeprefix("sha256:"))
+
+    async def link_blob(self, name: str, digest: str) -> None:
+        await self._put(self._link(name, digest), b"")
+
+    async def blob_linked(self, name: str, digest: str) -> bool:
+        try:
+            await self._call(self._s3.head_object, Bucket=self.bucket, Key=self._link(name, digest))
+        except ClientError as err:
+            if _missing(err):
+                return False
+            raise
+        return True
+
+    def _referrer(self, name: str, subject: str, digest: str = "") -> str:
+        return self._repo(
+            name, "_referrers", subject.removeprefix("sha256:"), digest.removeprefix("sha256:")
+        )
+
+    async def add_referrer(self, name: str, subject: str, digest: str, descriptor: bytes) -> None:
+        await self._put(self._referrer(name, subject, digest), descriptor)
+
+    async def remove_referrer(self, name: str, subject: str, digest: str) -> None:
+        await self._call(
+            self._s3.delete_object, Bucket=self.bucket, Key=self._referrer(name, subject, digest)
+        )
+
+    async def list_referrers(self, name: str, subject: str) -> list[bytes]:
+        keys = sorted(k for k, _ in await self._list(self._referrer(name, subject) + "/"))
+        found = [await self._get(k) for k in keys]
+        return [d for d in found if d is not None]  # deleted since the listing: skipped
+
     async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None:
         media_type = await self._get(self._repo(name, "_manifests", digest.removeprefix("sha256:")))
         if media_type is None:
@@ -265,11 +299,7 @@ class S3Storage:
         self, name: str, upload_id: str, offset: int, chunks: AsyncIterable[bytes], limit: int
     ) -> int:
         size = self._size(await self._chunks(name, upload_id))
-        if offset != size:
-            raise RegistryApiError.of(
-                ErrorCode.RANGE_INVALID,
-                f"chunk starts at byte {offset}, but upload {upload_id} holds {size} bytes",
-            )
+        check_offset(upload_id, offset, size)
         # streamed: a PATCH may carry a whole layer (docker sends one per layer)
         writer = _StreamedObject(self, self._up(upload_id, "data", f"{size:020d}"))
         try:
@@ -284,9 +314,16 @@ class S3Storage:
             await writer.abort()
 
     async def upload_finish(
-        self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
+        self,
+        name: str,
+        upload_id: str,
+        digest: str,
+        chunks: AsyncIterable[bytes],
+        limit: int,
+        offset: int,
     ) -> int:
         stored = await self._chunks(name, upload_id)
+        check_offset(upload_id, offset, self._size(stored))
 
         async def everything() -> AsyncIterator[bytes]:
             for _, _n, key in stored:

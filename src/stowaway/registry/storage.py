@@ -8,11 +8,13 @@
 ``os.replace``d into place after its digest was verified, so a crash or a bad
 upload never leaves a file that is later served.
 
-Repository metadata lives under ``<root>/repositories/<name>/`` in ``_manifests``
-and ``_tags``; the ``_`` prefix cannot collide with a name component (the name
-grammar starts components with ``[a-z0-9]``). Blobs are one content-addressed
-namespace shared by all repositories (a single-tenant registry; images composed
-on demand share layers across names by design).
+Repository metadata lives under ``<root>/repositories/<name>/`` in ``_manifests``,
+``_tags`` and ``_layers``; the ``_`` prefix cannot collide with a name component
+(the name grammar starts components with ``[a-z0-9]``). Blob *bytes* are one
+content-addressed namespace shared by all repositories (stored once), but a blob
+is served under a name only when ``_layers/<hex>`` links it there: it was pushed
+or mounted there, or a manifest of that name (also one composed on demand)
+references it. Knowing a digest is no key to another repository's content.
 """
 
 from __future__ import annotations
@@ -57,6 +59,24 @@ class Storage(Protocol):
         """Store a blob from a local file (resolver output) unless present."""
         ...
 
+    async def link_blob(self, name: str, digest: str) -> None:
+        """Make a stored blob visible under repository ``name``."""
+        ...
+
+    async def blob_linked(self, name: str, digest: str) -> bool:
+        """Whether the blob is visible under ``name`` (see ``link_blob``)."""
+        ...
+
+    async def add_referrer(self, name: str, subject: str, digest: str, descriptor: bytes) -> None:
+        """Record manifest ``digest`` of ``name`` as a referrer of ``subject``; the
+        descriptor (JSON) is what the referrers API lists."""
+        ...
+
+    async def remove_referrer(self, name: str, subject: str, digest: str) -> None: ...
+    async def list_referrers(self, name: str, subject: str) -> list[bytes]:
+        """The descriptors recorded for ``subject`` in ``name``, in digest order."""
+        ...
+
     async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None: ...
     async def put_manifest(self, name: str, digest: str, data: bytes, media_type: str) -> None: ...
     async def delete_manifest(self, name: str, digest: str) -> bool: ...
@@ -73,8 +93,19 @@ class Storage(Protocol):
         self, name: str, upload_id: str, offset: int, chunks: AsyncIterable[bytes], limit: int
     ) -> int: ...
     async def upload_finish(
-        self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
-    ) -> int: ...
+        self,
+        name: str,
+        upload_id: str,
+        digest: str,
+        chunks: AsyncIterable[bytes],
+        limit: int,
+        offset: int,
+    ) -> int:
+        """Append the last chunk (at ``offset``, which must be the upload's end, else
+        RANGE_INVALID with the upload kept), verify ``digest`` and publish the blob;
+        on any other failure the upload is dropped."""
+        ...
+
     async def upload_cancel(self, name: str, upload_id: str) -> None: ...
     async def purge_uploads(self, max_age: float) -> int:
         """Drop uploads whose data has not changed for ``max_age`` seconds (clients
@@ -96,6 +127,19 @@ def digest_mismatch(expected: str, actual: str) -> RegistryApiError:
 
 def upload_unknown(upload_id: str) -> RegistryApiError:
     return RegistryApiError.of(ErrorCode.BLOB_UPLOAD_UNKNOWN, f"unknown upload {upload_id}")
+
+
+def _hex(digest: str) -> str:
+    return digest.removeprefix("sha256:")
+
+
+def check_offset(upload_id: str, offset: int, size: int) -> None:
+    """A chunk must start where the upload ends (416 otherwise; the upload is kept)."""
+    if offset != size:
+        raise RegistryApiError.of(
+            ErrorCode.RANGE_INVALID,
+            f"chunk starts at byte {offset}, but upload {upload_id} holds {size} bytes",
+        )
 
 
 async def rechunk(chunks: AsyncIterable[bytes], size: int = CHUNK) -> AsyncIterator[bytes]:
@@ -236,6 +280,32 @@ class FilesystemStorage:
     def _repo(self, name: str) -> Path:
         return self._repos / name
 
+    def _link(self, name: str, digest: str) -> Path:
+        return self._repo(name) / "_layers" / digest.removeprefix("sha256:")
+
+    async def link_blob(self, name: str, digest: str) -> None:
+        if not self._link(name, digest).exists():
+            await _io(atomic_write, self._link(name, digest), b"")
+
+    async def blob_linked(self, name: str, digest: str) -> bool:
+        return self._link(name, digest).exists()
+
+    def _referrer(self, name: str, subject: str, digest: str = "") -> Path:
+        return self._repo(name) / "_referrers" / _hex(subject) / _hex(digest)
+
+    async def add_referrer(self, name: str, subject: str, digest: str, descriptor: bytes) -> None:
+        await _io(atomic_write, self._referrer(name, subject, digest), descriptor)
+
+    async def remove_referrer(self, name: str, subject: str, digest: str) -> None:
+        self._referrer(name, subject, digest).unlink(missing_ok=True)
+
+    async def list_referrers(self, name: str, subject: str) -> list[bytes]:
+        folder = self._referrer(name, subject)
+        if not folder.is_dir():
+            return []
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".tmp-"))
+        return [p.read_bytes() for p in entries]
+
     async def get_manifest(self, name: str, digest: str) -> tuple[bytes, str] | None:
         link = self._repo(name) / "_manifests" / digest.removeprefix("sha256:")
         try:
@@ -337,23 +407,26 @@ class FilesystemStorage:
             # again under the lock: a request we waited for may have finished the upload
             path = self._check_upload(name, upload_id)
             size = await self.upload_size(name, upload_id)
-            if offset != size:
-                raise RegistryApiError.of(
-                    ErrorCode.RANGE_INVALID,
-                    f"chunk starts at byte {offset}, but upload {upload_id} holds {size} bytes",
-                )
+            check_offset(upload_id, offset, size)
             h = await self._hasher(upload_id, path, size)
             new_size = await self._spool(path, "ab", chunks, h, size, limit, f"upload {upload_id}")
             self._hashers[upload_id] = (h, new_size)
             return new_size
 
     async def upload_finish(
-        self, name: str, upload_id: str, digest: str, chunks: AsyncIterable[bytes], limit: int
+        self,
+        name: str,
+        upload_id: str,
+        digest: str,
+        chunks: AsyncIterable[bytes],
+        limit: int,
+        offset: int,
     ) -> int:
         self._check_upload(name, upload_id)
         async with self._lock(upload_id):
             path = self._check_upload(name, upload_id)  # again: see upload_append
             size = await self.upload_size(name, upload_id)
+            check_offset(upload_id, offset, size)
             h = await self._hasher(upload_id, path, size)
             try:
                 size = await self._spool(path, "ab", chunks, h, size, limit, f"upload {upload_id}")

@@ -23,12 +23,15 @@ TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
 #: any algorithm:encoded pair the OCI spec allows; we only *support* sha256.
 DIGEST_GRAMMAR_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+#: the algorithms the OCI image spec registers; only sha256 is supported
+REGISTERED_ALGORITHMS = frozenset({"sha256", "sha512", "blake3"})
 MAX_NAME = 255
 
-RouteKind = Literal["manifest", "blob", "upload_start", "upload", "tags"]
+RouteKind = Literal["manifest", "blob", "upload_start", "upload", "tags", "referrers"]
 
 _ROUTES: tuple[tuple[RouteKind, re.Pattern[str]], ...] = (
     ("tags", re.compile(r"/v2/(?P<name>.+)/tags/list")),
+    ("referrers", re.compile(r"/v2/(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
     ("upload_start", re.compile(r"/v2/(?P<name>.+)/blobs/uploads/?")),
     ("upload", re.compile(r"/v2/(?P<name>.+)/blobs/uploads/(?P<ref>[^/]+)")),
     ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
@@ -42,7 +45,8 @@ class Route:
 
     kind: RouteKind
     name: str
-    reference: str = ""  # tag or digest (manifests), digest (blobs), uuid (uploads)
+    #: tag or digest (manifests), digest (blobs, referrers' subject), uuid (uploads)
+    reference: str = ""
 
 
 def _name_invalid(message: str) -> RegistryApiError:
@@ -75,12 +79,15 @@ def check_name(name: str) -> str:
 
 
 def check_digest(digest: str) -> str:
-    """A ``sha256:<64 lowercase hex>`` digest; other algorithms are UNSUPPORTED."""
+    """A ``sha256:<64 lowercase hex>`` digest. Anything else is DIGEST_INVALID (400),
+    also a well-formed digest of another algorithm: refused where it is first seen
+    (upload start, mount, finish), before any data is read."""
     if SHA256_RE.fullmatch(digest):
         return digest
     if DIGEST_GRAMMAR_RE.fullmatch(digest) and not digest.startswith("sha256:"):
         raise RegistryApiError.of(
-            ErrorCode.UNSUPPORTED, f"digest algorithm of {digest!r} is not supported (sha256 only)"
+            ErrorCode.DIGEST_INVALID,
+            f"digest algorithm of {digest!r} is not supported (sha256 only)",
         )
     raise RegistryApiError.of(ErrorCode.DIGEST_INVALID, f"malformed digest {digest!r}")
 
@@ -90,8 +97,9 @@ def is_digest(reference: str) -> bool:
 
 
 def check_reference(reference: str) -> str:
-    """A manifest reference: a digest, or else a tag."""
-    if is_digest(reference):
+    """A manifest reference: a digest of a registered algorithm, or else a tag
+    (so ``a:b`` is an invalid tag, MANIFEST_INVALID, not an unknown algorithm)."""
+    if reference.split(":", 1)[0] in REGISTERED_ALGORITHMS:
         return check_digest(reference)
     if not TAG_RE.fullmatch(reference):
         raise RegistryApiError.of(ErrorCode.MANIFEST_INVALID, f"invalid tag {reference!r}")
@@ -118,7 +126,7 @@ def parse_route(raw_path: str) -> Route | None:
         ref = m.groupdict().get("ref") or ""
         if kind == "manifest":
             ref = check_reference(ref)
-        elif kind == "blob":
+        elif kind in ("blob", "referrers"):
             ref = check_digest(ref)
         elif kind == "upload":
             ref = check_upload_id(ref)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 import urllib.parse
 from pathlib import Path
@@ -432,3 +433,21 @@ def test_streamed_oversize_body_without_length_is_cut_off(make_server: object) -
     conn.close()
     assert r.status == 413 and b"SIZE_INVALID" in body
     assert stored_files(root) == before
+
+
+def test_stores_without_repository_links_are_linked_at_start(make_server: object) -> None:
+    """A store written before blobs were scoped has no links: at start-up each blob a
+    tagged manifest of a repository uses is linked there (still pullable there, and
+    only there); a blob no manifest uses stays unlinked."""
+    server: Server = make_server()  # type: ignore[operator]
+    body = image_manifest(server, "app")
+    assert server.request("PUT", "/v2/app/manifests/v1", body, {"Content-Type": OCI}).status == 201
+    stray = push_blob(server, "app", b"uploaded, never used by a manifest")
+    root = Path(server.config.storage)
+    for links in root.glob("repositories/**/_layers"):
+        shutil.rmtree(links)  # what an older stowaway wrote
+    restarted: Server = make_server(storage=FilesystemStorage(root))  # type: ignore[operator]
+    for d in (json.loads(body)["config"]["digest"], json.loads(body)["layers"][0]["digest"]):
+        assert restarted.request("HEAD", f"/v2/app/blobs/{d}").status == 200
+        assert restarted.request("HEAD", f"/v2/other/blobs/{d}").status == 404
+    assert restarted.request("HEAD", f"/v2/app/blobs/{stray}").status == 404

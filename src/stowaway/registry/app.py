@@ -22,6 +22,7 @@ from stowaway.registry.api import API_VERSION, SCOPE_KEY, RegistryApi
 from stowaway.registry.config import RegistryConfig, open_storage
 from stowaway.registry.guard import ConnectionGuard
 from stowaway.registry.landing import PackageSets, render_landing
+from stowaway.registry.links import link_tagged_blobs
 from stowaway.registry.resolver import ManifestResolver
 from stowaway.registry.storage import Storage
 
@@ -133,6 +134,11 @@ def make_app(
     app = web.Application(middlewares=[guard_middleware, errors_middleware])
     app[API_KEY] = api
     guard = app[GUARD_KEY] = ConnectionGuard(config.max_connections, config.header_timeout)
+
+    async def linking(app: web.Application) -> None:
+        await link_tagged_blobs(api.storage)  # before the first request is served
+
+    app.on_startup.append(linking)
 
     async def purging(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(purge_uploads_forever(api.storage, config.upload_max_age))

@@ -49,7 +49,8 @@ def test_layout_and_index_entry(layer_cache: LayerCache) -> None:
     [index] = index_files(layer_cache)
     doc = json.loads(index.read_text())
     assert doc == {
-        "version": 1,
+        "version": 2,
+        "key": index.stem,
         "digest": layer.digest,
         "diff_id": layer.diff_id,
         "size": layer.size,
@@ -75,10 +76,34 @@ def test_miss_and_unusable_entries(layer_cache: LayerCache) -> None:
     [index] = index_files(layer_cache)
     index.write_text("{not json")
     assert layer_cache.lookup(index.stem) is None
-    index.write_text(json.dumps({"version": 1, "digest": layer.digest}))
+    index.write_text(json.dumps({"version": 2, "key": index.stem, "digest": layer.digest}))
     assert layer_cache.lookup(index.stem) is None
     with pytest.raises(StowawayError, match="invalid layer cache key '../x'"):
         layer_cache.lookup("../x")
+
+
+def test_entries_are_bound_to_their_content(layer_cache: LayerCache) -> None:
+    """An index entry pointing at another existing blob of the right size, or copied
+    under another key, is a miss: the image is never emitted with the wrong layer."""
+    a = build_entries_layer(entries(b"layer a\n"), "a", SETTINGS, layer_cache)
+    b = build_entries_layer(entries(b"layer b\n"), "b", SETTINGS, layer_cache)
+    assert a.size == b.size and a.digest != b.digest  # same size, other bytes
+    index_a, index_b = index_files(layer_cache)
+    doc_a = json.loads(index_a.read_text())
+    # the entry of "a" now names b's blob (same size): refused, rebuilt as a
+    index_a.write_text(json.dumps({**doc_a, "digest": b.digest}))
+    assert layer_cache.lookup(index_a.stem) is None
+    again = build_entries_layer(entries(b"layer a\n"), "a", SETTINGS, layer_cache)
+    assert not again.reused and again.digest == a.digest
+    # a's entry copied under b's key: refused too
+    index_b.write_text(index_a.read_text())
+    assert layer_cache.lookup(index_b.stem) is None
+    # a blob this cache has no diff_id for (another writer's) is checked once, then known
+    records = layer_cache.root / "diff-ids"
+    (records / a.digest.removeprefix("sha256:")).unlink()
+    hit = layer_cache.lookup(index_a.stem)
+    assert hit is not None and hit.digest == a.digest
+    assert (records / a.digest.removeprefix("sha256:")).read_text().strip() == a.diff_id
 
 
 def test_truncated_blob_misses_and_is_rebuilt(layer_cache: LayerCache) -> None:

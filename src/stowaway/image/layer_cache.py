@@ -3,33 +3,44 @@
 Layout under the root (the registry shares ``blobs/``):
 
     blobs/sha256/<hex>     compressed layer bytes, named by their digest
-    layers/<key>.json      {"digest", "diff_id", "size", "media_type", "version"}
+    layers/<key>.json      {"key", "digest", "diff_id", "size", "media_type", "version"}
+    diff-ids/<hex>         the diff_id of blob <hex>, as this cache computed it
 
 Both are published with ``stowaway.fsutil`` (temp file in the same directory,
 fsync, mode 0644 so ``serve`` running as another user can read them, rename), so
 a crash leaves at most an unused ``.tmp-*`` file and two processes building the
 same key race harmlessly (each rename is atomic; the bytes are the same).
-``lookup`` only checks that the blob exists with the recorded size; the digest is
-verified whenever the bytes are read (``stowaway.image.digest``).
+An index entry is bound to its content: it names its own key (an entry copied under
+another key's name is a miss), and its (digest, diff_id) pair must match what the cache
+computed for that blob when it built it (``diff-ids/``); an entry pointing at another
+existing blob, even of the right size, is a miss and the layer is built again. A blob
+with no ``diff-ids`` record (another writer's) is decompressed and hashed once to make
+one. ``lookup`` reads two small files and stats the blob; the blob's own digest is
+verified whenever its bytes are read (``stowaway.image.digest``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
+
+import zstandard
 
 from stowaway.errors import StowawayError
 from stowaway.fsutil import AtomicFile, atomic_write
 from stowaway.image.digest import parse_digest
 from stowaway.image.model import Layer
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _KEY = re.compile(r"[0-9a-f]{16,128}")
 
 
@@ -76,6 +87,7 @@ class LayerCache:
         self.root = Path(root) if root is not None else default_cache_dir()
         self._blobs = self.root / "blobs" / "sha256"
         self._index = self.root / "layers"
+        self._diff_ids = self.root / "diff-ids"
 
     def blob_path(self, digest: str) -> Path:
         algo, hexpart = parse_digest(digest)
@@ -94,7 +106,7 @@ class LayerCache:
         entry_path = self._entry_path(key)
         try:
             doc = json.loads(entry_path.read_bytes())
-            if doc.get("version") != INDEX_VERSION:
+            if doc.get("version") != INDEX_VERSION or doc.get("key") != key:
                 return None
             entry = CacheEntry(
                 str(doc["digest"]), str(doc["diff_id"]), int(doc["size"]), str(doc["media_type"])
@@ -102,7 +114,11 @@ class LayerCache:
             path = self.blob_path(entry.digest)
             if path.stat().st_size != entry.size:
                 return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, StowawayError):
+            if self._diff_id_of(path, entry) != entry.diff_id:
+                return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError):
+            return None
+        except (StowawayError, zlib.error, zstandard.ZstdError):
             return None
         return Layer(
             digest=entry.digest,
@@ -112,6 +128,19 @@ class LayerCache:
             diff_id=entry.diff_id,
             reused=True,
         )
+
+    def _diff_id_of(self, path: Path, entry: CacheEntry) -> str:
+        """The diff_id this cache recorded for the blob at ``path``; computed (and
+        recorded) when there is none."""
+        record = self._diff_ids / path.name
+        try:
+            return record.read_text().strip()
+        except FileNotFoundError:
+            pass
+        diff_id = _uncompressed_digest(path, entry.media_type)
+        if diff_id == entry.diff_id:  # derived data: lost in a crash, computed again
+            atomic_write(record, diff_id.encode() + b"\n", sync=False)
+        return diff_id
 
     @contextlib.contextmanager
     def blob_writer(self) -> Iterator[BlobWriter]:
@@ -126,6 +155,7 @@ class LayerCache:
         entry = CacheEntry(writer.digest, diff_id, writer.size, media_type)
         final = self.blob_path(entry.digest)
         writer.temp.commit(final)
+        atomic_write(self._diff_ids / final.name, diff_id.encode() + b"\n", sync=False)
         self._write_entry(key, entry)
         return Layer(
             digest=entry.digest,
@@ -139,9 +169,28 @@ class LayerCache:
         path = self._entry_path(key)
         doc = {
             "version": INDEX_VERSION,
+            "key": key,
             "digest": entry.digest,
             "diff_id": entry.diff_id,
             "size": entry.size,
             "media_type": entry.media_type,
         }
         atomic_write(path, json.dumps(doc, sort_keys=True).encode() + b"\n")
+
+
+def _uncompressed_digest(path: Path, media_type: str) -> str:
+    """sha256 of the blob's uncompressed bytes (its diff_id), streamed."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as raw:
+        reader: BinaryIO
+        if media_type.endswith(("+gzip", ".gzip")):
+            reader = cast(BinaryIO, gzip.GzipFile(fileobj=raw))
+        elif media_type.endswith("+zstd"):
+            reader = cast(
+                BinaryIO, zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            )
+        else:
+            reader = raw
+        while chunk := reader.read(1 << 20):
+            sha.update(chunk)
+    return "sha256:" + sha.hexdigest()

@@ -1,10 +1,13 @@
 """Click options and error reporting shared by ``stowaway``'s commands and the faces'
 own command modules (registered lazily by ``stowaway.cli``), which import them from
-here rather than from ``stowaway.cli``: the top-level command imports the faces."""
+here rather than from ``stowaway.cli``: the top-level command imports the faces.
+
+Every command is a ``StowawayCommand`` (or sits in a ``StowawayGroup``): it raises
+``StowawayError`` and ``report`` is the one way an error reaches the user."""
 
 from __future__ import annotations
 
-import sys
+import json
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -30,10 +33,34 @@ def option_group(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
-def fail(err: StowawayError) -> NoReturn:
-    """Print ``err`` the way every command reports errors and exit with status 1."""
-    click.echo(f"error: {err}", err=True)
-    sys.exit(1)
+def report(err: StowawayError, *, as_json: bool = False) -> NoReturn:
+    """The one way a command reports an error: ``error: MESSAGE`` and, when there is one,
+    ``  hint: HINT`` on stderr; with ``as_json`` (the command's --json) also the object
+    ``{"error": MESSAGE, "hint": HINT-or-null}`` on stdout; exit status 1."""
+    click.echo(f"error: {err.message}", err=True)
+    if err.hint:
+        click.echo(f"  hint: {err.hint}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": err.message, "hint": err.hint}))
+    raise click.exceptions.Exit(1)
+
+
+class StowawayCommand(click.Command):
+    """A click command whose ``StowawayError`` goes to ``report`` (with --json when the
+    command has it and was given it); other exceptions are bugs and keep their
+    traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StowawayError as err:
+            report(err, as_json=bool(ctx.params.get("as_json")))
+
+
+class StowawayGroup(click.Group):
+    """A click group whose subcommands are ``StowawayCommand``s."""
+
+    command_class = StowawayCommand
 
 
 #: --substituter and --trusted-public-key: the binary caches missing store paths

@@ -1,5 +1,5 @@
-"""``python -m stowaway.registry`` as a real process: TOML config, TLS, JSON access
-log on stderr, graceful shutdown on SIGTERM."""
+"""``stowaway serve --no-compose`` (a plain registry) as a real process: TOML config,
+TLS, JSON access log on stderr, graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def test_serve_process_tls_logs_and_sigterm(tmp_path: Path, oci_layout: Path) ->
     assert load_config(config).max_upload_size == 100000000
     stderr = open(tmp_path / "stderr", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stowaway.registry", "--config", str(config)], stderr=stderr
+        [sys.executable, "-m", "stowaway", "serve", "--no-compose", "--config", str(config)],
+        stderr=stderr,
     )
     ctx = ssl.create_default_context()
     ctx.check_hostname = False

@@ -94,7 +94,7 @@ class _Groups:
             self.link(a, n)
 
 
-def layers_auto(g: Graph, budget: int) -> list[PlannedLayer]:
+def plan_layers(g: Graph, budget: int) -> list[PlannedLayer]:
     """Plan layers bottom to top within ``budget`` store-path layers."""
     roots = set(g.roots)
     if len(roots) >= budget:

@@ -29,7 +29,7 @@ def popularity(g: Graph) -> list[int]:
     return [max(1, len(r)) for r in g.referrers]
 
 
-def plan_dominator(g: Graph, budget: int) -> list[tuple[int, list[int]]]:
+def dominator_groups(g: Graph, budget: int) -> list[tuple[int, list[int]]]:
     """Groups as ``(rating, members)``, merged down to ``budget``; the caller orders them."""
     pop = popularity(g)
     popular_min = max(2, len(g.paths) // 10)
@@ -58,7 +58,7 @@ def plan_dominator(g: Graph, budget: int) -> list[tuple[int, list[int]]]:
     return [(r, ms) for r, _, ms in candidates]
 
 
-def layers_dominator(g: Graph, budget: int) -> list[PlannedLayer]:
+def plan_layers(g: Graph, budget: int) -> list[PlannedLayer]:
     """Nixery's groups ordered for an image (see ``graph.shared_first``)."""
-    groups = [ms for _, ms in plan_dominator(g, budget)]
+    groups = [ms for _, ms in dominator_groups(g, budget)]
     return [g.layer(ms) for ms in sorted(groups, key=partial(shared_first, g))]

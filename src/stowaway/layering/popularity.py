@@ -29,7 +29,7 @@ def package_name(path: str) -> str:
     return f"{name}-{digest}"
 
 
-def plan_popularity(g: Graph, budget: int) -> list[PlannedLayer]:
+def plan_layers(g: Graph, budget: int) -> list[PlannedLayer]:
     """Layers bottom to top: the most popular paths alone, the rest together."""
     score = scores(g)
     ranked = sorted(range(len(g.paths)), key=lambda i: (-score[i], package_name(g.paths[i])))

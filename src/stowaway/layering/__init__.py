@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from stowaway.errors import PlanError
 from stowaway.layering import auto, dominator, popularity
 from stowaway.layering.auto import UNKNOWN_SIZE
-from stowaway.layering.graph import build_graph
 from stowaway.layering.model import LayerPlan, PlannedLayer
+from stowaway.layering.reference_graph import build_reference_graph
 from stowaway.store.model import PathInfo
 
 __all__ = [
@@ -58,7 +58,7 @@ def plan(
         raise PlanError(
             f"unknown layering strategy {strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}"
         )
-    graph = build_graph(closure, roots)
+    graph = build_reference_graph(closure, roots)
     layers = planner(graph, max_layers - 1)
     # Roots on top whatever the strategy (stable: keeps each side's order).
     top = {graph.paths[r] for r in graph.roots}

@@ -36,7 +36,7 @@ FILES=(
   src/stowaway/buildkit/llb.py
   src/stowaway/buildkit/spec.py
   src/stowaway/buildkit/evaluate.py
-  src/stowaway/buildkit/graph.py
+  src/stowaway/buildkit/llb_graph.py
   src/stowaway/buildkit/frontend.py
   src/stowaway/buildkit/gateway.py
   src/stowaway/buildkit/pb.py

@@ -4,7 +4,7 @@ BuildKit starts the frontend with the LLBBridge gRPC connection on stdin/stdout,
 :mod:`stowaway.buildkit.gateway` relays and wraps in typed calls. The build itself: read
 ``stowaway.json`` (the ``filename`` option) and the .drv files from the client's
 context, or evaluate the ``.nix`` file named by ``filename`` in an ExecOp
-(:mod:`stowaway.buildkit.evaluate`), turn them into LLB (:mod:`stowaway.buildkit.graph`),
+(:mod:`stowaway.buildkit.evaluate`), turn them into LLB (:mod:`stowaway.buildkit.llb_graph`),
 solve, and return the result with the image config.
 
 Imports stay within grpc, protobuf and the stdlib-only parts of stowaway: this module
@@ -33,9 +33,9 @@ from stowaway.buildkit.evaluate import (
     store_paths,
 )
 from stowaway.buildkit.gateway import CacheImport, FrontendError, Gateway, stdio_gateway
-from stowaway.buildkit.graph import (
+from stowaway.buildkit.llb_graph import (
     STORE_PATHS_LABEL,
-    build_graph,
+    build_llb_graph,
     image_platform,
     mode_templates,
 )
@@ -232,7 +232,7 @@ def run(gw: Gateway, opts: Mapping[str, str], session: str) -> None:
         subs: dict[str, llb.Output] = {}
         if "resolveimage" in caps and "source.image" in llb_caps:
             subs = _substitutes(gw, image_platform(spec, drvs))
-        graph = build_graph(spec, drvs, context, subs)
+        graph = build_llb_graph(spec, drvs, context, subs)
         ref = gw.solve(llb.marshal(graph.result), use_caches=True)
         config = _labelled(spec.config, graph.layers)
     except StowawayError as e:

@@ -77,7 +77,7 @@ def _closure(
 #: gRPC, aiohttp, ...), so `stowaway build` on a warm cache starts fast.
 LAZY_COMMANDS = {
     "snapshotter": "stowaway.runtime.cli_snapshotter:snapshotter_command",
-    "cri-image-service": "stowaway.runtime.cli_cri:cri_image_service_command",
+    "cri-image-service": "stowaway.runtime.cri.cli_cri:cri_image_service_command",
     "serve": "stowaway.registry.cli_serve:serve_command",
     "index": "stowaway.registry.cli_serve:index_command",
     "pull": "stowaway.runtime.cli_pull:pull_command",

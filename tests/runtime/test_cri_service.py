@@ -24,8 +24,8 @@ from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
-from stowaway.runtime.cli_cri import make_service
-from stowaway.runtime.cri_service import serve
+from stowaway.runtime.cri.cli_cri import make_service
+from stowaway.runtime.cri.image_service import serve
 from stowaway.runtime.proto.cri import api_pb2 as cri
 from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
 from stowaway.sinks.oci_layout import write_oci_layout

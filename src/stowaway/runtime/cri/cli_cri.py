@@ -15,8 +15,8 @@ from stowaway.cli_options import StowawayCommand, cache_options
 from stowaway.errors import StowawayError
 from stowaway.image.layer_cache import default_cache_dir
 from stowaway.runtime.containerd_client import ContainerdClient
-from stowaway.runtime.cri_nix import NixImages, StoreConfig
-from stowaway.runtime.cri_service import ImageServiceProxy, serve
+from stowaway.runtime.cri.image_service import ImageServiceProxy, serve
+from stowaway.runtime.cri.nix_images import NixImages, StoreConfig
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.store.binary_cache import BinaryCache
 from stowaway.store.narinfo import PublicKey

@@ -15,8 +15,8 @@ leaves at most an orphan dir or an extra root, both removed by ``cleanup`` / sta
 reconciliation. ``cleanup`` (containerd calls it after its GC) also deletes the paths in
 ``local_store`` that no snapshot uses any more.
 
-Where the time goes (profiled on the benchmark's 82-layer, 25k-file image): creating
-the metacopy stubs. So in ``overlay`` mode they live on a private tmpfs mounted on the
+Stub trees (why, and what profiling found: docs/runtime.md, "Root filesystems"): in
+``overlay`` mode the metacopy stubs live on a private tmpfs mounted on the
 link dir (``<link dir>/<id>`` *is* the layer's lower dir): stubs hold no data, and a
 tree is derived state — rebuilt from the store at start-up when missing (a reboot, or a
 crash before it was finished). Hence a store layer is committed as soon as its paths

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -11,41 +10,7 @@ from pathlib import Path
 
 import pytest
 from registry_harness import Server
-
-OCI = "application/vnd.oci.image.manifest.v1+json"
-DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
-
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def stored_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def push_blob(server: Server, name: str, data: bytes) -> str:
-    d = digest(data)
-    r = server.request("POST", f"/v2/{name}/blobs/uploads/?digest={d}", data)
-    assert r.status == 201, r.body
-    return d
-
-
-def image_manifest(server: Server, name: str, media_type: str = OCI) -> bytes:
-    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
-    layer = b"layer bytes " * 100
-    cd, ld = push_blob(server, name, config), push_blob(server, name, layer)
-    config_type = "application/vnd.oci.image.config.v1+json"
-    return json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": media_type,
-            "config": {"mediaType": config_type, "digest": cd, "size": len(config)},
-            "layers": [
-                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": 1200}
-            ],
-        }
-    ).encode()
+from registry_helpers import DOCKER, OCI, digest, image_manifest, push_blob, stored_files
 
 
 def test_base_health_and_metrics(server: Server) -> None:

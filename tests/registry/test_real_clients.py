@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_nix_resolver import DOCKER, OCI, demo_packages, hash_of, write_demo_index
-from test_skopeo import skopeo
+from registry_helpers import DOCKER, OCI, demo_packages, hash_of, skopeo, write_demo_index
 
 from daemons import Containerd, Dockerd, free_port
 

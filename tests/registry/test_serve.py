@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_s3 import free_port
-from test_skopeo import skopeo
+from registry_helpers import skopeo
 
+from daemons import free_port
 from stowaway.registry.config import RegistryConfigError, config_from_dict, load_config
 
 

@@ -41,7 +41,7 @@ class DaemonError(StowawayError):
 
 
 def wait_for(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float,
     what: str,
     *,
@@ -57,7 +57,7 @@ def wait_for(
         try:
             result = predicate()
         except ignore:
-            result = None  # type: ignore[assignment]
+            result = None
         if result:
             return result
         if time.monotonic() >= deadline:

@@ -10,7 +10,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from registry_helpers import skopeo
 
-from daemons import free_port
+from daemons import free_port, wait_for
 from stowaway.registry.config import RegistryConfigError, config_from_dict, load_config
 
 
@@ -69,14 +68,12 @@ def test_serve_process_tls_logs_and_sigterm(tmp_path: Path, oci_layout: Path) ->
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("registry process did not come up")
+
+        def healthy() -> bool:
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx).close()
+            return True
+
+        wait_for(healthy, 10, "the registry process to come up", ignore=(OSError,))
         skopeo("copy", "--dest-tls-verify=false", f"oci:{oci_layout}:t",
                f"docker://127.0.0.1:{port}/tls/busybox:1")  # fmt: skip
         info = json.loads(

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from daemons import Containerd, Registry, _short_dir
+from daemons import Containerd, Registry, _short_dir, wait_for
 from nixtools import nix_build
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
@@ -264,13 +263,13 @@ def test_pod_runs_nix_image_and_remove_drops_root(
             timeout=60,
         ).container_id
         rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=60)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def exited() -> cri.ContainerStatusResponse | None:
             st = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid), timeout=30)
-            if st.status.state == cri.CONTAINER_EXITED or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert st.status.state == cri.CONTAINER_EXITED and st.status.exit_code == 0
+            return st if st.status.state == cri.CONTAINER_EXITED else None
+
+        st = wait_for(exited, 30, "the container to exit")
+        assert st.status.exit_code == 0
         assert st.status.image_ref == image_id
         log = (logs / "app.log").read_text()
         assert " stdout F hello from stowaway\n" in log
@@ -285,8 +284,10 @@ def test_pod_runs_nix_image_and_remove_drops_root(
     assert not os.path.lexists(root)
     assert status(images, ref) is None
     images.RemoveImage(cri.RemoveImageRequest(image=spec(ref)), timeout=30)  # idempotent
-    time.sleep(0.3)  # containerd's CRI drops the image on the delete event
-    assert status(cri_grpc.ImageServiceStub(containerd_cri), image_id) is None
+    containerd_images = cri_grpc.ImageServiceStub(containerd_cri)
+    wait_for(  # containerd's CRI drops the image on the delete event
+        lambda: status(containerd_images, image_id) is None, 10, "containerd's CRI to drop it"
+    )
     # the pause image is still there, and still rooted
     assert (Path(str(env["gcroots"])) / pause_path.rsplit("/", 1)[-1]).is_symlink()
 

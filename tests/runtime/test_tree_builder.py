@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from daemons import wait_for
 from stowaway.errors import StowawayError
 from stowaway.runtime.tree_builder import NICE, TreeBuilder, _Child
 
@@ -92,9 +92,7 @@ def test_a_job_sent_after_the_child_exited_fails_at_once(tmp_path: Path) -> None
     child whose end the reader has already seen must fail, not wait forever."""
     child = _Child()
     child.proc.kill()
-    deadline = time.monotonic() + 30
-    while child.exited is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: child.exited is not None, 30, "the reader to see the child exit")
     job = {"link_dir": str(tmp_path), "sid": 1, "located": [], "donors": {}}
     with pytest.raises(StowawayError, match="exited"):
         child.send(job).result(timeout=5)

@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 
-import boto3
+import boto3  # type: ignore[import-untyped]
 import pytest
 
 from daemons import free_port, wait_for

@@ -42,7 +42,7 @@ class CriContainerd(Containerd):
     sandbox_image = ""
     registry_host = ""
 
-    def _config(self, cri: bool, *args: object) -> str:  # type: ignore[override]
+    def _config(self, cri: bool, *args: object) -> str:
         text = super()._config(cri, *args)  # type: ignore[arg-type]
         table = '[plugins."io.containerd.grpc.v1.cri"]\n'
         extra = f'  sandbox_image = "{self.sandbox_image}"\n  restrict_oom_score_adj = true\n'
@@ -351,7 +351,8 @@ def test_paths_substituted_from_signed_cache_give_the_same_image(
         finally:
             server.stop(None)
     for p in demo_closure:
-        info = local_store.query(p)
-        assert info is not None
-        assert nar_hash_and_size(store / p.rsplit("/", 1)[-1]) == (info.nar_hash, info.nar_size)
+        path_info = local_store.query(p)
+        assert path_info is not None
+        got = nar_hash_and_size(store / p.rsplit("/", 1)[-1])
+        assert got == (path_info.nar_hash, path_info.nar_size)
     assert sorted(os.listdir(tmp_path / "gcroots")) == [demo_app.rsplit("/", 1)[-1]]

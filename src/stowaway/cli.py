@@ -241,17 +241,7 @@ def build(
     source, clo = _closure(
         [*roots, *contents_paths], store, substituters, trusted_keys, no_require_sigs
     )
-    options = image_options_from_flags(
-        entrypoint=entrypoint,
-        cmd=cmd,
-        env=env,
-        workdir=workdir,
-        user=user,
-        expose=expose,
-        labels=labels,
-        created=created,
-        contents=contents_paths,
-    )
+    options = image_options_from_flags(click.get_current_context().params, contents=contents_paths)
     settings = LayerSettings(
         compression=compression,  # type: ignore[arg-type]
         level=compression_level,

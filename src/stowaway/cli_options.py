@@ -8,7 +8,7 @@ Every command is a ``StowawayCommand`` (or sits in a ``StowawayGroup``): it rais
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -144,28 +144,21 @@ image_flags = option_group(
 
 
 def image_options_from_flags(
-    *,
-    entrypoint: str | None,
-    cmd: str | None,
-    env: Sequence[str],
-    workdir: str | None,
-    user: str | None,
-    expose: Sequence[str],
-    labels: Sequence[str],
-    created: str | None,
-    contents: Sequence[str] = (),
+    params: Mapping[str, Any], *, contents: Sequence[str] = ()
 ) -> ImageOptions:
-    """ImageOptions from the raw values of the `image_flags` flags."""
+    """ImageOptions from the values of the `image_flags` flags among a command's
+    ``params`` (its click context's, which hold every flag it declares)."""
     from stowaway.image.config import ImageOptions, parse_created, parse_labels, parse_words
 
+    entrypoint, cmd, created = params["entrypoint"], params["cmd"], params["created"]
     return ImageOptions(
         entrypoint=parse_words(entrypoint, "--entrypoint") if entrypoint is not None else None,
         cmd=parse_words(cmd, "--cmd") if cmd is not None else None,
-        env=list(env),
-        workdir=workdir,
-        user=user,
-        expose=list(expose),
-        labels=parse_labels(labels),
+        env=list(params["env"]),
+        workdir=params["workdir"],
+        user=params["user"],
+        expose=list(params["expose"]),
+        labels=parse_labels(params["labels"]),
         contents=list(contents),
         created=parse_created(created) if created is not None else 1,
     )

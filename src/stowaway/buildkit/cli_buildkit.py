@@ -65,16 +65,7 @@ def context_command(
     the .drv closure, its input sources and stowaway.json (targets, image config)."""
     from stowaway.buildkit.context import make_context
 
-    options = image_options_from_flags(
-        entrypoint=entrypoint,
-        cmd=cmd,
-        env=env,
-        workdir=workdir,
-        user=user,
-        expose=expose,
-        labels=labels,
-        created=created,
-    )
+    options = image_options_from_flags(click.get_current_context().params)
     result = make_context(
         nix_file,
         attrs,

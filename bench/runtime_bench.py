@@ -9,7 +9,7 @@ pushed to a private docker-registry, with a private containerd 1.6 (CRI on) per 
 
 - **overlayfs**: containerd's own snapshotter (download + gunzip + untar every layer);
 - **stowaway, paths present**: `stowaway snapshotter --store /nix/store`, a fresh state
-  dir (skeletons built during the pull);
+  dir (stub trees built during the pull);
 - **stowaway, substituted**: an empty `--store`, the closure fetched from a signed
   `file://` binary cache (zstd) into `--local-store`;
 - **disk**: all variants pulled into one containerd under each snapshotter; `du` of

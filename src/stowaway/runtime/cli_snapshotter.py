@@ -34,7 +34,7 @@ __all__ = ["snapshotter_command"]
     "root",
     required=True,
     type=click.Path(path_type=Path, file_okay=False),
-    help="State directory: metadata, snapshots, skeleton cache.",
+    help="State directory: metadata, snapshots, stub trees.",
 )
 @click.option(
     "--local-store",

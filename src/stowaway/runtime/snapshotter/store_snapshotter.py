@@ -4,7 +4,7 @@ Ordinary layers behave as with containerd's overlayfs snapshotter. A Prepare car
 ``containerd.io/snapshot/stowaway.paths.<i>`` and ``containerd.io/snapshot.ref`` labels
 (what CRI passes from a stowaway layer's annotations) is answered from the Nix store:
 when every listed path is in ``store`` or ``local_store`` (or can be substituted into
-it), the layer is committed as a *skeleton* snapshot under a name carrying the ref label
+it), the layer is committed as a *stub tree* snapshot under a name carrying the ref label
 and containerd gets ALREADY_EXISTS, so it never downloads the blob. Otherwise it becomes
 an ordinary active snapshot and containerd unpacks the layer: never a broken rootfs.
 
@@ -21,7 +21,7 @@ link dir (``<link dir>/<id>`` *is* the layer's lower dir): stubs hold no data, a
 tree is derived state — rebuilt from the store at start-up when missing (a reboot, or a
 crash before it was finished). Hence a store layer is committed as soon as its paths
 are located and rooted, and its tree is built by a low-priority child process
-(``tree_builder``) while containerd goes on with the next layer; whatever mounts a chain
+(``stub_tree_builder``) while containerd goes on with the next layer; whatever mounts a chain
 (Prepare/View/Mounts) first waits for the trees in it. The tmpfs stays mounted while
 any overlay uses it (restarts never disturb running containers) and is dropped by
 ``close`` once nothing does.
@@ -52,7 +52,6 @@ from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.runtime.metadata import MetaStore, Record
 from stowaway.runtime.mounts import Layout, mounts
-from stowaway.runtime.skeleton import materialise
 from stowaway.runtime.snapshotter.contract import (
     AlreadyExists,
     FailedPrecondition,
@@ -76,7 +75,8 @@ from stowaway.runtime.snapshotter.state import (
 )
 from stowaway.runtime.snapshotter.store_paths import StorePaths
 from stowaway.runtime.snapshotter.trees import StubTrees
-from stowaway.runtime.tree_builder import TreeBuilder
+from stowaway.runtime.stub_tree_builder import StubTreeBuilder
+from stowaway.runtime.stub_trees import materialise
 
 __all__ = ["StoreSnapshotter"]
 
@@ -127,7 +127,7 @@ class StoreSnapshotter(Snapshotter):
         # substitution and start-up tree rebuilds: I/O-bound, so threads overlap well
         self._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "stowaway-io")
         self._lock = threading.Lock()
-        builder = TreeBuilder(self.link_dir) if self.mode == "overlay" else None
+        builder = StubTreeBuilder(self.link_dir) if self.mode == "overlay" else None
         self.trees = StubTrees(self.link_dir, self.meta, self._pool, self._lock, builder)
         log.info("stowaway snapshotter: rootfs mode %s (%s)", self.mode, why)
         data = [config.store, *([config.local_store] if config.local_store else [])]
@@ -170,7 +170,7 @@ class StoreSnapshotter(Snapshotter):
     def _commit_store_layer(
         self, target: str, parent: str, labels: Mapping[str, str], bases: list[str]
     ) -> bool:
-        """Commit the skeleton snapshot for ``bases``; False when a path cannot be had."""
+        """Commit the stub tree snapshot for ``bases``; False when a path cannot be had."""
         name = self.nix_name(target, parent)
         with self._name_lock(name):
             if self.meta.kind_of(name) == Kind.COMMITTED:

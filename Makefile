@@ -14,12 +14,14 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	MYPY=$(VENV)/bin/mypy bash scripts/typecheck-tests.sh
 	$(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
+	MYPY=$(VENV)/bin/mypy bash scripts/typecheck-tests.sh
 
 bench: setup
 	$(PY) bench/compose_bench.py

@@ -36,8 +36,9 @@ FILES=(
   src/stowaway/buildkit/llb.py
   src/stowaway/buildkit/spec.py
   src/stowaway/buildkit/evaluate.py
-  src/stowaway/buildkit/graph.py
+  src/stowaway/buildkit/llb_graph.py
   src/stowaway/buildkit/frontend.py
+  src/stowaway/buildkit/gateway.py
   src/stowaway/buildkit/pb.py
   src/stowaway/buildkit/proto/__init__.py
   src/stowaway/buildkit/proto/*_pb2.py

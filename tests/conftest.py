@@ -13,6 +13,9 @@ import pytest
 from nixtools import FIXTURES, closure_of, nix_build, nix_copy
 from stowaway.store.local import LocalStore
 
+#: Fixture modules shared by several test directories.
+pytest_plugins = ["s3_fixtures"]
+
 COMPRESSIONS = ["xz", "zstd", "bzip2", "none"]
 
 

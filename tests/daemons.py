@@ -22,10 +22,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from stowaway.errors import StowawayError
 
@@ -33,8 +33,36 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
+T = TypeVar("T")
+
+
 class DaemonError(StowawayError):
     """A test daemon that did not start (the message carries its log tail)."""
+
+
+def wait_for(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Call ``predicate`` until it returns something true, and return that; an exception
+    in ``ignore`` counts as "not yet". After ``timeout`` seconds the test fails with
+    "timed out waiting for WHAT". The one way tests wait for a condition: no fixed
+    sleeps before an assert."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = predicate()
+        except ignore:
+            result = None
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
 
 
 def free_port() -> int:

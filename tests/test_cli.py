@@ -1,5 +1,6 @@
 """End-to-end tests of the `stowaway` command: real nix closures, real caches, real
-containerd. These exercise the CLI as a user would, through a subprocess."""
+containerd. These exercise the CLI as a user would, through a subprocess; the error
+path is also checked in-process through the click commands themselves."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
+from click.testing import CliRunner
 
 from daemons import Containerd, Registry
+from stowaway.buildkit.cli_buildkit import buildkit_group
+from stowaway.cli import LAZY_COMMANDS, main
+from stowaway.cli_options import StowawayCommand, StowawayGroup
 
 STOWAWAY = [sys.executable, "-m", "stowaway"]
 
@@ -176,3 +182,45 @@ def test_nix_file_installable(tmp_path: Path) -> None:
         f"oci:{tmp_path}/img",
     )
     assert out["layers"][-2]["store_paths"][0].endswith("-stowaway-demo-app")
+
+
+def test_error_prints_message_and_hint_and_exits_1() -> None:
+    result = CliRunner().invoke(main, ["plan"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "error: nothing to build",
+        "  hint: name store paths, ./result links, or -f FILE.nix",
+    ]
+    assert result.stdout == ""
+    assert "Traceback" not in result.output
+
+
+def test_error_with_json_is_an_object_on_stdout() -> None:
+    result = CliRunner().invoke(main, ["plan", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout) == {
+        "error": "nothing to build",
+        "hint": "name store paths, ./result links, or -f FILE.nix",
+    }
+    assert "  hint: name store paths" in result.stderr  # the lines for people stay
+    assert "Traceback" not in result.output
+
+
+def test_error_without_hint_has_null_hint_and_no_traceback(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["inspect", f"oci:{tmp_path}/missing", "--json"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["error"] and "hint" in doc
+    assert result.stderr.startswith("error: ")
+    assert isinstance(result.exception, SystemExit)  # reported, not raised
+    assert "Traceback" not in result.output
+
+
+def test_every_command_reports_errors_the_one_way() -> None:
+    ctx = click.Context(main)
+    commands = {name: main.get_command(ctx, name) for name in main.list_commands(ctx)}
+    assert set(LAZY_COMMANDS) <= set(commands)
+    assert isinstance(main, StowawayGroup) and isinstance(buildkit_group, StowawayGroup)
+    commands |= {f"buildkit {n}": c for n, c in buildkit_group.commands.items()}
+    for name, command in commands.items():
+        assert isinstance(command, StowawayCommand | StowawayGroup), name

@@ -15,7 +15,7 @@ import click
 
 from stowaway import __version__
 from stowaway.cli_options import (
-    fail,
+    StowawayGroup,
     image_flags,
     image_options_from_flags,
     layering_options,
@@ -77,7 +77,7 @@ def _closure(
 #: gRPC, aiohttp, ...), so `stowaway build` on a warm cache starts fast.
 LAZY_COMMANDS = {
     "snapshotter": "stowaway.runtime.cli_snapshotter:snapshotter_command",
-    "cri-image-service": "stowaway.runtime.cri_cli:cri_image_service_command",
+    "cri-image-service": "stowaway.runtime.cri.cli_cri:cri_image_service_command",
     "serve": "stowaway.registry.cli_serve:serve_command",
     "index": "stowaway.registry.cli_serve:index_command",
     "pull": "stowaway.runtime.cli_pull:pull_command",
@@ -86,7 +86,7 @@ LAZY_COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(StowawayGroup):
     """A click group whose listed subcommands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -221,71 +221,58 @@ def build(
       stowaway build ./result --substituter file:///srv/cache \\
           --trusted-public-key cache-1:AbC…= -o oci-archive:app.tar
     """
-    try:
-        from stowaway.image.compose import compose
-        from stowaway.image.layer_cache import LayerCache, default_cache_dir
-        from stowaway.image.layers import LayerSettings
-        from stowaway.image.tar import default_mtime
-        from stowaway.sinks import RegistryTarget, parse_target, write_image
+    from stowaway.image.compose import compose
+    from stowaway.image.layer_cache import LayerCache, default_cache_dir
+    from stowaway.image.layers import LayerSettings
+    from stowaway.image.tar import default_mtime
+    from stowaway.sinks import RegistryTarget, parse_target, write_image
 
-        dest = parse_target(target)
-        creds = None
-        if dest_creds is not None:
-            u, sep, p = dest_creds.partition(":")
-            if not sep:
-                raise StowawayError("--dest-creds must look like USER:PASS")
-            creds = (u, p)
-        roots = _roots(installables, nix_file, attrs)
-        from stowaway.installables import resolve
+    dest = parse_target(target)
+    creds = None
+    if dest_creds is not None:
+        u, sep, p = dest_creds.partition(":")
+        if not sep:
+            raise StowawayError("--dest-creds must look like USER:PASS")
+        creds = (u, p)
+    roots = _roots(installables, nix_file, attrs)
+    from stowaway.installables import resolve
 
-        contents_paths = resolve(contents)
-        source, clo = _closure(
-            [*roots, *contents_paths], store, substituters, trusted_keys, no_require_sigs
-        )
-        options = image_options_from_flags(
-            entrypoint=entrypoint,
-            cmd=cmd,
-            env=env,
-            workdir=workdir,
-            user=user,
-            expose=expose,
-            labels=labels,
-            created=created,
-            contents=contents_paths,
-        )
-        settings = LayerSettings(
-            compression=compression,  # type: ignore[arg-type]
-            level=compression_level,
-            mtime=default_mtime(),
-        )
-        cache = LayerCache(Path(cache_dir) if cache_dir else default_cache_dir())
-        from stowaway._ui import progress_display
+    contents_paths = resolve(contents)
+    source, clo = _closure(
+        [*roots, *contents_paths], store, substituters, trusted_keys, no_require_sigs
+    )
+    options = image_options_from_flags(click.get_current_context().params, contents=contents_paths)
+    settings = LayerSettings(
+        compression=compression,  # type: ignore[arg-type]
+        level=compression_level,
+        mtime=default_mtime(),
+    )
+    cache = LayerCache(Path(cache_dir) if cache_dir else default_cache_dir())
+    from stowaway._ui import progress_display
 
-        with source, progress_display(not as_json) as prog:
-            kwargs: dict[str, Any] = {"progress": prog} if prog else {}
-            result = compose(
-                source,
-                [*roots, *contents_paths],
-                options,
-                closure=clo,
-                strategy=layering,
-                max_layers=max_layers,
-                settings=settings,
-                cache=cache,
-                format=fmt,  # type: ignore[arg-type]
-                jobs=jobs,
-                **kwargs,
-            )
-            sink_result = write_image(
-                result.image,
-                dest,
-                tls_verify=dest_tls_verify,
-                creds=creds,
-                state_dir=cache.root,  # which repos got which blobs: mount sources
-                **kwargs,
-            )
-    except StowawayError as e:
-        fail(e)
+    with source, progress_display(not as_json) as prog:
+        kwargs: dict[str, Any] = {"progress": prog} if prog else {}
+        result = compose(
+            source,
+            [*roots, *contents_paths],
+            options,
+            closure=clo,
+            strategy=layering,
+            max_layers=max_layers,
+            settings=settings,
+            cache=cache,
+            format=fmt,  # type: ignore[arg-type]
+            jobs=jobs,
+            **kwargs,
+        )
+        sink_result = write_image(
+            result.image,
+            dest,
+            tls_verify=dest_tls_verify,
+            creds=creds,
+            state_dir=cache.root,  # which repos got which blobs: mount sources
+            **kwargs,
+        )
     image = result.image
     # reused: taken from the layer cache, or (pushing) not sent because the registry had it
     sent = set(sink_result.written) if isinstance(dest, RegistryTarget) else None
@@ -346,15 +333,12 @@ def plan(
       stowaway plan ./result
       stowaway plan ./result --layering popularity --max-layers 20 --json
     """
-    try:
-        from stowaway.layering import plan as make_plan
+    from stowaway.layering import plan as make_plan
 
-        roots = _roots(installables, nix_file, attrs)
-        source, clo = _closure(roots, store, substituters, trusted_keys, no_require_sigs)
-        source.close()
-        result = make_plan(clo, roots, strategy=layering, max_layers=max_layers)
-    except StowawayError as e:
-        fail(e)
+    roots = _roots(installables, nix_file, attrs)
+    source, clo = _closure(roots, store, substituters, trusted_keys, no_require_sigs)
+    source.close()
+    result = make_plan(clo, roots, strategy=layering, max_layers=max_layers)
     layers = [
         {
             "paths": list(layer.paths),
@@ -395,12 +379,9 @@ def inspect(target: str, as_json: bool) -> None:
       stowaway inspect oci:out:latest
       stowaway inspect oci-archive:app.tar --json
     """
-    try:
-        from stowaway.sinks.inspect import read_image_summary
+    from stowaway.sinks.inspect import read_image_summary
 
-        summary = read_image_summary(target)
-    except StowawayError as e:
-        fail(e)
+    summary = read_image_summary(target)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

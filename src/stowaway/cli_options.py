@@ -1,11 +1,14 @@
 """Click options and error reporting shared by ``stowaway``'s commands and the faces'
 own command modules (registered lazily by ``stowaway.cli``), which import them from
-here rather than from ``stowaway.cli``: the top-level command imports the faces."""
+here rather than from ``stowaway.cli``: the top-level command imports the faces.
+
+Every command is a ``StowawayCommand`` (or sits in a ``StowawayGroup``): it raises
+``StowawayError`` and ``report`` is the one way an error reaches the user."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -30,10 +33,34 @@ def option_group(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
-def fail(err: StowawayError) -> NoReturn:
-    """Print ``err`` the way every command reports errors and exit with status 1."""
-    click.echo(f"error: {err}", err=True)
-    sys.exit(1)
+def report(err: StowawayError, *, as_json: bool = False) -> NoReturn:
+    """The one way a command reports an error: ``error: MESSAGE`` and, when there is one,
+    ``  hint: HINT`` on stderr; with ``as_json`` (the command's --json) also the object
+    ``{"error": MESSAGE, "hint": HINT-or-null}`` on stdout; exit status 1."""
+    click.echo(f"error: {err.message}", err=True)
+    if err.hint:
+        click.echo(f"  hint: {err.hint}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": err.message, "hint": err.hint}))
+    raise click.exceptions.Exit(1)
+
+
+class StowawayCommand(click.Command):
+    """A click command whose ``StowawayError`` goes to ``report`` (with --json when the
+    command has it and was given it); other exceptions are bugs and keep their
+    traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StowawayError as err:
+            report(err, as_json=bool(ctx.params.get("as_json")))
+
+
+class StowawayGroup(click.Group):
+    """A click group whose subcommands are ``StowawayCommand``s."""
+
+    command_class = StowawayCommand
 
 
 #: --substituter and --trusted-public-key: the binary caches missing store paths
@@ -117,28 +144,21 @@ image_flags = option_group(
 
 
 def image_options_from_flags(
-    *,
-    entrypoint: str | None,
-    cmd: str | None,
-    env: Sequence[str],
-    workdir: str | None,
-    user: str | None,
-    expose: Sequence[str],
-    labels: Sequence[str],
-    created: str | None,
-    contents: Sequence[str] = (),
+    params: Mapping[str, Any], *, contents: Sequence[str] = ()
 ) -> ImageOptions:
-    """ImageOptions from the raw values of the `image_flags` flags."""
+    """ImageOptions from the values of the `image_flags` flags among a command's
+    ``params`` (its click context's, which hold every flag it declares)."""
     from stowaway.image.config import ImageOptions, parse_created, parse_labels, parse_words
 
+    entrypoint, cmd, created = params["entrypoint"], params["cmd"], params["created"]
     return ImageOptions(
         entrypoint=parse_words(entrypoint, "--entrypoint") if entrypoint is not None else None,
         cmd=parse_words(cmd, "--cmd") if cmd is not None else None,
-        env=list(env),
-        workdir=workdir,
-        user=user,
-        expose=list(expose),
-        labels=parse_labels(labels),
+        env=list(params["env"]),
+        workdir=params["workdir"],
+        user=params["user"],
+        expose=list(params["expose"]),
+        labels=parse_labels(params["labels"]),
         contents=list(contents),
         created=parse_created(created) if created is not None else 1,
     )

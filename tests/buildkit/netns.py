@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from daemons import DaemonError, Registry
+from daemons import DaemonError, Registry, wait_for
 
 
 class Netns:
@@ -36,12 +35,19 @@ class Netns:
         self.proc = subprocess.Popen(
             ["unshare", "--net", "--", "sleep", "infinity"], start_new_session=True
         )
-        deadline = time.monotonic() + 10
-        while os.readlink(self.path) == os.readlink("/proc/self/ns/net"):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.__exit__(None, None, None)
-                raise DaemonError("unshare --net did not make a network namespace")
-            time.sleep(0.01)
+
+        proc = self.proc
+
+        def unshared() -> bool:
+            if proc.poll() is not None:
+                raise DaemonError("unshare --net exited")
+            return os.readlink(self.path) != os.readlink("/proc/self/ns/net")
+
+        try:
+            wait_for(unshared, 10, "unshare --net to make a network namespace", interval=0.01)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         subprocess.run(self.wrap(["ip", "link", "set", "lo", "up"]), check=True)
         return self
 

@@ -42,7 +42,9 @@ def test_real_derivations_match_nix(have_nix: None, attr: str) -> None:
     assert list(drv.args) == nix["args"]
     assert dict(drv.env) == nix["env"]
     assert drv.system == nix["system"]
-    assert sorted(drv.input_srcs) == sorted(nix["inputSrcs"])  # type: ignore[arg-type]
+    srcs = nix["inputSrcs"]
+    assert isinstance(srcs, list)
+    assert sorted(drv.input_srcs) == sorted(srcs)
     inputs = nix["inputDrvs"]
     assert isinstance(inputs, dict)
     # Nix 2.8 lists an input's output names; newer Nix (2.26) an object with "outputs"

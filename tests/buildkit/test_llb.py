@@ -14,7 +14,7 @@ import pytest
 from stowaway.buildkit import llb
 from stowaway.buildkit.context import make_context
 from stowaway.buildkit.drv import parse_drv
-from stowaway.buildkit.graph import GraphError, build_env, build_graph, image_platform
+from stowaway.buildkit.llb_graph import GraphError, build_env, build_llb_graph, image_platform
 from stowaway.buildkit.pb import ops
 from stowaway.buildkit.spec import Spec
 from stowaway.image.config import ImageOptions
@@ -119,7 +119,7 @@ def contexts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _graph(ctx: Path) -> tuple[Spec, dict[str, llb.Vertex], llb.Output]:
     spec = Spec.from_json((ctx / "stowaway.json").read_bytes())
     drvs = {p: parse_drv((ctx / rel).read_bytes(), p) for p, rel in spec.drv_files.items()}
-    g = build_graph(spec, drvs, _ctx())
+    g = build_llb_graph(spec, drvs, _ctx())
     named = {drvs[p].name: v for p, v in g.builders.items()}
     return spec, named, g.result
 
@@ -179,13 +179,13 @@ def test_missing_derivation_is_a_clear_error(have_nix: None, contexts: dict[str,
         if not p.endswith("-beta.drv")
     }
     with pytest.raises(GraphError, match=r"-beta\.drv is not in the build context"):
-        build_graph(spec, drvs, _ctx())
+        build_llb_graph(spec, drvs, _ctx())
 
 
 def test_missing_target_derivation_is_a_clear_error(
     have_nix: None, contexts: dict[str, Path]
 ) -> None:
-    """The frontend asks for the image's platform before build_graph runs: a target
+    """The frontend asks for the image's platform before build_llb_graph runs: a target
     whose .drv is missing must be a GraphError there too, not a KeyError."""
     spec = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
     drvs = {
@@ -209,7 +209,7 @@ def test_unknown_sizes_plan_by_closure_structure(have_nix: None, contexts: dict[
         drvs = {
             p: parse_drv((contexts[salt] / r).read_bytes(), p) for p, r in spec.drv_files.items()
         }
-        layers[salt] = build_graph(spec, drvs, _ctx()).layers
+        layers[salt] = build_llb_graph(spec, drvs, _ctx()).layers
     paths = [p for layer in layers[""] for p in layer]
     assert len(paths) == 14 and len(layers[""]) >= 5, layers[""]
     changed = {"alpha", "lib-ab", "core", "docs", "app"}
@@ -225,7 +225,7 @@ def test_tmp_is_copied_with_its_mode(have_nix: None, contexts: dict[str, Path]) 
     spec = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
     drvs = {p: parse_drv((contexts[""] / r).read_bytes(), p) for p, r in spec.drv_files.items()}
     ctx = _ctx()
-    g = build_graph(spec, drvs, ctx)
+    g = build_llb_graph(spec, drvs, ctx)
     op = ops.Op.FromString(g.result.vertex.data)
     made = {a.mkdir.path: a.mkdir.mode for a in op.file.actions if a.HasField("mkdir")}
     assert made == {"/etc": 0o755}
@@ -243,7 +243,7 @@ def test_substituted_derivations_get_no_exec_op(have_nix: None, contexts: dict[s
     old = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
     image = llb.image_source("127.0.0.1:5000/app:cache@sha256:" + "0" * 64)
     held = {p for o in old.outputs.values() for p in o.values()}  # every old output
-    g = build_graph(spec, drvs, _ctx(), {p: image for p in held})
+    g = build_llb_graph(spec, drvs, _ctx(), {p: image for p in held})
     built = {drvs[p].name for p in g.builders}
     assert built == {"alpha", "lib-ab", "core", "docs", "app"}
     # gamma is not even visited: only lib-bc needed it, and lib-bc is substituted

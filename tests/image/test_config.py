@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -229,13 +230,14 @@ def test_text_parsers_for_flags_and_build_args() -> None:
     assert parse_created("1700000000") == 1700000000
     assert parse_created("1970-01-01T00:01:00Z") == 60
     assert parse_labels(["a=b", "c=d=e"]) == {"a": "b", "c": "d=e"}
-    for call, message in [
+    cases: list[tuple[Callable[[], object], str]] = [
         (lambda: parse_created("\u00b2"), "neither epoch seconds"),
         (lambda: parse_words("[1]", "--entrypoint"), "--entrypoint"),
         (lambda: parse_words("'unterminated", "build arg cmd"), "build arg cmd"),
         (lambda: parse_created("yesterday"), "'yesterday'"),
         (lambda: parse_labels(["novalue"]), "KEY=VALUE"),
-    ]:
+    ]
+    for call, message in cases:
         with pytest.raises(ImageOptionError, match=message):
             call()
 

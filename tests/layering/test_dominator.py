@@ -5,7 +5,7 @@ from __future__ import annotations
 from layering_helpers import MB, closure, names, sp
 
 from stowaway.layering import plan
-from stowaway.layering.graph import VIRTUAL, build_graph, dominators
+from stowaway.layering.reference_graph import VIRTUAL, build_reference_graph, dominators
 
 # app -> lib1 -> zlib -> glibc, lib1 -> glibc, app -> lib2 -> glibc, lib2 -> giant.
 # glibc is popular (3 of 6 paths refer to it); lib2, giant and app have closures
@@ -21,7 +21,7 @@ GRAPH = {
 
 
 def test_dominator_tree_of_a_diamond() -> None:
-    g = build_graph(
+    g = build_reference_graph(
         closure({"a": (1, ["b", "c"]), "b": (1, ["d"]), "c": (1, ["d"]), "d": (1, [])}), [sp("a")]
     )
     idom = dominators(g)

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from layering_helpers import closure, names, sp
 
 from stowaway.layering import plan
-from stowaway.layering.graph import build_graph
 from stowaway.layering.popularity import package_name, scores
+from stowaway.layering.reference_graph import build_reference_graph
 
 # The example in nixpkgs' closure-graph.py: A-B-C-D-F, C-E-F, B-E, A-G.
 NIXPKGS = {
@@ -24,7 +24,7 @@ NIXPKGS = {
 
 
 def named_scores(graph: Mapping[str, tuple[int, Sequence[str]]], root: str) -> dict[str, int]:
-    g = build_graph(closure(graph), [sp(root)])
+    g = build_reference_graph(closure(graph), [sp(root)])
     return {p.split("-", 1)[1]: s for p, s in zip(g.paths, scores(g), strict=True)}
 
 
@@ -82,7 +82,7 @@ def test_dynamic_programming_equals_tree_expansion() -> None:
         n = rnd.randint(2, 12)
         refs = {i: sorted(rnd.sample(range(i + 1, n), rnd.randint(0, n - i - 1))) for i in range(n)}
         graph = {f"p{i:02}": (1, [f"p{j:02}" for j in rs]) for i, rs in refs.items()}
-        g = build_graph(closure(graph), [sp("p00")])
+        g = build_reference_graph(closure(graph), [sp("p00")])
         entries = [int(g.paths[e].rsplit("p", 1)[1]) for e in g.entries]
         want = expanded_scores(refs, entries)
         got = {int(p.rsplit("p", 1)[1]): s for p, s in zip(g.paths, scores(g), strict=True)}

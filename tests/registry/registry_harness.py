@@ -29,6 +29,9 @@ class Reply:
 class Server:
     """A running registry; ``request`` sends the path bytes exactly as given."""
 
+    port: int
+    host: str  # 127.0.0.1:PORT
+
     def __init__(
         self,
         config: RegistryConfig,

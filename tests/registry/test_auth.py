@@ -10,7 +10,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 from registry_harness import Reply, Server
-from test_skopeo import skopeo
+from registry_helpers import skopeo
 
 from stowaway.errors import RegistryError
 from stowaway.image.model import Blob, Image, Layer, MediaType

@@ -16,37 +16,16 @@ from pathlib import Path
 
 import pytest
 from registry_harness import Server
-from test_s3 import CREDS, bucket, moto_endpoint  # noqa: F401 - fixtures
+from registry_helpers import DOCKER, OCI, demo_packages, hash_of, write_demo_index
 
 from nixtools import SANDBOXED_MK
+from s3_fixtures import CREDS
 from stowaway.image.layer_cache import LayerCache
 from stowaway.registry.config import NixOptions, RegistryConfig, S3Options, open_storage
 from stowaway.registry.nix_resolver import NixResolver
-from stowaway.registry.package_index import Package, build_index, write_index
 from stowaway.registry.storage import FilesystemStorage
 
-OCI = "application/vnd.oci.image.manifest.v1+json"
-DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
 MakeNix = Callable[..., tuple[Server, NixResolver]]
-
-
-def demo_packages(demo_closure: list[str]) -> dict[str, str]:
-    """demo → the app, busybox, greeting → greeting-data (from the real closure)."""
-    by_name = {p.split("-", 1)[1]: p for p in demo_closure}
-    return {
-        "demo": by_name["stowaway-demo-app"],
-        "busybox": by_name["busybox"],
-        "greeting": by_name["greeting-data"],
-    }
-
-
-def write_demo_index(path: Path, packages: dict[str, str]) -> Path:
-    write_index(path, build_index({k: Package(v) for k, v in packages.items()}))
-    return path
-
-
-def hash_of(path: str) -> str:
-    return path.rsplit("/", 1)[1][:32]
 
 
 @pytest.fixture()

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_nix_resolver import DOCKER, OCI, demo_packages, hash_of, write_demo_index
-from test_skopeo import skopeo
+from registry_helpers import DOCKER, OCI, demo_packages, hash_of, skopeo, write_demo_index
 
-from daemons import Containerd, Dockerd, free_port
+from daemons import Containerd, Dockerd, free_port, wait_for
 
 STOWAWAY = str(Path(sys.executable).with_name("stowaway"))
 
@@ -65,14 +63,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, demo_closure: list[str]) ->
         )  # fmt: skip
     s = Served(f"127.0.0.1:{port}", tmp / "root", index, packages, proc, log)
     try:
-        for _ in range(200):
-            try:
-                if s.get("/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            pytest.fail(f"stowaway serve did not start: {log.read_text()}")
+        wait_for(
+            lambda: s.get("/healthz")[0] == 200,
+            10,
+            f"stowaway serve to start (log {log})",
+            ignore=(OSError,),
+        )
         yield s
     finally:
         os.kill(proc.pid, signal.SIGTERM)

@@ -6,64 +6,23 @@ import asyncio
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
-import pytest
 from registry_harness import Server
-from test_api import OCI, check_blobs_are_scoped, check_referrers, digest, image_manifest
-from test_skopeo import layout_manifest, skopeo
+from registry_helpers import (
+    OCI,
+    check_blobs_are_scoped,
+    check_referrers,
+    digest,
+    image_manifest,
+    layout_manifest,
+    skopeo,
+)
 
-from daemons import free_port
+from s3_fixtures import CREDS
 from stowaway.registry.config import RegistryConfig, S3Options, open_storage
 from stowaway.registry.s3 import S3Storage
-
-CREDS = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("moto server did not start")
-        yield url
-    finally:
-        os.kill(proc.pid, 15)
-        proc.wait(10)
-        log.close()
-
-
-@pytest.fixture()
-def bucket(moto_endpoint: str, request: pytest.FixtureRequest) -> str:
-    name = "reg-" + hashlib.sha256(request.node.name.encode()).hexdigest()[:12]
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    s3.create_bucket(Bucket=name)
-    return name
 
 
 def s3_server(make_server: object, endpoint: str, bucket: str, **options: object) -> Server:

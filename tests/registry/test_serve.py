@@ -1,5 +1,5 @@
-"""``python -m stowaway.registry`` as a real process: TOML config, TLS, JSON access
-log on stderr, graceful shutdown on SIGTERM."""
+"""``stowaway serve --no-compose`` (a plain registry) as a real process: TOML config,
+TLS, JSON access log on stderr, graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_s3 import free_port
-from test_skopeo import skopeo
+from registry_helpers import skopeo
 
+from daemons import free_port, wait_for
 from stowaway.registry.config import RegistryConfigError, config_from_dict, load_config
 
 
@@ -62,20 +61,19 @@ def test_serve_process_tls_logs_and_sigterm(tmp_path: Path, oci_layout: Path) ->
     assert load_config(config).max_upload_size == 100000000
     stderr = open(tmp_path / "stderr", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stowaway.registry", "--config", str(config)], stderr=stderr
+        [sys.executable, "-m", "stowaway", "serve", "--no-compose", "--config", str(config)],
+        stderr=stderr,
     )
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("registry process did not come up")
+
+        def healthy() -> bool:
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx).close()
+            return True
+
+        wait_for(healthy, 10, "the registry process to come up", ignore=(OSError,))
         skopeo("copy", "--dest-tls-verify=false", f"oci:{oci_layout}:t",
                f"docker://127.0.0.1:{port}/tls/busybox:1")  # fmt: skip
         info = json.loads(

@@ -3,33 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import bcrypt
 import pytest
 from registry_harness import Server
-
-OCI = "application/vnd.oci.image.manifest.v1+json"
-DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
-
-
-def skopeo(*args: str) -> str:
-    out = subprocess.run(["skopeo", *args], capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        raise AssertionError(f"skopeo {' '.join(args)} failed: {out.stderr}")
-    return out.stdout
-
-
-def layout_manifest(layout: Path, tag: str = "t") -> dict[str, object]:
-    index = json.loads((layout / "index.json").read_text())
-    desc = next(
-        m
-        for m in index["manifests"]
-        if m["annotations"]["org.opencontainers.image.ref.name"] == tag
-    )
-    data = (layout / "blobs" / "sha256" / desc["digest"].removeprefix("sha256:")).read_bytes()
-    return {"digest": desc["digest"], "manifest": json.loads(data)}
+from registry_helpers import DOCKER, OCI, layout_manifest, skopeo
 
 
 def test_push_pull_round_trip_oci(server: Server, oci_layout: Path, tmp_path: Path) -> None:

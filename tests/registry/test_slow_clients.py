@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_s3 import free_port
+
+from daemons import free_port
 
 FD_LIMIT = 1024
 IDLE = 1500  # more than the process has descriptors

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from registry_harness import Server
-from test_api import OCI, digest, image_manifest, stored_files
+from registry_helpers import OCI, digest, image_manifest, stored_files
 
 from stowaway.registry.config import RegistryConfigError, config_from_dict
 from stowaway.registry.storage import FilesystemStorage

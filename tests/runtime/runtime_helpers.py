@@ -21,7 +21,7 @@ import sys
 import threading
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -78,7 +78,7 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _MS_RDONLY = 1
 
 
-def mount_like_containerd(type_: str, source: str, options: list[str], target: Path) -> None:
+def mount_like_containerd(type_: str, source: str, options: Sequence[str], target: Path) -> None:
     """One mount(2) call, as containerd applies a snapshotter's (non-bind) mount: its
     data string must fit one page. (util-linux >= 2.39's `mount` uses the new mount API,
     which caps each option value at 256 bytes: a long lowerdir would fail there while
@@ -139,7 +139,7 @@ class StowawayContainerd(Containerd):
     registry_host = ""
     cri_snapshotter = "stowaway"  # the benchmark's baseline sets "overlayfs"
 
-    def _config(self, cri: bool, *args: object) -> str:  # type: ignore[override]
+    def _config(self, cri: bool, *args: object) -> str:
         text = super()._config(cri, *args)  # type: ignore[arg-type]
         text = text.replace(
             'snapshotter = "overlayfs"',

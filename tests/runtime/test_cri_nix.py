@@ -19,7 +19,7 @@ from stowaway.image.config import ImageOptions
 from stowaway.image.digest import chain_ids
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
-from stowaway.runtime.cri_nix import InvalidNixReference, default_entrypoint, parse_nix_ref
+from stowaway.runtime.cri.nix_images import InvalidNixReference, default_entrypoint, parse_nix_ref
 from stowaway.runtime.proto.containerd_api import (
     content_pb2,
     diff_pb2,

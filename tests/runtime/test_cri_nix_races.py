@@ -9,7 +9,7 @@ from pathlib import Path
 from daemons import Containerd
 from stowaway.image.model import Image
 from stowaway.runtime.containerd_client import ContainerdClient
-from stowaway.runtime.cri_nix import NixImages, StoreConfig
+from stowaway.runtime.cri.nix_images import NixImages, StoreConfig
 from stowaway.runtime.gcroots import GcRoots
 
 

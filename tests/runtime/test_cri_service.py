@@ -11,21 +11,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from daemons import Containerd, Registry, _short_dir
+from daemons import Containerd, Registry, _short_dir, wait_for
 from nixtools import nix_build
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
-from stowaway.runtime.cri_cli import make_service
-from stowaway.runtime.cri_service import serve
+from stowaway.runtime.cri.cli_cri import make_service
+from stowaway.runtime.cri.image_service import serve
 from stowaway.runtime.proto.cri import api_pb2 as cri
 from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
 from stowaway.sinks.oci_layout import write_oci_layout
@@ -43,7 +42,7 @@ class CriContainerd(Containerd):
     sandbox_image = ""
     registry_host = ""
 
-    def _config(self, cri: bool, *args: object) -> str:  # type: ignore[override]
+    def _config(self, cri: bool, *args: object) -> str:
         text = super()._config(cri, *args)  # type: ignore[arg-type]
         table = '[plugins."io.containerd.grpc.v1.cri"]\n'
         extra = f'  sandbox_image = "{self.sandbox_image}"\n  restrict_oom_score_adj = true\n'
@@ -264,13 +263,13 @@ def test_pod_runs_nix_image_and_remove_drops_root(
             timeout=60,
         ).container_id
         rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=60)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def exited() -> cri.ContainerStatusResponse | None:
             st = rt.ContainerStatus(cri.ContainerStatusRequest(container_id=cid), timeout=30)
-            if st.status.state == cri.CONTAINER_EXITED or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert st.status.state == cri.CONTAINER_EXITED and st.status.exit_code == 0
+            return st if st.status.state == cri.CONTAINER_EXITED else None
+
+        st = wait_for(exited, 30, "the container to exit")
+        assert st.status.exit_code == 0
         assert st.status.image_ref == image_id
         log = (logs / "app.log").read_text()
         assert " stdout F hello from stowaway\n" in log
@@ -285,8 +284,10 @@ def test_pod_runs_nix_image_and_remove_drops_root(
     assert not os.path.lexists(root)
     assert status(images, ref) is None
     images.RemoveImage(cri.RemoveImageRequest(image=spec(ref)), timeout=30)  # idempotent
-    time.sleep(0.3)  # containerd's CRI drops the image on the delete event
-    assert status(cri_grpc.ImageServiceStub(containerd_cri), image_id) is None
+    containerd_images = cri_grpc.ImageServiceStub(containerd_cri)
+    wait_for(  # containerd's CRI drops the image on the delete event
+        lambda: status(containerd_images, image_id) is None, 10, "containerd's CRI to drop it"
+    )
     # the pause image is still there, and still rooted
     assert (Path(str(env["gcroots"])) / pause_path.rsplit("/", 1)[-1]).is_symlink()
 
@@ -350,7 +351,8 @@ def test_paths_substituted_from_signed_cache_give_the_same_image(
         finally:
             server.stop(None)
     for p in demo_closure:
-        info = local_store.query(p)
-        assert info is not None
-        assert nar_hash_and_size(store / p.rsplit("/", 1)[-1]) == (info.nar_hash, info.nar_size)
+        path_info = local_store.query(p)
+        assert path_info is not None
+        got = nar_hash_and_size(store / p.rsplit("/", 1)[-1])
+        assert got == (path_info.nar_hash, path_info.nar_size)
     assert sorted(os.listdir(tmp_path / "gcroots")) == [demo_app.rsplit("/", 1)[-1]]

@@ -15,8 +15,8 @@ import pytest
 from runtime_helpers import SnapshotterDaemon
 
 from daemons import Containerd, _short_dir
-from stowaway.runtime.cri_cli import make_service
-from stowaway.runtime.cri_service import serve
+from stowaway.runtime.cri.cli_cri import make_service
+from stowaway.runtime.cri.image_service import serve
 from stowaway.runtime.proto.cri import api_pb2 as cri
 from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
 

@@ -20,11 +20,11 @@ from stowaway.runtime.cli_snapshotter import snapshotter_command
 from stowaway.runtime.metadata import Record
 from stowaway.runtime.modes import ModeFacts, choose, containerd_version, parse_version
 from stowaway.runtime.mounts import Layout, mounts
-from stowaway.runtime.skeleton import materialise
 from stowaway.runtime.snapshots_service import _mounts
 from stowaway.runtime.snapshotter.contract import AlreadyExists, Kind, Mount
 from stowaway.runtime.snapshotter.state import SnapshotterConfig
 from stowaway.runtime.snapshotter.store_snapshotter import StoreSnapshotter
+from stowaway.runtime.stub_trees import materialise
 
 NO_OVERLAY = "cannot set trusted.overlay.metacopy"
 
@@ -166,7 +166,7 @@ def test_target_reaches_the_wire() -> None:
     assert _mounts([Mount("overlay", "overlay", ())])[0].target == ""
 
 
-def test_bind_skeleton_is_mount_points_only(tmp_path: Path, demo_closure: list[str]) -> None:
+def test_bind_stub_tree_is_mount_points_only(tmp_path: Path, demo_closure: list[str]) -> None:
     paths = [(os.path.basename(p), Path(p)) for p in demo_closure]
     materialise("bind", paths, tmp_path / "a")
     materialise("bind", paths, tmp_path / "b")

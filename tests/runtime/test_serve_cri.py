@@ -49,7 +49,7 @@ class StowawayServe(Daemon):
     def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.host}/healthz", timeout=1) as r:
-                return r.status == 200
+                return bool(r.status == 200)
         except (OSError, urllib.error.HTTPError):
             return False
 

@@ -151,8 +151,8 @@ def test_store_layer_committed_and_mounted(
         )
         assert "hello from stowaway" in out.stdout
         busybox = next(p for p in demo_closure if p.endswith("-busybox"))
-        with open(root / busybox.lstrip("/") / "bin/busybox", "ab") as f:
-            f.write(b"container write")
+        with open(root / busybox.lstrip("/") / "bin/busybox", "ab") as out_file:
+            out_file.write(b"container write")
     finally:
         umount(root)
     assert tree_hash(demo_closure) == before
@@ -433,8 +433,8 @@ def test_cleanup_drops_local_paths_no_snapshot_uses(
     assert sub is not None
     fetch = sub.fetch
 
-    def fetch_then_cleanup(base: str) -> Path | None:
-        got = fetch(base)
+    def fetch_then_cleanup(basename: str) -> Path | None:
+        got = fetch(basename)
         s.cleanup()  # a GC between locating a path and committing the layer
         return got
 

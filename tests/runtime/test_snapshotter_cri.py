@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,21 +25,18 @@ from runtime_helpers import (
     store_layer_digests,
 )
 
-from daemons import Containerd, Registry
+from daemons import Containerd, Registry, wait_for
 from stowaway.image.annotations import PATHS_PREFIX
 
 
 def wait_reconnected(containerd: Containerd, timeout: float = 15) -> None:
     """containerd's gRPC channel to a restarted proxy plugin reconnects with backoff."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = containerd.ctr(
-            "snapshots", "--snapshotter", "stowaway", "ls", check=False, namespace=NS
-        )
-        if r.returncode == 0 or time.monotonic() > deadline:
-            assert r.returncode == 0, r.stderr
-            return
-        time.sleep(0.2)
+
+    def listed() -> bool:
+        ls = ["snapshots", "--snapshotter", "stowaway", "ls"]
+        return containerd.ctr(*ls, check=False, namespace=NS).returncode == 0
+
+    wait_for(listed, timeout, "containerd to reach the restarted snapshotter", interval=0.2)
 
 
 def tree_hash(paths: list[str]) -> str:
@@ -94,7 +90,12 @@ def test_cri_pull_skips_store_layers_and_runs(
     assert re.search(r"^long\s+\d+\s+RUNNING", tasks, re.M), tasks
     assert "hello from stowaway" in containerd.ctr(*run, "demo2", namespace=NS).stdout
     containerd.ctr("tasks", "kill", "-s", "SIGKILL", "long", namespace=NS)
-    time.sleep(0.3)
+    running = re.compile(r"^long\s+\d+\s+RUNNING", re.M)
+    wait_for(
+        lambda: not running.search(containerd.ctr("tasks", "ls", namespace=NS).stdout),
+        10,
+        "the killed task to stop",
+    )
     containerd.ctr("tasks", "delete", "-f", "long", namespace=NS, check=False)
 
 
@@ -169,10 +170,7 @@ def test_cri_pull_substitutes_absent_paths_and_gc_frees_them(
             assert "hello from stowaway" in out.stdout
 
             cri_remove(ctrd, image_id)
-            deadline = time.monotonic() + 30
-            while os.listdir(local) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert os.listdir(local) == [], "Cleanup left substituted paths behind"
+            wait_for(lambda: os.listdir(local) == [], 30, "Cleanup to delete the substituted paths")
             snaps = ctrd.ctr("snapshots", "--snapshotter", "stowaway", "ls", namespace=NS)
             assert "stowaway/" not in snaps.stdout
 

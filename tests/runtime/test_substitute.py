@@ -13,7 +13,7 @@ from runtime_helpers import all_at_once
 
 from stowaway.runtime.substitute import Substituter
 from stowaway.store.binary_cache import BinaryCache
-from stowaway.store.nar import NarEntry
+from stowaway.store.model import NarEntry
 from stowaway.store.narinfo import PublicKey
 
 

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from daemons import wait_for
 from stowaway.errors import StowawayError
 from stowaway.image.digest import CorruptBlob
 from stowaway.image.layers import LayerSettings
@@ -135,11 +135,14 @@ def dockerd() -> Iterator[dict[str, str]]:
             stdout=log, stderr=log,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while subprocess.run([DOCKER, "version"], env=env, capture_output=True).returncode:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("dockerd did not start:\n" + (root / "log").read_text()[-2000:])
-            time.sleep(0.2)
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                pytest.fail("dockerd exited:\n" + (root / "log").read_text()[-2000:])
+            version = subprocess.run([DOCKER, "version"], env=env, capture_output=True)
+            return version.returncode == 0
+
+        wait_for(answers, 30, f"dockerd to start (log {root / 'log'})", interval=0.2)
         yield env
     finally:
         proc.terminate()

@@ -27,6 +27,7 @@ from typing import Any
 import bcrypt
 import pytest
 
+from daemons import wait_for
 from stowaway.errors import RegistryError
 from stowaway.image.digest import CorruptBlob
 from stowaway.image.layer_cache import default_cache_dir
@@ -77,16 +78,18 @@ class Registry:
             self.proc = subprocess.Popen(
                 ["docker-registry", "serve", str(config)], stdout=out, stderr=err
             )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError((root / "registry.log").read_text()) from None
-                time.sleep(0.05)
+
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError((root / "registry.log").read_text())
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+
+        try:
+            wait_for(listening, 10, "the registry to listen", ignore=(OSError,))
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.proc.terminate()

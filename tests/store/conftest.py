@@ -6,12 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from daemons import wait_for
 from nixtools import nix_copy
 
 
@@ -78,15 +78,14 @@ def http_cache(signed_caches: dict[str, str]) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("http.server did not start") from None
-                time.sleep(0.05)
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError("http.server exited")
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+
+        wait_for(listening, 10, "http.server to listen", ignore=(OSError,))
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -67,7 +67,8 @@ def test_hash_matches_db_and_nix(demo_closure: list[str], local_store: LocalStor
 
 
 def test_read_round_trip_and_walk_equal(odd_tree: Path, demo_closure: list[str]) -> None:
-    for path in [odd_tree, *demo_closure]:
+    paths: list[str | Path] = [odd_tree, *demo_closure]
+    for path in paths:
         data = nix_dump(path)
         assert events(read_nar(io.BytesIO(data))) == events(walk_path(path))
         assert b"".join(write_nar(read_nar(io.BytesIO(data)))) == data

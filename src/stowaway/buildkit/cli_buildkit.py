@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import click
 
-from stowaway.cli_options import fail, image_flags, image_options_from_flags, layering_options
-from stowaway.errors import StowawayError
+from stowaway.cli_options import (
+    StowawayCommand,
+    StowawayGroup,
+    image_flags,
+    image_options_from_flags,
+    layering_options,
+)
 
 __all__ = ["buildkit_group", "frontend_command"]
 
 
-@click.group("buildkit")
+@click.group("buildkit", cls=StowawayGroup)
 def buildkit_group() -> None:
     """Nix builds inside `docker build`: one derivation, one BuildKit step.
 
@@ -60,28 +65,16 @@ def context_command(
     the .drv closure, its input sources and stowaway.json (targets, image config)."""
     from stowaway.buildkit.context import make_context
 
-    try:
-        options = image_options_from_flags(
-            entrypoint=entrypoint,
-            cmd=cmd,
-            env=env,
-            workdir=workdir,
-            user=user,
-            expose=expose,
-            labels=labels,
-            created=created,
-        )
-        result = make_context(
-            nix_file,
-            attrs,
-            out_dir,
-            options,
-            layering=layering,
-            max_layers=max_layers,
-            argstrs=dict(argstrs),
-        )
-    except StowawayError as e:
-        fail(e)
+    options = image_options_from_flags(click.get_current_context().params)
+    result = make_context(
+        nix_file,
+        attrs,
+        out_dir,
+        options,
+        layering=layering,
+        max_layers=max_layers,
+        argstrs=dict(argstrs),
+    )
     refs = "exact (outputs built locally)" if result.spec.references is not None else "build-time"
     click.echo(
         f"{result.path}: {result.derivations} derivations, {result.sources} sources, "
@@ -89,9 +82,9 @@ def context_command(
     )
 
 
-@click.command("frontend")
+@click.command("frontend", cls=StowawayCommand)
 def frontend_command() -> None:
     """BuildKit frontend entrypoint: speaks the gateway API on stdin/stdout."""
     from stowaway.buildkit.frontend import main
 
-    raise SystemExit(main())
+    click.get_current_context().exit(main())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from stowaway.buildkit.drv import Derivation, parse_drv
 from stowaway.buildkit.evaluate import NoStore, for_platform, members_of, targets_of
-from stowaway.buildkit.graph import mode_templates
+from stowaway.buildkit.llb_graph import mode_templates
 from stowaway.buildkit.spec import Spec
 from stowaway.errors import StowawayError
 from stowaway.image.config import ImageOptions, build_config, plan_customisation

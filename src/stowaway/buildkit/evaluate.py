@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from stowaway.buildkit import llb
 from stowaway.buildkit.drv import Derivation
-from stowaway.buildkit.graph import mode_templates, platform_of
+from stowaway.buildkit.llb_graph import mode_templates, platform_of
 from stowaway.buildkit.spec import MEMBER_KINDS, Member, Spec, Target
 from stowaway.errors import StowawayError
 from stowaway.image.config import (

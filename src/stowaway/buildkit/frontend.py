@@ -1,12 +1,11 @@
 """`stowaway frontend`: the BuildKit gateway client run as the frontend image's entrypoint.
 
-BuildKit starts the frontend with the LLBBridge gRPC connection on stdin/stdout. grpcio
-only dials addresses, so a relay listens on a private unix socket and pumps bytes
-between it and fds 0/1; fd 1 is then pointed at stderr so that no stray print can
-corrupt the HTTP/2 stream. The build itself: read ``stowaway.json`` (the ``filename``
-option) and the .drv files from the client's context, or evaluate the ``.nix`` file
-named by ``filename`` in an ExecOp (:mod:`stowaway.buildkit.evaluate`), turn them into LLB
-(:mod:`stowaway.buildkit.graph`), solve, and return the result with the image config.
+BuildKit starts the frontend with the LLBBridge gRPC connection on stdin/stdout, which
+:mod:`stowaway.buildkit.gateway` relays and wraps in typed calls. The build itself: read
+``stowaway.json`` (the ``filename`` option) and the .drv files from the client's
+context, or evaluate the ``.nix`` file named by ``filename`` in an ExecOp
+(:mod:`stowaway.buildkit.evaluate`), turn them into LLB (:mod:`stowaway.buildkit.llb_graph`),
+solve, and return the result with the image config.
 
 Imports stay within grpc, protobuf and the stdlib-only parts of stowaway: this module
 runs on Debian's python3 inside the frontend image.
@@ -17,14 +16,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import sys
-import tempfile
-import threading
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -38,13 +32,13 @@ from stowaway.buildkit.evaluate import (
     spec_from_eval,
     store_paths,
 )
-from stowaway.buildkit.graph import (
+from stowaway.buildkit.gateway import CacheImport, FrontendError, Gateway, stdio_gateway
+from stowaway.buildkit.llb_graph import (
     STORE_PATHS_LABEL,
-    build_graph,
+    build_llb_graph,
     image_platform,
     mode_templates,
 )
-from stowaway.buildkit.pb import gateway, gateway_grpc
 from stowaway.buildkit.spec import Spec
 from stowaway.errors import StowawayError
 from stowaway.store.model import STORE_DIR
@@ -59,15 +53,8 @@ __all__ = [
     "run",
 ]
 
-_CHUNK = 1 << 20
-#: BuildKit's gRPC server accepts requests up to 4 MiB (grpc-go's default).
-_MAX_REQUEST = 4 << 20
 _REQUIRED_CAPS = ("solve.base", "readfile")
 _REQUIRED_LLB_CAPS = ("source.local", "exec.meta.base", "exec.mount.selector", "file.base")
-
-
-class FrontendError(StowawayError):
-    """The gateway refused a request or the daemon lacks something we need."""
 
 
 def frontend_options(environ: Mapping[str, str]) -> dict[str, str]:
@@ -78,14 +65,6 @@ def frontend_options(environ: Mapping[str, str]) -> dict[str, str]:
             key, _, val = value.partition("=")
             opts[key] = val
     return opts
-
-
-@dataclass(frozen=True)
-class CacheImport:
-    """A cache BuildKit may load results from: ``type`` ("registry", "local", …) + attrs."""
-
-    type: str
-    attrs: Mapping[str, str]
 
 
 def cache_imports(opts: Mapping[str, str]) -> list[CacheImport]:
@@ -126,109 +105,6 @@ def cache_imports(opts: Mapping[str, str]) -> list[CacheImport]:
         if c not in unique:
             unique.append(c)
     return unique
-
-
-class _Relay:
-    """Bytes between fd ``rfd``/``wfd`` and the one client of a private unix socket."""
-
-    def __init__(self, rfd: int, wfd: int) -> None:
-        self.dir = tempfile.mkdtemp(prefix="stowaway-frontend-")
-        self.path = os.path.join(self.dir, "gw.sock")
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(1)
-        self.rfd, self.wfd = rfd, wfd
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        self.listener.close()
-        threading.Thread(target=self._pump_in, args=(conn,), daemon=True).start()
-        while data := conn.recv(_CHUNK):
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.wfd, view) :]
-
-    def _pump_in(self, conn: socket.socket) -> None:
-        while data := os.read(self.rfd, _CHUNK):
-            conn.sendall(data)
-        conn.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        try:
-            os.unlink(self.path)
-            os.rmdir(self.dir)
-        except OSError:
-            pass
-
-
-@dataclass
-class Gateway:
-    """Typed calls on the LLBBridge stub."""
-
-    stub: Any
-    #: Forwarded on solves of the build graph (not on reads of the client's files).
-    caches: tuple[CacheImport, ...] = ()
-    #: BuildKit takes ``CacheImports`` (cap "importcaches"); else registry refs only.
-    typed_caches: bool = True
-
-    def ping(self) -> tuple[set[str], set[str]]:
-        pong = self.stub.Ping(gateway.PingRequest())
-        return (
-            {c.ID for c in pong.FrontendAPICaps if c.Enabled},
-            {c.ID for c in pong.LLBCaps if c.Enabled},
-        )
-
-    def solve(self, definition: Any, use_caches: bool = False) -> str:
-        """Solve ``definition``; the result's ref id ('' for an empty result).
-        ``use_caches`` lets BuildKit load results from the imported caches."""
-        size = definition.ByteSize()
-        if size >= _MAX_REQUEST:
-            raise FrontendError(
-                f"the build graph marshals to {size} bytes, over BuildKit's 4 MiB request limit"
-            )
-        req = gateway.SolveRequest(Definition=definition, allowResultReturn=True)
-        req.allowResultArrayRef = True
-        for c in self.caches if use_caches else ():
-            if self.typed_caches:
-                req.CacheImports.add(Type=c.type, Attrs=c.attrs)
-            elif c.type == "registry" and "ref" in c.attrs:
-                req.ImportCacheRefsDeprecated.append(c.attrs["ref"])
-        res = self.stub.Solve(req)
-        which = res.result.WhichOneof("result") if res.HasField("result") else None
-        if which == "ref":
-            return str(res.result.ref.id)
-        if which == "refDeprecated":
-            return str(res.result.refDeprecated)
-        return str(res.ref)
-
-    def resolve_image_config(self, ref: str, platform: tuple[str, str]) -> tuple[str, bytes]:
-        """The manifest digest and config of image ``ref`` (from its registry)."""
-        req = gateway.ResolveImageConfigRequest(Ref=ref, LogName=f"[stowaway] resolve {ref}")
-        req.Platform.OS, req.Platform.Architecture = platform
-        res = self.stub.ResolveImageConfig(req)
-        return str(res.Digest), bytes(res.Config)
-
-    def read_file(self, ref: str, path: str) -> bytes:
-        """The whole file, read in 1 MiB ranges (responses must stay under 4 MiB)."""
-        out = bytearray()
-        while True:
-            req = gateway.ReadFileRequest(Ref=ref, FilePath=path)
-            req.Range.Offset, req.Range.Length = len(out), _CHUNK
-            data = self.stub.ReadFile(req).Data
-            out += data
-            if len(data) < _CHUNK:
-                return bytes(out)
-
-    def ret(self, ref: str | None, metadata: Mapping[str, bytes], error: str | None) -> None:
-        req = gateway.ReturnRequest()
-        if error is not None:
-            req.error.code, req.error.message = 2, error  # 2 = UNKNOWN
-        else:
-            req.result.ref.id = ref or ""
-            for k, v in metadata.items():
-                req.result.metadata[k] = v
-        self.stub.Return(req)
 
 
 def _read_inputs(
@@ -356,7 +232,7 @@ def run(gw: Gateway, opts: Mapping[str, str], session: str) -> None:
         subs: dict[str, llb.Output] = {}
         if "resolveimage" in caps and "source.image" in llb_caps:
             subs = _substitutes(gw, image_platform(spec, drvs))
-        graph = build_graph(spec, drvs, context, subs)
+        graph = build_llb_graph(spec, drvs, context, subs)
         ref = gw.solve(llb.marshal(graph.result), use_caches=True)
         config = _labelled(spec.config, graph.layers)
     except StowawayError as e:
@@ -377,24 +253,10 @@ def run(gw: Gateway, opts: Mapping[str, str], session: str) -> None:
 def main() -> int:
     """Entrypoint: relay stdio, run the build, exit 0 once the result (or error) is
     returned; anything else is a crash reported on stderr."""
-    rfd, wfd = os.dup(0), os.dup(1)
-    os.dup2(2, 1)  # stray prints must never reach the gRPC stream
-    sys.stdout = sys.stderr
-    relay = _Relay(rfd, wfd)
     opts = frontend_options(os.environ)
     session = os.environ.get("BUILDKIT_SESSION_ID", "")
-    channel = grpc.insecure_channel(
-        "unix:" + relay.path,
-        options=[
-            ("grpc.max_receive_message_length", 16 << 20),
-            ("grpc.max_send_message_length", _MAX_REQUEST),
-        ],
-    )
-    try:
-        run(Gateway(gateway_grpc.LLBBridgeStub(channel)), opts, session)
-    finally:
-        channel.close()
-        relay.close()
+    with stdio_gateway() as gw:
+        run(gw, opts, session)
     return 0
 
 

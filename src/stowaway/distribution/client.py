@@ -1,4 +1,5 @@
-"""A small client for the OCI distribution API: scheme discovery, auth, retries.
+"""A small client for the OCI distribution API: scheme discovery, transport and
+retries; how the registry wants to be authenticated is ``auth.RegistryAuth``'s.
 
 Blocking ``http.client`` on a thread pool rather than aiohttp: pushes are a handful
 of large streaming requests, threads release the GIL on socket I/O and hashing, and
@@ -8,10 +9,7 @@ thread and origin.
 
 from __future__ import annotations
 
-import base64
 import http.client
-import json
-import re
 import ssl
 import threading
 import time
@@ -21,13 +19,11 @@ from email.message import Message
 from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
+from stowaway.distribution.auth import CREDS_HINT, USER_AGENT, RegistryAuth
 from stowaway.distribution.errors import RegistryApiError
 from stowaway.errors import RegistryError
 
 __all__ = ["RegistryClient", "Response", "TransportError", "CREDS_HINT"]
-
-#: Told to the user whenever a registry refuses us for lack of credentials.
-CREDS_HINT = "pass --dest-creds USER:PASS (or a token the registry accepts)"
 
 #: Read and send size for streamed bodies.
 CHUNK = 1 << 20
@@ -35,9 +31,6 @@ CHUNK = 1 << 20
 ATTEMPTS = 4
 #: First backoff delay in seconds; doubles on each retry.
 BACKOFF = 0.25
-
-_UA = {"User-Agent": "stowaway"}
-_PARAM = re.compile(r'([A-Za-z_]+)=(?:"([^"]*)"|([^,\s]*))')
 
 
 class TransportError(RegistryError):
@@ -61,19 +54,6 @@ class Response:
         return self.headers.get(name)
 
 
-@dataclass(frozen=True)
-class _Challenge:
-    scheme: str  # "basic" or "bearer"
-    params: Mapping[str, str]
-
-
-def parse_challenge(value: str) -> _Challenge:
-    """Parse one ``WWW-Authenticate`` value (``Bearer realm="…",service="…"``)."""
-    scheme, _, rest = value.strip().partition(" ")
-    params = {m[1].lower(): m[2] if m[2] or not m[3] else m[3] for m in _PARAM.finditer(rest)}
-    return _Challenge(scheme.lower(), params)
-
-
 class RegistryClient:
     """Talks to one registry host; thread-safe (one connection per thread and origin)."""
 
@@ -89,14 +69,15 @@ class RegistryClient:
         self.tls_verify = tls_verify
         self.creds = creds
         self.timeout = timeout
-        self.base = f"https://{host}"
-        self._challenge: _Challenge | None = None
-        self._scopes: tuple[str, ...] = ()
-        self._tokens: dict[tuple[str, ...], str] = {}
-        self._token_lock = threading.Lock()
+        self.auth = RegistryAuth(f"https://{host}", creds, self._get_token)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._all_conns: list[http.client.HTTPConnection] = []
+
+    @property
+    def base(self) -> str:
+        """``scheme://host`` of the registry (the scheme is settled by ``ping``)."""
+        return self.auth.base
 
     # -- setup -----------------------------------------------------------------
 
@@ -106,16 +87,15 @@ class RegistryClient:
         schemes = ["https"] if self.tls_verify else ["https", "http"]
         last: Exception | None = None
         for scheme in schemes:
-            self.base = f"{scheme}://{self.host}"
+            self.auth.base = f"{scheme}://{self.host}"
             try:
-                resp = self._once("GET", self.base + "/v2/", _UA, None)
+                resp = self._once("GET", self.base + "/v2/", USER_AGENT, None)
             except (OSError, http.client.HTTPException) as e:  # incl. TLS failures
                 last = e
                 continue
             if resp.status == 401:
-                self._challenge = self._parse_401(resp)
-                if self._challenge.scheme == "basic" and self.creds is None:
-                    raise self._unauthorized(resp, self.base + "/v2/")
+                if self.auth.learn(resp).scheme == "basic" and self.creds is None:
+                    raise self.auth.unauthorized(resp, self.base + "/v2/")
             elif resp.status != 200:
                 raise RegistryApiError.from_response(resp.status, resp.body)
             return
@@ -126,7 +106,7 @@ class RegistryClient:
 
     def authorize(self, scopes: Sequence[str]) -> None:
         """Scopes to ask a token server for (``repository:<repo>:pull,push``)."""
-        self._scopes = tuple(scopes)
+        self.auth.authorize(scopes)
 
     def close(self) -> None:
         with self._lock:
@@ -248,7 +228,7 @@ class RegistryClient:
     def error(self, resp: Response, url: str) -> RegistryError:
         """The registry's error for a failed response, with a hint where we have one."""
         if resp.status == 401:
-            return self._unauthorized(resp, url)
+            return self.auth.unauthorized(resp, url)
         err = RegistryApiError.from_response(resp.status, resp.body)
         err.message = f"{err.message} ({_where(url)})"
         if resp.status == 403:
@@ -320,71 +300,17 @@ class RegistryClient:
 
     def _auth(self, url: str, headers: Mapping[str, str] | None) -> Mapping[str, str]:
         out = dict(headers or {})
-        out.update(_UA)
-        if not self._own_origin(url) or self._challenge is None:
-            return out  # never leak credentials to another origin (e.g. a blob store)
-        if self._challenge.scheme == "basic" and self.creds is not None:
-            out["Authorization"] = "Basic " + _b64(f"{self.creds[0]}:{self.creds[1]}")
-        elif self._challenge.scheme == "bearer":
-            out["Authorization"] = "Bearer " + self._token(self._challenge, self._scopes)
+        out.update(USER_AGENT)
+        if self._own_origin(url):  # never leak credentials to another origin (a blob store)
+            out.update(self.auth.header())
         return out
 
-    def _token(self, challenge: _Challenge, scopes: tuple[str, ...]) -> str:
-        key = (challenge.params.get("realm", ""), challenge.params.get("service", ""), *scopes)
-        with self._token_lock:  # single flight: concurrent uploads share one token
-            token = self._tokens.get(key)
-            if token is None:
-                token = self._tokens[key] = self._fetch_token(challenge, scopes)
-            return token
-
-    def _fetch_token(self, challenge: _Challenge, scopes: tuple[str, ...]) -> str:
-        realm = challenge.params.get("realm")
-        if not realm:
-            raise RegistryError(f"{self.base}/v2/: Bearer challenge without a realm")
-        query = [("scope", s) for s in scopes]
-        if "service" in challenge.params:
-            query.insert(0, ("service", challenge.params["service"]))
-        url = realm + ("&" if urlsplit(realm).query else "?") + urlencode(query)
-        headers = dict(_UA)
-        if self.creds is not None:
-            headers["Authorization"] = "Basic " + _b64(f"{self.creds[0]}:{self.creds[1]}")
+    def _get_token(self, url: str, headers: Mapping[str, str]) -> Response:
+        """A GET to a token server, for ``RegistryAuth`` (not retried)."""
         try:
-            resp = self._once("GET", url, headers, None)
+            return self._once("GET", url, headers, None)
         except (OSError, http.client.HTTPException) as e:
             raise self._connect_error(url, e) from e
-        if resp.status == 401:
-            raise self._unauthorized(resp, url)
-        if resp.status != 200:
-            raise RegistryApiError.from_response(resp.status, resp.body)
-        try:
-            doc = json.loads(resp.body)
-            return str(doc.get("token") or doc["access_token"])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise RegistryError(f"token server {realm} answered no token") from e
-
-    def _reauth(self, resp: Response) -> bool:
-        """A 401 after ping: for Bearer, fetch a token for the challenge's scope."""
-        challenge = self._parse_401(resp)
-        if challenge.scheme != "bearer":
-            return False
-        extra = challenge.params.get("scope", "").split()
-        with self._token_lock:  # the token may have expired: forget it, fetch afresh
-            self._challenge = challenge
-            self._scopes = tuple(dict.fromkeys([*self._scopes, *extra]))
-            self._tokens.clear()
-        return True
-
-    def _parse_401(self, resp: Response) -> _Challenge:
-        for value in resp.headers.get_all("WWW-Authenticate") or []:
-            challenge = parse_challenge(value)
-            if challenge.scheme in ("basic", "bearer"):
-                return challenge
-        return _Challenge("basic", {})
-
-    def _unauthorized(self, resp: Response, url: str) -> RegistryError:
-        detail = RegistryApiError.from_response(resp.status, resp.body).message
-        how = "the credentials were refused" if self.creds else "no credentials were given"
-        return RegistryError(f"{url}: unauthorized ({how}): {detail}", hint=CREDS_HINT)
 
     def _connect_error(self, url: str, e: BaseException | None) -> TransportError:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
@@ -415,7 +341,7 @@ class _Retry:
         # a 401 from another origin (a redirect's blob store) is not our registry's
         # challenge: adopting it would send our credentials to that origin's realm
         reauth = resp.status == 401 and not self.reauthed and self.client._own_origin(url)
-        if reauth and self.client._reauth(resp):
+        if reauth and self.client.auth.reauth(resp):
             self.reauthed = True
             return
         err = self.client.error(resp, url)
@@ -452,7 +378,3 @@ def _where(url: str) -> str:
     """The URL without its (long, opaque) query, to name where an error happened."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
-
-
-def _b64(s: str) -> str:
-    return base64.b64encode(s.encode()).decode()

@@ -2,7 +2,8 @@
 
 ``plan`` is pure and deterministic: the same closure and roots always give the
 same plan. Strategies: ``auto`` (ours, the default; see docs/layering.md),
-``popularity`` (nixpkgs buildLayeredImage) and ``dominator`` (Nixery).
+``popularity`` (nixpkgs buildLayeredImage) and ``dominator`` (Nixery), each a module
+whose entry point is ``plan_layers(graph, budget) -> list[PlannedLayer]``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from stowaway.errors import PlanError
-from stowaway.layering.auto import UNKNOWN_SIZE, layers_auto
-from stowaway.layering.dominator import layers_dominator
-from stowaway.layering.graph import build_graph
+from stowaway.layering import auto, dominator, popularity
+from stowaway.layering.auto import UNKNOWN_SIZE
 from stowaway.layering.model import LayerPlan, PlannedLayer
-from stowaway.layering.popularity import plan_popularity
+from stowaway.layering.reference_graph import build_reference_graph
 from stowaway.store.model import PathInfo
 
 __all__ = [
@@ -29,10 +29,11 @@ __all__ = [
 #: Registries and runtimes start failing near 125-127 layers.
 MAX_LAYERS_LIMIT = 125
 
+#: Strategy name → the planner module's ``plan_layers``.
 STRATEGIES = {
-    "auto": layers_auto,
-    "popularity": plan_popularity,
-    "dominator": layers_dominator,
+    "auto": auto.plan_layers,
+    "popularity": popularity.plan_layers,
+    "dominator": dominator.plan_layers,
 }
 
 
@@ -57,7 +58,7 @@ def plan(
         raise PlanError(
             f"unknown layering strategy {strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}"
         )
-    graph = build_graph(closure, roots)
+    graph = build_reference_graph(closure, roots)
     layers = planner(graph, max_layers - 1)
     # Roots on top whatever the strategy (stable: keeps each side's order).
     top = {graph.paths[r] for r in graph.roots}

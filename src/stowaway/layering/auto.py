@@ -32,8 +32,8 @@ from __future__ import annotations
 import heapq
 from functools import partial
 
-from stowaway.layering.graph import Graph, descendants, shared_first
 from stowaway.layering.model import PlannedLayer
+from stowaway.layering.reference_graph import ReferenceGraph, descendants, shared_first
 
 #: Paths at least this big may get a layer of their own.
 SOLO_MIN = 1 << 20
@@ -60,7 +60,7 @@ def _label(path: str) -> Label:
 class _Groups:
     """Disjoint groups of path indices with the sums the waste formula needs."""
 
-    def __init__(self, g: Graph, fixed: set[int], clo: list[int]) -> None:
+    def __init__(self, g: ReferenceGraph, fixed: set[int], clo: list[int]) -> None:
         free = [i for i in range(len(g.paths)) if i not in fixed]
         self.members = {i: [i] for i in free}
         self.bytes = {i: g.sizes[i] for i in free}
@@ -94,7 +94,7 @@ class _Groups:
             self.link(a, n)
 
 
-def layers_auto(g: Graph, budget: int) -> list[PlannedLayer]:
+def plan_layers(g: ReferenceGraph, budget: int) -> list[PlannedLayer]:
     """Plan layers bottom to top within ``budget`` store-path layers."""
     roots = set(g.roots)
     if len(roots) >= budget:
@@ -141,7 +141,7 @@ def layers_auto(g: Graph, budget: int) -> list[PlannedLayer]:
     return [g.layer(ms) for ms in sorted(groups, key=partial(shared_first, g))]
 
 
-def _squeeze(g: Graph, groups: list[list[int]], budget: int) -> list[list[int]]:
+def _squeeze(g: ReferenceGraph, groups: list[list[int]], budget: int) -> list[list[int]]:
     """Last resort when no candidate pair is left (paths with no free neighbour,
     or more roots than the budget): merge the two smallest groups (by bytes,
     then first path) until the plan fits."""

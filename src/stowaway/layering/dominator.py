@@ -18,18 +18,24 @@ from __future__ import annotations
 
 from functools import partial
 
-from stowaway.layering.graph import VIRTUAL, Graph, closure_sizes, dominators, shared_first
 from stowaway.layering.model import PlannedLayer
+from stowaway.layering.reference_graph import (
+    VIRTUAL,
+    ReferenceGraph,
+    closure_sizes,
+    dominators,
+    shared_first,
+)
 
 BIG_CLOSURE = 100 * 1000 * 1000  # Nixery: 100 MB (decimal)
 
 
-def popularity(g: Graph) -> list[int]:
+def popularity(g: ReferenceGraph) -> list[int]:
     """In-closure popularity: number of direct referrers, at least 1."""
     return [max(1, len(r)) for r in g.referrers]
 
 
-def plan_dominator(g: Graph, budget: int) -> list[tuple[int, list[int]]]:
+def dominator_groups(g: ReferenceGraph, budget: int) -> list[tuple[int, list[int]]]:
     """Groups as ``(rating, members)``, merged down to ``budget``; the caller orders them."""
     pop = popularity(g)
     popular_min = max(2, len(g.paths) // 10)
@@ -58,7 +64,7 @@ def plan_dominator(g: Graph, budget: int) -> list[tuple[int, list[int]]]:
     return [(r, ms) for r, _, ms in candidates]
 
 
-def layers_dominator(g: Graph, budget: int) -> list[PlannedLayer]:
-    """Nixery's groups ordered for an image (see ``graph.shared_first``)."""
-    groups = [ms for _, ms in plan_dominator(g, budget)]
+def plan_layers(g: ReferenceGraph, budget: int) -> list[PlannedLayer]:
+    """Nixery's groups ordered for an image (see ``reference_graph.shared_first``)."""
+    groups = [ms for _, ms in dominator_groups(g, budget)]
     return [g.layer(ms) for ms in sorted(groups, key=partial(shared_first, g))]

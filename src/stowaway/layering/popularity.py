@@ -12,11 +12,11 @@ score descending, ties by name then hash (nixpkgs' ``package_name``); the first
 
 from __future__ import annotations
 
-from stowaway.layering.graph import Graph, ancestors, bits, occurrences
 from stowaway.layering.model import PlannedLayer
+from stowaway.layering.reference_graph import ReferenceGraph, ancestors, bits, occurrences
 
 
-def scores(g: Graph) -> list[int]:
+def scores(g: ReferenceGraph) -> list[int]:
     """nixpkgs' popularity score of every path (see the module docstring)."""
     occ = occurrences(g)
     return [sum(occ[a] for a in bits(anc)) for anc in ancestors(g)]
@@ -29,7 +29,7 @@ def package_name(path: str) -> str:
     return f"{name}-{digest}"
 
 
-def plan_popularity(g: Graph, budget: int) -> list[PlannedLayer]:
+def plan_layers(g: ReferenceGraph, budget: int) -> list[PlannedLayer]:
     """Layers bottom to top: the most popular paths alone, the rest together."""
     score = scores(g)
     ranked = sorted(range(len(g.paths)), key=lambda i: (-score[i], package_name(g.paths[i])))

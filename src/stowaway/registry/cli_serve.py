@@ -13,23 +13,16 @@ from typing import Any
 
 import click
 
-from stowaway.cli_options import fail
+from stowaway.cli_options import StowawayCommand, store_options
 from stowaway.errors import StowawayError
 
 
-@click.command("serve")
+@click.command("serve", cls=StowawayCommand)
 @click.option(
     "--listen", metavar="HOST:PORT", help="Address to listen on (default 127.0.0.1:5000)."
 )
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--store", metavar="DIR", help="Local or SAN-mounted store to compose from.")
-@click.option(
-    "--substituter", "substituters", multiple=True, metavar="URL", help="Binary cache; repeatable."
-)
-@click.option(
-    "--trusted-public-key", "trusted_keys", multiple=True, metavar="NAME:BASE64", help="Repeatable."
-)
-@click.option("--no-require-sigs", is_flag=True, help="Accept unsigned binary cache paths.")
+@store_options
 @click.option("--index", type=click.Path(dir_okay=False), help="Package index of the tag latest.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Layer cache directory.")
 @click.option("--storage", metavar="DIR|s3://BUCKET/PREFIX", help="Where blobs and manifests live.")
@@ -109,14 +102,12 @@ def serve_command(
                 root = fs or default_cache_dir()
             resolver = NixResolver(config.nix, LayerCache(root))
         asyncio.run(serve(config, resolver, storage=backend, landing=resolver))
-    except StowawayError as err:
-        fail(err)
     finally:
         if resolver is not None:
             resolver.close()
 
 
-@click.command("index")
+@click.command("index", cls=StowawayCommand)
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Index file to write."
 )
@@ -165,30 +156,27 @@ def index_command(
     """
     from stowaway.registry import package_index as pi
 
-    try:
-        chosen = [x for x in (nix_env, cache_url, links) if x]
-        if len(chosen) != 1:
-            raise StowawayError("give exactly one of --from-nix-env, --from-cache, --from-links")
-        if (paths or paths_from) and not cache_url:
-            raise StowawayError("store paths are only read with --from-cache")
-        if nix_env is not None:
-            index = pi.from_nix_env_json(
-                nix_env.read(), getattr(nix_env, "name", "<stdin>"), strip_prefix
-            )
-        elif cache_url is not None:
-            from stowaway.store.binary_cache import BinaryCache
-            from stowaway.store.narinfo import PublicKey
+    chosen = [x for x in (nix_env, cache_url, links) if x]
+    if len(chosen) != 1:
+        raise StowawayError("give exactly one of --from-nix-env, --from-cache, --from-links")
+    if (paths or paths_from) and not cache_url:
+        raise StowawayError("store paths are only read with --from-cache")
+    if nix_env is not None:
+        index = pi.from_nix_env_json(
+            nix_env.read(), getattr(nix_env, "name", "<stdin>"), strip_prefix
+        )
+    elif cache_url is not None:
+        from stowaway.store.binary_cache import BinaryCache
+        from stowaway.store.narinfo import PublicKey
 
-            keys = [PublicKey.parse(k) for k in trusted_keys]
-            cache = BinaryCache(cache_url, keys, require_signatures=not no_require_sigs)
-            listed = [*paths, *(ln for ln in (paths_from or []) if ln.strip())]
-            if not listed:
-                raise StowawayError("--from-cache needs store paths (arguments or --paths-from)")
-            index = pi.from_store_paths(listed, cache)
-        else:
-            assert links is not None
-            index = pi.from_result_links(Path(links))
-        pi.write_index(Path(output), index)
-    except StowawayError as err:
-        fail(err)
+        keys = [PublicKey.parse(k) for k in trusted_keys]
+        cache = BinaryCache(cache_url, keys, require_signatures=not no_require_sigs)
+        listed = [*paths, *(ln for ln in (paths_from or []) if ln.strip())]
+        if not listed:
+            raise StowawayError("--from-cache needs store paths (arguments or --paths-from)")
+        index = pi.from_store_paths(listed, cache)
+    else:
+        assert links is not None
+        index = pi.from_result_links(Path(links))
+    pi.write_index(Path(output), index)
     click.echo(f"wrote {len(index.packages)} packages to {output}", err=True)

@@ -6,15 +6,14 @@ import json
 
 import click
 
-from stowaway.cli_options import fail
-from stowaway.errors import StowawayError
+from stowaway.cli_options import StowawayCommand
 from stowaway.runtime.containerd_client import ContainerdClient
 from stowaway.runtime.pull import pull_image
 
 __all__ = ["pull_command"]
 
 
-@click.command("pull")
+@click.command("pull", cls=StowawayCommand)
 @click.argument("reference", metavar="HOST/REPO[:TAG|@DIGEST]")
 @click.option(
     "--containerd",
@@ -40,8 +39,6 @@ def pull_command(
     client = ContainerdClient(address, namespace)
     try:
         result = pull_image(reference, client, snapshotter=snapshotter, plain_http=plain_http)
-    except StowawayError as e:
-        fail(e)
     finally:
         client.close()
     if as_json:

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import click
 
-from stowaway.cli_options import cache_options
-from stowaway.errors import StowawayError
+from stowaway.cli_options import StowawayCommand, cache_options
 from stowaway.runtime.snapshots_service import serve_snapshotter
 from stowaway.runtime.snapshotter.state import SnapshotterConfig
 
 __all__ = ["snapshotter_command"]
 
 
-@click.command("snapshotter")
+@click.command("snapshotter", cls=StowawayCommand)
 @click.option(
     "--socket",
     "socket",
@@ -35,7 +34,7 @@ __all__ = ["snapshotter_command"]
     "root",
     required=True,
     type=click.Path(path_type=Path, file_okay=False),
-    help="State directory: metadata, snapshots, skeleton cache.",
+    help="State directory: metadata, snapshots, stub trees.",
 )
 @click.option(
     "--local-store",
@@ -95,7 +94,4 @@ def snapshotter_command(
         mode=None if mode == "auto" else mode,  # type: ignore[arg-type]
         containerd_version=containerd_version,
     )
-    try:
-        serve_snapshotter(config, socket.absolute())
-    except StowawayError as e:
-        raise click.ClickException(str(e)) from e
+    serve_snapshotter(config, socket.absolute())

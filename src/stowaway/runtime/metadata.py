@@ -2,7 +2,7 @@
 
 Why SQLite: every change is one transaction, so a crash leaves either the old or the
 new state, never half of one; a restarted snapshotter reads back exactly what it served.
-File work (directories, skeletons) happens outside this module; callers order it so a
+File work (directories, stub trees) happens outside this module; callers order it so a
 crash leaves at most an orphan directory, which ``Cleanup`` removes.
 """
 

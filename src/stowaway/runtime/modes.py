@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 
 from stowaway.errors import StowawayError
-from stowaway.runtime.skeleton import Mode
+from stowaway.runtime.stub_trees import Mode
 
 __all__ = [
     "BIND_MIN",

@@ -4,7 +4,7 @@ Ordinary chains get exactly what containerd's overlayfs snapshotter returns (a b
 mount for a parentless active snapshot or a one-parent view, else one overlay).
 A chain holding a stowaway layer in ``overlay`` mode is always one overlay whose lower
 layers end with the store directories as *data-only* layers (``…::STORE``) and which
-turns on ``metacopy`` and ``redirect_dir`` — never a bind of a skeleton, whose files
+turns on ``metacopy`` and ``redirect_dir`` — never a bind of a stub tree, whose files
 are empty stubs without the data layer. One mount, no mount tree: containerd 1.6
 unmounts temporary rootfs mounts non-recursively.
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stowaway.runtime.metadata import Record
-from stowaway.runtime.skeleton import Mode
 from stowaway.runtime.snapshotter.contract import Kind, Mount
+from stowaway.runtime.stub_trees import Mode
 
 __all__ = ["Layout", "mounts", "store_binds"]
 
@@ -67,7 +67,7 @@ def store_binds(paths: Sequence[Path]) -> list[Mount]:
 def mounts(rec: Record, layout: Layout, bind_paths: Sequence[Path] = ()) -> list[Mount]:
     """Mounts for an active snapshot or view ``rec`` (parent chain in ``rec.chain``);
     in ``bind`` mode ``bind_paths`` are the chain's store paths that need a bind (not
-    symlinks: those are in the skeleton as they are)."""
+    symlinks: those are in the stub tree as they are)."""
     if layout.mode == "bind":
         return _ordinary(rec, layout, False) + store_binds(bind_paths)
     return _ordinary(rec, layout, layout.mode == "overlay" and (rec.nix or any(rec.chain_nix)))

@@ -28,7 +28,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from stowaway.errors import StowawayError
-from stowaway.runtime.skeleton import CANONICAL_MTIME
+from stowaway.runtime.stub_trees import CANONICAL_MTIME
 from stowaway.store.binary_cache import BinaryCache
 from stowaway.store.model import STORE_DIR
 

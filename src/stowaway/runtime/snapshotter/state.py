@@ -14,7 +14,7 @@ from pathlib import Path
 from stowaway.errors import StowawayError
 from stowaway.fsutil import atomic_write
 from stowaway.runtime.modes import ModeFacts, choose, containerd_version
-from stowaway.runtime.skeleton import Mode, probe_data_only_overlay
+from stowaway.runtime.stub_trees import Mode, probe_data_only_overlay
 
 __all__ = [
     "SnapshotterConfig",

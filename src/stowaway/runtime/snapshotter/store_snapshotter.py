@@ -5,7 +5,7 @@ Ordinary layers behave as with containerd's overlayfs snapshotter. A Prepare car
 (what CRI passes from a stowaway layer's annotations) is answered from the Nix store:
 when every listed path is in ``store`` or ``local_store`` (or can be substituted into
 it) and the tar rebuilt from them is the layer the ref names (``verify.py``: the claim is
-proven, never trusted), the layer is committed as a *skeleton* snapshot under a name
+proven, never trusted), the layer is committed as a *stub tree* snapshot under a name
 carrying the ref label and containerd gets ALREADY_EXISTS, so it never downloads the
 blob. Otherwise it becomes an ordinary active snapshot and containerd unpacks the layer:
 never a broken rootfs.
@@ -17,13 +17,13 @@ leaves at most an orphan dir or an extra root, both removed by ``cleanup`` / sta
 reconciliation. ``cleanup`` (containerd calls it after its GC) also deletes the paths in
 ``local_store`` that no snapshot uses any more.
 
-Where the time goes (profiled on the benchmark's 82-layer, 25k-file image): creating
-the metacopy stubs. So in ``overlay`` mode they live on a private tmpfs mounted on the
+Stub trees (why, and what profiling found: docs/runtime.md, "Root filesystems"): in
+``overlay`` mode the metacopy stubs live on a private tmpfs mounted on the
 link dir (``<link dir>/<id>`` *is* the layer's lower dir): stubs hold no data, and a
 tree is derived state — rebuilt from the store at start-up when missing (a reboot, or a
 crash before it was finished). Hence a store layer is committed as soon as its paths
 are located and rooted, and its tree is built by a low-priority child process
-(``tree_builder``) while containerd goes on with the next layer; whatever mounts a chain
+(``stub_tree_builder``) while containerd goes on with the next layer; whatever mounts a chain
 (Prepare/View/Mounts) first waits for the trees in it. The tmpfs stays mounted while
 any overlay uses it (restarts never disturb running containers) and is dropped by
 ``close`` once nothing does.
@@ -55,7 +55,6 @@ from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.runtime.metadata import MetaStore, Record
 from stowaway.runtime.mounts import Layout, mounts
-from stowaway.runtime.skeleton import materialise
 from stowaway.runtime.snapshotter.contract import (
     AlreadyExists,
     FailedPrecondition,
@@ -81,7 +80,8 @@ from stowaway.runtime.snapshotter.state import (
 from stowaway.runtime.snapshotter.store_paths import StorePaths
 from stowaway.runtime.snapshotter.trees import StubTrees
 from stowaway.runtime.snapshotter.verify import LayerProof, is_digest
-from stowaway.runtime.tree_builder import TreeBuilder
+from stowaway.runtime.stub_tree_builder import StubTreeBuilder
+from stowaway.runtime.stub_trees import materialise
 
 __all__ = ["StoreSnapshotter"]
 
@@ -132,7 +132,7 @@ class StoreSnapshotter(Snapshotter):
         # substitution and start-up tree rebuilds: I/O-bound, so threads overlap well
         self._pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), "stowaway-io")
         self._lock = threading.Lock()
-        builder = TreeBuilder(self.link_dir) if self.mode == "overlay" else None
+        builder = StubTreeBuilder(self.link_dir) if self.mode == "overlay" else None
         self.trees = StubTrees(self.link_dir, self.meta, self._pool, self._lock, builder)
         log.info("stowaway snapshotter: rootfs mode %s (%s)", self.mode, why)
         data = [config.store, *([config.local_store] if config.local_store else [])]
@@ -176,7 +176,7 @@ class StoreSnapshotter(Snapshotter):
     def _commit_store_layer(
         self, target: str, parent: str, labels: Mapping[str, str], bases: list[str]
     ) -> bool:
-        """Commit the skeleton snapshot for ``bases``; False when a path cannot be had."""
+        """Commit the stub tree snapshot for ``bases``; False when a path cannot be had."""
         name = self.nix_name(target, parent)
         with self._name_lock(name):
             if self.meta.kind_of(name) == Kind.COMMITTED:

@@ -1,5 +1,5 @@
 """Scheduling of overlay mode's stub trees: committed at once, built in the background
-by ``tree_builder``'s child process, waited for (and helped along) by whatever mounts
+by ``stub_tree_builder``'s child process, waited for (and helped along) by whatever mounts
 a chain first. A tree that cannot be built refuses the mount, never an incomplete
 rootfs."""
 
@@ -16,7 +16,7 @@ from stowaway.errors import StowawayError
 from stowaway.runtime.metadata import MetaStore, Record
 from stowaway.runtime.snapshotter.contract import FailedPrecondition
 from stowaway.runtime.snapshotter.files import rmtree
-from stowaway.runtime.tree_builder import TreeBuilder, make_tree
+from stowaway.runtime.stub_tree_builder import StubTreeBuilder, make_tree
 
 __all__ = ["StubTrees"]
 
@@ -34,7 +34,7 @@ class StubTrees:
         meta: MetaStore,
         pool: Executor,
         lock: threading.Lock,
-        builder: TreeBuilder | None,
+        builder: StubTreeBuilder | None,
     ) -> None:
         self.link_dir = link_dir
         self.meta = meta

@@ -3,7 +3,7 @@
 Requests are handled as raw bytes: every call and every non-``nix:0`` reference is
 forwarded byte for byte to containerd's CRI on the containerd socket (so fields this
 module's protos leave out survive), and only the image reference is decoded to decide.
-``nix:0`` references are answered here (see ``cri_nix``). ListImages merges: containerd's
+``nix:0`` references are answered here (see ``nix_images``). ListImages merges: containerd's
 CRI answers, and our references are added as repo tags of the matching image IDs (CRI
 cannot show them: ``nix:0/…`` without a tag is neither a tag nor a digest to it).
 """
@@ -20,7 +20,7 @@ import grpc
 
 from stowaway.errors import StowawayError
 from stowaway.runtime.containerd_client import ContainerdError
-from stowaway.runtime.cri_nix import (
+from stowaway.runtime.cri.nix_images import (
     NIX_PREFIX,
     InvalidNixReference,
     NixImages,

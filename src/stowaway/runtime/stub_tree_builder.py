@@ -9,7 +9,7 @@ rootfs is mounted, after the pull.
 
 Why not ``multiprocessing``: its spawn method re-imports the parent's ``__main__``,
 which breaks any program that embeds the snapshotter without a main guard. Here the
-child is ``python -m stowaway.runtime.tree_builder``; jobs go down its stdin and results
+child is ``python -m stowaway.runtime.stub_tree_builder``; jobs go down its stdin and results
 come back on its stdout as JSON lines, one per job, in order. The child exits at EOF
 (once the jobs already sent are done), so a killed snapshotter does not leave it behind;
 a clean stop terminates it at once. Trees are built one at a time, in submission
@@ -34,9 +34,9 @@ from typing import IO, Any
 
 import stowaway
 from stowaway.errors import StowawayError
-from stowaway.runtime.skeleton import stub_layer
+from stowaway.runtime.stub_trees import stub_layer
 
-__all__ = ["TreeBuilder", "make_tree"]
+__all__ = ["StubTreeBuilder", "make_tree"]
 
 NICE = 10
 
@@ -135,7 +135,7 @@ class _Child:
         self.proc.wait()
 
 
-class TreeBuilder:
+class StubTreeBuilder:
     """The parent's side: ``submit`` a tree, get a Future resolved when it is built."""
 
     def __init__(self, link_dir: Path) -> None:

@@ -11,12 +11,12 @@ from pathlib import Path
 import click
 import grpc
 
-from stowaway.cli_options import cache_options
+from stowaway.cli_options import StowawayCommand, cache_options
 from stowaway.errors import StowawayError
 from stowaway.image.layer_cache import default_cache_dir
 from stowaway.runtime.containerd_client import ContainerdClient
-from stowaway.runtime.cri_nix import NixImages, StoreConfig
-from stowaway.runtime.cri_service import ImageServiceProxy, serve
+from stowaway.runtime.cri.image_service import ImageServiceProxy, serve
+from stowaway.runtime.cri.nix_images import NixImages, StoreConfig
 from stowaway.runtime.gcroots import GcRoots
 from stowaway.store.binary_cache import BinaryCache
 from stowaway.store.narinfo import PublicKey
@@ -59,7 +59,7 @@ def make_service(
     return ImageServiceProxy(nix, upstream)
 
 
-@click.command("cri-image-service")
+@click.command("cri-image-service", cls=StowawayCommand)
 @click.option(
     "--socket",
     "socket",
@@ -116,23 +116,20 @@ def cri_image_service_command(
     """Serve kubelet's image service: nix:0/nix/store/… references from the Nix store,
     everything else proxied to containerd's CRI."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        proxy = make_service(
-            containerd,
-            store=store,
-            substituters=substituters,
-            keys=trusted_keys,
-            require_sigs=not no_require_sigs,
-            snapshotter=snapshotter,
-            gcroots=gcroots,
-            cache_dir=cache_dir,
-            namespace=namespace,
-        )
-        if socket.exists():
-            socket.unlink()
-        server = serve(proxy, str(socket.absolute()))
-    except StowawayError as e:
-        raise click.ClickException(str(e)) from None
+    proxy = make_service(
+        containerd,
+        store=store,
+        substituters=substituters,
+        keys=trusted_keys,
+        require_sigs=not no_require_sigs,
+        snapshotter=snapshotter,
+        gcroots=gcroots,
+        cache_dir=cache_dir,
+        namespace=namespace,
+    )
+    if socket.exists():
+        socket.unlink()
+    server = serve(proxy, str(socket.absolute()))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

@@ -29,7 +29,7 @@ __all__ = [
     "BuildGraph",
     "GraphError",
     "build_env",
-    "build_graph",
+    "build_llb_graph",
     "image_platform",
     "mode_template",
     "mode_templates",
@@ -167,7 +167,7 @@ def _build_order(
     return order
 
 
-def build_graph(
+def build_llb_graph(
     spec: Spec,
     drvs: Mapping[str, Derivation],
     context: Output,

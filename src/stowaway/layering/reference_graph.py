@@ -19,7 +19,7 @@ VIRTUAL = -1
 
 
 @dataclass(frozen=True)
-class Graph:
+class ReferenceGraph:
     """A closure as a DAG: ``refs[i]`` are the paths ``paths[i]`` references
     (self-references dropped), ``referrers[i]`` the reverse edges, ``order`` a
     topological order with referrers before references (roots first)."""
@@ -40,7 +40,7 @@ class Graph:
         )
 
 
-def build_graph(closure: Mapping[str, PathInfo], roots: Sequence[str]) -> Graph:
+def build_reference_graph(closure: Mapping[str, PathInfo], roots: Sequence[str]) -> ReferenceGraph:
     """Validate ``closure``/``roots`` and index them.
 
     ``entries`` are the given roots plus any path nothing in the closure refers
@@ -84,7 +84,7 @@ def build_graph(closure: Mapping[str, PathInfo], roots: Sequence[str]) -> Graph:
             back[j].append(i)
     referrers = tuple(tuple(b) for b in back)
     entries = sorted(set(root_ids) | {i for i, b in enumerate(referrers) if not b})
-    return Graph(
+    return ReferenceGraph(
         paths=paths,
         sizes=tuple(sizes),
         refs=tuple(refs),
@@ -117,7 +117,7 @@ def _topological(
     return tuple(order)
 
 
-def occurrences(g: Graph) -> list[int]:
+def occurrences(g: ReferenceGraph) -> list[int]:
     """How often each path occurs when the DAG is expanded into a tree from its
     entries, i.e. the number of distinct reference chains from an entry to it.
     Dynamic programming in topological order instead of expansion."""
@@ -131,13 +131,13 @@ def occurrences(g: Graph) -> list[int]:
     return count
 
 
-def closure_sizes(g: Graph) -> list[int]:
+def closure_sizes(g: ReferenceGraph) -> list[int]:
     """Total NAR size of each path's closure (itself included), via bitsets."""
     closures = descendants(g)
     return [sum(g.sizes[j] for j in bits(c)) for c in closures]
 
 
-def descendants(g: Graph) -> list[int]:
+def descendants(g: ReferenceGraph) -> list[int]:
     """Each path's closure (itself included) as an int bitset."""
     clo = [0] * len(g.paths)
     for i in reversed(g.order):
@@ -148,7 +148,7 @@ def descendants(g: Graph) -> list[int]:
     return clo
 
 
-def ancestors(g: Graph) -> list[int]:
+def ancestors(g: ReferenceGraph) -> list[int]:
     """Each path's referrers, transitively (itself included), as an int bitset."""
     anc = [0] * len(g.paths)
     for i in g.order:
@@ -171,7 +171,7 @@ def bits(b: int) -> list[int]:
     return out
 
 
-def dominators(g: Graph, extra: Sequence[int] = ()) -> list[int]:
+def dominators(g: ReferenceGraph, extra: Sequence[int] = ()) -> list[int]:
     """Immediate dominator of each path in the graph rooted at a virtual node
     with edges to the entries and to ``extra`` (``VIRTUAL`` = the virtual root).
 
@@ -208,7 +208,7 @@ def dominators(g: Graph, extra: Sequence[int] = ()) -> list[int]:
     return idom
 
 
-def shared_first(g: Graph, members: Sequence[int]) -> tuple[int, str]:
+def shared_first(g: ReferenceGraph, members: Sequence[int]) -> tuple[int, str]:
     """Sort key putting widely shared groups at the bottom: most referrers of any
     member first, ties by first path. (``plan`` then lifts the roots to the top.)"""
     return (-max(len(g.referrers[m]) for m in members), min(g.paths[m] for m in members))

@@ -1,4 +1,4 @@
-"""Closure skeletons: the file trees a stowaway layer's snapshot holds instead of bytes.
+"""Stub trees: the file trees a stowaway layer's snapshot holds instead of bytes.
 
 Four ways to give a container its store paths, chosen once at start-up:
 
@@ -264,21 +264,21 @@ def probe_data_only_overlay(workdir: Path) -> str | None:
 
     Returns None when it works, else why not (for the start-up log)."""
     base = Path(tempfile.mkdtemp(prefix="probe-", dir=workdir))
-    skel, data, upper, work, mnt = (base / n for n in ("l", "d", "u", "w", "m"))
+    stub, data, upper, work, mnt = (base / n for n in ("l", "d", "u", "w", "m"))
     try:
-        for d in (skel, data, upper, work, mnt):
+        for d in (stub, data, upper, work, mnt):
             d.mkdir()
         (data / "x").write_bytes(b"probe")
-        fd = os.open(skel / "x", os.O_WRONLY | os.O_CREAT, 0o444)
+        fd = os.open(stub / "x", os.O_WRONLY | os.O_CREAT, 0o444)
         os.ftruncate(fd, 5)
         os.close(fd)
         try:
-            os.setxattr(skel / "x", METACOPY, b"")
-            os.setxattr(skel / "x", REDIRECT, b"/x")
+            os.setxattr(stub / "x", METACOPY, b"")
+            os.setxattr(stub / "x", REDIRECT, b"/x")
         except OSError as e:
             return f"cannot set trusted.overlay xattrs in {workdir}: {e.strerror}"
         opts = (
-            f"lowerdir={skel}::{data},upperdir={upper},workdir={work},metacopy=on,redirect_dir=on"
+            f"lowerdir={stub}::{data},upperdir={upper},workdir={work},metacopy=on,redirect_dir=on"
         )
         r = subprocess.run(
             ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from daemons import wait_for
 from stowaway.errors import StowawayError
-from stowaway.runtime.tree_builder import NICE, TreeBuilder, _Child
+from stowaway.runtime.stub_tree_builder import NICE, StubTreeBuilder, _Child
 
 MISSING = Path("/nix/store/00000000000000000000000000000000-not-here")
 
 
 @pytest.fixture()
-def builder(tmp_path: Path) -> Iterator[TreeBuilder]:
-    b = TreeBuilder(tmp_path)
+def builder(tmp_path: Path) -> Iterator[StubTreeBuilder]:
+    b = StubTreeBuilder(tmp_path)
     yield b
     b.close()
 
@@ -29,7 +29,7 @@ def located(paths: list[str]) -> list[tuple[str, Path]]:
 
 
 def test_builds_stub_trees_at_low_priority(
-    builder: TreeBuilder, tmp_path: Path, demo_closure: list[str], demo_app: str
+    builder: StubTreeBuilder, tmp_path: Path, demo_closure: list[str], demo_app: str
 ) -> None:
     builder.submit(1, located(demo_closure), {}).result(timeout=60)
     pid = builder.pid
@@ -53,7 +53,7 @@ def test_builds_stub_trees_at_low_priority(
 
 
 def test_a_failed_job_names_its_snapshot_and_the_next_one_runs(
-    builder: TreeBuilder, tmp_path: Path, demo_app: str
+    builder: StubTreeBuilder, tmp_path: Path, demo_app: str
 ) -> None:
     bad = builder.submit(7, [(MISSING.name, MISSING)], {})
     good = builder.submit(8, located([demo_app]), {})
@@ -64,7 +64,7 @@ def test_a_failed_job_names_its_snapshot_and_the_next_one_runs(
 
 
 def test_a_dead_child_fails_its_jobs_and_is_replaced(
-    builder: TreeBuilder, tmp_path: Path, demo_app: str
+    builder: StubTreeBuilder, tmp_path: Path, demo_app: str
 ) -> None:
     first = builder.pid
     assert first is not None
@@ -78,7 +78,7 @@ def test_a_dead_child_fails_its_jobs_and_is_replaced(
 
 
 def test_close_stops_the_child(tmp_path: Path) -> None:
-    b = TreeBuilder(tmp_path)
+    b = StubTreeBuilder(tmp_path)
     pid = b.pid
     assert pid is not None
     b.close()
@@ -92,9 +92,7 @@ def test_a_job_sent_after_the_child_exited_fails_at_once(tmp_path: Path) -> None
     child whose end the reader has already seen must fail, not wait forever."""
     child = _Child()
     child.proc.kill()
-    deadline = time.monotonic() + 30
-    while child.exited is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: child.exited is not None, 30, "the reader to see the child exit")
     job = {"link_dir": str(tmp_path), "sid": 1, "located": [], "donors": {}}
     with pytest.raises(StowawayError, match="exited"):
         child.send(job).result(timeout=5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -60,9 +61,13 @@ def layer_members(server: Server, name: str, digest: str) -> dict[str, tarfile.T
 
 
 def test_packages_compose_into_an_image_served_from_the_layer_cache(
-    make_nix: MakeNix, demo_index: Path, demo_closure: list[str]
+    make_nix: MakeNix,
+    demo_index: Path,
+    demo_closure: list[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     server, resolver = make_nix(index=demo_index, meta={"shell": ("busybox",)})
+    caplog.set_level(logging.INFO)
     r = server.request("GET", "/v2/shell/demo/manifests/latest")
     assert r.status == 200, r.body
     assert r.headers["Content-Type"] == OCI
@@ -104,6 +109,9 @@ def test_packages_compose_into_an_image_served_from_the_layer_cache(
     assert server.request("HEAD", "/v2/shell/demo/manifests/latest").status == 200
     digest = r.headers["Docker-Content-Digest"]
     assert server.request("GET", f"/v2/shell/demo/manifests/{digest}").body == r.body
+    # layer-cache files are sent with sendfile, once (no error after the response)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
 
 
 def test_docker_only_clients_get_schema_2(make_nix: MakeNix, demo_index: Path) -> None:

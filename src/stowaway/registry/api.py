@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.image.digest import sha256_digest
@@ -78,6 +79,18 @@ def referrer_descriptor(doc: dict[str, Any], media_type: str, body: bytes) -> by
     if doc.get("annotations"):
         out["annotations"] = doc["annotations"]
     return json.dumps(out, sort_keys=True).encode()
+
+
+class SentOnceFileResponse(web.FileResponse):
+    """A FileResponse that may be prepared twice: the guard middleware sends responses
+    itself (so a long download counts as busy), then aiohttp prepares what the handler
+    returned again, which for a plain FileResponse would open and send the file anew
+    after its end (an AssertionError in aiohttp, no access-log line)."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
 
 
 class RegistryApi:
@@ -447,7 +460,7 @@ class RegistryApi:
                 )
         if path is not None:
             # sendfile; aiohttp serves the (already validated) Range itself
-            return web.FileResponse(path, chunk_size=CHUNK, headers=headers)
+            return SentOnceFileResponse(path, chunk_size=CHUNK, headers=headers)
         start, end = span if span is not None else (0, size - 1)
         resp = web.StreamResponse(status=206 if span else 200, headers=headers)
         if span:

@@ -20,6 +20,7 @@ Everything gets mtime 1, the store's canonical time, so trees are reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -166,23 +167,31 @@ def _stub_entry(sfd: int, dfd: int, name: str, st: os.stat_result, redirect: byt
             f"{redirect.decode(errors='replace')}: unsupported file type in a store path "
             f"(mode {st.st_mode:o})"
         )
+    with _subdir(sfd, dfd, name, st) as (sub_s, sub_d):
+        with os.scandir(sub_s) as it:
+            entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        return 1 + sum(
+            _stub_entry(sub_s, sub_d, child, cst, redirect + b"/" + os.fsencode(child))
+            for child, cst in entries
+        )
+
+
+@contextlib.contextmanager
+def _subdir(sfd: int, dfd: int, name: str, st: os.stat_result) -> Iterator[tuple[int, int]]:
+    """Make directory ``name`` in ``dfd`` (private until filled), yield fds of it and of
+    its source in ``sfd``; then give it the source's mode and the canonical mtime."""
     os.mkdir(name, 0o700, dir_fd=dfd)
     sub_s = os.open(name, _DIR_FLAGS, dir_fd=sfd)
     try:
         sub_d = os.open(name, _DIR_FLAGS, dir_fd=dfd)
         try:
-            made = 1
-            with os.scandir(sub_s) as it:
-                entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
-            for child, cst in entries:
-                made += _stub_entry(sub_s, sub_d, child, cst, redirect + b"/" + os.fsencode(child))
+            yield sub_s, sub_d
             os.chmod(sub_d, stat.S_IMODE(st.st_mode))
             os.utime(sub_d, ns=_CANON_NS)
         finally:
             os.close(sub_d)
     finally:
         os.close(sub_s)
-    return made
 
 
 def _link_entry(sfd: int, dfd: int, name: str) -> int:
@@ -191,21 +200,8 @@ def _link_entry(sfd: int, dfd: int, name: str) -> int:
     if not stat.S_ISDIR(st.st_mode):
         os.link(name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
         return 0  # shares the inode: mode, xattrs and times come with it
-    os.mkdir(name, 0o700, dir_fd=dfd)
-    sub_s = os.open(name, _DIR_FLAGS, dir_fd=sfd)
-    try:
-        sub_d = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-        try:
-            made = 1
-            for child in os.listdir(sub_s):
-                made += _link_entry(sub_s, sub_d, child)
-            os.chmod(sub_d, stat.S_IMODE(st.st_mode))
-            os.utime(sub_d, ns=_CANON_NS)
-        finally:
-            os.close(sub_d)
-    finally:
-        os.close(sub_s)
-    return made
+    with _subdir(sfd, dfd, name, st) as (sub_s, sub_d):
+        return 1 + sum(_link_entry(sub_s, sub_d, child) for child in os.listdir(sub_s))
 
 
 def _one_path(store_fd: int, base: str, source: Path, stubbed: Path | None) -> int:

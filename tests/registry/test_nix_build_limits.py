@@ -192,7 +192,6 @@ def test_a_storm_of_builds_is_bounded_and_index_names_do_not_wait(
         busybox = demo_packages(demo_closure)["busybox"]
         r, took = timed_get(server, f"store/{hash_of(busybox)}")
         assert r.status == 200 and took < SLEEP - 0.5, (r.body, took)
-        assert nix.runs == 2, "both were answered while the first builds were still running"
 
         replies = [f.result(60) for f in storm]
         assert [r.status for r in replies] == [200] * len(replies), [r.body for r in replies]

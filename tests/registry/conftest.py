@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 from registry_harness import Server
+from registry_helpers import MakeNix, demo_packages, write_demo_index
 
-from stowaway.registry.config import RegistryConfig
+from stowaway.image.layer_cache import LayerCache
+from stowaway.registry.config import NixOptions, RegistryConfig
+from stowaway.registry.nix_resolver import NixResolver
 from stowaway.registry.resolver import ManifestResolver
 from stowaway.registry.storage import FilesystemStorage, Storage
 
@@ -55,3 +58,28 @@ def oci_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ):
         subprocess.run(cmd, check=True, capture_output=True)
     return layout
+
+
+@pytest.fixture()
+def make_nix(tmp_path: Path) -> Iterator[MakeNix]:
+    """Servers whose filesystem storage root is the resolver's layer cache root."""
+    made: list[tuple[Server, NixResolver]] = []
+
+    def factory(storage: object = None, **nix: object) -> tuple[Server, NixResolver]:
+        root = tmp_path / f"reg{len(made)}"
+        options = replace(NixOptions(), **nix)  # type: ignore[arg-type]
+        resolver = NixResolver(options, LayerCache(root))
+        config = RegistryConfig(listen="127.0.0.1:0", storage=str(root), access_log=False)
+        server = Server(config, storage or FilesystemStorage(root), resolver)  # type: ignore[arg-type]
+        made.append((server, resolver))
+        return server, resolver
+
+    yield factory
+    for server, resolver in made:
+        server.close()
+        resolver.close()
+
+
+@pytest.fixture()
+def demo_index(tmp_path: Path, demo_closure: list[str]) -> Path:
+    return write_demo_index(tmp_path / "index.json", demo_packages(demo_closure))

@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from registry_harness import Server
 
+from stowaway.registry.nix_resolver import NixResolver
 from stowaway.registry.package_index import Package, build_index, write_index
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
@@ -179,3 +181,7 @@ def check_referrers(server: Server, replica: Server) -> None:
         "PUT", "/v2/app/manifests/bad", json.dumps(bad).encode(), {"Content-Type": OCI}
     )
     assert r.status == 400 and r.code == "MANIFEST_INVALID" and "subject" in r.body.decode()
+
+
+#: ``make_nix(storage=None, **nix_options)`` → a server and its NixResolver (conftest).
+MakeNix = Callable[..., tuple[Server, NixResolver]]

@@ -10,48 +10,16 @@ import logging
 import os
 import tarfile
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from registry_harness import Server
-from registry_helpers import DOCKER, OCI, demo_packages, hash_of, write_demo_index
+from registry_helpers import DOCKER, OCI, MakeNix, demo_packages, hash_of, write_demo_index
 
 from nixtools import SANDBOXED_MK
 from s3_fixtures import CREDS
-from stowaway.image.layer_cache import LayerCache
-from stowaway.registry.config import NixOptions, RegistryConfig, S3Options, open_storage
-from stowaway.registry.nix_resolver import NixResolver
-from stowaway.registry.storage import FilesystemStorage
-
-MakeNix = Callable[..., tuple[Server, NixResolver]]
-
-
-@pytest.fixture()
-def make_nix(tmp_path: Path) -> Iterator[MakeNix]:
-    """Servers whose filesystem storage root is the resolver's layer cache root."""
-    made: list[tuple[Server, NixResolver]] = []
-
-    def factory(storage: object = None, **nix: object) -> tuple[Server, NixResolver]:
-        root = tmp_path / f"reg{len(made)}"
-        options = replace(NixOptions(), **nix)  # type: ignore[arg-type]
-        resolver = NixResolver(options, LayerCache(root))
-        config = RegistryConfig(listen="127.0.0.1:0", storage=str(root), access_log=False)
-        server = Server(config, storage or FilesystemStorage(root), resolver)  # type: ignore[arg-type]
-        made.append((server, resolver))
-        return server, resolver
-
-    yield factory
-    for server, resolver in made:
-        server.close()
-        resolver.close()
-
-
-@pytest.fixture()
-def demo_index(tmp_path: Path, demo_closure: list[str]) -> Path:
-    return write_demo_index(tmp_path / "index.json", demo_packages(demo_closure))
+from stowaway.registry.config import RegistryConfig, S3Options, open_storage
 
 
 def layer_members(server: Server, name: str, digest: str) -> dict[str, tarfile.TarInfo]:

@@ -54,6 +54,17 @@ Example (every key optional)::
     nix_build = false                      # resolve names missing from "latest" by nix-build
     nix_expr = "<nixpkgs>"                 # file or <path> given to nix-build
     nix_build_args = ["--option", "substituters", ""]
+    # nix-build runs for names clients choose; these bound what that can cost:
+    nix_build_allow = ["*"]                # attribute paths clients may have built: "*"
+                                           # matches within one segment, "**" any number
+                                           # of segments; default: top-level attributes
+                                           # only (names in the index are always allowed)
+    nix_build_jobs = 2                     # nix-builds running at once (own threads: names
+                                           # in an index never wait behind them)
+    nix_build_queue = 16                   # builds waiting for a job; when full, a new
+                                           # name is answered 429 TOOMANYREQUESTS at once
+    nix_build_failure_ttl = 60             # seconds a failed build or unknown attribute
+                                           # is answered from memory without running nix
 """
 
 from __future__ import annotations
@@ -64,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from stowaway.errors import StowawayError
+from stowaway.registry.package_index import attr_pattern_regex
 from stowaway.registry.storage import FilesystemStorage, Storage
 
 
@@ -104,9 +116,13 @@ class NixOptions:
     nix_build: bool = False
     nix_expr: str = "<nixpkgs>"
     nix_build_args: tuple[str, ...] = ()
+    nix_build_allow: tuple[str, ...] = ("*",)
+    nix_build_jobs: int = 2
+    nix_build_queue: int = 16
+    nix_build_failure_ttl: float = 60.0
 
 
-_NIX_TYPES: dict[str, type] = {
+_NIX_TYPES: dict[str, type | tuple[type, ...]] = {
     "enabled": bool,
     "index": str,
     "indexes": dict,
@@ -124,6 +140,10 @@ _NIX_TYPES: dict[str, type] = {
     "nix_build": bool,
     "nix_expr": str,
     "nix_build_args": list,
+    "nix_build_allow": list,
+    "nix_build_jobs": int,
+    "nix_build_queue": int,
+    "nix_build_failure_ttl": (int, float),
 }
 
 
@@ -197,6 +217,19 @@ def nix_options_from_dict(doc: dict[str, Any], where: str) -> NixOptions:
         raise RegistryConfigError(f"{where}: [nix] compression must be gzip, zstd or none")
     if not 2 <= options.max_layers <= 125:
         raise RegistryConfigError(f"{where}: [nix] max_layers must be in 2..125")
+    if options.nix_build_jobs < 1:
+        raise RegistryConfigError(f"{where}: [nix] nix_build_jobs must be at least 1")
+    if options.nix_build_queue < 0:
+        raise RegistryConfigError(f"{where}: [nix] nix_build_queue must not be negative")
+    if not options.nix_build_failure_ttl > 0:
+        raise RegistryConfigError(
+            f"{where}: [nix] nix_build_failure_ttl must be a positive number of seconds"
+        )
+    for pattern in options.nix_build_allow:
+        try:
+            attr_pattern_regex(pattern)
+        except ValueError as err:
+            raise RegistryConfigError(f"{where}: [nix] nix_build_allow: {err}") from None
     return options
 
 

@@ -12,6 +12,13 @@ files exist (the API drops a damaged one, see ``registry.verified``); the image
 options are fixed per resolver, so names resolving to the same paths share one
 manifest, and a changed index simply resolves to other paths. Compositions run in a
 thread pool under single-flight per key: a hundred first pulls compose once.
+
+``nix-build`` runs for names clients choose, so it is fenced: only attribute paths
+``nix_build_allow`` permits (top-level by default); one flight per name; its own
+executor of ``nix_build_jobs`` threads with at most ``nix_build_queue`` builds
+waiting (beyond that: 429 TOOMANYREQUESTS at once), so index and ``store/`` names
+never wait behind builds; results and failures are remembered in bounded caches
+(failures for ``nix_build_failure_ttl`` seconds).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
 from stowaway.image.model import Blob, MediaType
 from stowaway.registry.config import NixOptions
+from stowaway.registry.lru import BoundedCache
 from stowaway.registry.names import (
     DEFAULT_TAG,
     ImageName,
@@ -43,7 +51,13 @@ from stowaway.registry.names import (
     resolve_packages,
     select_package_set,
 )
-from stowaway.registry.package_index import IndexFile, NixBuild, PackageIndex
+from stowaway.registry.package_index import (
+    NAME_CACHE_SIZE,
+    IndexFile,
+    Miss,
+    NixBuild,
+    PackageIndex,
+)
 from stowaway.registry.resolver import ResolvedManifest
 from stowaway.registry.singleflight import SingleFlight
 from stowaway.registry.validate import is_digest
@@ -91,20 +105,45 @@ class NixResolver:
         for tag, path in options.indexes.items():
             self.sets[tag] = IndexFile(path)
         self.nix_build = (
-            NixBuild(options.nix_expr, cache.root / "nix-roots", options.nix_build_args)
+            NixBuild(
+                options.nix_expr,
+                cache.root / "nix-roots",
+                options.nix_build_args,
+                failure_ttl=options.nix_build_failure_ttl,
+                allow=options.nix_build_allow,
+            )
             if options.nix_build
             else None
         )
+        #: names the operator wrote (meta members, always): buildable whatever the allow list
+        self._config_names = frozenset(
+            {*options.always, *(m for members in options.meta.values() for m in members)}
+        )
+        #: nix-build has its own small executor: a storm of unknown names occupies it,
+        #: never the pool that serves index names, store/ names and compositions
+        self._build_pool = ThreadPoolExecutor(
+            options.nix_build_jobs, thread_name_prefix="stowaway-nix-build"
+        )
+        self._build_flight: SingleFlight[tuple[str, ...] | None] = SingleFlight()
+        self._builds_admitted = 0  # running or waiting for a job (touched on the loop only)
+        #: pulls answered 429 because jobs + queue builds were admitted (tests and metrics)
+        self.builds_refused = 0
         self.settings = LayerSettings(compression=options.compression)  # type: ignore[arg-type]
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="stowaway-resolve")
         self._flight: SingleFlight[ResolvedManifest] = SingleFlight()
         self._manifests: OrderedDict[Key, ResolvedManifest] = OrderedDict()
-        self._hashes: dict[str, str] = {}
+        self._hashes: BoundedCache[str, str] = BoundedCache(NAME_CACHE_SIZE)
         #: compositions actually run (tests and metrics)
         self.composes = 0
 
+    @property
+    def builds_admitted(self) -> int:
+        """nix-builds running or waiting for a job (at most jobs + queue)."""
+        return self._builds_admitted
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._build_pool.shutdown(wait=True)
         if self._opened is not None:
             self._opened.close()
 
@@ -119,12 +158,7 @@ class NixResolver:
             return None
         request = parse_image_name(name)
         try:
-            try:
-                roots = self._roots(request, name, reference, blocking=False)
-            except _NeedsThread:
-                roots = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self._roots, request, name, reference, True
-                )
+            roots = await self._roots(request, name, reference)
             key: Key = (roots, fmt)
             hit = self._manifests.get(key)
             # a blob file gone (dropped as damaged, or cleaned away) means compose again
@@ -145,39 +179,109 @@ class NixResolver:
             ) from err
 
     # -- names → store paths ---------------------------------------------------------
-    def _roots(self, request: ImageName, name: str, tag: str, blocking: bool) -> tuple[str, ...]:
+    async def _roots(self, request: ImageName, name: str, tag: str) -> tuple[str, ...]:
+        """The store paths ``name:tag`` asks for. Index and store lookups run on the
+        loop when nothing blocks, else in the resolver pool; names only nix-build can
+        resolve wait for the build executor, never in front of them."""
+        loop = asyncio.get_running_loop()
         if request.is_store:
-            if tag != DEFAULT_TAG:
-                raise RegistryApiError.of(
-                    ErrorCode.MANIFEST_UNKNOWN,
-                    f"{name}:{tag}: store/ names have the single tag {DEFAULT_TAG}",
+            try:
+                return self._store_roots(request, name, tag, False)
+            except _NeedsThread:
+                return await loop.run_in_executor(
+                    self._pool, self._store_roots, request, name, tag, True
                 )
-            paths = {self._path_of_hash(h, name, blocking) for h in request.store_hashes}
-            return tuple(sorted(paths))
-        index_file = select_package_set(tag, self.sets, name)
-        if index_file is None:
-            index = _EMPTY
-        elif blocking:
-            index = index_file.get()
-        else:
-            current = index_file.current()
-            if current is None:
-                raise _NeedsThread
-            index = current
+        try:
+            index = self._index(tag, name, False)
+        except _NeedsThread:
+            index = await loop.run_in_executor(self._pool, self._index, tag, name, True)
         wanted = expand_packages(request.packages, self.options.meta, self.options.always)
-
-        def lookup(pkg: str) -> tuple[str, ...] | None:
+        found: dict[str, tuple[str, ...]] = {}
+        to_build: list[str] = []
+        for pkg in wanted:
             path = index.lookup(pkg)
             if path is not None:
-                return (path,)
-            if self.nix_build is None or tag != DEFAULT_TAG:
-                return None
-            if not blocking:
-                raise _NeedsThread
-            return self.nix_build.build(pkg)
+                found[pkg] = (path,)
+            elif self.nix_build is not None and tag == DEFAULT_TAG:
+                to_build.append(pkg)
+        where = f"{name}:{tag}"
+        for pkg in to_build:  # refuse before anything runs
+            self._check_buildable(pkg, where)
+        for pkg in to_build:  # one at a time: a request holds one build slot at most
+            paths = await self._build(pkg, where)
+            if paths is not None:
+                found[pkg] = paths
+        resolved = resolve_packages(wanted, found.get, where)
+        return tuple(sorted({p for paths in resolved.values() for p in paths}))
 
-        found = resolve_packages(wanted, lookup, f"{name}:{tag}")
-        return tuple(sorted({p for paths in found.values() for p in paths}))
+    def _index(self, tag: str, name: str, blocking: bool) -> PackageIndex:
+        index_file = select_package_set(tag, self.sets, name)
+        if index_file is None:
+            return _EMPTY
+        if blocking:
+            return index_file.get()
+        current = index_file.current()
+        if current is None:
+            raise _NeedsThread
+        return current
+
+    def _store_roots(
+        self, request: ImageName, name: str, tag: str, blocking: bool
+    ) -> tuple[str, ...]:
+        if tag != DEFAULT_TAG:
+            raise RegistryApiError.of(
+                ErrorCode.MANIFEST_UNKNOWN,
+                f"{name}:{tag}: store/ names have the single tag {DEFAULT_TAG}",
+            )
+        paths = {self._path_of_hash(h, name, blocking) for h in request.store_hashes}
+        return tuple(sorted(paths))
+
+    # -- nix-build, bounded --------------------------------------------------------
+    def _check_buildable(self, pkg: str, where: str) -> None:
+        """Names missing from the index are built only where ``nix_build_allow`` (or
+        the config's own meta/always names) permits: ``a.b.c`` reaches no nested
+        attribute the operator did not open."""
+        assert self.nix_build is not None
+        if pkg in self._config_names or self.nix_build.permits(pkg):
+            return
+        rule = ", ".join(f'"{p}"' for p in self.nix_build.allow)
+        raise RegistryApiError.of(
+            ErrorCode.MANIFEST_UNKNOWN,
+            f"{where}: {pkg} is not in the package index, and nix_build_allow = [{rule}] "
+            "does not let it be built (* matches within one attribute-path segment, "
+            "** any number of segments)",
+        )
+
+    async def _build(self, pkg: str, where: str) -> tuple[str, ...] | None:
+        """``nix-build`` of one name: answered from memory when it can be (failures
+        too, for ``nix_build_failure_ttl``), joined when already running, else run on
+        the build executor if fewer than jobs + queue builds are admitted — 429 if not."""
+        nix_build = self.nix_build
+        assert nix_build is not None
+        hit = nix_build.cached(pkg)  # raises a remembered failure
+        if not isinstance(hit, Miss):
+            return hit
+        if pkg not in self._build_flight:
+            limit = self.options.nix_build_jobs + self.options.nix_build_queue
+            if self._builds_admitted >= limit:
+                self.builds_refused += 1
+                raise RegistryApiError.of(
+                    ErrorCode.TOOMANYREQUESTS,
+                    f"{where}: {self._builds_admitted} nix builds are running or waiting "
+                    f"(nix_build_jobs + nix_build_queue = {limit}); {pkg} was not started, "
+                    "try again later",
+                )
+            self._builds_admitted += 1  # before any await: the flight below is ours
+
+        async def work() -> tuple[str, ...] | None:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._build_pool, nix_build.build, pkg
+                )
+            finally:
+                self._builds_admitted -= 1
+
+        return await self._build_flight.do(pkg, work)
 
     def source(self) -> StoreSource:
         with self._source_lock:
@@ -199,7 +303,7 @@ class NixResolver:
         sources = source if isinstance(source, Sources) else Sources([source])
         path = sources.path_for_hash(hash_part)
         if path is not None:
-            self._hashes[hash_part] = path
+            self._hashes.put(hash_part, path)
             return path
         raise RegistryApiError.of(
             ErrorCode.MANIFEST_UNKNOWN,

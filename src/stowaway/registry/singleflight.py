@@ -25,6 +25,10 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether work for ``key`` is running (a ``do`` now would join it)."""
+        return key in self._inflight
+
     async def do(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
         fut = self._inflight.get(key)
         if fut is not None:

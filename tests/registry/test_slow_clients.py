@@ -1,4 +1,4 @@
-"""Slow and idle clients against ``python -m stowaway.registry`` as a real process
+"""Slow and idle clients against ``stowaway serve --no-compose`` as a real process
 with ``ulimit -n 1024``: half-open connections cannot starve everybody else."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def registry(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     )
     with open(tmp_path / "stderr", "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stowaway.registry", "--config", str(config)],
+            [sys.executable, "-m", "stowaway", "serve", "--no-compose", "--config", str(config)],
             stderr=err,
             preexec_fn=_low_fd_limit,
         )

@@ -88,7 +88,8 @@ def test_entries_are_bound_to_their_content(layer_cache: LayerCache) -> None:
     a = build_entries_layer(entries(b"layer a\n"), "a", SETTINGS, layer_cache)
     b = build_entries_layer(entries(b"layer b\n"), "b", SETTINGS, layer_cache)
     assert a.size == b.size and a.digest != b.digest  # same size, other bytes
-    index_a, index_b = index_files(layer_cache)
+    by_digest = {json.loads(f.read_text())["digest"]: f for f in index_files(layer_cache)}
+    index_a, index_b = by_digest[a.digest], by_digest[b.digest]
     doc_a = json.loads(index_a.read_text())
     # the entry of "a" now names b's blob (same size): refused, rebuilt as a
     index_a.write_text(json.dumps({**doc_a, "digest": b.digest}))

@@ -14,6 +14,7 @@ from registry_harness import Server
 
 from stowaway.registry.nix_resolver import NixResolver
 from stowaway.registry.package_index import Package, build_index, write_index
+from stowaway.registry.s3 import S3Storage
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
@@ -25,6 +26,18 @@ def digest(data: bytes) -> str:
 
 def stored_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def stored(server: Server, sub: str = "") -> list[str]:
+    """What ``server``'s storage holds below ``sub``, filesystem or S3 (same key layout)."""
+    storage = server.storage
+    if isinstance(storage, S3Storage):
+        prefix = storage._key(sub) + "/" if storage._key(sub) else ""
+        pages = storage._s3.get_paginator("list_objects_v2").paginate(
+            Bucket=storage.bucket, Prefix=prefix
+        )
+        return sorted(o["Key"][len(prefix) :] for page in pages for o in page.get("Contents", []))
+    return stored_files(Path(server.config.storage) / sub)
 
 
 def push_blob(server: Server, name: str, data: bytes) -> str:

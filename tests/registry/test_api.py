@@ -19,10 +19,24 @@ from registry_helpers import (
     digest,
     image_manifest,
     push_blob,
+    stored,
     stored_files,
 )
 
+from s3_fixtures import CREDS
+from stowaway.registry.config import RegistryConfig, S3Options, open_storage
 from stowaway.registry.storage import FilesystemStorage
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def server(make_server: object, request: pytest.FixtureRequest) -> Server:
+    """The API tests run against both storage backends (S3 on a moto server)."""
+    if request.param == "filesystem":
+        return make_server()  # type: ignore[operator,no-any-return]
+    endpoint, bucket = request.getfixturevalue("moto_endpoint"), request.getfixturevalue("bucket")
+    s3 = S3Options(endpoint=endpoint, **CREDS)
+    storage = open_storage(RegistryConfig(storage=f"s3://{bucket}/reg", s3=s3))
+    return make_server(storage=storage)  # type: ignore[operator,no-any-return]
 
 
 def test_base_health_and_metrics(server: Server) -> None:
@@ -39,8 +53,7 @@ def test_base_health_and_metrics(server: Server) -> None:
 def test_monolithic_upload_and_blob_reads(server: Server) -> None:
     data = bytes(range(256)) * 4096  # 1 MiB
     d = push_blob(server, "lib/x", data)
-    root = Path(server.config.storage)
-    assert (root / "blobs" / "sha256" / d.removeprefix("sha256:")).read_bytes() == data
+    assert f"blobs/sha256/{d.removeprefix('sha256:')}" in stored(server)
     r = server.request("GET", f"/v2/lib/x/blobs/{d}")
     assert r.status == 200 and r.body == data
     assert r.headers["Docker-Content-Digest"] == d
@@ -60,11 +73,10 @@ def test_monolithic_upload_and_blob_reads(server: Server) -> None:
 
 
 def test_digest_mismatch_stores_nothing(server: Server) -> None:
-    root = Path(server.config.storage)
-    before = stored_files(root)
+    before = stored(server)
     r = server.request("POST", f"/v2/a/blobs/uploads/?digest={digest(b'other')}", b"data")
     assert r.status == 400 and r.code == "DIGEST_INVALID"
-    assert stored_files(root) == before
+    assert stored(server) == before
 
 
 @pytest.mark.parametrize(
@@ -85,13 +97,12 @@ def test_digest_mismatch_stores_nothing(server: Server) -> None:
     ],
 )
 def test_bad_requests_store_nothing(server: Server, path: str, code: str) -> None:
-    root = Path(server.config.storage)
-    before = stored_files(root)
+    before = stored(server)
     method = "PUT" if "/manifests/" in path else "POST"
     r = server.request(method, path, b"{}", {"Content-Type": OCI})
     assert r.code == code and r.status == 400, r.body
-    assert stored_files(root) == before
-    assert not (root.parent / "escape").exists()
+    assert stored(server) == before
+    assert not (Path(server.config.storage).parent / "escape").exists()
 
 
 def test_oversize_upload_is_413_and_stores_nothing(make_server: object) -> None:
@@ -138,7 +149,7 @@ def test_chunked_upload_out_of_order_status_and_cancel(server: Server) -> None:
     server.request("PATCH", loc2, b"abc")
     assert server.request("DELETE", loc2).status == 204
     assert server.request("PATCH", loc2, b"abc").code == "BLOB_UPLOAD_UNKNOWN"
-    assert stored_files(Path(server.config.storage) / "_uploads") == []
+    assert stored(server, "_uploads") == []
 
 
 def test_final_put_honours_content_range_and_digest_algorithm(server: Server) -> None:
@@ -163,13 +174,12 @@ def test_final_put_honours_content_range_and_digest_algorithm(server: Server) ->
 
 
 def test_chunked_upload_digest_mismatch_drops_upload(server: Server) -> None:
-    root = Path(server.config.storage)
-    before = stored_files(root)
+    before = stored(server)
     loc = server.request("POST", "/v2/a/blobs/uploads/").headers["Location"]
     server.request("PATCH", loc, b"some data")
     r = server.request("PUT", f"{loc}?digest={digest(b'different')}")
     assert r.status == 400 and r.code == "DIGEST_INVALID"
-    assert stored_files(root) == before
+    assert stored(server) == before
 
 
 def test_cross_repo_mount(server: Server) -> None:
@@ -247,9 +257,8 @@ def test_pagination_count_must_be_ascii_digits(server: Server, n: str) -> None:
 
 
 def test_manifest_put_rejections(server: Server) -> None:
-    root = Path(server.config.storage)
     body = image_manifest(server, "app")
-    before = stored_files(root)
+    before = stored(server)
     missing = json.loads(body)
     missing["layers"][0]["digest"] = digest(b"never pushed")
     r = server.request(
@@ -272,7 +281,7 @@ def test_manifest_put_rejections(server: Server) -> None:
         assert r.status == 400 and r.code == "MANIFEST_INVALID", (bad, ctype)
     r = server.request("PUT", f"/v2/app/manifests/{digest(b'other')}", body, {"Content-Type": OCI})
     assert r.code == "DIGEST_INVALID"
-    assert stored_files(root) == before
+    assert stored(server) == before
 
 
 def test_access_log_is_one_json_line_per_request(

@@ -23,8 +23,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console(stderr=True)
-out = Console()
+# Every string printed may come from the user (targets, image names, store path names):
+# never read as rich markup or emoji codes (`-o oci:two:1` printed as "oci2️⃣1"), and no
+# highlighting. Off a terminal nothing is wrapped, so digests stay whole for scripts.
+console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+out = Console(
+    markup=False,
+    emoji=False,
+    highlight=False,
+    soft_wrap=not sys.stdout.isatty(),
+    width=None if sys.stdout.isatty() else 1000,
+)
 
 
 def human(n: int) -> str:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from daemons import Registry
+
 
 def test_targets_are_printed_as_given_and_digests_whole(demo_app: str, tmp_path: Path) -> None:
     target = f"oci:{tmp_path}/two:1"  # ':two:' is a rich emoji code, '[b]' markup
@@ -19,3 +21,21 @@ def test_targets_are_printed_as_given_and_digests_whole(demo_app: str, tmp_path:
     assert "2️⃣" not in out
     (manifest,) = [ln for ln in out.splitlines() if ln.startswith("manifest ")]
     assert len(manifest.split()[1]) == len("sha256:") + 64  # on one line, whole
+
+
+def test_the_summary_counts_built_sent_and_present_apart(demo_app: str, tmp_path: Path) -> None:
+    """A warm build pushed to a fresh repository: nothing built, every layer uploaded;
+    pushed again: every layer already there (it used to say "0 built or uploaded")."""
+    cmd = [sys.executable, "-m", "stowaway", "build", demo_app]
+    subprocess.run([*cmd, "-o", f"oci:{tmp_path}/warm"], check=True, capture_output=True)
+    with Registry(tmp_path / "registry") as reg:
+        push = [*cmd, "-o", f"docker://{reg.host}/fresh/app:1", "--dest-tls-verify=false"]
+        first = subprocess.run(push, check=True, capture_output=True, text=True).stdout
+        again = subprocess.run(push, check=True, capture_output=True, text=True).stdout
+    summary = [ln for ln in first.splitlines() if " layers, " in ln]
+    assert summary and summary[0].endswith(
+        "0 built, 4 from the layer cache; 4 uploaded, 0 mounted, 0 already there"
+    ), first
+    assert [ln for ln in again.splitlines() if " layers, " in ln][0].endswith(
+        "0 built, 4 from the layer cache; 0 uploaded, 0 mounted, 4 already there"
+    ), again

@@ -274,15 +274,20 @@ def build(
             **kwargs,
         )
     image = result.image
-    # reused: taken from the layer cache, or (pushing) not sent because the registry had it
-    sent = set(sink_result.written) if isinstance(dest, RegistryTarget) else None
+    # per layer: built now or taken from the layer cache, and what the destination got
+    # (its bytes written/uploaded, linked/mounted, or nothing: it had the blob already)
+    outcome = {d: "written" for d in sink_result.written}
+    outcome |= {d: "linked" for d in sink_result.linked}
+    outcome |= {d: "present" for d in sink_result.skipped}
     rows = [
         {
             "digest": layer.digest,
             "diff_id": layer.diff_id,
             "size": layer.size,
             "store_paths": list(layer.store_paths),
-            "reused": layer.reused or (sent is not None and layer.digest not in sent),
+            "built": not layer.reused,
+            "destination": outcome.get(layer.digest, "present"),
+            "reused": layer.reused or outcome.get(layer.digest) == "present",
         }
         for layer in image.layers
     ]
@@ -302,10 +307,15 @@ def build(
 
     layer_table(target, rows)
     out.print(f"manifest {image.manifest.digest}")
-    built = sum(1 for r in rows if not r["reused"])
     total = sum(layer.size for layer in image.layers)
+    built = sum(1 for r in rows if r["built"])
+    sent = sum(1 for r in rows if r["destination"] == "written")
+    linked = sum(1 for r in rows if r["destination"] == "linked")
+    verbs = ("uploaded", "mounted") if isinstance(dest, RegistryTarget) else ("written", "linked")
     out.print(
-        f"{len(rows)} layers, {human(total)}; {built} built or uploaded, {len(rows) - built} reused"
+        f"{len(rows)} layers, {human(total)}: {built} built, {len(rows) - built} from the "
+        f"layer cache; {sent} {verbs[0]}, {linked} {verbs[1]}, "
+        f"{len(rows) - sent - linked} already there"
     )
 
 

@@ -189,7 +189,7 @@ def test_error_prints_message_and_hint_and_exits_1() -> None:
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
         "error: nothing to build",
-        "  hint: name store paths, ./result links, or -f FILE.nix",
+        "  hint: name store paths, ./result links, flake references (.#app), or -f FILE.nix",
     ]
     assert result.stdout == ""
     assert "Traceback" not in result.output
@@ -200,7 +200,7 @@ def test_error_with_json_is_an_object_on_stdout() -> None:
     assert result.exit_code == 1
     assert json.loads(result.stdout) == {
         "error": "nothing to build",
-        "hint": "name store paths, ./result links, or -f FILE.nix",
+        "hint": "name store paths, ./result links, flake references (.#app), or -f FILE.nix",
     }
     assert "  hint: name store paths" in result.stderr  # the lines for people stay
     assert "Traceback" not in result.output

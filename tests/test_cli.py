@@ -132,6 +132,9 @@ def test_untrusted_cache_is_refused_with_the_flag_to_use(
     assert proc.returncode == 1
     assert demo_app.split("/")[-1] in proc.stderr or "stowaway-demo-app" in proc.stderr
     assert "--trusted-public-key" in proc.stderr
+    # the hint says the key given is not the signer's, naming both
+    assert "the cache's signer is good-key-1, which none of the keys given matches" in proc.stderr
+    assert cache_keys["other"] in proc.stderr
 
 
 def test_plan_json_and_inspect_agree(

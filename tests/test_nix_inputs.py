@@ -1,14 +1,19 @@
-"""What Nix builds for `stowaway build`: -f FILE.nix with --arg/--argstr, flake
-references, and Nix's build log on stderr while it runs. Real nix, through the CLI as a
-user runs it (a subprocess), each build made new by a salt so that it really runs."""
+"""What stowaway takes from Nix: what it builds for `stowaway build` (-f FILE.nix with
+--arg/--argstr, flake references; Nix's build log on stderr while it runs) and the
+binary caches of its configuration. Real nix, through the CLI as a user runs it (a
+subprocess), each build made new by a salt so that it really runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +158,85 @@ def test_flake_errors_are_nix_errors(flake: tuple[Path, str]) -> None:
     proc = run("plan", "github:stowaway-test/no-such-repo#app", ok=False, env=offline)
     assert proc.returncode == 1
     assert "error: nix build github:stowaway-test/no-such-repo#app failed" in proc.stderr
+
+
+class SilentServer:
+    """A TCP port that accepts connections and never answers (an HTTP cache there makes
+    a client wait for its timeout); it counts who came."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.accepted:
+            c.close()
+
+
+@pytest.fixture()
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_nix_config_caches_are_used_without_flags(
+    demo_app: str,
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+    silent: SilentServer,
+    tmp_path: Path,
+) -> None:
+    """substituters and trusted-public-keys from NIX_CONFIG (as nix reads them) stand in
+    for --substituter/--trusted-public-key; an unreachable cache before the good one is
+    passed over, as Nix does."""
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    conf = {
+        "NIX_CONFIG": f"substituters = http://127.0.0.1:9 {signed_caches['zstd']}\n"
+        f"trusted-public-keys = {cache_keys['good']}\n"
+    }
+    local, _ = build_json(demo_app, "--cache-dir", str(tmp_path / "c1"), "-o", f"oci:{tmp_path}/a")
+    remote, _ = build_json(
+        demo_app,
+        "--store", str(empty),
+        "--cache-dir", str(tmp_path / "c2"),
+        "-o", f"oci:{tmp_path}/b",
+        env=conf,
+    )  # fmt: skip
+    assert remote["manifest_digest"] == local["manifest_digest"]
+    # a wrong key from nix.conf: the hint says so, and where the keys came from
+    conf["NIX_CONFIG"] = f"substituters = {signed_caches['zstd']}\n" + (
+        f"trusted-public-keys = {cache_keys['other']}\n"
+    )
+    proc = run("plan", demo_app, "--store", str(empty), ok=False, env=conf)
+    assert proc.returncode == 1
+    assert "the cache's signer is good-key-1, which none of the keys given matches" in proc.stderr
+    assert "(trusted-public-keys of nix " in proc.stderr and cache_keys["other"] in proc.stderr
+
+
+def test_nix_config_caches_are_asked_only_for_missing_paths(
+    demo_app: str, silent: SilentServer, tmp_path: Path
+) -> None:
+    """A configured cache that would hang (as https://cache.nixos.org does offline, when
+    it is not refused at once) is not contacted for paths in the local store."""
+    conf = {"NIX_CONFIG": f"substituters = {silent.url}\n"}
+    started = time.monotonic()
+    run("plan", demo_app, env=conf)
+    run("build", demo_app, "--cache-dir", str(tmp_path / "c"), "-o", f"oci:{tmp_path}/a", env=conf)
+    assert silent.accepted == [] and time.monotonic() - started < 25

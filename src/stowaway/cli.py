@@ -82,7 +82,22 @@ def _closure(
 ) -> tuple[Sources, dict[str, Any]]:
     from stowaway.store.sources import closure, open_sources
 
-    source = open_sources(store, substituters, trusted_keys, require_sigs=not no_require_sigs)
+    keys_from = "--trusted-public-key"
+    if not substituters or not trusted_keys:  # Nix's own settings stand in for the flags
+        from stowaway.store.nix_config import nix_cache_settings
+
+        conf = nix_cache_settings()
+        substituters = substituters or conf.substituters
+        if not trusted_keys:
+            trusted_keys = conf.trusted_public_keys
+            keys_from = f"trusted-public-keys of {conf.origin}"
+    source = open_sources(
+        store,
+        substituters,
+        trusted_keys,
+        require_sigs=not no_require_sigs,
+        keys_from=keys_from,
+    )
     try:
         return source, closure(source, roots)
     except BaseException:
@@ -231,6 +246,8 @@ def build(
     """Compose an image from Nix store paths and write it to TARGET.
 
     Layers are cached by content: a layer is tarred and compressed once, ever.
+    Paths missing from the local store come from binary caches: --substituter and
+    --trusted-public-key, else Nix's own substituters and trusted-public-keys.
 
     \b
     Examples:
@@ -348,6 +365,7 @@ def plan(
     as_json: bool,
 ) -> None:
     """Show how the closure would be split into layers, without building anything.
+    (Installables and binary caches as for `stowaway build`.)
 
     \b
     Examples:

@@ -117,6 +117,7 @@ class BinaryCache:
         self._narinfos: dict[str, Narinfo | None] = {}
         self._info: NixCacheInfo | None = None
         self._lock = threading.Lock()
+        self._unreachable: str | None = None
 
     # ------------------------------------------------------------------ transport
 
@@ -130,6 +131,8 @@ class BinaryCache:
                 return None
             except OSError as e:
                 raise CacheError(f"{url}: {e.strerror}") from None
+        if self._unreachable is not None:
+            raise CacheError(self._unreachable)
         req = urllib.request.Request(url, headers={"User-Agent": "stowaway"})
         try:
             return cast(http.client.HTTPResponse, urllib.request.urlopen(req, timeout=self.timeout))
@@ -140,7 +143,10 @@ class BinaryCache:
             raise CacheError(f"{url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise CacheError(f"{url}: cannot connect ({reason})") from None
+            # as Nix does, an unreachable cache is not tried again (in this process): a
+            # timeout is waited for once, not once per path
+            self._unreachable = f"{url}: cannot connect ({reason})"
+            raise CacheError(self._unreachable) from None
 
     def _text(self, rel: str) -> str | None:
         f = self._open(rel)

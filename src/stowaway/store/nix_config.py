@@ -3,9 +3,9 @@ from its configuration, for commands given no ``--substituter`` /
 ``--trusted-public-key`` (each flag replaces its setting alone, as ``--option`` does
 for Nix).
 
-When nix is installed it is asked (``nix config show --json``, Nix ≥ 2.20; else
-``nix show-config --json``, Nix 2.4 to 2.x), so every source Nix reads counts, its
-defaults included. Otherwise the files are read as Nix reads them: ``$NIX_CONF_DIR/
+When nix is installed it is asked (``nix config show --json`` in newer Nix, 2.26
+among them; else ``nix show-config --json``, as in Nix 2.8), so every source Nix reads
+counts, its defaults included. Otherwise the files are read as Nix reads them: ``$NIX_CONF_DIR/
 nix.conf`` (``/etc/nix``), ``$NIX_USER_CONF_FILES`` or ``nix/nix.conf`` under
 ``$XDG_CONFIG_DIRS`` and ``$XDG_CONFIG_HOME``, then ``$NIX_CONFIG``; ``include``,
 ``!include`` and ``extra-`` settings work, ``#`` starts a comment.

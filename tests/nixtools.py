@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -37,3 +38,45 @@ def nix_copy(dest: Path, paths: list[str], compression: str, secret_key: str | N
         capture_output=True,
     )
     return f"file://{dest}"
+
+
+def current_system() -> str:
+    out = subprocess.run(
+        ["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return str(out.strip().strip('"'))
+
+
+def write_flake(directory: Path, script: str) -> Path:
+    """A flake in ``directory`` with no inputs (there is no nixpkgs here) whose
+    ``packages.<system>.app`` (also ``default``) runs ``script`` in the sandbox.
+
+    In pure evaluation a flake reads nothing outside its directory (nor
+    builtins.currentSystem), so the static busybox and fixtures/sandboxed-derivation.nix
+    are copied in, and the system is written out."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIXTURES / "sandboxed-derivation.nix", directory / "sandboxed-derivation.nix")
+    shutil.copy("/usr/bin/busybox", directory / "busybox")
+    system = current_system()
+    (directory / "flake.nix").write_text(
+        f"""{{
+  outputs = {{ self }}: let
+    sandboxed = import ./sandboxed-derivation.nix {{
+      busybox = builtins.path {{
+        path = ./.;
+        name = "busybox-static";
+        filter = path: type: baseNameOf path == "busybox";
+      }};
+      system = "{system}";
+    }};
+    app = sandboxed.mk "flake-app" ''{script}'';
+  in {{
+    packages."{system}" = {{ inherit app; default = app; }};
+  }};
+}}
+"""
+    )
+    return directory

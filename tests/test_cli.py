@@ -132,6 +132,9 @@ def test_untrusted_cache_is_refused_with_the_flag_to_use(
     assert proc.returncode == 1
     assert demo_app.split("/")[-1] in proc.stderr or "stowaway-demo-app" in proc.stderr
     assert "--trusted-public-key" in proc.stderr
+    # the hint says the key given is not the signer's, naming both
+    assert "the cache's signer is good-key-1, which none of the keys given matches" in proc.stderr
+    assert cache_keys["other"] in proc.stderr
 
 
 def test_plan_json_and_inspect_agree(
@@ -189,7 +192,7 @@ def test_error_prints_message_and_hint_and_exits_1() -> None:
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
         "error: nothing to build",
-        "  hint: name store paths, ./result links, or -f FILE.nix",
+        "  hint: name store paths, ./result links, flake references (.#app), or -f FILE.nix",
     ]
     assert result.stdout == ""
     assert "Traceback" not in result.output
@@ -200,7 +203,7 @@ def test_error_with_json_is_an_object_on_stdout() -> None:
     assert result.exit_code == 1
     assert json.loads(result.stdout) == {
         "error": "nothing to build",
-        "hint": "name store paths, ./result links, or -f FILE.nix",
+        "hint": "name store paths, ./result links, flake references (.#app), or -f FILE.nix",
     }
     assert "  hint: name store paths" in result.stderr  # the lines for people stay
     assert "Traceback" not in result.output

@@ -16,6 +16,8 @@ import click
 from stowaway import __version__
 from stowaway.cli_options import (
     StowawayGroup,
+    arg_option,
+    argstr_option,
     image_flags,
     image_options_from_flags,
     layering_options,
@@ -27,6 +29,8 @@ from stowaway.errors import StowawayError
 if TYPE_CHECKING:
     from stowaway.store.sources import Sources
 
+#: INSTALLABLES (store paths, ./result links, flake references) and -f FILE.nix with
+#: its -A, --arg and --argstr.
 installable_options = option_group(
     click.argument("installables", nargs=-1),
     click.option(
@@ -37,21 +41,34 @@ installable_options = option_group(
         help="Build FILE.nix with nix-build and use its outputs.",
     ),
     click.option("-A", "--attr", "attrs", multiple=True, help="Attribute of -f FILE to build."),
+    arg_option,
+    argstr_option,
 )
 
 
-def _roots(installables: Sequence[str], nix_file: str | None, attrs: Sequence[str]) -> list[str]:
+def _roots(
+    installables: Sequence[str],
+    nix_file: str | None,
+    attrs: Sequence[str],
+    nix_args: Sequence[tuple[str, str]] = (),
+    argstrs: Sequence[tuple[str, str]] = (),
+) -> list[str]:
     from stowaway import installables as inst
 
     roots: list[str] = []
     if nix_file:
-        roots += inst.build_nix_file(nix_file, attrs)
-    elif attrs:
-        raise StowawayError("-A/--attr needs -f FILE.nix")
+        roots += inst.build_nix_file(nix_file, attrs, nix_args, argstrs)
+    elif attrs or nix_args or argstrs:
+        flag = "-A/--attr" if attrs else "--arg" if nix_args else "--argstr"
+        raise StowawayError(
+            f"{flag} needs -f FILE.nix",
+            hint="for a flake, name the attribute in the reference: .#ATTR",
+        )
     roots += inst.resolve(installables)
     if not roots:
         raise StowawayError(
-            "nothing to build", hint="name store paths, ./result links, or -f FILE.nix"
+            "nothing to build",
+            hint="name store paths, ./result links, flake references (.#app), or -f FILE.nix",
         )
     return list(dict.fromkeys(roots))
 
@@ -65,7 +82,22 @@ def _closure(
 ) -> tuple[Sources, dict[str, Any]]:
     from stowaway.store.sources import closure, open_sources
 
-    source = open_sources(store, substituters, trusted_keys, require_sigs=not no_require_sigs)
+    keys_from = "--trusted-public-key"
+    if not substituters or not trusted_keys:  # Nix's own settings stand in for the flags
+        from stowaway.store.nix_config import nix_cache_settings
+
+        conf = nix_cache_settings()
+        substituters = substituters or conf.substituters
+        if not trusted_keys:
+            trusted_keys = conf.trusted_public_keys
+            keys_from = f"trusted-public-keys of {conf.origin}"
+    source = open_sources(
+        store,
+        substituters,
+        trusted_keys,
+        require_sigs=not no_require_sigs,
+        keys_from=keys_from,
+    )
     try:
         return source, closure(source, roots)
     except BaseException:
@@ -184,6 +216,8 @@ def build(
     installables: tuple[str, ...],
     nix_file: str | None,
     attrs: tuple[str, ...],
+    nix_args: tuple[tuple[str, str], ...],
+    argstrs: tuple[tuple[str, str], ...],
     store: str | None,
     substituters: tuple[str, ...],
     trusted_keys: tuple[str, ...],
@@ -212,6 +246,8 @@ def build(
     """Compose an image from Nix store paths and write it to TARGET.
 
     Layers are cached by content: a layer is tarred and compressed once, ever.
+    Paths missing from the local store come from binary caches: --substituter and
+    --trusted-public-key, else Nix's own substituters and trusted-public-keys.
 
     \b
     Examples:
@@ -234,7 +270,7 @@ def build(
         if not sep:
             raise StowawayError("--dest-creds must look like USER:PASS")
         creds = (u, p)
-    roots = _roots(installables, nix_file, attrs)
+    roots = _roots(installables, nix_file, attrs, nix_args, argstrs)
     from stowaway.installables import resolve
 
     contents_paths = resolve(contents)
@@ -328,6 +364,8 @@ def plan(
     installables: tuple[str, ...],
     nix_file: str | None,
     attrs: tuple[str, ...],
+    nix_args: tuple[tuple[str, str], ...],
+    argstrs: tuple[tuple[str, str], ...],
     store: str | None,
     substituters: tuple[str, ...],
     trusted_keys: tuple[str, ...],
@@ -337,6 +375,7 @@ def plan(
     as_json: bool,
 ) -> None:
     """Show how the closure would be split into layers, without building anything.
+    (Installables and binary caches as for `stowaway build`.)
 
     \b
     Examples:
@@ -345,7 +384,7 @@ def plan(
     """
     from stowaway.layering import plan as make_plan
 
-    roots = _roots(installables, nix_file, attrs)
+    roots = _roots(installables, nix_file, attrs, nix_args, argstrs)
     source, clo = _closure(roots, store, substituters, trusted_keys, no_require_sigs)
     source.close()
     result = make_plan(clo, roots, strategy=layering, max_layers=max_layers)

@@ -63,6 +63,28 @@ class StowawayGroup(click.Group):
     command_class = StowawayCommand
 
 
+#: --argstr NAME VALUE for commands that evaluate a FILE.nix (`build -f`, `plan -f`,
+#: `buildkit context`), as nix-build has it.
+argstr_option = click.option(
+    "--argstr",
+    "argstrs",
+    nargs=2,
+    multiple=True,
+    metavar="NAME VALUE",
+    help="Pass a string argument to FILE.nix (as nix-build --argstr); repeatable.",
+)
+
+#: --arg NAME EXPR: a Nix expression as an argument of FILE.nix, as nix-build has it.
+arg_option = click.option(
+    "--arg",
+    "nix_args",
+    nargs=2,
+    multiple=True,
+    metavar="NAME EXPR",
+    help="Pass a Nix expression as an argument to FILE.nix (as nix-build --arg); repeatable.",
+)
+
+
 #: --substituter and --trusted-public-key: the binary caches missing store paths
 #: come from (`build`, `plan`, `snapshotter`, `cri-image-service`).
 cache_options = option_group(

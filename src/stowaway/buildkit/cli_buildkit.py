@@ -11,6 +11,7 @@ import click
 from stowaway.cli_options import (
     StowawayCommand,
     StowawayGroup,
+    argstr_option,
     image_flags,
     image_options_from_flags,
     layering_options,
@@ -34,14 +35,7 @@ def buildkit_group() -> None:
 @buildkit_group.command("context")
 @click.argument("nix_file", metavar="FILE.nix")
 @click.option("-A", "--attr", "attrs", multiple=True, help="Attribute of FILE.nix; repeatable.")
-@click.option(
-    "--argstr",
-    "argstrs",
-    nargs=2,
-    multiple=True,
-    metavar="NAME VALUE",
-    help="Pass a string argument to FILE.nix; repeatable.",
-)
+@argstr_option
 @click.option("-o", "--output", "out_dir", required=True, metavar="CTXDIR", help="Context dir.")
 @layering_options
 @image_flags

@@ -100,6 +100,7 @@ class BinaryCache:
         require_signatures: bool = True,
         store_dir: str = STORE_DIR,
         timeout: float = 30.0,
+        keys_from: str = "--trusted-public-key",
     ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("file", "http", "https"):
@@ -108,6 +109,7 @@ class BinaryCache:
         self.url = urllib.parse.urlunsplit(parsed._replace(query="", fragment="")).rstrip("/")
         self.name = f"binary cache {self.url}"
         self.trusted_keys = tuple(trusted_keys)
+        self.keys_from = keys_from  # where the keys came from, for the refusal's hint
         self.require_signatures = require_signatures
         self.store_dir = store_dir
         self.timeout = timeout
@@ -115,6 +117,7 @@ class BinaryCache:
         self._narinfos: dict[str, Narinfo | None] = {}
         self._info: NixCacheInfo | None = None
         self._lock = threading.Lock()
+        self._unreachable: str | None = None
 
     # ------------------------------------------------------------------ transport
 
@@ -128,6 +131,8 @@ class BinaryCache:
                 return None
             except OSError as e:
                 raise CacheError(f"{url}: {e.strerror}") from None
+        if self._unreachable is not None:
+            raise CacheError(self._unreachable)
         req = urllib.request.Request(url, headers={"User-Agent": "stowaway"})
         try:
             return cast(http.client.HTTPResponse, urllib.request.urlopen(req, timeout=self.timeout))
@@ -138,7 +143,10 @@ class BinaryCache:
             raise CacheError(f"{url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise CacheError(f"{url}: cannot connect ({reason})") from None
+            # as Nix does, an unreachable cache is not tried again (in this process): a
+            # timeout is waited for once, not once per path
+            self._unreachable = f"{url}: cannot connect ({reason})"
+            raise CacheError(self._unreachable) from None
 
     def _text(self, rel: str) -> str | None:
         f = self._open(rel)
@@ -209,8 +217,39 @@ class BinaryCache:
         raise SignatureError(
             f"{ni.store_path} from binary cache {self.url} has no valid signature from a "
             f"trusted key ({signed}; trusted keys: {trusted})",
-            hint="pass --trusted-public-key NAME:KEY with the cache's public key, "
-            "or --no-require-sigs to accept unsigned paths from this cache",
+            hint=self._trust_hint(signers),
+        )
+
+    def _trust_hint(self, signers: list[str]) -> str:
+        """What to do about a refused narinfo: which key the cache signs with and why the
+        keys given (``keys_from`` says where they came from) are not it."""
+        or_unsigned = "or --no-require-sigs to accept unsigned paths from this cache"
+        if not signers:
+            return (
+                "the path carries no signature at all: sign the cache (nix store sign) "
+                "and pass --trusted-public-key NAME:KEY, or pass --no-require-sigs to "
+                "accept unsigned paths from this cache (trusting the transport)"
+            )
+        names = {k.name for k in self.trusted_keys}
+        signer = ", ".join(signers)
+        if not self.trusted_keys:
+            return (
+                f"no key is trusted: pass --trusted-public-key NAME:KEY with the public key "
+                f"of {signer} (the cache's signer), {or_unsigned}"
+            )
+        given = ", ".join(str(k) for k in self.trusted_keys)
+        same_name = sorted(names & set(signers))
+        if same_name:
+            return (
+                f"the key given as {', '.join(same_name)} ({self.keys_from}: {given}) does "
+                "not verify the signature: it is not the public key of the cache's signer "
+                f"of that name, or the narinfo was altered; pass --trusted-public-key "
+                f"NAME:KEY with the right public key, {or_unsigned}"
+            )
+        return (
+            f"the cache's signer is {signer}, which none of the keys given matches "
+            f"({self.keys_from}: {given}); pass --trusted-public-key NAME:KEY with the "
+            f"public key of {signer}, {or_unsigned}"
         )
 
     def query(self, path: str) -> PathInfo | None:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from stowaway.errors import PathNotFound, SignatureError, StowawayError
-from stowaway.store.binary_cache import BinaryCache
+from stowaway.store.binary_cache import BinaryCache, CacheError
 from stowaway.store.local import DirectoryStore, LocalStore, db_path_for
 from stowaway.store.model import STORE_DIR, NarEntry, PathInfo, StoreSource
 from stowaway.store.narinfo import PublicKey
@@ -41,14 +41,15 @@ class Sources:
     def find(self, path: str) -> tuple[StoreSource, PathInfo] | None:
         """The first source that has ``path`` and its info.
 
-        A cache whose copy is not trusted is passed over for the next one, as Nix does;
-        the SignatureError is raised only if no later source has the path.
+        A cache whose copy is not trusted, or that cannot be reached, is passed over for
+        the next one, as Nix does; the first such error is raised only if no later source
+        has the path.
         """
-        refused: SignatureError | None = None
+        refused: SignatureError | CacheError | None = None
         for src in self.sources:
             try:
                 info = src.query(path)
-            except SignatureError as e:
+            except (SignatureError, CacheError) as e:
                 refused = refused or e
                 continue
             if info is not None:
@@ -132,6 +133,7 @@ def open_sources(
     require_sigs: bool = True,
     *,
     logical_store_dir: str = STORE_DIR,
+    keys_from: str = "--trusted-public-key",
 ) -> Sources:
     """Sources for the CLI: the local store first, then binary caches in order.
 
@@ -139,11 +141,18 @@ def open_sources(
     with a database next to it (``../var/nix/db/db.sqlite``) it is a LocalStore,
     otherwise a DirectoryStore that takes references from the caches' narinfos and
     scans file contents only as a fallback. Without ``store`` the system store is used
-    if its database exists.
+    if its database exists. ``keys_from`` says where ``trusted_keys`` came from (for
+    the hint when a cache's signature is refused).
     """
     keys = [PublicKey.parse(k) for k in trusted_keys]
     caches = [
-        BinaryCache(u, keys, require_signatures=require_sigs, store_dir=logical_store_dir)
+        BinaryCache(
+            u,
+            keys,
+            require_signatures=require_sigs,
+            store_dir=logical_store_dir,
+            keys_from=keys_from,
+        )
         for u in substituters
     ]
     local: list[StoreSource] = []

@@ -269,6 +269,7 @@ def build(
             result.image,
             dest,
             tls_verify=dest_tls_verify,
+            plain_http_hint="for a plain-HTTP registry pass --dest-tls-verify=false",
             creds=creds,
             state_dir=cache.root,  # which repos got which blobs: mount sources
             **kwargs,

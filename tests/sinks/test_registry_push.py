@@ -476,7 +476,10 @@ def test_tls_verify_refuses_plain_http(registry: Registry, image: Image, state: 
     with pytest.raises(RegistryError) as info:
         push(image, registry.host, "tls", "v1", state_dir=state)
     assert f"https://{registry.host}/v2/" in str(info.value)
-    assert "--dest-tls-verify=false" in str(info.value)
+    assert "turn TLS verification off" in str(info.value)
+    with pytest.raises(RegistryError) as info:  # the caller's flag, when it names one
+        push(image, registry.host, "tls", "v1", plain_http_hint="pass --x=false")
+    assert info.value.hint == "pass --x=false"
 
 
 def test_push_record_ignores_damage_and_caps(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ from stowaway.errors import RegistryError
 
 __all__ = ["RegistryClient", "Response", "TransportError", "CREDS_HINT"]
 
+#: Told when TLS fails and the caller named no flag of its own.
+PLAIN_HTTP_HINT = "for a plain-HTTP registry, turn TLS verification off"
 #: Read and send size for streamed bodies.
 CHUNK = 1 << 20
 #: Attempts for one request when the registry answers a temporary error.
@@ -64,9 +66,13 @@ class RegistryClient:
         tls_verify: bool = True,
         creds: tuple[str, str] | None = None,
         timeout: float = 120.0,
+        plain_http_hint: str | None = None,
     ) -> None:
+        """``plain_http_hint`` is told when TLS fails: how the caller's user turns
+        verification off (each command has its own flag)."""
         self.host = host
         self.tls_verify = tls_verify
+        self.plain_http_hint = plain_http_hint or PLAIN_HTTP_HINT
         self.creds = creds
         self.timeout = timeout
         self.auth = RegistryAuth(f"https://{host}", creds, self._get_token)
@@ -101,7 +107,7 @@ class RegistryClient:
             return
         err = self._connect_error(f"{schemes[-1]}://{self.host}/v2/", last)
         if isinstance(last, ssl.SSLError):
-            err.hint = "for a plain-HTTP registry pass --dest-tls-verify=false"
+            err.hint = self.plain_http_hint
         raise err
 
     def authorize(self, scopes: Sequence[str]) -> None:

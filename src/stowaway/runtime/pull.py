@@ -64,7 +64,11 @@ class _Source:
 
     def __init__(self, target: RegistryTarget, plain_http: bool) -> None:
         self.repo = target.repository
-        self.reg = RegistryClient(target.registry, tls_verify=not plain_http)
+        self.reg = RegistryClient(
+            target.api_host,
+            tls_verify=not plain_http,
+            plain_http_hint="for a plain-HTTP registry pass --plain-http",
+        )
         self.reg.ping()
         self.reg.authorize([f"repository:{self.repo}:pull"])
 

@@ -38,8 +38,6 @@ __all__ = [
 ]
 
 _QUIET: Progress = NoProgress()
-#: Docker Hub's API host; ``docker.io`` is only its name in references.
-_HUB_API = "registry-1.docker.io"
 
 
 def write_image(
@@ -73,8 +71,9 @@ def _push(
             f"{image.manifest.digest}",
             hint="push by tag, or use the manifest digest the build prints",
         )
-    host = _HUB_API if target.registry == "docker.io" else target.registry
-    pushed = push(image, host, target.repository, target.tag, progress=progress, **push_opts)
+    pushed = push(
+        image, target.api_host, target.repository, target.tag, progress=progress, **push_opts
+    )
     return SinkResult(
         target=str(target),
         manifest_digest=pushed.manifest_digest,

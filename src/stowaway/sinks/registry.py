@@ -64,6 +64,7 @@ def push(
     tag: str | None,
     *,
     tls_verify: bool = True,
+    plain_http_hint: str | None = None,
     creds: tuple[str, str] | None = None,
     progress: Progress = _QUIET,
     mount_from: Sequence[str] = (),
@@ -88,7 +89,9 @@ def push(
         ][:MAX_MOUNT_SOURCES]
         for d in blobs
     }
-    client = RegistryClient(host, tls_verify=tls_verify, creds=creds)
+    client = RegistryClient(
+        host, tls_verify=tls_verify, creds=creds, plain_http_hint=plain_http_hint
+    )
     try:
         client.ping()
         others = sorted({r for rs in sources.values() for r in rs})

@@ -450,11 +450,11 @@ def test_basic_auth_needs_creds(auth_registry: Registry, image: Image, state: Pa
                                 tmp_path: Path) -> None:  # fmt: skip
     with pytest.raises(RegistryError) as info:
         push(image, auth_registry.host, "private", "v1", tls_verify=False, state_dir=state)
-    assert "--dest-creds" in str(info.value) and auth_registry.host in str(info.value)
+    assert "--creds" in str(info.value) and auth_registry.host in str(info.value)
     with pytest.raises(RegistryError) as info:
         push(image, auth_registry.host, "private", "v1", tls_verify=False, state_dir=state,
              creds=(USER, "wrong"))  # fmt: skip
-    assert "--dest-creds" in str(info.value) and "refused" in str(info.value)
+    assert "--creds" in str(info.value) and "refused" in str(info.value)
 
     result = push(image, auth_registry.host, "private", "v1", tls_verify=False,
                   state_dir=state, creds=(USER, PASSWORD))  # fmt: skip
@@ -620,7 +620,7 @@ def test_bearer_token_auth_and_mount_scopes(token_registry: tuple[Registry, Toke
     reg, tokens = token_registry
     with pytest.raises(RegistryError) as info:
         push(image, reg.host, "tok/one", "v1", tls_verify=False, state_dir=state)
-    assert "--dest-creds" in str(info.value) and tokens.realm in str(info.value)
+    assert "--creds" in str(info.value) and tokens.realm in str(info.value)
 
     tokens.requests.clear()
     result = push(image, reg.host, "tok/one", "v1", tls_verify=False, state_dir=state,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from stowaway.distribution.client import RegistryClient, Response, TransportError
+from stowaway.distribution.credentials import CredsSource
 from stowaway.distribution.errors import RegistryApiError
 from stowaway.errors import RegistryError
 from stowaway.fsutil import atomic_write
@@ -65,7 +66,7 @@ def push(
     *,
     tls_verify: bool = True,
     plain_http_hint: str | None = None,
-    creds: tuple[str, str] | None = None,
+    creds: CredsSource = None,
     progress: Progress = _QUIET,
     mount_from: Sequence[str] = (),
     jobs: int = 4,

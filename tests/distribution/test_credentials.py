@@ -1,6 +1,6 @@
 """Credentials read as docker, podman and skopeo read them: the files, their order, the
 credential-helper protocol (with a protocol-conforming helper script written here; the
-real ``docker-credential-pass`` is in tests/sinks/test_registry_credentials.py) and
+real ``docker-credential-pass`` is in tests/registry/test_login_credentials.py) and
 the errors. Each test passes its own environment: no real user's file is read."""
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ DEBS=(
   python3 python3-venv python3-dev gcc
   nix-bin containerd runc skopeo umoci busybox-static docker-registry docker.io
   containernetworking-plugins apache2-utils iptables
+  golang-docker-credential-helpers pass gnupg
   pigz xz-utils zstd bzip2 patchelf time curl ca-certificates
   debootstrap iproute2 util-linux sqlite3
 )

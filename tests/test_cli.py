@@ -157,7 +157,7 @@ def test_plan_json_and_inspect_agree(
         (["-o", "ftp://x"], "oci:"),
         (["--max-layers", "200", "-o", "oci:/tmp/never"], "125"),
         (["--env", "NOEQUALS", "-o", "oci:/tmp/never"], "NOEQUALS"),
-        (["--dest-creds", "nocolon", "-o", "docker://127.0.0.1:1/x"], "USER:PASS"),
+        (["--dest-creds", ":pw", "-o", "docker://127.0.0.1:1/x"], "needs a user name"),
         (["--jobs", "0", "-o", "oci:/tmp/never"], "--jobs"),
     ],
 )

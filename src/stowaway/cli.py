@@ -18,10 +18,12 @@ from stowaway.cli_options import (
     StowawayGroup,
     arg_option,
     argstr_option,
+    credentials_from_flags,
     image_flags,
     image_options_from_flags,
     layering_options,
     option_group,
+    registry_auth_options,
     store_options,
 )
 from stowaway.errors import StowawayError
@@ -208,9 +210,7 @@ def main() -> None:
     show_default=True,
     help="For docker:// targets; false allows plain HTTP (loopback registries).",
 )
-@click.option(
-    "--dest-creds", default=None, metavar="USER:PASS", help="Credentials for docker:// targets."
-)
+@registry_auth_options("--dest-creds")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
 def build(
     installables: tuple[str, ...],
@@ -240,7 +240,8 @@ def build(
     contents: tuple[str, ...],
     created: str | None,
     dest_tls_verify: bool,
-    dest_creds: str | None,
+    creds: str | None,
+    authfile: str | None,
     as_json: bool,
 ) -> None:
     """Compose an image from Nix store paths and write it to TARGET.
@@ -264,12 +265,7 @@ def build(
     from stowaway.sinks import RegistryTarget, parse_target, write_image
 
     dest = parse_target(target)
-    creds = None
-    if dest_creds is not None:
-        u, sep, p = dest_creds.partition(":")
-        if not sep:
-            raise StowawayError("--dest-creds must look like USER:PASS")
-        creds = (u, p)
+    lookup = credentials_from_flags(creds, authfile) if isinstance(dest, RegistryTarget) else None
     roots = _roots(installables, nix_file, attrs, nix_args, argstrs)
     from stowaway.installables import resolve
 
@@ -305,7 +301,8 @@ def build(
             result.image,
             dest,
             tls_verify=dest_tls_verify,
-            creds=creds,
+            plain_http_hint="for a plain-HTTP registry pass --dest-tls-verify=false",
+            creds=lookup,
             state_dir=cache.root,  # which repos got which blobs: mount sources
             **kwargs,
         )

@@ -16,6 +16,7 @@ import click
 from stowaway.errors import StowawayError
 
 if TYPE_CHECKING:
+    from stowaway.distribution.credentials import CredentialsLookup
     from stowaway.image.config import ImageOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -184,3 +185,64 @@ def image_options_from_flags(
         contents=list(contents),
         created=parse_created(created) if created is not None else 1,
     )
+
+
+def registry_auth_options(*creds_aliases: str) -> Callable[[F], F]:
+    """--creds (with ``creds_aliases``, e.g. build's --dest-creds) and --authfile: the
+    options of every command that talks to a registry; read with
+    ``credentials_from_flags``."""
+    return option_group(
+        click.option(
+            "--creds",
+            *creds_aliases,
+            "creds",
+            default=None,
+            metavar="USER[:PASS]",
+            help="Registry credentials; with USER alone the password is read from stdin "
+            "(or asked for on a terminal). Default: the podman/docker login files.",
+        ),
+        click.option(
+            "--authfile",
+            default=None,
+            metavar="FILE",
+            help="Read credentials from this auth.json (podman's format, or docker's "
+            "config.json) only; default $REGISTRY_AUTH_FILE, else containers' auth.json "
+            "and ~/.docker/config.json.",
+        ),
+    )
+
+
+def credentials_from_flags(creds: str | None, authfile: str | None) -> CredentialsLookup:
+    """What --creds and --authfile say: explicit credentials (the password from stdin,
+    or a prompt on a terminal, when --creds names only the user), or where to look."""
+    from stowaway.distribution.credentials import Credentials, CredentialsLookup
+
+    if creds is None:
+        return CredentialsLookup(authfile=authfile)
+    user, sep, password = creds.partition(":")
+    if not user:
+        raise StowawayError("--creds needs a user name", hint="--creds USER[:PASS]")
+    if not sep:
+        password = _read_password(user)
+    return CredentialsLookup(Credentials(user, password, source="--creds"), authfile)
+
+
+def _read_password(user: str) -> str:
+    """The password of ``--creds USER``: all of stdin less its final newline (like
+    ``docker login --password-stdin``), or a hidden prompt when stdin is a terminal."""
+    import sys
+
+    if sys.stdin is None:
+        raise StowawayError(f"--creds {user}: no password and no stdin to read it from")
+    if sys.stdin.isatty():
+        password: str = click.prompt(f"Password for {user}", hide_input=True, err=True)
+        return password
+    text = sys.stdin.read()
+    text = text[:-1] if text.endswith("\n") else text
+    text = text[:-1] if text.endswith("\r") else text
+    if not text:
+        raise StowawayError(
+            f"--creds {user}: no password on stdin",
+            hint=f"pipe it in (`… | stowaway … --creds {user}`) or pass --creds USER:PASS",
+        )
+    return text

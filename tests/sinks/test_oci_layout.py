@@ -53,6 +53,12 @@ def index_of(layout: Path) -> dict[str, object]:
         ),
         ("docker://localhost:5000/app", RegistryTarget("localhost:5000", "app", "latest")),
         ("docker://busybox", RegistryTarget("docker.io", "library/busybox", "latest")),
+        ("docker://docker.io/busybox", RegistryTarget("docker.io", "library/busybox", "latest")),
+        (
+            "docker://index.docker.io/library/busybox:1",
+            RegistryTarget("docker.io", "library/busybox", "1"),
+        ),
+        ("docker://docker.io/me/app", RegistryTarget("docker.io", "me/app", "latest")),
         (
             "docker://reg.example/app@sha256:" + "a" * 64,
             RegistryTarget("reg.example", "app", None, "sha256:" + "a" * 64),
@@ -61,6 +67,14 @@ def index_of(layout: Path) -> dict[str, object]:
 )
 def test_parse_target_accepts_skopeo_forms(text: str, expected: object) -> None:
     assert parse_target(text) == expected
+
+
+def test_docker_hub_api_host() -> None:
+    """``docker.io`` names Docker Hub in references; its API is on registry-1."""
+    hub = parse_target("docker://busybox")
+    assert isinstance(hub, RegistryTarget) and hub.api_host == "registry-1.docker.io"
+    other = parse_target("docker://localhost:5000/app")
+    assert isinstance(other, RegistryTarget) and other.api_host == "localhost:5000"
 
 
 @pytest.mark.parametrize(

@@ -450,11 +450,11 @@ def test_basic_auth_needs_creds(auth_registry: Registry, image: Image, state: Pa
                                 tmp_path: Path) -> None:  # fmt: skip
     with pytest.raises(RegistryError) as info:
         push(image, auth_registry.host, "private", "v1", tls_verify=False, state_dir=state)
-    assert "--dest-creds" in str(info.value) and auth_registry.host in str(info.value)
+    assert "--creds" in str(info.value) and auth_registry.host in str(info.value)
     with pytest.raises(RegistryError) as info:
         push(image, auth_registry.host, "private", "v1", tls_verify=False, state_dir=state,
              creds=(USER, "wrong"))  # fmt: skip
-    assert "--dest-creds" in str(info.value) and "refused" in str(info.value)
+    assert "--creds" in str(info.value) and "refused" in str(info.value)
 
     result = push(image, auth_registry.host, "private", "v1", tls_verify=False,
                   state_dir=state, creds=(USER, PASSWORD))  # fmt: skip
@@ -476,7 +476,10 @@ def test_tls_verify_refuses_plain_http(registry: Registry, image: Image, state: 
     with pytest.raises(RegistryError) as info:
         push(image, registry.host, "tls", "v1", state_dir=state)
     assert f"https://{registry.host}/v2/" in str(info.value)
-    assert "--dest-tls-verify=false" in str(info.value)
+    assert "turn TLS verification off" in str(info.value)
+    with pytest.raises(RegistryError) as info:  # the caller's flag, when it names one
+        push(image, registry.host, "tls", "v1", plain_http_hint="pass --x=false")
+    assert info.value.hint == "pass --x=false"
 
 
 def test_push_record_ignores_damage_and_caps(tmp_path: Path) -> None:
@@ -617,7 +620,7 @@ def test_bearer_token_auth_and_mount_scopes(token_registry: tuple[Registry, Toke
     reg, tokens = token_registry
     with pytest.raises(RegistryError) as info:
         push(image, reg.host, "tok/one", "v1", tls_verify=False, state_dir=state)
-    assert "--dest-creds" in str(info.value) and tokens.realm in str(info.value)
+    assert "--creds" in str(info.value) and tokens.realm in str(info.value)
 
     tokens.requests.clear()
     result = push(image, reg.host, "tok/one", "v1", tls_verify=False, state_dir=state,

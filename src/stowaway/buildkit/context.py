@@ -98,9 +98,7 @@ def _copy_canonical(src: str, dest: Path) -> None:
         os.utime(dest, (1, 1))
 
 
-def _runtime_closure(
-    roots: Sequence[str], store: LocalStore | None
-) -> dict[str, PathInfo] | None:
+def _runtime_closure(roots: Sequence[str], store: LocalStore | None) -> dict[str, PathInfo] | None:
     """The roots' closure from the local store, or None when any path is not valid."""
     if store is None:
         return None
@@ -155,8 +153,7 @@ def make_context(
         closure = _runtime_closure([*roots, *options.contents], store)
         if options.contents and closure is None:
             raise StowawayError(
-                "--contents needs the outputs built locally first (their files are linked "
-                "into /)",
+                "--contents needs the outputs built locally first (their files are linked into /)",
                 hint=f"run nix-build {nix_file} first, or drop --contents",
             )
         custom = (

@@ -1,7 +1,10 @@
 """How a registry wants to be authenticated: ``WWW-Authenticate`` challenges, Basic
 credentials, Bearer tokens fetched from the challenge's realm (once per realm, service
-and scopes, shared across threads), and the error a refusal becomes. The requests
-themselves are ``client.RegistryClient``'s; this module only decides the headers."""
+and scopes, shared across threads; an identity token is traded with OAuth2's
+``refresh_token`` grant, as docker does), and the error a refusal becomes. The requests
+themselves are ``client.RegistryClient``'s; this module only decides the headers. The
+credentials are looked up (``credentials.find_credentials``) only when the registry
+first asks for them."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
 
+from stowaway.distribution.credentials import Credentials, CredsSource, resolve
 from stowaway.distribution.errors import RegistryApiError
 from stowaway.errors import RegistryError
 
@@ -23,7 +27,12 @@ if TYPE_CHECKING:
 __all__ = ["CREDS_HINT", "Challenge", "RegistryAuth", "parse_challenge"]
 
 #: Told to the user whenever a registry refuses us for lack of credentials.
-CREDS_HINT = "pass --dest-creds USER:PASS (or a token the registry accepts)"
+CREDS_HINT = (
+    "log in with `docker login HOST` or `podman login HOST`, or pass --creds USER[:PASS] "
+    "or --authfile FILE"
+)
+#: OAuth2 client id sent with an identity token (docker sends its own name).
+CLIENT_ID = "stowaway"
 
 USER_AGENT = {"User-Agent": "stowaway"}
 _PARAM = re.compile(r'([A-Za-z_]+)=(?:"([^"]*)"|([^,\s]*))')
@@ -51,30 +60,43 @@ def challenge_of(resp: Response) -> Challenge:
     return Challenge("basic", {})
 
 
-def basic(creds: tuple[str, str]) -> str:
+def basic(creds: Credentials) -> str:
     """The ``Authorization`` value for Basic credentials."""
-    return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+    return "Basic " + base64.b64encode(f"{creds.username}:{creds.secret}".encode()).decode()
+
+
+#: ``fetch(method, url, headers, body)``: one request to a token server.
+Fetch = Callable[[str, str, Mapping[str, str], "bytes | None"], "Response"]
 
 
 class RegistryAuth:
     """One registry's challenge, the scopes asked for and the tokens fetched for them.
 
-    ``get(url, headers)`` performs a GET for the token server (the client's transport,
-    which turns connection failures into ``TransportError``)."""
+    ``fetch`` performs a request to the token server (the client's transport, which
+    turns connection failures into ``TransportError``). ``creds`` may be a lookup, run
+    once, the first time credentials are needed."""
 
-    def __init__(
-        self,
-        base: str,
-        creds: tuple[str, str] | None,
-        get: Callable[[str, Mapping[str, str]], Response],
-    ) -> None:
+    def __init__(self, base: str, creds: CredsSource, fetch: Fetch) -> None:
         self.base = base
-        self.creds = creds
+        self._creds_source = creds
+        self._creds: Credentials | None = None
+        self._looked_up = False
         self.challenge: Challenge | None = None
-        self._get = get
+        self._fetch = fetch
         self._scopes: tuple[str, ...] = ()
         self._tokens: dict[tuple[str, ...], str] = {}
         self._lock = threading.Lock()
+        self._lookup_lock = threading.Lock()
+
+    @property
+    def creds(self) -> Credentials | None:
+        """The credentials, looked up on first use (a lookup's error propagates)."""
+        if not self._looked_up:
+            with self._lookup_lock:
+                if not self._looked_up:
+                    self._creds = resolve(self._creds_source)
+                    self._looked_up = True
+        return self._creds
 
     def learn(self, resp: Response) -> Challenge:
         """Adopt the challenge of the 401 that ``GET /v2/`` answered."""
@@ -91,8 +113,8 @@ class RegistryAuth:
         challenge = self.challenge
         if challenge is None:
             return {}
-        if challenge.scheme == "basic" and self.creds is not None:
-            return {"Authorization": basic(self.creds)}
+        if challenge.scheme == "basic" and (creds := self.creds) is not None:
+            return {"Authorization": basic(creds)}
         if challenge.scheme == "bearer":
             return {"Authorization": "Bearer " + self._token(challenge, self._scopes)}
         return {}
@@ -112,7 +134,12 @@ class RegistryAuth:
     def unauthorized(self, resp: Response, url: str) -> RegistryError:
         """The error for a 401 we cannot answer, with the credentials hint."""
         detail = RegistryApiError.from_response(resp.status, resp.body).message
-        how = "the credentials were refused" if self.creds else "no credentials were given"
+        creds = self.creds
+        how = (
+            f"the credentials of {creds.username!r} from {creds.source} were refused"
+            if creds
+            else "no credentials were given or found"
+        )
         return RegistryError(f"{url}: unauthorized ({how}): {detail}", hint=CREDS_HINT)
 
     def _token(self, challenge: Challenge, scopes: tuple[str, ...]) -> str:
@@ -130,11 +157,16 @@ class RegistryAuth:
         query = [("scope", s) for s in scopes]
         if "service" in challenge.params:
             query.insert(0, ("service", challenge.params["service"]))
-        url = realm + ("&" if urlsplit(realm).query else "?") + urlencode(query)
-        headers = dict(USER_AGENT)
-        if self.creds is not None:
-            headers["Authorization"] = basic(self.creds)
-        resp = self._get(url, headers)
+        creds = self.creds
+        if creds is not None and creds.identity_token:
+            resp = self._refresh(realm, challenge, scopes, creds)
+            url = realm
+        else:
+            url = realm + ("&" if urlsplit(realm).query else "?") + urlencode(query)
+            headers = dict(USER_AGENT)
+            if creds is not None:
+                headers["Authorization"] = basic(creds)
+            resp = self._fetch("GET", url, headers, None)
         if resp.status == 401:
             raise self.unauthorized(resp, url)
         if resp.status != 200:
@@ -144,3 +176,16 @@ class RegistryAuth:
             return str(doc.get("token") or doc["access_token"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RegistryError(f"token server {realm} answered no token") from e
+
+    def _refresh(
+        self, realm: str, challenge: Challenge, scopes: tuple[str, ...], creds: Credentials
+    ) -> Response:
+        """OAuth2 ``refresh_token`` grant: an identity token for an access token."""
+        form = [("grant_type", "refresh_token"), ("refresh_token", creds.secret)]
+        form += [("client_id", CLIENT_ID)]
+        if "service" in challenge.params:
+            form.append(("service", challenge.params["service"]))
+        if scopes:
+            form.append(("scope", " ".join(scopes)))
+        headers = {**USER_AGENT, "Content-Type": "application/x-www-form-urlencoded"}
+        return self._fetch("POST", realm, headers, urlencode(form).encode())

@@ -20,11 +20,14 @@ from typing import Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from stowaway.distribution.auth import CREDS_HINT, USER_AGENT, RegistryAuth
+from stowaway.distribution.credentials import CredsSource
 from stowaway.distribution.errors import RegistryApiError
 from stowaway.errors import RegistryError
 
 __all__ = ["RegistryClient", "Response", "TransportError", "CREDS_HINT"]
 
+#: Told when TLS fails and the caller named no flag of its own.
+PLAIN_HTTP_HINT = "for a plain-HTTP registry, turn TLS verification off"
 #: Read and send size for streamed bodies.
 CHUNK = 1 << 20
 #: Attempts for one request when the registry answers a temporary error.
@@ -62,14 +65,18 @@ class RegistryClient:
         host: str,
         *,
         tls_verify: bool = True,
-        creds: tuple[str, str] | None = None,
+        creds: CredsSource = None,
         timeout: float = 120.0,
+        plain_http_hint: str | None = None,
     ) -> None:
+        """``creds``: credentials, or a lookup run when the registry first asks for
+        them. ``plain_http_hint`` is told when TLS fails: how the caller's user turns
+        verification off (each command has its own flag)."""
         self.host = host
         self.tls_verify = tls_verify
-        self.creds = creds
+        self.plain_http_hint = plain_http_hint or PLAIN_HTTP_HINT
         self.timeout = timeout
-        self.auth = RegistryAuth(f"https://{host}", creds, self._get_token)
+        self.auth = RegistryAuth(f"https://{host}", creds, self._token_request)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._all_conns: list[http.client.HTTPConnection] = []
@@ -94,14 +101,14 @@ class RegistryClient:
                 last = e
                 continue
             if resp.status == 401:
-                if self.auth.learn(resp).scheme == "basic" and self.creds is None:
+                if self.auth.learn(resp).scheme == "basic" and self.auth.creds is None:
                     raise self.auth.unauthorized(resp, self.base + "/v2/")
             elif resp.status != 200:
                 raise RegistryApiError.from_response(resp.status, resp.body)
             return
         err = self._connect_error(f"{schemes[-1]}://{self.host}/v2/", last)
         if isinstance(last, ssl.SSLError):
-            err.hint = "for a plain-HTTP registry pass --dest-tls-verify=false"
+            err.hint = self.plain_http_hint
         raise err
 
     def authorize(self, scopes: Sequence[str]) -> None:
@@ -305,10 +312,12 @@ class RegistryClient:
             out.update(self.auth.header())
         return out
 
-    def _get_token(self, url: str, headers: Mapping[str, str]) -> Response:
-        """A GET to a token server, for ``RegistryAuth`` (not retried)."""
+    def _token_request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None
+    ) -> Response:
+        """A request to a token server, for ``RegistryAuth`` (not retried)."""
         try:
-            return self._once("GET", url, headers, None)
+            return self._once(method, url, headers, body)
         except (OSError, http.client.HTTPException) as e:
             raise self._connect_error(url, e) from e
 

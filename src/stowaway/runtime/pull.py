@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 from stowaway.distribution.client import RegistryClient
+from stowaway.distribution.credentials import CredentialsLookup, CredsSource
 from stowaway.errors import StowawayError
 from stowaway.image.config import default_architecture
 from stowaway.image.digest import sha256_digest
@@ -62,9 +63,14 @@ class PullResult:
 class _Source:
     """Manifests and blobs of one repository; blobs streamed, following redirects."""
 
-    def __init__(self, target: RegistryTarget, plain_http: bool) -> None:
+    def __init__(self, target: RegistryTarget, plain_http: bool, creds: CredsSource) -> None:
         self.repo = target.repository
-        self.reg = RegistryClient(target.registry, tls_verify=not plain_http)
+        self.reg = RegistryClient(
+            target.api_host,
+            tls_verify=not plain_http,
+            creds=creds,
+            plain_http_hint="for a plain-HTTP registry pass --plain-http",
+        )
         self.reg.ping()
         self.reg.authorize([f"repository:{self.repo}:pull"])
 
@@ -124,15 +130,18 @@ def pull_image(
     *,
     snapshotter: str = "stowaway",
     plain_http: bool = False,
+    creds: CredentialsLookup | None = None,
 ) -> PullResult:
     """Pull ``ref`` (``HOST/REPO[:TAG|@DIGEST]``) into ``client``'s namespace, unpacked
-    with ``snapshotter``; the image record is named ``HOST/REPO:TAG`` (or ``@DIGEST``)."""
+    with ``snapshotter``; the image record is named ``HOST/REPO:TAG`` (or ``@DIGEST``).
+    ``creds`` says where credentials come from, looked up if the registry asks."""
     target = parse_target("docker://" + ref)
     assert isinstance(target, RegistryTarget)
     reference = target.digest or target.tag or "latest"
     sep = "@" if target.digest else ":"
     name = f"{target.registry}/{target.repository}{sep}{reference}"
-    src = _Source(target, plain_http)
+    lookup = creds or CredentialsLookup()
+    src = _Source(target, plain_http, lookup.for_registry(target.registry, target.repository))
     try:
         body, media_type, digest = src.manifest(reference)
         downloaded = len(body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from stowaway.distribution.credentials import CredentialsLookup
 from stowaway.errors import StowawayError
 from stowaway.image.model import Image
 from stowaway.progress import NoProgress, Progress
@@ -38,15 +39,14 @@ __all__ = [
 ]
 
 _QUIET: Progress = NoProgress()
-#: Docker Hub's API host; ``docker.io`` is only its name in references.
-_HUB_API = "registry-1.docker.io"
 
 
 def write_image(
     image: Image, target: Target, *, progress: Progress = _QUIET, **push_opts: Any
 ) -> SinkResult:
     """Write ``image`` to ``target``. ``push_opts`` (``tls_verify``, ``creds``, ...) are
-    passed to the registry push and ignored by the file sinks."""
+    passed to the registry push and ignored by the file sinks; ``creds`` may be a
+    ``CredentialsLookup`` (what the command's flags said)."""
     if isinstance(target, OciTarget):
         from stowaway.sinks.oci_layout import write_oci_layout
 
@@ -73,8 +73,14 @@ def _push(
             f"{image.manifest.digest}",
             hint="push by tag, or use the manifest digest the build prints",
         )
-    host = _HUB_API if target.registry == "docker.io" else target.registry
-    pushed = push(image, host, target.repository, target.tag, progress=progress, **push_opts)
+    lookup = push_opts.pop("creds", None)
+    if isinstance(lookup, CredentialsLookup):  # the lookup needs the registry's name
+        push_opts["creds"] = lookup.for_registry(target.registry, target.repository)
+    elif lookup is not None:
+        push_opts["creds"] = lookup
+    pushed = push(
+        image, target.api_host, target.repository, target.tag, progress=progress, **push_opts
+    )
     return SinkResult(
         target=str(target),
         manifest_digest=pushed.manifest_digest,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from stowaway.distribution.client import RegistryClient, Response, TransportError
+from stowaway.distribution.credentials import CredsSource
 from stowaway.distribution.errors import RegistryApiError
 from stowaway.errors import RegistryError
 from stowaway.fsutil import atomic_write
@@ -64,7 +65,8 @@ def push(
     tag: str | None,
     *,
     tls_verify: bool = True,
-    creds: tuple[str, str] | None = None,
+    plain_http_hint: str | None = None,
+    creds: CredsSource = None,
     progress: Progress = _QUIET,
     mount_from: Sequence[str] = (),
     jobs: int = 4,
@@ -88,7 +90,9 @@ def push(
         ][:MAX_MOUNT_SOURCES]
         for d in blobs
     }
-    client = RegistryClient(host, tls_verify=tls_verify, creds=creds)
+    client = RegistryClient(
+        host, tls_verify=tls_verify, creds=creds, plain_http_hint=plain_http_hint
+    )
     try:
         client.ping()
         others = sorted({r for rs in sources.values() for r in rs})

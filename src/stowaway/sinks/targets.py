@@ -20,6 +20,10 @@ FORMS = (
 )
 
 DEFAULT_REGISTRY = "docker.io"
+#: Other names of Docker Hub in references, read as ``docker.io`` (as Docker does).
+HUB_ALIASES = frozenset({"docker.io", "index.docker.io"})
+#: Docker Hub's API host; ``docker.io`` is only its name in references.
+HUB_API = "registry-1.docker.io"
 
 # OCI layout ref names (image-spec annotation rules, as skopeo checks them).
 _OCI_REF = re.compile(r"^[A-Za-z0-9_.\-]+(?:[:/@+][A-Za-z0-9_.\-]+)*$")
@@ -80,6 +84,12 @@ class RegistryTarget:
     def __str__(self) -> str:
         ref = f"@{self.digest}" if self.digest else f":{self.tag}" if self.tag else ""
         return f"docker://{self.registry}/{self.repository}{ref}"
+
+    @property
+    def api_host(self) -> str:
+        """The host to send API requests to (Docker Hub's ``registry-1.docker.io``
+        for ``docker.io``)."""
+        return HUB_API if self.registry == DEFAULT_REGISTRY else self.registry
 
 
 Target = OciTarget | OciArchiveTarget | DockerArchiveTarget | RegistryTarget
@@ -175,7 +185,7 @@ def _parse_registry(value: str, rest: str) -> RegistryTarget:
         if not _TAG.fullmatch(tag):
             raise TargetError(value, f"{tag!r} is not a valid tag")
     domain, repo = _split_name(value, ref)
-    if domain is None:
+    if domain is None or domain in HUB_ALIASES:  # Docker Hub, as Docker names it
         domain = DEFAULT_REGISTRY
         if "/" not in repo:
             repo = "library/" + repo

@@ -27,6 +27,7 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Literal
@@ -246,10 +247,14 @@ def stub_layer(
     store = dest / "nix" / "store"
     store.mkdir(parents=True)
     store_fd = os.open(store, _DIR_FLAGS)
+    jobs = []
     try:
         jobs = [pool.submit(_one_path, store_fd, b, src, stubbed(b)) for b, src in paths]
         made = sum(j.result() for j in jobs)
     finally:
+        # every job ends before the fd closes, also when one failed: a job still running
+        # would otherwise write through a closed fd number the next tree may reuse
+        futures.wait(jobs)
         os.close(store_fd)
     _finish_dirs([(dest / "nix", 0o755), (store, 0o755)])
     return made + 2

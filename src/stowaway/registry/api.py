@@ -25,7 +25,7 @@ from stowaway.registry.config import RegistryConfig
 from stowaway.registry.metrics import Metrics
 from stowaway.registry.resolver import MANIFEST_TYPES, ManifestResolver, ResolvedManifest
 from stowaway.registry.singleflight import SingleFlight
-from stowaway.registry.storage import CHUNK, Storage, too_large
+from stowaway.registry.storage_api import CHUNK, Storage, too_large
 from stowaway.registry.validate import (
     Route,
     check_digest,

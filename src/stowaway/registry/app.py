@@ -24,7 +24,7 @@ from stowaway.registry.guard import ConnectionGuard
 from stowaway.registry.landing import PackageSets, render_landing
 from stowaway.registry.links import link_tagged_blobs
 from stowaway.registry.resolver import ManifestResolver
-from stowaway.registry.storage import Storage
+from stowaway.registry.storage_api import Storage
 
 API_KEY = web.AppKey("registry_api", RegistryApi)
 GUARD_KEY = web.AppKey("connection_guard", ConnectionGuard)

@@ -30,7 +30,7 @@ from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.errors import StowawayError
 from stowaway.image.digest import sha256_digest
-from stowaway.registry.storage import (
+from stowaway.registry.storage_api import (
     CHUNK,
     check_offset,
     digest_mismatch,

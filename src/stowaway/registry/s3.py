@@ -96,6 +96,28 @@ class S3Storage:
     async def _put(self, key: str, data: bytes) -> None:
         await self._call(self._s3.put_object, Bucket=self.bucket, Key=key, Body=data)
 
+    async def _head(self, key: str) -> dict[str, Any] | None:
+        """HeadObject's answer, ``None`` when there is no such object."""
+        try:
+            head: dict[str, Any] = await self._call(
+                self._s3.head_object, Bucket=self.bucket, Key=key
+            )
+        except ClientError as err:
+            if _missing(err):
+                return None
+            raise
+        return head
+
+    async def _stream(self, key: str, **kwargs: Any) -> AsyncIterator[bytes]:
+        """An object's bytes (a part of them with ``Range=``), CHUNK at a time."""
+        obj = await self._call(self._s3.get_object, Bucket=self.bucket, Key=key, **kwargs)
+        body = obj["Body"]
+        try:
+            while chunk := await self._call(body.read, CHUNK):
+                yield chunk
+        finally:
+            body.close()
+
     async def _objects(self, prefix: str) -> list[dict[str, Any]]:
         """ListObjectsV2 entries (Key, Size, LastModified, ...) under ``prefix``, all pages."""
         out: list[dict[str, Any]] = []
@@ -116,32 +138,14 @@ class S3Storage:
 
     # -- blobs -----------------------------------------------------------------
     async def blob_size(self, digest: str) -> int | None:
-        try:
-            head = await self._call(
-                self._s3.head_object, Bucket=self.bucket, Key=self._blob(digest)
-            )
-        except ClientError as err:
-            if _missing(err):
-                return None
-            raise
-        return int(head["ContentLength"])
+        head = await self._head(self._blob(digest))
+        return int(head["ContentLength"]) if head is not None else None
 
     def blob_path(self, digest: str) -> Path | None:
         return None
 
-    async def read_blob(self, digest: str, start: int, end: int) -> AsyncIterator[bytes]:
-        obj = await self._call(
-            self._s3.get_object,
-            Bucket=self.bucket,
-            Key=self._blob(digest),
-            Range=f"bytes={start}-{end}",
-        )
-        body = obj["Body"]
-        try:
-            while chunk := await self._call(body.read, CHUNK):
-                yield chunk
-        finally:
-            body.close()
+    def read_blob(self, digest: str, start: int, end: int) -> AsyncIterator[bytes]:
+        return self._stream(self._blob(digest), Range=f"bytes={start}-{end}")
 
     async def _write_verified(
         self, key: str, digest: str, chunks: AsyncIterable[bytes], limit: int, where: str
@@ -199,13 +203,7 @@ class S3Storage:
         await self._put(self._link(name, digest), b"")
 
     async def blob_linked(self, name: str, digest: str) -> bool:
-        try:
-            await self._call(self._s3.head_object, Bucket=self.bucket, Key=self._link(name, digest))
-        except ClientError as err:
-            if _missing(err):
-                return False
-            raise
-        return True
+        return await self._head(self._link(name, digest)) is not None
 
     def _referrer(self, name: str, subject: str, digest: str = "") -> str:
         return self._repo(
@@ -327,13 +325,8 @@ class S3Storage:
 
         async def everything() -> AsyncIterator[bytes]:
             for _, _n, key in stored:
-                obj = await self._call(self._s3.get_object, Bucket=self.bucket, Key=key)
-                body = obj["Body"]
-                try:
-                    while piece := await self._call(body.read, CHUNK):
-                        yield piece
-                finally:
-                    body.close()
+                async for piece in self._stream(key):
+                    yield piece
             async for chunk in chunks:
                 yield chunk
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -23,8 +21,8 @@ from stowaway.image.digest import sha256_digest
 from stowaway.registry.auth import ANONYMOUS, READ_METHODS, TOKEN_LIFETIME, Authenticator, Caller
 from stowaway.registry.config import RegistryConfig
 from stowaway.registry.metrics import Metrics
-from stowaway.registry.resolver import MANIFEST_TYPES, ManifestResolver, ResolvedManifest
-from stowaway.registry.singleflight import SingleFlight
+from stowaway.registry.resolved import ResolvedManifests
+from stowaway.registry.resolver import MANIFEST_TYPES, ManifestResolver
 from stowaway.registry.storage_api import CHUNK, Storage, too_large
 from stowaway.registry.validate import (
     Route,
@@ -35,9 +33,7 @@ from stowaway.registry.validate import (
     parse_range,
     parse_route,
 )
-from stowaway.registry.verified import VerifiedFiles
 
-log = logging.getLogger("stowaway.registry")
 #: who sent a request, and the scope a 401 challenge names
 CALLER_KEY = web.RequestKey("caller", Caller)
 SCOPE_KEY = web.RequestKey("auth_scope", str)
@@ -45,8 +41,6 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
                    "application/vnd.docker.distribution.manifest.v2+json")  # fmt: skip
-
-Stored = tuple[bytes, str, str]  # data, media type, digest
 
 
 def unsupported(message: str) -> RegistryApiError:
@@ -102,15 +96,9 @@ class RegistryApi:
     ) -> None:
         self.config = config
         self.storage = storage
-        self.resolver = resolver
         self.auth = Authenticator(config)
         self.metrics = Metrics()
-        self.flight: SingleFlight[Stored | None] = SingleFlight()
-        #: (name, digest) of resolver output already in storage: a cached manifest
-        #: pulled again by tag is answered without touching storage
-        self._ingested: set[tuple[str, str]] = set()
-        #: resolver blob files (served in place, unhashed) known to hold their digest
-        self.verified = VerifiedFiles()
+        self.resolved = ResolvedManifests(storage, resolver, self.metrics)
 
     # -- entry point -----------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -205,7 +193,7 @@ class RegistryApi:
                 if not accept or found[1] in accept:
                     return self._manifest_response(request, found[0], found[1], digest)
                 stored_type = found[1]
-        resolved = await self._resolve(name, ref, accept)
+        resolved = await self.resolved.resolve(name, ref, accept)
         if resolved is not None:
             return self._manifest_response(request, *resolved)
         if stored_type is not None:
@@ -221,70 +209,6 @@ class RegistryApi:
     ) -> web.Response:
         headers = {**API_VERSION, "Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
         return web.Response(body=data, content_type=media_type, headers=headers)
-
-    async def _resolve(self, name: str, ref: str, accept: frozenset[str]) -> Stored | None:
-        resolver = self.resolver
-        if resolver is None:
-            return None
-
-        async def work() -> Stored | None:
-            try:
-                result = await resolver.resolve(name, ref, accept)
-                if result is not None and not await self._blobs_intact(result):
-                    # the damaged cache files were dropped: the resolver composes anew
-                    result = await resolver.resolve(name, ref, accept)
-                    if result is not None and not await self._blobs_intact(result):
-                        raise RegistryApiError.of(
-                            ErrorCode.UNKNOWN,
-                            f"{name}:{ref}: the composed blobs were damaged again",
-                        )
-                if result is None:
-                    return None
-                stored = await self._ingest(name, result)
-            except RegistryApiError:
-                raise
-            except Exception:
-                self.metrics.build_failures += 1
-                raise
-            self.metrics.builds += 1
-            return stored
-
-        return await self.flight.do((name, ref, accept), work)
-
-    async def _blobs_intact(self, result: ResolvedManifest) -> bool:
-        """Check every blob file a resolver named (hashing each version of a file
-        once); a damaged one is unlinked, so the layer cache misses and rebuilds it
-        instead of it being served on every pull."""
-        intact = True
-        for digest, path in sorted(result.blobs.items()):
-            intact &= await self._keep_if_intact(check_digest(digest), path)
-        return intact
-
-    async def _keep_if_intact(self, digest: str, path: Path) -> bool:
-        """Whether ``path`` holds ``digest``; if not, it is dropped (to be composed again)."""
-        if await self.verified.check(digest, path):
-            return True
-        log.warning("%s does not hold %s: dropped, to be composed again", path, digest)
-        path.unlink(missing_ok=True)
-        return False
-
-    async def _ingest(self, name: str, result: ResolvedManifest) -> Stored:
-        """Store what a resolver produced: blobs first, then the manifest by digest."""
-        if result.media_type not in MANIFEST_TYPES:
-            raise RegistryApiError.of(
-                ErrorCode.UNKNOWN, f"resolver returned unsupported media type {result.media_type}"
-            )
-        digest = sha256_digest(result.data)
-        if (name, digest) in self._ingested:
-            return result.data, result.media_type, digest
-        for blob, path in sorted(result.blobs.items()):
-            await self.storage.put_blob_file(check_digest(blob), path)
-            await self.storage.link_blob(name, blob)
-        await self.storage.put_manifest(name, digest, result.data, result.media_type)
-        if len(self._ingested) >= 100_000:
-            self._ingested.clear()
-        self._ingested.add((name, digest))
-        return result.data, result.media_type, digest
 
     async def put_manifest(self, request: web.Request, route: Route) -> web.Response:
         name, ref = route.name, route.reference
@@ -404,7 +328,7 @@ class RegistryApi:
         name, digest = route.name, route.reference
         if not is_digest(digest):
             raise unsupported("manifests are deleted by digest, not by tag")
-        self._ingested.discard((name, digest))
+        self.resolved.forget(name, digest)
         found = await self.storage.get_manifest(name, digest)
         subject = json.loads(found[0]).get("subject") if found is not None else None
         if isinstance(subject, dict):
@@ -449,15 +373,10 @@ class RegistryApi:
             "ETag": f'"{digest}"',
         }
         path = self.storage.blob_path(digest)
-        if path is not None and self.verified.tracks(digest):
-            # resolver output: re-checked if the file changed since it was verified
-            if not await self._keep_if_intact(digest, path):
-                # manifests naming the blob must be ingested anew (put_blob_file) on the
-                # next pull; which ones is not recorded, and damage is rare: forget all
-                self._ingested.clear()
-                raise RegistryApiError.of(
-                    ErrorCode.BLOB_UNKNOWN, f"blob {digest} was damaged; pull the image again"
-                )
+        if path is not None and not await self.resolved.served_intact(digest, path):
+            raise RegistryApiError.of(
+                ErrorCode.BLOB_UNKNOWN, f"blob {digest} was damaged; pull the image again"
+            )
         if path is not None:
             # sendfile; aiohttp serves the (already validated) Range itself
             return SentOnceFileResponse(path, chunk_size=CHUNK, headers=headers)

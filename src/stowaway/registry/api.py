@@ -11,24 +11,25 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
-from stowaway.image.digest import sha256_digest
 from stowaway.registry.auth import ANONYMOUS, READ_METHODS, TOKEN_LIFETIME, Authenticator, Caller
 from stowaway.registry.config import RegistryConfig
 from stowaway.registry.metrics import Metrics
 from stowaway.registry.resolved import ResolvedManifests
-from stowaway.registry.resolver import MANIFEST_TYPES, ManifestResolver
+from stowaway.registry.resolver import ManifestResolver
 from stowaway.registry.storage_api import CHUNK, Storage, too_large
 from stowaway.registry.validate import (
+    CheckedManifest,
     Route,
     check_digest,
+    check_manifest,
     check_name,
     is_digest,
+    parse_accept,
     parse_content_range,
     parse_range,
     parse_route,
@@ -39,40 +40,10 @@ CALLER_KEY = web.RequestKey("caller", Caller)
 SCOPE_KEY = web.RequestKey("auth_scope", str)
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
-                   "application/vnd.docker.distribution.manifest.v2+json")  # fmt: skip
 
 
 def unsupported(message: str) -> RegistryApiError:
     return RegistryApiError(405, [(ErrorCode.UNSUPPORTED.value, message)])
-
-
-def parse_accept(values: list[str]) -> frozenset[str]:
-    """The manifest media types a client accepts; empty means any (no Accept,
-    ``*/*``, or no manifest type named at all)."""
-    types = {v.split(";", 1)[0].strip() for value in values for v in value.split(",")}
-    if "*/*" in types:
-        return frozenset()
-    return frozenset(types & MANIFEST_TYPES)
-
-
-def referrer_descriptor(doc: dict[str, Any], media_type: str, body: bytes) -> bytes:
-    """What the referrers API lists for a manifest: its descriptor, with the
-    ``artifactType`` (the manifest's, else its config's media type) and annotations."""
-    config = doc.get("config")
-    artifact_type = doc.get("artifactType") or (
-        config.get("mediaType") if isinstance(config, dict) else None
-    )
-    out: dict[str, Any] = {
-        "mediaType": media_type,
-        "digest": sha256_digest(body),
-        "size": len(body),
-    }
-    if artifact_type:
-        out["artifactType"] = artifact_type
-    if doc.get("annotations"):
-        out["annotations"] = doc["annotations"]
-    return json.dumps(out, sort_keys=True).encode()
 
 
 class SentOnceFileResponse(web.FileResponse):
@@ -220,109 +191,49 @@ class RegistryApi:
             data += chunk
             if len(data) > limit:
                 raise too_large(limit, f"manifest {name}:{ref}")
-        body = bytes(data)
         ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip()
-        media_type, doc = await self._validate_manifest(name, body, ctype)
-        digest = sha256_digest(body)
+        manifest = check_manifest(bytes(data), ctype)
+        await self._check_references(name, manifest)
+        digest = manifest.digest
         if is_digest(ref) and ref != digest:
             raise RegistryApiError.of(
                 ErrorCode.DIGEST_INVALID, f"manifest digest is {digest}, but it was put as {ref}"
             )
-        await self.storage.put_manifest(name, digest, body, media_type)
+        await self.storage.put_manifest(name, digest, manifest.body, manifest.media_type)
         headers = {
             **API_VERSION,
             "Location": f"/v2/{name}/manifests/{digest}",
             "Docker-Content-Digest": digest,
         }
-        subject = doc.get("subject")
+        subject = manifest.subject
         if subject is not None:  # validated: a descriptor (the manifest need not exist)
-            await self.storage.add_referrer(
-                name, subject["digest"], digest, referrer_descriptor(doc, media_type, body)
-            )
-            headers["OCI-Subject"] = subject["digest"]
+            await self.storage.add_referrer(name, subject, digest, manifest.referrer_descriptor())
+            headers["OCI-Subject"] = subject
         if not is_digest(ref):
             await self.storage.put_tag(name, ref, digest)
         return web.Response(status=201, headers=headers)
 
-    async def _validate_manifest(
-        self, name: str, body: bytes, content_type: str
-    ) -> tuple[str, dict[str, Any]]:
-        """Check JSON shape, media type (``content_type`` is the request header, ""
-        when absent), the referrers fields (``subject``, ``artifactType``,
-        ``annotations``) and that every referenced blob/manifest exists; return the
-        media type and the parsed manifest."""
-
-        def invalid(message: str) -> RegistryApiError:
-            return RegistryApiError.of(ErrorCode.MANIFEST_INVALID, message)
-
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise invalid(f"manifest is not JSON: {err}") from None
-        except RecursionError:  # deeply nested arrays/objects: not a manifest either
-            raise invalid("manifest is not JSON: nested too deeply") from None
-        if not isinstance(doc, dict):
-            raise invalid("manifest is not a JSON object")
-        declared = doc.get("mediaType")
-        media_type = content_type or declared  # the header wins; the field when it is absent
-        if media_type not in MANIFEST_TYPES:
-            raise invalid(f"unsupported manifest media type {content_type or declared!r}")
-        if declared is not None and declared != media_type:
-            raise invalid(f"Content-Type {media_type} but mediaType field {declared!r}")
-        if doc.get("schemaVersion") != 2:
-            raise invalid("schemaVersion must be 2")
-
-        def descriptor(d: Any, where: str) -> tuple[str, int]:
-            if not isinstance(d, dict):
-                raise invalid(f"{where} is not a descriptor object")
-            digest, size = d.get("digest"), d.get("size")
-            if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
-                raise invalid(f"{where} needs a digest string and a size")
-            try:
-                check_digest(digest)
-            except RegistryApiError as err:
-                raise invalid(f"{where}: {err.message}") from None
-            return digest, size
-
-        if media_type in IMAGE_MANIFESTS:
-            layers = doc.get("layers")
-            if not isinstance(layers, list):
-                raise invalid("manifest has no layers list")
-            refs = [descriptor(doc.get("config"), "config")]
-            refs += [descriptor(d, f"layers[{i}]") for i, d in enumerate(layers)]
-            for digest, size in refs:
-                # linked here, not merely stored: a manifest is no way to reach
-                # another repository's blobs by their digest
-                linked = await self.storage.blob_linked(name, digest)
-                have = await self.storage.blob_size(digest) if linked else None
-                if have is None:
-                    raise RegistryApiError.of(
-                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                        f"blob {digest} is not in repository {name}",
-                    )
-                if have != size:
-                    raise invalid(f"blob {digest} has {have} bytes, the manifest says {size}")
-        else:
-            manifests = doc.get("manifests")
-            if not isinstance(manifests, list):
-                raise invalid("index has no manifests list")
-            for i, d in enumerate(manifests):
-                digest, _ = descriptor(d, f"manifests[{i}]")
-                if await self.storage.get_manifest(name, digest) is None:
-                    raise RegistryApiError.of(
-                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                        f"manifest {digest} is not in repository {name}",
-                    )
-        if "subject" in doc:
-            descriptor(doc["subject"], "subject")
-        if not isinstance(doc.get("artifactType", ""), str):
-            raise invalid("artifactType must be a string")
-        annotations = doc.get("annotations", {})
-        if not isinstance(annotations, dict) or not all(
-            isinstance(v, str) for v in annotations.values()
-        ):
-            raise invalid("annotations must map strings to strings")
-        return str(media_type), doc
+    async def _check_references(self, name: str, manifest: CheckedManifest) -> None:
+        """Every blob and manifest ``manifest`` references is in repository ``name``."""
+        for digest, size in manifest.blobs:
+            # linked here, not merely stored: a manifest is no way to reach
+            # another repository's blobs by their digest
+            have = await self._linked_size(name, digest)
+            if have is None:
+                raise RegistryApiError.of(
+                    ErrorCode.MANIFEST_BLOB_UNKNOWN, f"blob {digest} is not in repository {name}"
+                )
+            if have != size:
+                raise RegistryApiError.of(
+                    ErrorCode.MANIFEST_INVALID,
+                    f"blob {digest} has {have} bytes, the manifest says {size}",
+                )
+        for digest in manifest.manifests:
+            if await self.storage.get_manifest(name, digest) is None:
+                raise RegistryApiError.of(
+                    ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                    f"manifest {digest} is not in repository {name}",
+                )
 
     async def delete_manifest(self, route: Route) -> web.Response:
         name, digest = route.name, route.reference
@@ -356,10 +267,15 @@ class RegistryApi:
         return web.Response(body=body, content_type=OCI_INDEX, headers=headers)
 
     # -- blobs -----------------------------------------------------------------
+    async def _linked_size(self, name: str, digest: str) -> int | None:
+        """The size of a blob visible in repository ``name``; ``None`` when it is not."""
+        if not await self.storage.blob_linked(name, digest):
+            return None
+        return await self.storage.blob_size(digest)
+
     async def get_blob(self, request: web.Request, route: Route) -> web.StreamResponse:
         digest = route.reference
-        linked = await self.storage.blob_linked(route.name, digest)
-        size = await self.storage.blob_size(digest) if linked else None
+        size = await self._linked_size(route.name, digest)
         if size is None:
             raise RegistryApiError.of(
                 ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in repository {route.name}"
@@ -448,8 +364,7 @@ class RegistryApi:
             if (
                 source is not None
                 and "pull" in self.auth.rights(request[CALLER_KEY], source)
-                and await self.storage.blob_linked(source, digest)
-                and await self.storage.blob_size(digest) is not None
+                and await self._linked_size(source, digest) is not None
             ):
                 return await self._blob_created(name, digest)
         elif "digest" in query:

@@ -1,4 +1,6 @@
-"""The OCI distribution API: request handlers over a ``Storage``.
+"""The OCI distribution API: the request handlers, from requests to ``Storage`` calls
+and responses (manifest bodies are checked in ``validate``, resolver output goes
+through ``resolved``, HTTP mechanics are in ``http_helpers``).
 
 Every ``/v2/`` request goes through one dispatcher that validates the *raw*
 path (``validate.parse_route``) before anything else, so a malformed name,
@@ -7,17 +9,25 @@ tag, digest or traversal attempt never reaches storage.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
 from stowaway.registry.auth import ANONYMOUS, READ_METHODS, TOKEN_LIFETIME, Authenticator, Caller
 from stowaway.registry.config import RegistryConfig
+from stowaway.registry.http_helpers import (
+    API_VERSION,
+    CALLER_KEY,
+    SCOPE_KEY,
+    SentOnceFileResponse,
+    chunk_offset,
+    paginate,
+    read_body,
+    unsupported,
+)
 from stowaway.registry.metrics import Metrics
 from stowaway.registry.resolved import ResolvedManifests
 from stowaway.registry.resolver import ManifestResolver
@@ -30,32 +40,11 @@ from stowaway.registry.validate import (
     check_name,
     is_digest,
     parse_accept,
-    parse_content_range,
     parse_range,
     parse_route,
 )
 
-#: who sent a request, and the scope a 401 challenge names
-CALLER_KEY = web.RequestKey("caller", Caller)
-SCOPE_KEY = web.RequestKey("auth_scope", str)
-API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-def unsupported(message: str) -> RegistryApiError:
-    return RegistryApiError(405, [(ErrorCode.UNSUPPORTED.value, message)])
-
-
-class SentOnceFileResponse(web.FileResponse):
-    """A FileResponse that may be prepared twice: the guard middleware sends responses
-    itself (so a long download counts as busy), then aiohttp prepares what the handler
-    returned again, which for a plain FileResponse would open and send the file anew
-    after its end (an AssertionError in aiohttp, no access-log line)."""
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self.prepared:
-            return None
-        return await super().prepare(request)
 
 
 class RegistryApi:
@@ -136,7 +125,7 @@ class RegistryApi:
         ]
         if not repos and caller is ANONYMOUS and self.auth.enabled:
             raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "authentication required to pull")
-        return self._paginate(request, "/v2/_catalog", "repositories", repos, {})
+        return paginate(request, "/v2/_catalog", "repositories", repos, {})
 
     async def token(self, request: web.Request) -> web.Response:
         """Docker token auth: a bearer token for the requested ``scope``s, granted as
@@ -187,7 +176,7 @@ class RegistryApi:
         if (request.content_length or 0) > limit:
             raise too_large(limit, f"manifest {name}:{ref}")
         data = bytearray()
-        async for chunk in self._timed(request):
+        async for chunk in read_body(request, self.config.body_timeout):
             data += chunk
             if len(data) > limit:
                 raise too_large(limit, f"manifest {name}:{ref}")
@@ -330,29 +319,7 @@ class RegistryApi:
         limit = self.config.max_upload_size
         if already + (request.content_length or 0) > limit:
             raise too_large(limit, f"upload to {request.path}")
-        return self._timed(request)
-
-    async def _timed(self, request: web.Request) -> AsyncIterator[bytes]:
-        """The request body; a pause over ``body_timeout`` ends the request (408; a
-        chunked upload keeps what it had, to be resumed)."""
-        timeout = self.config.body_timeout
-        while True:
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await request.content.read(CHUNK)
-            except TimeoutError:
-                raise RegistryApiError(
-                    408,
-                    [
-                        (
-                            ErrorCode.BLOB_UPLOAD_INVALID.value,
-                            f"no request body data for {timeout:g} s",
-                        )
-                    ],
-                ) from None
-            if not chunk:
-                return
-            yield chunk
+        return read_body(request, self.config.body_timeout)
 
     async def start_upload(self, request: web.Request, route: Route) -> web.Response:
         name, query = route.name, request.query
@@ -383,24 +350,10 @@ class RegistryApi:
             status=204, headers=self._upload_headers(route.name, route.reference, size)
         )
 
-    def _chunk_offset(self, request: web.Request, current: int) -> int:
-        """Where the body goes: ``Content-Range``'s start (checked against
-        Content-Length), else the upload's current end."""
-        if "Content-Range" not in request.headers:
-            return current
-        offset, end = parse_content_range(request.headers["Content-Range"])
-        length = request.content_length
-        if length is not None and length != end - offset + 1:
-            raise RegistryApiError.of(
-                ErrorCode.BLOB_UPLOAD_INVALID,
-                f"Content-Range {offset}-{end} does not match Content-Length {length}",
-            )
-        return offset
-
     async def patch_upload(self, request: web.Request, route: Route) -> web.Response:
         name, upload_id = route.name, route.reference
         current = await self.storage.upload_size(name, upload_id)
-        offset = self._chunk_offset(request, current)
+        offset = chunk_offset(request, current)
         body = self._body(request, offset)
         size = await self.storage.upload_append(
             name, upload_id, offset, body, self.config.max_upload_size
@@ -414,7 +367,7 @@ class RegistryApi:
             raise RegistryApiError.of(ErrorCode.DIGEST_INVALID, "PUT needs a ?digest= parameter")
         digest = check_digest(request.query["digest"])
         current = await self.storage.upload_size(name, upload_id)
-        offset = self._chunk_offset(request, current)
+        offset = chunk_offset(request, current)
         size = await self.storage.upload_finish(
             name,
             upload_id,
@@ -433,27 +386,4 @@ class RegistryApi:
             raise RegistryApiError.of(
                 ErrorCode.NAME_UNKNOWN, f"repository {route.name} is not known"
             )
-        return self._paginate(
-            request, f"/v2/{route.name}/tags/list", "tags", tags, {"name": route.name}
-        )
-
-    def _paginate(
-        self, request: web.Request, path: str, key: str, items: list[str], extra: dict[str, str]
-    ) -> web.Response:
-        """Apply ``n``/``last`` and add a ``Link: <...>; rel="next"`` when cut."""
-        last = request.query.get("last")
-        if last:
-            items = [i for i in items if i > last]
-        headers = dict(API_VERSION)
-        n_param = request.query.get("n")
-        if n_param is not None:
-            if not (n_param.isascii() and n_param.isdigit()):  # isdigit alone takes '²'
-                raise RegistryApiError(  # a bad query value: 400, as distribution answers
-                    400, [(ErrorCode.UNSUPPORTED.value, f"n={n_param!r} is not a count")]
-                )
-            n = int(n_param)
-            if len(items) > n:
-                items = items[:n]
-                if items:
-                    headers["Link"] = f'<{path}?n={n}&last={items[-1]}>; rel="next"'
-        return web.json_response({**extra, key: items}, headers=headers)
+        return paginate(request, f"/v2/{route.name}/tags/list", "tags", tags, {"name": route.name})

@@ -18,9 +18,10 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
-from stowaway.registry.api import API_VERSION, SCOPE_KEY, RegistryApi
+from stowaway.registry.api import RegistryApi
 from stowaway.registry.config import RegistryConfig, open_storage
 from stowaway.registry.guard import ConnectionGuard
+from stowaway.registry.http_helpers import API_VERSION, SCOPE_KEY
 from stowaway.registry.landing import PackageSets, render_landing
 from stowaway.registry.links import link_tagged_blobs
 from stowaway.registry.resolver import ManifestResolver

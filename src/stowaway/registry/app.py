@@ -10,8 +10,9 @@ import json
 import logging
 import signal
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -107,6 +108,21 @@ def access_logger_for(api: RegistryApi) -> type[AbstractAccessLogger]:
 PURGE_INTERVAL = 3600.0
 
 
+def _while_running(
+    work: Callable[[], Coroutine[Any, Any, None]],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs ``work()`` as a task while the app runs."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(work())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
+
+
 async def purge_uploads_forever(storage: Storage, max_age: float) -> None:
     """Purge abandoned uploads now, then every ``max_age / 4`` (at most hourly), so
     an upload is gone at most a quarter of ``max_age`` after it became stale."""
@@ -141,23 +157,10 @@ def make_app(
 
     app.on_startup.append(linking)
 
-    async def purging(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(purge_uploads_forever(api.storage, config.upload_max_age))
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    app.cleanup_ctx.append(purging)
-
-    async def sweeping(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(guard.sweep_forever())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    app.cleanup_ctx.append(sweeping)
+    app.cleanup_ctx.append(
+        _while_running(lambda: purge_uploads_forever(api.storage, config.upload_max_age))
+    )
+    app.cleanup_ctx.append(_while_running(guard.sweep_forever))
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

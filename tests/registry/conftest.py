@@ -16,7 +16,8 @@ from stowaway.image.layer_cache import LayerCache
 from stowaway.registry.config import NixOptions, RegistryConfig
 from stowaway.registry.nix_resolver import NixResolver
 from stowaway.registry.resolver import ManifestResolver
-from stowaway.registry.storage import FilesystemStorage, Storage
+from stowaway.registry.storage import FilesystemStorage
+from stowaway.registry.storage_api import Storage
 
 
 @pytest.fixture()

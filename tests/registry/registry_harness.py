@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from stowaway.registry.app import RunningServer, make_app, start
 from stowaway.registry.config import RegistryConfig
 from stowaway.registry.resolver import ManifestResolver
-from stowaway.registry.storage import Storage
+from stowaway.registry.storage_api import Storage
 
 
 @dataclass

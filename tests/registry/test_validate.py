@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from stowaway.distribution.errors import RegistryApiError
+from stowaway.image.model import MediaType
 from stowaway.registry.validate import (
     Route,
     check_digest,
+    check_manifest,
     check_name,
     parse_content_range,
     parse_range,
@@ -98,3 +103,20 @@ def test_ranges() -> None:
     assert parse_content_range("bytes 100-199/*") == (100, 199)
     with pytest.raises(RegistryApiError):
         parse_content_range("9-1")
+
+
+def test_check_manifest_returns_what_a_manifest_references() -> None:
+    oci = "application/vnd.oci.image.manifest.v1+json"
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": D, "size": 2}
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": D, "size": 5}
+    doc = {"schemaVersion": 2, "config": config, "layers": [layer], "subject": layer}
+    body = json.dumps(doc).encode()
+    checked = check_manifest(body, oci)
+    assert (checked.media_type, checked.blobs, checked.manifests) == (oci, ((D, 2), (D, 5)), ())
+    assert checked.subject == D and checked.digest == "sha256:" + hashlib.sha256(body).hexdigest()
+    index = {"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX.value, "manifests": [layer]}
+    assert check_manifest(json.dumps(index).encode(), "").manifests == (D,)
+    for bad in ({**doc, "layers": [{"digest": "sha256:x", "size": 1}]}, {**doc, "annotations": []}):
+        with pytest.raises(RegistryApiError) as err:
+            check_manifest(json.dumps(bad).encode(), oci)
+        assert err.value.code == "MANIFEST_INVALID"

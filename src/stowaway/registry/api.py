@@ -1,4 +1,6 @@
-"""The OCI distribution API: request handlers over a ``Storage``.
+"""The OCI distribution API: the request handlers, from requests to ``Storage`` calls
+and responses (manifest bodies are checked in ``validate``, resolver output goes
+through ``resolved``, HTTP mechanics are in ``http_helpers``).
 
 Every ``/v2/`` request goes through one dispatcher that validates the *raw*
 path (``validate.parse_route``) before anything else, so a malformed name,
@@ -7,90 +9,42 @@ tag, digest or traversal attempt never reaches storage.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
-from stowaway.image.digest import sha256_digest
 from stowaway.registry.auth import ANONYMOUS, READ_METHODS, TOKEN_LIFETIME, Authenticator, Caller
 from stowaway.registry.config import RegistryConfig
+from stowaway.registry.http_helpers import (
+    API_VERSION,
+    CALLER_KEY,
+    SCOPE_KEY,
+    SentOnceFileResponse,
+    chunk_offset,
+    paginate,
+    read_body,
+    unsupported,
+)
 from stowaway.registry.metrics import Metrics
-from stowaway.registry.resolver import MANIFEST_TYPES, ManifestResolver, ResolvedManifest
-from stowaway.registry.singleflight import SingleFlight
-from stowaway.registry.storage import CHUNK, Storage, too_large
+from stowaway.registry.resolved import ResolvedManifests
+from stowaway.registry.resolver import ManifestResolver
+from stowaway.registry.storage_api import CHUNK, Storage, too_large
 from stowaway.registry.validate import (
+    CheckedManifest,
     Route,
     check_digest,
+    check_manifest,
     check_name,
     is_digest,
-    parse_content_range,
+    parse_accept,
     parse_range,
     parse_route,
 )
-from stowaway.registry.verified import VerifiedFiles
 
-log = logging.getLogger("stowaway.registry")
-#: who sent a request, and the scope a 401 challenge names
-CALLER_KEY = web.RequestKey("caller", Caller)
-SCOPE_KEY = web.RequestKey("auth_scope", str)
-API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
-                   "application/vnd.docker.distribution.manifest.v2+json")  # fmt: skip
-
-Stored = tuple[bytes, str, str]  # data, media type, digest
-
-
-def unsupported(message: str) -> RegistryApiError:
-    return RegistryApiError(405, [(ErrorCode.UNSUPPORTED.value, message)])
-
-
-def parse_accept(values: list[str]) -> frozenset[str]:
-    """The manifest media types a client accepts; empty means any (no Accept,
-    ``*/*``, or no manifest type named at all)."""
-    types = {v.split(";", 1)[0].strip() for value in values for v in value.split(",")}
-    if "*/*" in types:
-        return frozenset()
-    return frozenset(types & MANIFEST_TYPES)
-
-
-def referrer_descriptor(doc: dict[str, Any], media_type: str, body: bytes) -> bytes:
-    """What the referrers API lists for a manifest: its descriptor, with the
-    ``artifactType`` (the manifest's, else its config's media type) and annotations."""
-    config = doc.get("config")
-    artifact_type = doc.get("artifactType") or (
-        config.get("mediaType") if isinstance(config, dict) else None
-    )
-    out: dict[str, Any] = {
-        "mediaType": media_type,
-        "digest": sha256_digest(body),
-        "size": len(body),
-    }
-    if artifact_type:
-        out["artifactType"] = artifact_type
-    if doc.get("annotations"):
-        out["annotations"] = doc["annotations"]
-    return json.dumps(out, sort_keys=True).encode()
-
-
-class SentOnceFileResponse(web.FileResponse):
-    """A FileResponse that may be prepared twice: the guard middleware sends responses
-    itself (so a long download counts as busy), then aiohttp prepares what the handler
-    returned again, which for a plain FileResponse would open and send the file anew
-    after its end (an AssertionError in aiohttp, no access-log line)."""
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self.prepared:
-            return None
-        return await super().prepare(request)
 
 
 class RegistryApi:
@@ -102,15 +56,9 @@ class RegistryApi:
     ) -> None:
         self.config = config
         self.storage = storage
-        self.resolver = resolver
         self.auth = Authenticator(config)
         self.metrics = Metrics()
-        self.flight: SingleFlight[Stored | None] = SingleFlight()
-        #: (name, digest) of resolver output already in storage: a cached manifest
-        #: pulled again by tag is answered without touching storage
-        self._ingested: set[tuple[str, str]] = set()
-        #: resolver blob files (served in place, unhashed) known to hold their digest
-        self.verified = VerifiedFiles()
+        self.resolved = ResolvedManifests(storage, resolver, self.metrics)
 
     # -- entry point -----------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -177,7 +125,7 @@ class RegistryApi:
         ]
         if not repos and caller is ANONYMOUS and self.auth.enabled:
             raise RegistryApiError.of(ErrorCode.UNAUTHORIZED, "authentication required to pull")
-        return self._paginate(request, "/v2/_catalog", "repositories", repos, {})
+        return paginate(request, "/v2/_catalog", "repositories", repos, {})
 
     async def token(self, request: web.Request) -> web.Response:
         """Docker token auth: a bearer token for the requested ``scope``s, granted as
@@ -205,7 +153,7 @@ class RegistryApi:
                 if not accept or found[1] in accept:
                     return self._manifest_response(request, found[0], found[1], digest)
                 stored_type = found[1]
-        resolved = await self._resolve(name, ref, accept)
+        resolved = await self.resolved.resolve(name, ref, accept)
         if resolved is not None:
             return self._manifest_response(request, *resolved)
         if stored_type is not None:
@@ -222,189 +170,65 @@ class RegistryApi:
         headers = {**API_VERSION, "Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
         return web.Response(body=data, content_type=media_type, headers=headers)
 
-    async def _resolve(self, name: str, ref: str, accept: frozenset[str]) -> Stored | None:
-        resolver = self.resolver
-        if resolver is None:
-            return None
-
-        async def work() -> Stored | None:
-            try:
-                result = await resolver.resolve(name, ref, accept)
-                if result is not None and not await self._blobs_intact(result):
-                    # the damaged cache files were dropped: the resolver composes anew
-                    result = await resolver.resolve(name, ref, accept)
-                    if result is not None and not await self._blobs_intact(result):
-                        raise RegistryApiError.of(
-                            ErrorCode.UNKNOWN,
-                            f"{name}:{ref}: the composed blobs were damaged again",
-                        )
-                if result is None:
-                    return None
-                stored = await self._ingest(name, result)
-            except RegistryApiError:
-                raise
-            except Exception:
-                self.metrics.build_failures += 1
-                raise
-            self.metrics.builds += 1
-            return stored
-
-        return await self.flight.do((name, ref, accept), work)
-
-    async def _blobs_intact(self, result: ResolvedManifest) -> bool:
-        """Check every blob file a resolver named (hashing each version of a file
-        once); a damaged one is unlinked, so the layer cache misses and rebuilds it
-        instead of it being served on every pull."""
-        intact = True
-        for digest, path in sorted(result.blobs.items()):
-            intact &= await self._keep_if_intact(check_digest(digest), path)
-        return intact
-
-    async def _keep_if_intact(self, digest: str, path: Path) -> bool:
-        """Whether ``path`` holds ``digest``; if not, it is dropped (to be composed again)."""
-        if await self.verified.check(digest, path):
-            return True
-        log.warning("%s does not hold %s: dropped, to be composed again", path, digest)
-        path.unlink(missing_ok=True)
-        return False
-
-    async def _ingest(self, name: str, result: ResolvedManifest) -> Stored:
-        """Store what a resolver produced: blobs first, then the manifest by digest."""
-        if result.media_type not in MANIFEST_TYPES:
-            raise RegistryApiError.of(
-                ErrorCode.UNKNOWN, f"resolver returned unsupported media type {result.media_type}"
-            )
-        digest = sha256_digest(result.data)
-        if (name, digest) in self._ingested:
-            return result.data, result.media_type, digest
-        for blob, path in sorted(result.blobs.items()):
-            await self.storage.put_blob_file(check_digest(blob), path)
-            await self.storage.link_blob(name, blob)
-        await self.storage.put_manifest(name, digest, result.data, result.media_type)
-        if len(self._ingested) >= 100_000:
-            self._ingested.clear()
-        self._ingested.add((name, digest))
-        return result.data, result.media_type, digest
-
     async def put_manifest(self, request: web.Request, route: Route) -> web.Response:
         name, ref = route.name, route.reference
         limit = self.config.max_manifest_size
         if (request.content_length or 0) > limit:
             raise too_large(limit, f"manifest {name}:{ref}")
         data = bytearray()
-        async for chunk in self._timed(request):
+        async for chunk in read_body(request, self.config.body_timeout):
             data += chunk
             if len(data) > limit:
                 raise too_large(limit, f"manifest {name}:{ref}")
-        body = bytes(data)
         ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip()
-        media_type, doc = await self._validate_manifest(name, body, ctype)
-        digest = sha256_digest(body)
+        manifest = check_manifest(bytes(data), ctype)
+        await self._check_references(name, manifest)
+        digest = manifest.digest
         if is_digest(ref) and ref != digest:
             raise RegistryApiError.of(
                 ErrorCode.DIGEST_INVALID, f"manifest digest is {digest}, but it was put as {ref}"
             )
-        await self.storage.put_manifest(name, digest, body, media_type)
+        await self.storage.put_manifest(name, digest, manifest.body, manifest.media_type)
         headers = {
             **API_VERSION,
             "Location": f"/v2/{name}/manifests/{digest}",
             "Docker-Content-Digest": digest,
         }
-        subject = doc.get("subject")
+        subject = manifest.subject
         if subject is not None:  # validated: a descriptor (the manifest need not exist)
-            await self.storage.add_referrer(
-                name, subject["digest"], digest, referrer_descriptor(doc, media_type, body)
-            )
-            headers["OCI-Subject"] = subject["digest"]
+            await self.storage.add_referrer(name, subject, digest, manifest.referrer_descriptor())
+            headers["OCI-Subject"] = subject
         if not is_digest(ref):
             await self.storage.put_tag(name, ref, digest)
         return web.Response(status=201, headers=headers)
 
-    async def _validate_manifest(
-        self, name: str, body: bytes, content_type: str
-    ) -> tuple[str, dict[str, Any]]:
-        """Check JSON shape, media type (``content_type`` is the request header, ""
-        when absent), the referrers fields (``subject``, ``artifactType``,
-        ``annotations``) and that every referenced blob/manifest exists; return the
-        media type and the parsed manifest."""
-
-        def invalid(message: str) -> RegistryApiError:
-            return RegistryApiError.of(ErrorCode.MANIFEST_INVALID, message)
-
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise invalid(f"manifest is not JSON: {err}") from None
-        except RecursionError:  # deeply nested arrays/objects: not a manifest either
-            raise invalid("manifest is not JSON: nested too deeply") from None
-        if not isinstance(doc, dict):
-            raise invalid("manifest is not a JSON object")
-        declared = doc.get("mediaType")
-        media_type = content_type or declared  # the header wins; the field when it is absent
-        if media_type not in MANIFEST_TYPES:
-            raise invalid(f"unsupported manifest media type {content_type or declared!r}")
-        if declared is not None and declared != media_type:
-            raise invalid(f"Content-Type {media_type} but mediaType field {declared!r}")
-        if doc.get("schemaVersion") != 2:
-            raise invalid("schemaVersion must be 2")
-
-        def descriptor(d: Any, where: str) -> tuple[str, int]:
-            if not isinstance(d, dict):
-                raise invalid(f"{where} is not a descriptor object")
-            digest, size = d.get("digest"), d.get("size")
-            if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
-                raise invalid(f"{where} needs a digest string and a size")
-            try:
-                check_digest(digest)
-            except RegistryApiError as err:
-                raise invalid(f"{where}: {err.message}") from None
-            return digest, size
-
-        if media_type in IMAGE_MANIFESTS:
-            layers = doc.get("layers")
-            if not isinstance(layers, list):
-                raise invalid("manifest has no layers list")
-            refs = [descriptor(doc.get("config"), "config")]
-            refs += [descriptor(d, f"layers[{i}]") for i, d in enumerate(layers)]
-            for digest, size in refs:
-                # linked here, not merely stored: a manifest is no way to reach
-                # another repository's blobs by their digest
-                linked = await self.storage.blob_linked(name, digest)
-                have = await self.storage.blob_size(digest) if linked else None
-                if have is None:
-                    raise RegistryApiError.of(
-                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                        f"blob {digest} is not in repository {name}",
-                    )
-                if have != size:
-                    raise invalid(f"blob {digest} has {have} bytes, the manifest says {size}")
-        else:
-            manifests = doc.get("manifests")
-            if not isinstance(manifests, list):
-                raise invalid("index has no manifests list")
-            for i, d in enumerate(manifests):
-                digest, _ = descriptor(d, f"manifests[{i}]")
-                if await self.storage.get_manifest(name, digest) is None:
-                    raise RegistryApiError.of(
-                        ErrorCode.MANIFEST_BLOB_UNKNOWN,
-                        f"manifest {digest} is not in repository {name}",
-                    )
-        if "subject" in doc:
-            descriptor(doc["subject"], "subject")
-        if not isinstance(doc.get("artifactType", ""), str):
-            raise invalid("artifactType must be a string")
-        annotations = doc.get("annotations", {})
-        if not isinstance(annotations, dict) or not all(
-            isinstance(v, str) for v in annotations.values()
-        ):
-            raise invalid("annotations must map strings to strings")
-        return str(media_type), doc
+    async def _check_references(self, name: str, manifest: CheckedManifest) -> None:
+        """Every blob and manifest ``manifest`` references is in repository ``name``."""
+        for digest, size in manifest.blobs:
+            # linked here, not merely stored: a manifest is no way to reach
+            # another repository's blobs by their digest
+            have = await self._linked_size(name, digest)
+            if have is None:
+                raise RegistryApiError.of(
+                    ErrorCode.MANIFEST_BLOB_UNKNOWN, f"blob {digest} is not in repository {name}"
+                )
+            if have != size:
+                raise RegistryApiError.of(
+                    ErrorCode.MANIFEST_INVALID,
+                    f"blob {digest} has {have} bytes, the manifest says {size}",
+                )
+        for digest in manifest.manifests:
+            if await self.storage.get_manifest(name, digest) is None:
+                raise RegistryApiError.of(
+                    ErrorCode.MANIFEST_BLOB_UNKNOWN,
+                    f"manifest {digest} is not in repository {name}",
+                )
 
     async def delete_manifest(self, route: Route) -> web.Response:
         name, digest = route.name, route.reference
         if not is_digest(digest):
             raise unsupported("manifests are deleted by digest, not by tag")
-        self._ingested.discard((name, digest))
+        self.resolved.forget(name, digest)
         found = await self.storage.get_manifest(name, digest)
         subject = json.loads(found[0]).get("subject") if found is not None else None
         if isinstance(subject, dict):
@@ -432,10 +256,15 @@ class RegistryApi:
         return web.Response(body=body, content_type=OCI_INDEX, headers=headers)
 
     # -- blobs -----------------------------------------------------------------
+    async def _linked_size(self, name: str, digest: str) -> int | None:
+        """The size of a blob visible in repository ``name``; ``None`` when it is not."""
+        if not await self.storage.blob_linked(name, digest):
+            return None
+        return await self.storage.blob_size(digest)
+
     async def get_blob(self, request: web.Request, route: Route) -> web.StreamResponse:
         digest = route.reference
-        linked = await self.storage.blob_linked(route.name, digest)
-        size = await self.storage.blob_size(digest) if linked else None
+        size = await self._linked_size(route.name, digest)
         if size is None:
             raise RegistryApiError.of(
                 ErrorCode.BLOB_UNKNOWN, f"blob {digest} is not in repository {route.name}"
@@ -449,15 +278,10 @@ class RegistryApi:
             "ETag": f'"{digest}"',
         }
         path = self.storage.blob_path(digest)
-        if path is not None and self.verified.tracks(digest):
-            # resolver output: re-checked if the file changed since it was verified
-            if not await self._keep_if_intact(digest, path):
-                # manifests naming the blob must be ingested anew (put_blob_file) on the
-                # next pull; which ones is not recorded, and damage is rare: forget all
-                self._ingested.clear()
-                raise RegistryApiError.of(
-                    ErrorCode.BLOB_UNKNOWN, f"blob {digest} was damaged; pull the image again"
-                )
+        if path is not None and not await self.resolved.served_intact(digest, path):
+            raise RegistryApiError.of(
+                ErrorCode.BLOB_UNKNOWN, f"blob {digest} was damaged; pull the image again"
+            )
         if path is not None:
             # sendfile; aiohttp serves the (already validated) Range itself
             return SentOnceFileResponse(path, chunk_size=CHUNK, headers=headers)
@@ -495,29 +319,7 @@ class RegistryApi:
         limit = self.config.max_upload_size
         if already + (request.content_length or 0) > limit:
             raise too_large(limit, f"upload to {request.path}")
-        return self._timed(request)
-
-    async def _timed(self, request: web.Request) -> AsyncIterator[bytes]:
-        """The request body; a pause over ``body_timeout`` ends the request (408; a
-        chunked upload keeps what it had, to be resumed)."""
-        timeout = self.config.body_timeout
-        while True:
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await request.content.read(CHUNK)
-            except TimeoutError:
-                raise RegistryApiError(
-                    408,
-                    [
-                        (
-                            ErrorCode.BLOB_UPLOAD_INVALID.value,
-                            f"no request body data for {timeout:g} s",
-                        )
-                    ],
-                ) from None
-            if not chunk:
-                return
-            yield chunk
+        return read_body(request, self.config.body_timeout)
 
     async def start_upload(self, request: web.Request, route: Route) -> web.Response:
         name, query = route.name, request.query
@@ -529,8 +331,7 @@ class RegistryApi:
             if (
                 source is not None
                 and "pull" in self.auth.rights(request[CALLER_KEY], source)
-                and await self.storage.blob_linked(source, digest)
-                and await self.storage.blob_size(digest) is not None
+                and await self._linked_size(source, digest) is not None
             ):
                 return await self._blob_created(name, digest)
         elif "digest" in query:
@@ -549,24 +350,10 @@ class RegistryApi:
             status=204, headers=self._upload_headers(route.name, route.reference, size)
         )
 
-    def _chunk_offset(self, request: web.Request, current: int) -> int:
-        """Where the body goes: ``Content-Range``'s start (checked against
-        Content-Length), else the upload's current end."""
-        if "Content-Range" not in request.headers:
-            return current
-        offset, end = parse_content_range(request.headers["Content-Range"])
-        length = request.content_length
-        if length is not None and length != end - offset + 1:
-            raise RegistryApiError.of(
-                ErrorCode.BLOB_UPLOAD_INVALID,
-                f"Content-Range {offset}-{end} does not match Content-Length {length}",
-            )
-        return offset
-
     async def patch_upload(self, request: web.Request, route: Route) -> web.Response:
         name, upload_id = route.name, route.reference
         current = await self.storage.upload_size(name, upload_id)
-        offset = self._chunk_offset(request, current)
+        offset = chunk_offset(request, current)
         body = self._body(request, offset)
         size = await self.storage.upload_append(
             name, upload_id, offset, body, self.config.max_upload_size
@@ -580,7 +367,7 @@ class RegistryApi:
             raise RegistryApiError.of(ErrorCode.DIGEST_INVALID, "PUT needs a ?digest= parameter")
         digest = check_digest(request.query["digest"])
         current = await self.storage.upload_size(name, upload_id)
-        offset = self._chunk_offset(request, current)
+        offset = chunk_offset(request, current)
         size = await self.storage.upload_finish(
             name,
             upload_id,
@@ -599,27 +386,4 @@ class RegistryApi:
             raise RegistryApiError.of(
                 ErrorCode.NAME_UNKNOWN, f"repository {route.name} is not known"
             )
-        return self._paginate(
-            request, f"/v2/{route.name}/tags/list", "tags", tags, {"name": route.name}
-        )
-
-    def _paginate(
-        self, request: web.Request, path: str, key: str, items: list[str], extra: dict[str, str]
-    ) -> web.Response:
-        """Apply ``n``/``last`` and add a ``Link: <...>; rel="next"`` when cut."""
-        last = request.query.get("last")
-        if last:
-            items = [i for i in items if i > last]
-        headers = dict(API_VERSION)
-        n_param = request.query.get("n")
-        if n_param is not None:
-            if not (n_param.isascii() and n_param.isdigit()):  # isdigit alone takes '²'
-                raise RegistryApiError(  # a bad query value: 400, as distribution answers
-                    400, [(ErrorCode.UNSUPPORTED.value, f"n={n_param!r} is not a count")]
-                )
-            n = int(n_param)
-            if len(items) > n:
-                items = items[:n]
-                if items:
-                    headers["Link"] = f'<{path}?n={n}&last={items[-1]}>; rel="next"'
-        return web.json_response({**extra, key: items}, headers=headers)
+        return paginate(request, f"/v2/{route.name}/tags/list", "tags", tags, {"name": route.name})

@@ -10,21 +10,23 @@ import json
 import logging
 import signal
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
-from stowaway.registry.api import API_VERSION, SCOPE_KEY, RegistryApi
+from stowaway.registry.api import RegistryApi
 from stowaway.registry.config import RegistryConfig, open_storage
 from stowaway.registry.guard import ConnectionGuard
+from stowaway.registry.http_helpers import API_VERSION, SCOPE_KEY
 from stowaway.registry.landing import PackageSets, render_landing
 from stowaway.registry.links import link_tagged_blobs
 from stowaway.registry.resolver import ManifestResolver
-from stowaway.registry.storage import Storage
+from stowaway.registry.storage_api import Storage
 
 API_KEY = web.AppKey("registry_api", RegistryApi)
 GUARD_KEY = web.AppKey("connection_guard", ConnectionGuard)
@@ -106,6 +108,21 @@ def access_logger_for(api: RegistryApi) -> type[AbstractAccessLogger]:
 PURGE_INTERVAL = 3600.0
 
 
+def _while_running(
+    work: Callable[[], Coroutine[Any, Any, None]],
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs ``work()`` as a task while the app runs."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(work())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
+
+
 async def purge_uploads_forever(storage: Storage, max_age: float) -> None:
     """Purge abandoned uploads now, then every ``max_age / 4`` (at most hourly), so
     an upload is gone at most a quarter of ``max_age`` after it became stale."""
@@ -140,23 +157,10 @@ def make_app(
 
     app.on_startup.append(linking)
 
-    async def purging(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(purge_uploads_forever(api.storage, config.upload_max_age))
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    app.cleanup_ctx.append(purging)
-
-    async def sweeping(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(guard.sweep_forever())
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    app.cleanup_ctx.append(sweeping)
+    app.cleanup_ctx.append(
+        _while_running(lambda: purge_uploads_forever(api.storage, config.upload_max_age))
+    )
+    app.cleanup_ctx.append(_while_running(guard.sweep_forever))
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -76,7 +76,8 @@ from typing import Any
 
 from stowaway.errors import StowawayError
 from stowaway.registry.package_index import attr_pattern_regex
-from stowaway.registry.storage import FilesystemStorage, Storage
+from stowaway.registry.storage import FilesystemStorage
+from stowaway.registry.storage_api import Storage
 
 
 class RegistryConfigError(StowawayError):

@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any
 
-from stowaway.registry.storage import Storage
+from stowaway.registry.storage_api import Storage
 
 __all__ = ["link_tagged_blobs"]
 

@@ -1,10 +1,10 @@
 """S3-compatible storage backend, so several stateless replicas share one store.
 
-Same key layout as ``FilesystemStorage`` under ``<prefix>/``. boto3 is
-synchronous, so every call runs in the default thread executor; bulk data moves
-in 8 MiB parts. A blob becomes visible only when a multipart upload is
-*completed* (or a single ``PutObject`` made), which happens after the digest was
-verified: S3 gives us the atomic commit, and a rejected upload is aborted.
+Same key layout as ``FilesystemStorage`` under ``<prefix>/``; the boto3 plumbing
+(executor calls, listings, multipart streaming writes) is ``s3_bucket.S3Bucket``.
+A blob becomes visible only when a multipart upload is *completed* (or a single
+``PutObject`` made), which happens after the digest was verified: S3 gives us the
+atomic commit, and a rejected upload is aborted.
 
 Chunked uploads keep each PATCH as its own object ``_uploads/<id>/<offset>``
 (S3 cannot append, and client chunks may be smaller than S3's 5 MiB part
@@ -18,19 +18,13 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
-
-import boto3  # type: ignore[import-untyped]
-from botocore.config import Config  # type: ignore[import-untyped]
-from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
-from stowaway.errors import StowawayError
 from stowaway.image.digest import sha256_digest
-from stowaway.registry.storage import (
+from stowaway.registry.s3_bucket import S3Bucket, StreamedObject
+from stowaway.registry.storage_api import (
     CHUNK,
     check_offset,
     digest_mismatch,
@@ -39,109 +33,23 @@ from stowaway.registry.storage import (
     upload_unknown,
 )
 
-PART = 8 << 20  # > S3's 5 MiB minimum part size
-T = TypeVar("T")
 
-
-def _missing(err: ClientError) -> bool:
-    code = str(err.response.get("Error", {}).get("Code", ""))
-    return code in ("404", "NoSuchKey", "NotFound", "NoSuchUpload")
-
-
-class S3Storage:
-    def __init__(
-        self,
-        url: str,
-        *,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        access_key: str | None = None,
-        secret_key: str | None = None,
-    ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc:
-            raise StowawayError(f"storage URL {url!r} is not s3://bucket[/prefix]")
-        self.bucket = parts.netloc
-        self.prefix = parts.path.strip("/")
-        self._s3: Any = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            config=Config(max_pool_connections=32, retries={"max_attempts": 3}),
-        )
-
-    def _key(self, *parts: str) -> str:
-        return "/".join(p for p in (self.prefix, *parts) if p)
+class S3Storage(S3Bucket):
+    """The ``Storage`` backend on S3 (see module docstring)."""
 
     def _blob(self, digest: str) -> str:
         return self._key("blobs", "sha256", digest.removeprefix("sha256:"))
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking boto3 call in the thread executor."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
-
-    async def _get(self, key: str) -> bytes | None:
-        try:
-            obj = await self._call(self._s3.get_object, Bucket=self.bucket, Key=key)
-        except ClientError as err:
-            if _missing(err):
-                return None
-            raise
-        data: bytes = await self._call(obj["Body"].read)
-        return data
-
-    async def _put(self, key: str, data: bytes) -> None:
-        await self._call(self._s3.put_object, Bucket=self.bucket, Key=key, Body=data)
-
-    async def _objects(self, prefix: str) -> list[dict[str, Any]]:
-        """ListObjectsV2 entries (Key, Size, LastModified, ...) under ``prefix``, all pages."""
-        out: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            if token:
-                kwargs["ContinuationToken"] = token
-            page = await self._call(self._s3.list_objects_v2, **kwargs)
-            out += page.get("Contents", [])
-            if not page.get("IsTruncated"):
-                return out
-            token = page["NextContinuationToken"]
-
-    async def _list(self, prefix: str) -> list[tuple[str, int]]:
-        """(key, size) of every object under ``prefix``."""
-        return [(o["Key"], int(o["Size"])) for o in await self._objects(prefix)]
-
     # -- blobs -----------------------------------------------------------------
     async def blob_size(self, digest: str) -> int | None:
-        try:
-            head = await self._call(
-                self._s3.head_object, Bucket=self.bucket, Key=self._blob(digest)
-            )
-        except ClientError as err:
-            if _missing(err):
-                return None
-            raise
-        return int(head["ContentLength"])
+        head = await self._head(self._blob(digest))
+        return int(head["ContentLength"]) if head is not None else None
 
     def blob_path(self, digest: str) -> Path | None:
         return None
 
-    async def read_blob(self, digest: str, start: int, end: int) -> AsyncIterator[bytes]:
-        obj = await self._call(
-            self._s3.get_object,
-            Bucket=self.bucket,
-            Key=self._blob(digest),
-            Range=f"bytes={start}-{end}",
-        )
-        body = obj["Body"]
-        try:
-            while chunk := await self._call(body.read, CHUNK):
-                yield chunk
-        finally:
-            body.close()
+    def read_blob(self, digest: str, start: int, end: int) -> AsyncIterator[bytes]:
+        return self._stream(self._blob(digest), Range=f"bytes={start}-{end}")
 
     async def _write_verified(
         self, key: str, digest: str, chunks: AsyncIterable[bytes], limit: int, where: str
@@ -150,7 +58,7 @@ class S3Storage:
         size stays within ``limit``, else abort."""
         h = hashlib.sha256()
         loop = asyncio.get_running_loop()
-        writer = _StreamedObject(self, key)
+        writer = StreamedObject(self, key)
         try:
             async for chunk in rechunk(chunks):
                 if writer.size + len(chunk) > limit:
@@ -199,13 +107,7 @@ class S3Storage:
         await self._put(self._link(name, digest), b"")
 
     async def blob_linked(self, name: str, digest: str) -> bool:
-        try:
-            await self._call(self._s3.head_object, Bucket=self.bucket, Key=self._link(name, digest))
-        except ClientError as err:
-            if _missing(err):
-                return False
-            raise
-        return True
+        return await self._head(self._link(name, digest)) is not None
 
     def _referrer(self, name: str, subject: str, digest: str = "") -> str:
         return self._repo(
@@ -301,7 +203,7 @@ class S3Storage:
         size = self._size(await self._chunks(name, upload_id))
         check_offset(upload_id, offset, size)
         # streamed: a PATCH may carry a whole layer (docker sends one per layer)
-        writer = _StreamedObject(self, self._up(upload_id, "data", f"{size:020d}"))
+        writer = StreamedObject(self, self._up(upload_id, "data", f"{size:020d}"))
         try:
             async for chunk in rechunk(chunks):
                 if size + writer.size + len(chunk) > limit:
@@ -327,13 +229,8 @@ class S3Storage:
 
         async def everything() -> AsyncIterator[bytes]:
             for _, _n, key in stored:
-                obj = await self._call(self._s3.get_object, Bucket=self.bucket, Key=key)
-                body = obj["Body"]
-                try:
-                    while piece := await self._call(body.read, CHUNK):
-                        yield piece
-                finally:
-                    body.close()
+                async for piece in self._stream(key):
+                    yield piece
             async for chunk in chunks:
                 yield chunk
 
@@ -361,98 +258,5 @@ class S3Storage:
         await self._abort_stale_multipart(cutoff)
         return len(stale)
 
-    async def _abort_stale_multipart(self, cutoff: float) -> None:
-        """Abort multipart uploads a crashed replica left open (their parts cost
-        storage but are invisible to object listings)."""
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key()}
-        while True:
-            page = await self._call(self._s3.list_multipart_uploads, **kwargs)
-            for up in page.get("Uploads", []):
-                if up["Initiated"].timestamp() < cutoff:
-                    await self._call(
-                        self._s3.abort_multipart_upload,
-                        Bucket=self.bucket,
-                        Key=up["Key"],
-                        UploadId=up["UploadId"],
-                    )
-            if not page.get("IsTruncated"):
-                return
-            kwargs["KeyMarker"] = page["NextKeyMarker"]
-            kwargs["UploadIdMarker"] = page["NextUploadIdMarker"]
-
     async def _drop_upload(self, upload_id: str, stored: list[tuple[int, int, str]]) -> None:
         await self._delete([k for _, _, k in stored] + [self._up(upload_id, "name")])
-
-    async def _delete(self, keys: list[str]) -> None:
-        for i in range(0, len(keys), 1000):
-            await self._call(
-                self._s3.delete_objects,
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
-            )
-
-
-class _StreamedObject:
-    """One object written as it streams in: bytes are buffered up to ``PART`` and
-    sent as multipart-upload parts, so memory stays bounded whatever the size; an
-    object smaller than one part is a single PutObject. Nothing is visible until
-    ``complete``; ``abort`` (a no-op after ``complete``) discards the parts."""
-
-    def __init__(self, storage: S3Storage, key: str) -> None:
-        self._storage = storage
-        self._key = key
-        self._buf = bytearray()
-        self._upload_id: str | None = None
-        self._parts: list[dict[str, Any]] = []
-        self._done = False
-        self.size = 0
-
-    async def write(self, chunk: bytes) -> None:
-        self._buf += chunk
-        self.size += len(chunk)
-        if len(self._buf) >= PART:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        st = self._storage
-        if self._upload_id is None:
-            mpu = await st._call(st._s3.create_multipart_upload, Bucket=st.bucket, Key=self._key)
-            self._upload_id = mpu["UploadId"]
-        n = len(self._parts) + 1
-        res = await st._call(
-            st._s3.upload_part,
-            Bucket=st.bucket,
-            Key=self._key,
-            UploadId=self._upload_id,
-            PartNumber=n,
-            Body=bytes(self._buf),
-        )
-        self._parts.append({"PartNumber": n, "ETag": res["ETag"]})
-        self._buf.clear()
-
-    async def complete(self) -> None:
-        st = self._storage
-        if self._upload_id is None:
-            await st._put(self._key, bytes(self._buf))
-        else:
-            if self._buf:
-                await self._flush()
-            await st._call(
-                st._s3.complete_multipart_upload,
-                Bucket=st.bucket,
-                Key=self._key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": self._parts},
-            )
-        self._done = True
-
-    async def abort(self) -> None:
-        if self._upload_id is not None and not self._done:
-            st = self._storage
-            self._done = True
-            await st._call(
-                st._s3.abort_multipart_upload,
-                Bucket=st.bucket,
-                Key=self._key,
-                UploadId=self._upload_id,
-            )

@@ -6,15 +6,22 @@ the distribution spec's grammar, which by construction has no ``.``/``..``
 components, no empty components and no characters a filesystem or S3 key
 treats specially; percent-encoding is refused outright because no valid name,
 tag or digest needs it (this is what stops ``..%2f`` and ``%2e%2e`` tricks).
+
+Headers are parsed here too (Range, Content-Range, Accept), and so is a pushed
+manifest's body (``check_manifest``): its shape, checked before storage is asked
+whether what it references is there.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
+from stowaway.image.digest import sha256_digest
+from stowaway.registry.resolver import MANIFEST_TYPES
 
 NAME_RE = re.compile(
     r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
@@ -26,6 +33,8 @@ DIGEST_GRAMMAR_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 #: the algorithms the OCI image spec registers; only sha256 is supported
 REGISTERED_ALGORITHMS = frozenset({"sha256", "sha512", "blake3"})
 MAX_NAME = 255
+IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
+                   "application/vnd.docker.distribution.manifest.v2+json")  # fmt: skip
 
 RouteKind = Literal["manifest", "blob", "upload_start", "upload", "tags", "referrers"]
 
@@ -162,3 +171,117 @@ def parse_content_range(header: str) -> tuple[int, int]:
     if m is None or int(m[2]) < int(m[1]):
         raise RegistryApiError.of(ErrorCode.RANGE_INVALID, f"malformed Content-Range {header!r}")
     return int(m[1]), int(m[2])
+
+
+def parse_accept(values: list[str]) -> frozenset[str]:
+    """The manifest media types a client accepts; empty means any (no Accept,
+    ``*/*``, or no manifest type named at all)."""
+    types = {v.split(";", 1)[0].strip() for value in values for v in value.split(",")}
+    if "*/*" in types:
+        return frozenset()
+    return frozenset(types & MANIFEST_TYPES)
+
+
+@dataclass(frozen=True)
+class CheckedManifest:
+    """A manifest body that passed ``check_manifest``, and what it references."""
+
+    body: bytes
+    digest: str
+    media_type: str
+    doc: dict[str, Any]
+    #: (digest, size) of the config and the layers (image manifests)
+    blobs: tuple[tuple[str, int], ...] = ()
+    #: digests of the manifests an index lists
+    manifests: tuple[str, ...] = ()
+
+    @property
+    def subject(self) -> str | None:
+        """The digest of the manifest this one refers to (OCI 1.1 referrers)."""
+        subject = self.doc.get("subject")
+        return str(subject["digest"]) if subject is not None else None
+
+    def referrer_descriptor(self) -> bytes:
+        """What the referrers API lists for this manifest: its descriptor, with the
+        ``artifactType`` (the manifest's, else its config's media type) and annotations."""
+        doc = self.doc
+        config = doc.get("config")
+        artifact_type = doc.get("artifactType") or (
+            config.get("mediaType") if isinstance(config, dict) else None
+        )
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": len(self.body),
+        }
+        if artifact_type:
+            out["artifactType"] = artifact_type
+        if doc.get("annotations"):
+            out["annotations"] = doc["annotations"]
+        return json.dumps(out, sort_keys=True).encode()
+
+
+def _manifest_invalid(message: str) -> RegistryApiError:
+    return RegistryApiError.of(ErrorCode.MANIFEST_INVALID, message)
+
+
+def _descriptor(d: Any, where: str) -> tuple[str, int]:
+    """A descriptor's digest and size."""
+    if not isinstance(d, dict):
+        raise _manifest_invalid(f"{where} is not a descriptor object")
+    digest, size = d.get("digest"), d.get("size")
+    if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
+        raise _manifest_invalid(f"{where} needs a digest string and a size")
+    try:
+        check_digest(digest)
+    except RegistryApiError as err:
+        raise _manifest_invalid(f"{where}: {err.message}") from None
+    return digest, size
+
+
+def check_manifest(body: bytes, content_type: str) -> CheckedManifest:
+    """Check a pushed manifest's JSON shape, media type (``content_type`` is the
+    request header, "" when absent), descriptors and the referrers fields
+    (``subject``, ``artifactType``, ``annotations``); MANIFEST_INVALID otherwise.
+    Whether what it references exists is the caller's to check."""
+    invalid = _manifest_invalid
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise invalid(f"manifest is not JSON: {err}") from None
+    except RecursionError:  # deeply nested arrays/objects: not a manifest either
+        raise invalid("manifest is not JSON: nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise invalid("manifest is not a JSON object")
+    declared = doc.get("mediaType")
+    media_type = content_type or declared  # the header wins; the field when it is absent
+    if media_type not in MANIFEST_TYPES:
+        raise invalid(f"unsupported manifest media type {content_type or declared!r}")
+    if declared is not None and declared != media_type:
+        raise invalid(f"Content-Type {media_type} but mediaType field {declared!r}")
+    if doc.get("schemaVersion") != 2:
+        raise invalid("schemaVersion must be 2")
+    blobs: list[tuple[str, int]] = []
+    children: list[str] = []
+    if media_type in IMAGE_MANIFESTS:
+        layers = doc.get("layers")
+        if not isinstance(layers, list):
+            raise invalid("manifest has no layers list")
+        blobs.append(_descriptor(doc.get("config"), "config"))
+        blobs += [_descriptor(d, f"layers[{i}]") for i, d in enumerate(layers)]
+    else:
+        manifests = doc.get("manifests")
+        if not isinstance(manifests, list):
+            raise invalid("index has no manifests list")
+        children += [_descriptor(d, f"manifests[{i}]")[0] for i, d in enumerate(manifests)]
+    if "subject" in doc:
+        _descriptor(doc["subject"], "subject")
+    if not isinstance(doc.get("artifactType", ""), str):
+        raise invalid("artifactType must be a string")
+    annotations = doc.get("annotations", {})
+    if not isinstance(annotations, dict) or not all(
+        isinstance(v, str) for v in annotations.values()
+    ):
+        raise invalid("annotations must map strings to strings")
+    digest = sha256_digest(body)
+    return CheckedManifest(body, digest, str(media_type), doc, tuple(blobs), tuple(children))

@@ -13,7 +13,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from stowaway.registry.storage import hash_file
+from stowaway.registry.storage_api import hash_file
 
 #: Files remembered before the memory is cleared (each entry is ~200 bytes).
 MAX_ENTRIES = 100_000

@@ -15,7 +15,7 @@ from registry_helpers import MakeNix, demo_packages, hash_of, write_demo_index
 from nixtools import SANDBOXED_MK
 from stowaway.registry.config import RegistryConfigError, config_from_dict
 from stowaway.registry.lru import BoundedCache
-from stowaway.registry.package_index import NixBuild, NixBuildError
+from stowaway.registry.nix_build import NixBuild, NixBuildError
 
 NO_SUBSTITUTERS = ("--option", "substituters", "")
 SLEEP = 3  # seconds each slow derivation's build takes

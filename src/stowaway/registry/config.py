@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from stowaway.errors import StowawayError
-from stowaway.registry.package_index import attr_pattern_regex
+from stowaway.registry.nix_build import attr_pattern_regex
 from stowaway.registry.storage import FilesystemStorage
 from stowaway.registry.storage_api import Storage
 

@@ -51,13 +51,8 @@ from stowaway.registry.names import (
     resolve_packages,
     select_package_set,
 )
-from stowaway.registry.package_index import (
-    NAME_CACHE_SIZE,
-    IndexFile,
-    Miss,
-    NixBuild,
-    PackageIndex,
-)
+from stowaway.registry.nix_build import NAME_CACHE_SIZE, Miss, NixBuild
+from stowaway.registry.package_index import IndexFile, PackageIndex
 from stowaway.registry.resolver import ResolvedManifest
 from stowaway.registry.singleflight import SingleFlight
 from stowaway.registry.validate import is_digest

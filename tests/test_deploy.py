@@ -18,7 +18,7 @@ import click
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from deploy_files import DEPLOY, PROGRAM, UNITS, exec_start, flag, unit
+from deploy_files import DEPLOY, HOST_PATHS, PROGRAM, UNITS, exec_start, flag, unit
 from stowaway.cli import main
 from stowaway.registry.config import config_from_dict, load_config
 
@@ -62,7 +62,7 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 def test_units_have_what_systemd_needs_and_flags_the_cli_has(name: str) -> None:
     u = unit(name)
     assert u["Unit"]["Description"]
-    assert u["Install"]["WantedBy"] == "multi-user.target"
+    assert "multi-user.target" in u["Install"]["WantedBy"].split()
     service = u["Service"]
     assert service["Type"] == "simple" and service["Restart"] in ("always", "on-failure")
     params = parse_args(exec_start(name)[1:])
@@ -206,3 +206,10 @@ def test_every_manifest_is_namespaced_like_the_namespace_file() -> None:
     for name in ("node-daemonset.yaml", "serve.yaml"):
         for doc in manifests(name):
             assert doc["metadata"]["namespace"] == ns["metadata"]["name"], (name, doc["kind"])
+
+
+def test_docs_list_every_substituted_host_path() -> None:
+    """docs/deploy.md's table of host paths is the tests' substitution list."""
+    doc = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    for prefix in HOST_PATHS:
+        assert f"`{prefix}`" in doc, prefix

@@ -19,6 +19,7 @@ DEBS=(
   golang-docker-credential-helpers pass gnupg
   pigz xz-utils zstd bzip2 patchelf time curl ca-certificates
   debootstrap iproute2 util-linux sqlite3
+  systemd  # systemd-analyze verifies the shipped units (tests/test_deploy.py); nothing is started
 )
 
 # Debian 13 split the docker client out of docker.io (docker-cli, plus docker-buildx for

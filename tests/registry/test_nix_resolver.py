@@ -242,7 +242,11 @@ def test_landing_page_lists_package_sets_escaped(
     r = server.request("GET", "/", headers={"Host": "reg.example:5000"})
     assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
     page = r.body.decode()
-    assert "docker pull reg.example:5000/shell/" in page
+    # the default meta-package shell needs bashInteractive, coreutils, ...: not in this
+    # index, so the page suggests a plain package name (one a client can pull), not shell/
+    assert "docker pull reg.example:5000/busybox\n" in page
+    assert "docker pull reg.example:5000/shell/" not in page
+    assert "need all their members" in page
     assert "<code>:stable</code>" in page and "<code>:latest</code>" in page
     assert "<code>busybox</code>" in page
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold" not in page

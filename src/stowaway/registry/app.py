@@ -23,7 +23,7 @@ from stowaway.registry.api import RegistryApi
 from stowaway.registry.config import RegistryConfig, open_storage
 from stowaway.registry.guard import ConnectionGuard
 from stowaway.registry.http_helpers import API_VERSION, SCOPE_KEY
-from stowaway.registry.landing import PackageSets, render_landing
+from stowaway.registry.landing import ComposeRules, PackageSets, Rules, render_landing
 from stowaway.registry.links import link_tagged_blobs
 from stowaway.registry.resolver import ManifestResolver
 from stowaway.registry.storage_api import Storage
@@ -147,6 +147,11 @@ def make_app(
     package sets on the page at ``/``."""
     if landing is None and isinstance(resolver, PackageSets):
         landing = resolver
+    # the pull examples follow the composer's own options (meta, always, nix-build)
+    if isinstance(landing, ComposeRules):
+        rules = Rules.of(landing.options)
+    else:
+        rules = Rules.of(config.nix if resolver is not None else None)
     api = RegistryApi(config, storage or open_storage(config), resolver)
     app = web.Application(middlewares=[guard_middleware, errors_middleware])
     app[API_KEY] = api
@@ -170,7 +175,7 @@ def make_app(
 
     async def index_page(request: web.Request) -> web.Response:
         sets = landing.package_sets() if landing is not None else {}
-        text = render_landing(request.host, sets)
+        text = render_landing(request.host, sets, rules)
         return web.Response(text=text, content_type="text/html", charset="utf-8")
 
     app.router.add_get("/", index_page)

@@ -215,19 +215,13 @@ class Containerd(Daemon):
             self._config(cri, cni_bin_dir, cni_conf_dir or str(self.dir / "cni"), proxy_plugins)
         )
 
-    def _config(
-        self,
-        cri: bool,
-        cni_bin_dir: str,
-        cni_conf_dir: str,
-        proxy_plugins: Mapping[str, Mapping[str, str]] | None,
-    ) -> str:
-        disabled = [] if cri else ["io.containerd.grpc.v1.cri"]
-        lines = [
-            "version = 2",
-            f"root = {_toml(str(self.root))}",
-            f"state = {_toml(str(self.state))}",
-            f"disabled_plugins = {_toml(disabled)}",
+    def _private_top(self) -> list[str]:
+        """This instance's own root and state (top-level keys)."""
+        return [f"root = {_toml(str(self.root))}", f"state = {_toml(str(self.state))}"]
+
+    def _private_tables(self) -> list[str]:
+        """This instance's own sockets and plugin dir: nothing shared with the machine's."""
+        return [
             "[grpc]",
             f"  address = {_toml(self.address)}",
             "[ttrpc]",
@@ -240,17 +234,38 @@ class Containerd(Daemon):
             '[plugins."io.containerd.internal.v1.opt"]',
             f"  path = {_toml(str(self.dir / 'opt'))}",
         ]
+
+    def _private_cri(self, cni_bin_dir: str, cni_conf_dir: str) -> list[str]:
+        """CRI's streaming server on loopback and its CNI dirs."""
+        Path(cni_conf_dir).mkdir(parents=True, exist_ok=True)
+        return [
+            '[plugins."io.containerd.grpc.v1.cri"]',
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            '[plugins."io.containerd.grpc.v1.cri".cni]',
+            f"  bin_dir = {_toml(cni_bin_dir)}",
+            f"  conf_dir = {_toml(cni_conf_dir)}",
+        ]
+
+    def _config(
+        self,
+        cri: bool,
+        cni_bin_dir: str,
+        cni_conf_dir: str,
+        proxy_plugins: Mapping[str, Mapping[str, str]] | None,
+    ) -> str:
+        disabled = [] if cri else ["io.containerd.grpc.v1.cri"]
+        lines = [
+            "version = 2",
+            *self._private_top(),
+            f"disabled_plugins = {_toml(disabled)}",
+            *self._private_tables(),
+        ]
         if cri:
-            Path(cni_conf_dir).mkdir(parents=True, exist_ok=True)
             lines += [
-                '[plugins."io.containerd.grpc.v1.cri"]',
-                '  stream_server_address = "127.0.0.1"',
-                '  stream_server_port = "0"',
+                *self._private_cri(cni_bin_dir, cni_conf_dir),
                 '[plugins."io.containerd.grpc.v1.cri".containerd]',
                 '  snapshotter = "overlayfs"',
-                '[plugins."io.containerd.grpc.v1.cri".cni]',
-                f"  bin_dir = {_toml(cni_bin_dir)}",
-                f"  conf_dir = {_toml(cni_conf_dir)}",
             ]
         for pname, opts in sorted((proxy_plugins or {}).items()):
             lines.append(f"[proxy_plugins.{_toml(pname)}]")

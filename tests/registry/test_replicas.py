@@ -8,7 +8,6 @@ half-written blob, and takes the push over."""
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import boto3  # type: ignore[import-untyped]
 import pytest
-from registry_harness import Reply
+from registry_harness import Reply, http_request
 from registry_helpers import OCI, demo_packages, layout_manifest, skopeo, write_demo_index
 
 from daemons import free_port
@@ -51,13 +50,7 @@ class Replica:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Reply:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return Reply(resp.status, resp.headers, resp.read())
-        finally:
-            conn.close()
+        return http_request(self.port, method, path, body, headers)
 
 
 @pytest.fixture()

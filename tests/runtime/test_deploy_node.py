@@ -26,7 +26,7 @@ from runtime_helpers import (
     store_layer_digests,
 )
 
-from daemons import Containerd, Daemon, Registry, _short_dir, _toml
+from daemons import Containerd, Daemon, Registry, _short_dir
 from deploy_files import DEPLOY, SRC, exec_start, flag, runnable, substitute
 from stowaway.runtime.proto.cri import api_pb2 as cri
 from stowaway.runtime.proto.cri import api_pb2_grpc as cri_grpc
@@ -67,32 +67,14 @@ class SnippetContainerd(Containerd):
     registry_host = ""
 
     def _config(self, cri: bool, cni_bin_dir: str, cni_conf_dir: str, proxy_plugins: object) -> str:
-        Path(cni_conf_dir).mkdir(parents=True, exist_ok=True)
-        top = [
-            f"root = {_toml(str(self.root))}",
-            f"state = {_toml(str(self.state))}",
-        ]
         tables = [
-            "[grpc]",
-            f"  address = {_toml(self.address)}",
-            "[ttrpc]",
-            f"  address = {_toml(str(self.sockdir / 't.sock'))}",
-            "[debug]",
-            f"  address = {_toml(str(self.sockdir / 'd.sock'))}",
-            "[metrics]",
-            '  address = ""',
-            '[plugins."io.containerd.internal.v1.opt"]',
-            f"  path = {_toml(str(self.dir / 'opt'))}",
-            '[plugins."io.containerd.grpc.v1.cri"]',
-            '  stream_server_address = "127.0.0.1"',
-            '  stream_server_port = "0"',
-            '[plugins."io.containerd.grpc.v1.cri".cni]',
-            f"  bin_dir = {_toml(cni_bin_dir)}",
-            f"  conf_dir = {_toml(cni_conf_dir)}",
+            *self._private_tables(),
+            *self._private_cri(cni_bin_dir, cni_conf_dir),
             f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{self.registry_host}"]',
             f'  endpoint = ["http://{self.registry_host}"]',
         ]
-        return "\n".join(top) + "\n" + self.snippet + "\n" + "\n".join(tables) + "\n"
+        top = "\n".join(self._private_top())
+        return top + "\n" + self.snippet + "\n" + "\n".join(tables) + "\n"
 
 
 @dataclass

@@ -265,6 +265,12 @@ def build(
     from stowaway.sinks import RegistryTarget, parse_target, write_image
 
     dest = parse_target(target)
+    cache = LayerCache(Path(cache_dir) if cache_dir else default_cache_dir())
+    cache.check_writable(  # before any work
+        hint="pass --cache-dir DIR"
+        if cache_dir
+        else "pass --cache-dir DIR or set XDG_CACHE_HOME to a writable directory"
+    )
     lookup = credentials_from_flags(creds, authfile) if isinstance(dest, RegistryTarget) else None
     roots = _roots(installables, nix_file, attrs, nix_args, argstrs)
     from stowaway.installables import resolve
@@ -279,7 +285,6 @@ def build(
         level=compression_level,
         mtime=default_mtime(),
     )
-    cache = LayerCache(Path(cache_dir) if cache_dir else default_cache_dir())
     from stowaway._ui import progress_display
 
     with source, progress_display(not as_json) as prog:

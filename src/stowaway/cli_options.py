@@ -46,16 +46,49 @@ def report(err: StowawayError, *, as_json: bool = False) -> NoReturn:
     raise click.exceptions.Exit(1)
 
 
+#: Set to 1 to see the traceback of an internal error (a bug) instead of one line.
+DEBUG_ENV = "STOWAWAY_DEBUG"
+#: Exit status after Ctrl-C (SIGINT), as shells report it: 128 + 2.
+INTERRUPTED_STATUS = 130
+
+
+def internal_error(err: BaseException) -> StowawayError:
+    """The one-line report of an unexpected exception (a bug)."""
+    text = str(err).strip().splitlines()
+    detail = f": {text[0]}" if text else ""
+    return StowawayError(
+        f"internal error: {type(err).__name__}{detail}",
+        hint=f"this is a bug in stowaway; please report it with the command line "
+        f"(rerun with {DEBUG_ENV}=1 for the traceback)",
+    )
+
+
 class StowawayCommand(click.Command):
     """A click command whose ``StowawayError`` goes to ``report`` (with --json when the
-    command has it and was given it); other exceptions are bugs and keep their
-    traceback."""
+    command has it and was given it). Ctrl-C prints ``interrupted`` and exits 130
+    (cleanup runs first: ``finally`` blocks, temp files removed); any other exception
+    is a bug, reported the same way as ``internal error: TYPE: message`` with a hint to
+    report it, and raised with its traceback only when $STOWAWAY_DEBUG is 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        import os
+
+        as_json = bool(ctx.params.get("as_json"))
         try:
             return super().invoke(ctx)
         except StowawayError as err:
-            report(err, as_json=bool(ctx.params.get("as_json")))
+            report(err, as_json=as_json)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            if as_json:
+                click.echo(json.dumps({"error": "interrupted", "hint": None}))
+            raise click.exceptions.Exit(INTERRUPTED_STATUS) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            report(internal_error(err), as_json=as_json)
 
 
 class StowawayGroup(click.Group):

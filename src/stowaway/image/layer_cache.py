@@ -89,6 +89,20 @@ class LayerCache:
         self._index = self.root / "layers"
         self._diff_ids = self.root / "diff-ids"
 
+    def check_writable(self, *, hint: str | None = None) -> None:
+        """Create the cache's directories and check that this process can write there
+        (a temp file made and removed), so a build fails at once, naming the directory,
+        rather than after the work of its first layer."""
+        try:
+            self._blobs.mkdir(parents=True, exist_ok=True)
+            with AtomicFile(self._blobs):
+                pass
+        except OSError as err:
+            where = f" ({err.filename})" if err.filename and Path(err.filename) != self.root else ""
+            raise StowawayError(
+                f"cannot write to the layer cache {self.root}{where}: {err.strerror}", hint=hint
+            ) from None
+
     def blob_path(self, digest: str) -> Path:
         algo, hexpart = parse_digest(digest)
         if algo != "sha256":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -19,6 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from stowaway.distribution.errors import ErrorCode, RegistryApiError
+from stowaway.errors import StowawayError
 from stowaway.registry.api import RegistryApi
 from stowaway.registry.config import RegistryConfig, open_storage
 from stowaway.registry.guard import ConnectionGuard
@@ -206,6 +208,18 @@ class RunningServer:
         await self.runner.cleanup()
 
 
+class ListenError(StowawayError):
+    """The address to listen on cannot be bound (in use, not ours, not permitted)."""
+
+    def __init__(self, host: str, port: int, err: OSError) -> None:
+        address = f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"
+        why = "address in use" if err.errno == errno.EADDRINUSE else err.strerror or str(err)
+        super().__init__(
+            f"cannot listen on {address}: {why}",
+            hint="pick another address with --listen HOST:PORT (or listen in the config file)",
+        )
+
+
 def ssl_context(config: RegistryConfig) -> ssl.SSLContext | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
@@ -232,9 +246,13 @@ async def start(config: RegistryConfig, app: web.Application | None = None) -> R
     tls = ssl_context(config)
     # our own listener rather than a web.TCPSite: connections go through the guard
     assert runner.server is not None
-    listener = await asyncio.get_running_loop().create_server(
-        app[GUARD_KEY].factory(runner.server), host, port, ssl=tls, backlog=128
-    )
+    try:
+        listener = await asyncio.get_running_loop().create_server(
+            app[GUARD_KEY].factory(runner.server), host, port, ssl=tls, backlog=128
+        )
+    except OSError as err:
+        await runner.cleanup()
+        raise ListenError(host, port, err) from None
     bound = listener.sockets[0].getsockname()[1]
     return RunningServer(runner, listener, host, bound, "https" if tls else "http")
 

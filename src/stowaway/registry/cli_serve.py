@@ -63,6 +63,7 @@ def serve_command(
     from stowaway.registry.app import serve
     from stowaway.registry.config import RegistryConfig, load_config, open_storage
     from stowaway.registry.nix_resolver import NixResolver
+    from stowaway.registry.package_index import PackageIndexError
     from stowaway.registry.storage import FilesystemStorage
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -101,6 +102,14 @@ def serve_command(
                 fs = backend.root if isinstance(backend, FilesystemStorage) else None
                 root = fs or default_cache_dir()
             resolver = NixResolver(config.nix, LayerCache(root))
+            try:
+                resolver.check_indexes()
+            except PackageIndexError as err:
+                raise StowawayError(
+                    err.message,
+                    hint="check --index (or index/indexes in the [nix] table of the config); "
+                    "`stowaway index -o FILE` writes one",
+                ) from None
         asyncio.run(serve(config, resolver, storage=backend, landing=resolver))
     finally:
         if resolver is not None:

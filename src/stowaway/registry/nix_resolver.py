@@ -131,6 +131,13 @@ class NixResolver:
         #: compositions actually run (tests and metrics)
         self.composes = 0
 
+    def check_indexes(self) -> None:
+        """Read every package index now: a missing or malformed file stops start-up
+        (``PackageIndexError`` naming it) instead of failing the first pull."""
+        for index in self.sets.values():
+            if index is not None:
+                index.get()
+
     @property
     def builds_admitted(self) -> int:
         """nix-builds running or waiting for a job (at most jobs + queue)."""

@@ -87,7 +87,16 @@ class LocalStore(_PathsOnDisk):
             self._db.execute("SELECT 1 FROM ValidPaths LIMIT 1").fetchall()
         except sqlite3.Error as e:
             self._db.close()
-            raise StowawayError(f"cannot read Nix database {self.db_path}: {e}") from None
+            hint = None
+            if "readonly" in str(e) and not os.access(self.db_path.parent, os.W_OK):
+                # WAL mode: while nix has changes in db.sqlite-wal, a reader must be able
+                # to write the shared-memory index next to it, which this user cannot
+                hint = (
+                    f"nix is writing the database and this user may not write in "
+                    f"{self.db_path.parent}; retry when nix is done, or run as the store's owner"
+                )
+            message = f"cannot read Nix database {self.db_path}: {e}"
+            raise StowawayError(message, hint=hint) from None
         self._lock = threading.Lock()
 
     def _rows(self, sql: str, args: Sequence[object]) -> list[tuple[object, ...]]:

@@ -1,0 +1,120 @@
+"""How the CLI fails: every failure a user can cause is one `error:` line and a hint
+(and the JSON object with --json), never a traceback; each is run as the real command
+in a subprocess, as a user would meet it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stowaway.cli import main
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+STOWAWAY = [sys.executable, "-m", "stowaway"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*STOWAWAY, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def one_error(proc: subprocess.CompletedProcess[str]) -> tuple[str, str]:
+    """The error line and the hint of a failed command, which printed nothing else."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    hints = [ln for ln in lines if ln.startswith("  hint: ")]
+    assert len(errors) == 1 and len(hints) == 1, proc.stderr
+    return errors[0], hints[0]
+
+
+def test_serve_on_a_busy_port_names_the_address(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run("serve", "--listen", f"127.0.0.1:{port}", "--no-compose",
+                   "--storage", str(tmp_path / "root"))  # fmt: skip
+    error, hint = one_error(proc)
+    assert error == f"error: cannot listen on 127.0.0.1:{port}: address in use"
+    assert "--listen" in hint
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "No such file or directory"), ("{not json", "not JSON"),
+     ('{"packages": {"x": "/tmp/not-a-store-path"}}', "packages['x']")],
+)  # fmt: skip
+def test_serve_refuses_a_missing_or_malformed_index_at_start_up(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    index = tmp_path / "index.json"
+    if content is not None:
+        index.write_text(content)
+    proc = run("serve", "--listen", "127.0.0.1:0", "--storage", str(tmp_path / "root"),
+               "--index", str(index))  # fmt: skip
+    error, hint = one_error(proc)
+    assert str(index) in error and message in error
+    assert "--index" in hint and "stowaway index" in hint
+
+
+def test_an_unwritable_cache_dir_is_named_with_the_flags_to_choose_another(
+    demo_app: str, tmp_path: Path
+) -> None:
+    """`build` as nobody with HOME=/nonexistent: the default cache cannot be made. The
+    store and its database are readable by everyone (the database opened read-only)."""
+    tmp_path.chmod(0o755)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": "/nonexistent",
+        "PYTHONPATH": str(SRC),
+    }
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    argv = [*nobody, *STOWAWAY, "build", demo_app, "-o", f"oci:{tmp_path}/nobody-out/img"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    error, hint = one_error(proc)
+    assert error.startswith("error: cannot write to the layer cache /nonexistent/.cache/stowaway")
+    assert "Permission denied" in error
+    assert "--cache-dir" in hint and "XDG_CACHE_HOME" in hint
+    again = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert json.loads(again.stdout)["hint"] == hint.removeprefix("  hint: ")
+
+
+def test_an_explicit_unwritable_cache_dir_hints_at_the_flag(demo_app: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run("build", demo_app, "--cache-dir", str(blocker / "cache"),
+               "-o", f"oci:{tmp_path}/img")  # fmt: skip
+    error, hint = one_error(proc)
+    assert f"layer cache {blocker}/cache" in error
+    assert hint == "  hint: pass --cache-dir DIR"
+
+
+def test_an_unexpected_exception_is_one_line_unless_debugging(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import stowaway.sinks.inspect
+
+    def broken(target: str) -> None:
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(stowaway.sinks.inspect, "read_image_summary", broken)
+    monkeypatch.delenv("STOWAWAY_DEBUG", raising=False)
+    result = CliRunner().invoke(main, ["inspect", f"oci:{tmp_path}/x", "--json"])
+    assert result.exit_code == 1
+    first = result.stderr.splitlines()[0]
+    assert first == "error: internal error: ZeroDivisionError: division by zero"
+    assert "please report it" in result.stderr and "STOWAWAY_DEBUG=1" in result.stderr
+    assert json.loads(result.stdout)["error"].startswith("internal error: ZeroDivisionError")
+    assert "Traceback" not in result.output
+
+    monkeypatch.setenv("STOWAWAY_DEBUG", "1")
+    debug = CliRunner().invoke(main, ["inspect", f"oci:{tmp_path}/x"])
+    assert isinstance(debug.exception, ZeroDivisionError)  # raised, with its traceback

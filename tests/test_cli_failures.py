@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from nixtools import SANDBOXED_MK
 from stowaway.cli import main
+from stowaway.fsutil import TEMP_PREFIX
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 STOWAWAY = [sys.executable, "-m", "stowaway"]
@@ -118,3 +122,62 @@ def test_an_unexpected_exception_is_one_line_unless_debugging(
     monkeypatch.setenv("STOWAWAY_DEBUG", "1")
     debug = CliRunner().invoke(main, ["inspect", f"oci:{tmp_path}/x"])
     assert isinstance(debug.exception, ZeroDivisionError)  # raised, with its traceback
+
+
+#: 160 MB of random bytes: incompressible, so gzip takes seconds over it.
+BIG_NIX = f"""{SANDBOXED_MK} "stowaway-big-random" ''
+  mkdir -p $out; head -c 160000000 /dev/urandom > $out/random.bin
+''
+"""
+
+
+@pytest.fixture(scope="module")
+def big_path(have_nix: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    expr = tmp_path_factory.mktemp("big") / "big.nix"
+    expr.write_text(BIG_NIX)
+    out = subprocess.run(["nix-build", str(expr), "--no-out-link"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _temp_blob_growing(blobs: Path) -> bool:
+    for temp in blobs.glob(TEMP_PREFIX + "*"):
+        try:
+            if temp.stat().st_size > 1 << 20:
+                return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
+def test_ctrl_c_stops_a_build_at_once_leaving_no_temp_files(big_path: str, tmp_path: Path) -> None:
+    """SIGINT while a large layer is being compressed: exit 130 within ~2 s saying
+    `interrupted`, no temp blob left in the cache nor in the layout; the next build
+    works."""
+    cache, layout = tmp_path / "cache", tmp_path / "layout"
+    argv = [*STOWAWAY, "build", big_path, "--cache-dir", str(cache), "-o", f"oci:{layout}:1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _temp_blob_growing(cache / "blobs" / "sha256"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no layer was being compressed"
+            time.sleep(0.02)
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - interrupted
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted"], err
+    assert took < 2.5, f"took {took:.1f}s to stop"
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith((TEMP_PREFIX, ".link-"))]
+    assert leftovers == []
+    assert not list((cache / "layers").glob("*.json"))  # nothing recorded as built
+
+    again = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    layers = json.loads(again.stdout)["layers"]
+    assert any(big_path in layer["store_paths"] and layer["built"] for layer in layers)

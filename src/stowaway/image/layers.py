@@ -224,7 +224,9 @@ def _build_missing(
     progress: Progress,
     jobs: int,
 ) -> dict[int, Layer]:
-    """Build the missing layers ``jobs`` at a time; the first failure stops the rest."""
+    """Build the missing layers ``jobs`` at a time; the first failure stops the rest, and
+    so does an exception in the waiting thread (Ctrl-C): each build stops at its next
+    chunk and removes its temp blob, so the caller's exception follows within moments."""
     # Layers share the cores: gzip blocks of all layers go through one shared pool;
     # zstd workers are capped by the memory budget and split between layers.
     workers = jobs
@@ -254,7 +256,12 @@ def _build_missing(
                 ): i
                 for i in missing
             }
-            wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # Ctrl-C in this thread: stop every build at its next chunk
+                cancel.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
             errors = [f.exception() for f in futures if f.done()]
             first = next((e for e in errors if e is not None), None)
             if first is not None:
@@ -264,7 +271,7 @@ def _build_missing(
             return {i: fut.result() for fut, i in futures.items()}
     finally:
         if blocks is not None:
-            blocks.shutdown(wait=True)
+            blocks.shutdown(wait=True, cancel_futures=True)
 
 
 def _build_store_layer(

@@ -130,7 +130,11 @@ def _push_blobs(
             d: pool.submit(_push_blob, client, repo, b, sources[d], progress)
             for d, b in blobs.items()
         }
-        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        try:
+            done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C: no new uploads; those under way finish or fail
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
         for f in done:
             err = f.exception()
             if err is not None:

@@ -1,11 +1,14 @@
-"""How the CLI fails: every failure a user can cause is one `error:` line and a hint
-(and the JSON object with --json), never a traceback; each is run as the real command
-in a subprocess, as a user would meet it."""
+"""How the CLI fails and what it shows meanwhile: every failure a user can cause is one
+`error:` line and a hint (and the JSON object with --json), never a traceback; Ctrl-C
+stops a build at once; on a terminal one overall bar and the names of the store paths
+under way. Each is run as the real command in a subprocess, as a user would meet it."""
 
 from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import signal
 import socket
 import subprocess
@@ -181,3 +184,44 @@ def test_ctrl_c_stops_a_build_at_once_leaving_no_temp_files(big_path: str, tmp_p
     assert again.returncode == 0, again.stderr
     layers = json.loads(again.stdout)["layers"]
     assert any(big_path in layer["store_paths"] and layer["built"] for layer in layers)
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except OSError:  # EIO: the other side is closed
+            return out
+        if not data:
+            return out
+        out += data
+
+
+def test_progress_on_a_terminal_is_one_bar_and_the_names_being_worked_on(
+    big_path: str, tmp_path: Path
+) -> None:
+    master, slave = pty.openpty()
+    argv = [*STOWAWAY, "build", big_path, "--cache-dir", str(tmp_path / "cache"),
+            "-o", f"oci:{tmp_path}/layout:1"]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "120", "TERM": "xterm"}
+    with subprocess.Popen(argv, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL, env=env):
+        os.close(slave)
+        shown = _read_all(master).decode(errors="replace")
+    os.close(master)
+    name = big_path.split("-", 1)[1]  # stowaway-big-random, not the hash
+    assert "\x1b[" in shown and "━" in shown  # drawn
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.replace("\r", "\n")).splitlines()
+    bars = [ln for ln in lines if "/160.0 MB" in ln]
+    # one bar per stage, named by it (no bar per layer): tarring + compressing, writing
+    assert {ln.split()[0] for ln in bars} == {"layers", "write"}, bars
+    assert f"  {name}" in lines and f"  write {name}" in lines
+    assert big_path.rsplit("/", 1)[1].split("-", 1)[0] not in shown.split("manifest")[0]
+
+
+def test_off_a_terminal_nothing_is_drawn(demo_app: str, tmp_path: Path) -> None:
+    proc = run("build", demo_app, "--cache-dir", str(tmp_path / "cache"),
+               "-o", f"oci:{tmp_path}/layout:1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x1b" not in proc.stderr
+    assert "━" not in proc.stderr and proc.stderr == ""

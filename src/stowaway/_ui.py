@@ -7,21 +7,22 @@ imports this module only when it draws something.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 # Every string printed may come from the user (targets, image names, store path names):
 # never read as rich markup or emoji codes (`-o oci:two:1` printed as "oci2️⃣1"), and no
@@ -45,24 +46,54 @@ def human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-class RichProgress:
-    """Adapter from stowaway.progress.Progress to a rich progress display."""
+class _OverallProgress(Progress):
+    """One overall bar and, under it, what is being worked on right now."""
 
-    def __init__(self, progress: Progress) -> None:
+    working: tuple[str, ...] = ()
+
+    def get_renderables(self) -> Iterator[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        if self.working:
+            yield Text("  " + " · ".join(self.working), no_wrap=True, overflow="ellipsis")
+
+
+class RichProgress:
+    """Adapter from stowaway.progress.Progress to one overall rich bar: every key's
+    bytes add to it, and the descriptions of the keys under way (the names of the store
+    paths being tarred, compressed or sent) are listed below it. ``phase`` starts the
+    next stage with its own total (None: the sum of what its keys announce)."""
+
+    def __init__(self, progress: _OverallProgress) -> None:
         self._p = progress
-        self._tasks: dict[str, TaskID] = {}
+        self._lock = threading.Lock()
+        self._active: dict[str, str] = {}
+        self._total: int | None = None
+        self._announced = 0
+        self._task = progress.add_task("", total=None)
+
+    def phase(self, description: str, total: int | None = None) -> None:
+        with self._lock:
+            self._active.clear()
+            self._p.working = ()
+            self._total, self._announced = total, 0
+        self._p.reset(self._task, description=description, total=total, completed=0)
 
     def start(self, key: str, description: str, total: int | None) -> None:
-        self._tasks[key] = self._p.add_task(description, total=total)
+        with self._lock:
+            self._active[key] = description
+            self._p.working = tuple(self._active.values())
+            self._announced += total or 0
+            grown = max(self._total or 0, self._announced)
+        self._p.update(self._task, total=grown)
 
     def advance(self, key: str, amount: int) -> None:
-        if key in self._tasks:
-            self._p.advance(self._tasks[key], amount)
+        if key in self._active:
+            self._p.advance(self._task, amount)
 
     def finish(self, key: str) -> None:
-        task = self._tasks.pop(key, None)
-        if task is not None:
-            self._p.remove_task(task)
+        with self._lock:
+            if self._active.pop(key, None) is not None:
+                self._p.working = tuple(self._active.values())
 
 
 @contextmanager
@@ -71,7 +102,7 @@ def progress_display(enabled: bool) -> Iterator[RichProgress | None]:
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    with Progress(
+    with _OverallProgress(
         TextColumn("{task.description}", justify="left"),
         BarColumn(),
         DownloadColumn(),

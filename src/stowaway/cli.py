@@ -289,6 +289,8 @@ def build(
 
     with source, progress_display(not as_json) as prog:
         kwargs: dict[str, Any] = {"progress": prog} if prog else {}
+        if prog:
+            prog.phase("layers", sum(info.nar_size for info in clo.values()))
         result = compose(
             source,
             [*roots, *contents_paths],
@@ -302,6 +304,8 @@ def build(
             jobs=jobs,
             **kwargs,
         )
+        if prog:
+            prog.phase("push" if isinstance(dest, RegistryTarget) else "write")
         sink_result = write_image(
             result.image,
             dest,

@@ -30,7 +30,7 @@ from stowaway.image.layer_cache import LayerCache
 from stowaway.image.model import Layer, MediaType, TarEntry
 from stowaway.image.tar import store_path_entries, write_tar
 from stowaway.layering.model import PlannedLayer
-from stowaway.progress import NoProgress, Progress
+from stowaway.progress import NoProgress, Progress, paths_label
 from stowaway.store.model import PathInfo, StoreSource
 
 #: Bump when the tar layout or the gzip block scheme changes: old entries then miss.
@@ -185,8 +185,9 @@ def build_layers(
     jobs: int | None = None,
 ) -> list[Layer]:
     """One Layer per PlannedLayer, in order: cached ones as they are (``reused``),
-    the rest built ``jobs`` at a time. Progress keys are the layer indexes; totals
-    are NAR size sums. ``progress`` must tolerate calls from worker threads."""
+    the rest built ``jobs`` at a time. Progress keys are the layer indexes, descriptions
+    the names of their store paths; totals are NAR size sums. ``progress`` must
+    tolerate calls from worker threads."""
     jobs = max(1, jobs if jobs is not None else _default_jobs())
     keys = [store_layer_key(p.paths, closure, settings) for p in planned]
     totals = [sum(closure[path].nar_size for path in set(p.paths)) for p in planned]
@@ -195,7 +196,7 @@ def build_layers(
         hit = cache.lookup(key)
         if hit is not None:
             layers[index] = hit
-            progress.start(str(index), f"layer {index} (cached)", totals[index])
+            progress.start(str(index), f"cached {paths_label(planned[index].paths)}", totals[index])
             progress.advance(str(index), totals[index])
             progress.finish(str(index))
     missing = [i for i in range(len(planned)) if i not in layers]
@@ -288,7 +289,7 @@ def _build_store_layer(
     cancel: threading.Event,
 ) -> Layer:
     name = str(index)
-    progress.start(name, f"layer {index}: {len(plan.paths)} store paths", total)
+    progress.start(name, paths_label(plan.paths), total)
     done = 0
 
     def on_bytes(n: int) -> None:

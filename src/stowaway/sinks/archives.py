@@ -21,7 +21,7 @@ from stowaway.image.config import canonical_json
 from stowaway.image.digest import CHUNK, VerifyingReader, dropping_corrupt, parse_digest
 from stowaway.image.model import Blob, Image, MediaType, TarEntry
 from stowaway.image.tar import default_mtime, write_tar
-from stowaway.progress import NoProgress, Progress
+from stowaway.progress import NoProgress, Progress, blob_label
 from stowaway.sinks.oci_layout import (
     LAYOUT_VERSION,
     empty_index,
@@ -125,7 +125,7 @@ def _verified(blob: Blob, progress: Progress) -> Iterator[bytes]:
     """The blob's bytes in 1 MiB chunks, digest-checked; a damaged cache file is
     unlinked so the next build recreates it."""
     key = f"archive:{blob.digest}"
-    progress.start(key, f"pack {blob.digest[7:19]}", blob.size)
+    progress.start(key, blob_label("pack", blob), blob.size)
     try:
         with dropping_corrupt(blob), blob.open() as f:
             reader = VerifyingReader(f, blob.digest, blob.size)

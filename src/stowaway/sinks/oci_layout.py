@@ -39,7 +39,7 @@ from stowaway.image.digest import (
     sha256_digest,
 )
 from stowaway.image.model import Blob, Descriptor, Image, Layer, MediaType
-from stowaway.progress import NoProgress, Progress
+from stowaway.progress import NoProgress, Progress, blob_label
 from stowaway.sinks.targets import SinkResult
 
 _QUIET: Progress = NoProgress()
@@ -175,7 +175,7 @@ def put_blob(blob: Blob, blobs_dir: Path, progress: Progress = _QUIET) -> Outcom
     except FileNotFoundError:
         pass
     key = f"oci:{blob.digest}"
-    progress.start(key, f"write {hexpart[:12]}", blob.size)
+    progress.start(key, blob_label("write", blob), blob.size)
     try:
         if blob.path is not None and _link_verified(blob, dest):
             progress.advance(key, blob.size)

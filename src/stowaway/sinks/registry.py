@@ -25,7 +25,7 @@ from stowaway.errors import RegistryError
 from stowaway.fsutil import atomic_write
 from stowaway.image.digest import CorruptBlob, VerifyingReader, dropping_corrupt
 from stowaway.image.model import Blob, Image
-from stowaway.progress import NoProgress, Progress
+from stowaway.progress import NoProgress, Progress, blob_label
 
 __all__ = ["PushResult", "PushRecord", "push"]
 
@@ -148,7 +148,7 @@ def _push_blob(
     client: RegistryClient, repo: str, blob: Blob, sources: Sequence[str], progress: Progress
 ) -> Outcome:
     key = f"push:{blob.digest}"
-    progress.start(key, f"push {blob.digest[7:19]}", blob.size)
+    progress.start(key, blob_label("push", blob), blob.size)
     try:
         head = client.request("HEAD", client.url(f"/v2/{repo}/blobs/{blob.digest}"), ok=(200, 404))
         if head.status == 200:

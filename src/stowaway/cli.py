@@ -403,11 +403,19 @@ def plan(
         }
         click.echo(json.dumps(doc, indent=2))
         return
-    from stowaway._ui import human, layer_table, out
+    from stowaway._ui import human, out, short_paths, table
 
-    layer_table(
-        f"plan ({result.strategy}): {len(clo)} paths in {len(layers)} store layers + customisation",
-        [{"size": layer["size"], "store_paths": layer["paths"]} for layer in layers],
+    # nothing is built: no digests, nothing reused; the customisation layer (config
+    # files, --contents links) comes on top at build time and has no store paths
+    table(
+        f"plan ({result.strategy}): {len(clo)} paths in {len(layers)} store layers "
+        "(+ the customisation layer at build time)",
+        ["#", "size", "paths", "store paths"],
+        [
+            [str(i), human(layer.size), str(len(layer.paths)), short_paths(list(layer.paths))]
+            for i, layer in enumerate(result.layers)
+        ],
+        right=3,
     )
     out.print(f"closure: {human(sum(i.nar_size for i in clo.values()))}")
 

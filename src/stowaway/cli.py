@@ -422,27 +422,98 @@ def plan(
 
 @main.command()
 @click.argument("target")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def inspect(target: str, as_json: bool) -> None:
-    """Show an image's layers and the store paths each one holds.
+@click.option(
+    "--platform",
+    default=None,
+    is_flag=False,
+    flag_value="host",
+    metavar="OS/ARCH[/VARIANT]",
+    help="Of an image index, show this platform's image; --platform alone: this host's.",
+)
+@click.option(
+    "--tls-verify",
+    type=bool,
+    default=True,
+    show_default=True,
+    help="For docker:// targets; false allows plain HTTP (loopback registries).",
+)
+@registry_auth_options()
+@click.option("--json", "as_json", is_flag=True, help="Print the image summary as JSON.")
+def inspect(
+    target: str,
+    platform: str | None,
+    tls_verify: bool,
+    creds: str | None,
+    authfile: str | None,
+    as_json: bool,
+) -> None:
+    """Show an image's config, its layers and the store paths each one holds.
 
-    TARGET is oci:DIR[:TAG] or oci-archive:FILE[:TAG].
+    TARGET is any destination `build` writes: oci:DIR[:TAG], oci-archive:FILE[:TAG],
+    docker-archive:FILE[:NAME:TAG] or docker://HOST/REPO[:TAG|@DIGEST]. An image index
+    is listed by platform; --platform picks one.
 
     \b
     Examples:
       stowaway inspect oci:out:latest
       stowaway inspect oci-archive:app.tar --json
+      stowaway inspect docker-archive:app.tar:app:1
+      stowaway inspect docker://localhost:5000/app:1 --tls-verify=false
+      stowaway inspect docker://ghcr.io/org/app:1 --platform linux/arm64 --creds me
     """
     from stowaway.sinks.inspect import read_image_summary
 
-    summary = read_image_summary(target)
+    lookup = credentials_from_flags(creds, authfile) if target.startswith("docker:") else None
+    summary = read_image_summary(target, platform=platform, tls_verify=tls_verify, creds=lookup)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    from stowaway._ui import layer_table, out
+    from stowaway._ui import human, key_values, out, short_paths, table
 
-    layer_table(target, summary["layers"])
-    out.print(f"manifest {summary['manifest_digest']}")
+    if summary["index"]:
+        table(
+            f"{target}: an image index ({summary['media_type']}); pick one with --platform",
+            ["platform", "size", "digest"],
+            [[p["platform"], human(int(p["size"])), p["digest"]] for p in summary["platforms"]],
+        )
+        out.print(f"index {summary['manifest_digest']}")
+        return
+    c = summary["config"]
+    platform_name = "/".join(x for x in (c["os"], c["architecture"], c["variant"]) if x)
+    key_values(
+        [
+            ("manifest", summary["manifest_digest"] or "(none: docker save keeps no manifest)"),
+            ("index", summary.get("index_digest") or ""),
+            ("config", summary["config_digest"]),
+            ("tags", " ".join(summary.get("repo_tags", []))),
+            ("platform", platform_name),
+            ("created", c["created"] or ""),
+            ("entrypoint", json.dumps(c["entrypoint"]) if c["entrypoint"] is not None else ""),
+            ("cmd", json.dumps(c["cmd"]) if c["cmd"] is not None else ""),
+            ("user", c["user"] or ""),
+            ("workdir", c["workdir"] or ""),
+            ("env", " ".join(c["env"])),
+            ("ports", " ".join(c["exposed_ports"])),
+            ("labels", " ".join(f"{k}={v}" for k, v in sorted(c["labels"].items()))),
+        ]
+    )
+    layers = summary["layers"]
+    ours = any(x["store_paths"] for x in layers)  # else no layer is "(customisation)"
+    table(
+        f"{target}: {len(layers)} layers, {human(sum(int(x['size']) for x in layers))}",
+        ["#", "size", "digest", "media type", "store paths"],
+        [
+            [
+                str(i),
+                human(int(x["size"])),
+                str(x["digest"])[7:19],
+                str(x["media_type"]).removeprefix("application/vnd."),
+                short_paths(list(x["store_paths"])) if ours else "-",
+            ]
+            for i, x in enumerate(layers)
+        ],
+        right=2,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -151,6 +151,7 @@ def main() -> None:
       stowaway build -f app.nix -A server -o docker://localhost:5000/app:1 --dest-tls-verify=false
       stowaway plan ./result --json
       stowaway inspect oci:img:latest
+      stowaway cache prune --max-size 10G
     """
 
 
@@ -514,6 +515,142 @@ def inspect(
         ],
         right=2,
     )
+
+
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Layer cache (default: $XDG_CACHE_HOME/stowaway).",
+)
+cache_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    from stowaway.image.layer_cache import default_cache_dir
+
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+@main.group(cls=StowawayGroup, invoke_without_command=True)
+@cache_dir_option
+@cache_json_option
+@click.pass_context
+def cache(ctx: click.Context, cache_dir: str | None, as_json: bool) -> None:
+    """See and prune the layer cache; alone, `cache info`.
+
+    \b
+    Examples:
+      stowaway cache
+      stowaway cache prune --older-than 30d
+      stowaway cache prune --max-size 10G --dry-run --json
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(cache_info_command, cache_dir=cache_dir, as_json=as_json)
+
+
+@cache.command("info")
+@cache_dir_option
+@cache_json_option
+def cache_info_command(cache_dir: str | None, as_json: bool) -> None:
+    """Show the cache directory, its layers and blobs, their size and the oldest and
+    newest use of a layer.
+
+    \b
+    Examples:
+      stowaway cache info
+      stowaway cache info --cache-dir /var/cache/stowaway --json
+    """
+    from stowaway.image.cache_prune import cache_info
+
+    info = cache_info(_cache_root(cache_dir))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    import datetime
+
+    from stowaway._ui import human, key_values
+
+    def when(t: float | None) -> str:
+        if t is None:
+            return "-"
+        return datetime.datetime.fromtimestamp(t).isoformat(" ", "seconds")
+
+    key_values(
+        [
+            ("directory", info["directory"]),
+            ("layers", str(info["layers"])),
+            ("blobs", str(info["blobs"])),
+            ("size", f"{human(info['size'])} ({human(info['layer_size'])} in layers)"),
+            ("oldest use", when(info["oldest_use"])),
+            ("newest use", when(info["newest_use"])),
+        ]
+    )
+
+
+@cache.command("prune")
+@cache_dir_option
+@click.option(
+    "--older-than", metavar="DURATION", help="Remove layers unused this long (90s, 30m, 12h, 7d)."
+)
+@click.option(
+    "--max-size",
+    metavar="SIZE",
+    help="Then remove the least recently used until the layers take at most SIZE (500M, 10G).",
+)
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    default="1h",
+    show_default=True,
+    help="Never remove a layer used this recently (a build still writing it); "
+    "keep it above your longest build.",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@cache_json_option
+def cache_prune_command(
+    cache_dir: str | None,
+    older_than: str | None,
+    max_size: str | None,
+    grace: str,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove the least recently used layers (index entry, blob, diff-id record), safely
+    while builds and serve use the cache. A blob another layer still uses, or the
+    registry's storage links, stays; files that are not the cache's are never touched.
+
+    \b
+    Examples:
+      stowaway cache prune --older-than 30d
+      stowaway cache prune --max-size 10G
+      stowaway cache prune --older-than 7d --max-size 2G --dry-run --json
+    """
+    from stowaway.image.cache_prune import parse_duration, parse_size, prune
+
+    if older_than is None and max_size is None:
+        raise StowawayError(
+            "nothing to prune by", hint="give --older-than DURATION and/or --max-size SIZE"
+        )
+    result = prune(
+        _cache_root(cache_dir),
+        older_than=parse_duration(older_than) if older_than is not None else None,
+        max_size=parse_size(max_size) if max_size is not None else None,
+        grace=parse_duration(grace, "--grace"),
+        dry_run=dry_run,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    from stowaway._ui import human, out
+
+    verb = "would remove" if dry_run else "removed"
+    out.print(
+        f"{verb} {len(result.removed_layers)} layers and {len(result.removed_blobs)} blobs "
+        f"({human(result.freed)}); {result.kept_layers} layers kept ({human(result.kept_size)})"
+    )
+    if result.in_grace:
+        out.print(f"{result.in_grace} layers used within --grace {grace} kept")
 
 
 if __name__ == "__main__":  # pragma: no cover

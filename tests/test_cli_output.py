@@ -39,3 +39,29 @@ def test_the_summary_counts_built_sent_and_present_apart(demo_app: str, tmp_path
     assert [ln for ln in again.splitlines() if " layers, " in ln][0].endswith(
         "0 built, 4 from the layer cache; 0 uploaded, 0 mounted, 4 already there"
     ), again
+
+
+def _columns(text: str) -> dict[str, list[str]]:
+    """The cells of the (one) table in ``text``, by column header."""
+    rows = [
+        [cell.strip() for cell in line.strip().strip("┃│").split("┃" if "┃" in line else "│")]
+        for line in text.splitlines()
+        if line.startswith(("┃", "│"))
+    ]
+    header, *body = rows
+    return {name: [row[i] for row in body] for i, name in enumerate(header)}
+
+
+def test_plan_prints_no_empty_column(demo_app: str, demo_closure: list[str]) -> None:
+    """Nothing is built by `plan`: it used to print digest and reused columns that were
+    always empty."""
+    out = subprocess.run(
+        [sys.executable, "-m", "stowaway", "plan", demo_app],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    columns = _columns(out)
+    assert list(columns) == ["#", "size", "paths", "store paths"]
+    for name, cells in columns.items():
+        assert all(cells), (name, out)
+    assert sum(int(n) for n in columns["paths"]) == len(demo_closure)
+    assert columns["store paths"][-1] == "stowaway-demo-app"

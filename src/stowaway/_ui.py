@@ -138,3 +138,22 @@ def layer_table(title: str, rows: list[dict[str, Any]]) -> None:
             short_paths(list(row.get("store_paths", []))),
         )
     out.print(table)
+
+
+def table(title: str, columns: list[str], rows: list[list[str]], *, right: int = 0) -> None:
+    """Print a table of ready-made cells; the first ``right`` columns are right-aligned
+    (numbers). For commands whose rows have other columns than ``layer_table``'s."""
+    t = Table(title=title, title_justify="left")
+    for i, name in enumerate(columns):
+        t.add_column(name, justify="right" if i < right else "left")
+    for row in rows:
+        t.add_row(*row)
+    out.print(t)
+
+
+def key_values(pairs: list[tuple[str, str]]) -> None:
+    """Print ``name  value`` lines, names padded to one width (empty values skipped)."""
+    pairs = [(k, v) for k, v in pairs if v]
+    width = max((len(k) for k, _ in pairs), default=0)
+    for k, v in pairs:
+        out.print(f"{k.ljust(width)}  {v}")

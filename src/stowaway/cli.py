@@ -151,6 +151,7 @@ def main() -> None:
       stowaway build -f app.nix -A server -o docker://localhost:5000/app:1 --dest-tls-verify=false
       stowaway plan ./result --json
       stowaway inspect oci:img:latest
+      stowaway cache prune --max-size 10G
     """
 
 
@@ -412,38 +413,253 @@ def plan(
         }
         click.echo(json.dumps(doc, indent=2))
         return
-    from stowaway._ui import human, layer_table, out
+    from stowaway._ui import human, out, short_paths, table
 
-    layer_table(
-        f"plan ({result.strategy}): {len(clo)} paths in {len(layers)} store layers + customisation",
-        [{"size": layer["size"], "store_paths": layer["paths"]} for layer in layers],
+    # nothing is built: no digests, nothing reused; the customisation layer (config
+    # files, --contents links) comes on top at build time and has no store paths
+    table(
+        f"plan ({result.strategy}): {len(clo)} paths in {len(layers)} store layers "
+        "(+ the customisation layer at build time)",
+        ["#", "size", "paths", "store paths"],
+        [
+            [str(i), human(layer.size), str(len(layer.paths)), short_paths(list(layer.paths))]
+            for i, layer in enumerate(result.layers)
+        ],
+        right=3,
     )
     out.print(f"closure: {human(sum(i.nar_size for i in clo.values()))}")
 
 
 @main.command()
 @click.argument("target")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def inspect(target: str, as_json: bool) -> None:
-    """Show an image's layers and the store paths each one holds.
+@click.option(
+    "--platform",
+    default=None,
+    is_flag=False,
+    flag_value="host",
+    metavar="OS/ARCH[/VARIANT]",
+    help="Of an image index, show this platform's image; --platform alone: this host's.",
+)
+@click.option(
+    "--tls-verify",
+    type=bool,
+    default=True,
+    show_default=True,
+    help="For docker:// targets; false allows plain HTTP (loopback registries).",
+)
+@registry_auth_options()
+@click.option("--json", "as_json", is_flag=True, help="Print the image summary as JSON.")
+def inspect(
+    target: str,
+    platform: str | None,
+    tls_verify: bool,
+    creds: str | None,
+    authfile: str | None,
+    as_json: bool,
+) -> None:
+    """Show an image's config, its layers and the store paths each one holds.
 
-    TARGET is oci:DIR[:TAG] or oci-archive:FILE[:TAG].
+    TARGET is any destination `build` writes: oci:DIR[:TAG], oci-archive:FILE[:TAG],
+    docker-archive:FILE[:NAME:TAG] or docker://HOST/REPO[:TAG|@DIGEST]. An image index
+    is listed by platform; --platform picks one.
 
     \b
     Examples:
       stowaway inspect oci:out:latest
       stowaway inspect oci-archive:app.tar --json
+      stowaway inspect docker-archive:app.tar:app:1
+      stowaway inspect docker://localhost:5000/app:1 --tls-verify=false
+      stowaway inspect docker://ghcr.io/org/app:1 --platform linux/arm64 --creds me
     """
     from stowaway.sinks.inspect import read_image_summary
 
-    summary = read_image_summary(target)
+    lookup = credentials_from_flags(creds, authfile) if target.startswith("docker:") else None
+    summary = read_image_summary(target, platform=platform, tls_verify=tls_verify, creds=lookup)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    from stowaway._ui import layer_table, out
+    from stowaway._ui import human, key_values, out, short_paths, table
 
-    layer_table(target, summary["layers"])
-    out.print(f"manifest {summary['manifest_digest']}")
+    if summary["index"]:
+        table(
+            f"{target}: an image index ({summary['media_type']}); pick one with --platform",
+            ["platform", "size", "digest"],
+            [[p["platform"], human(int(p["size"])), p["digest"]] for p in summary["platforms"]],
+        )
+        out.print(f"index {summary['manifest_digest']}")
+        return
+    c = summary["config"]
+    platform_name = "/".join(x for x in (c["os"], c["architecture"], c["variant"]) if x)
+    key_values(
+        [
+            ("manifest", summary["manifest_digest"] or "(none: docker save keeps no manifest)"),
+            ("index", summary.get("index_digest") or ""),
+            ("config", summary["config_digest"]),
+            ("tags", " ".join(summary.get("repo_tags", []))),
+            ("platform", platform_name),
+            ("created", c["created"] or ""),
+            ("entrypoint", json.dumps(c["entrypoint"]) if c["entrypoint"] is not None else ""),
+            ("cmd", json.dumps(c["cmd"]) if c["cmd"] is not None else ""),
+            ("user", c["user"] or ""),
+            ("workdir", c["workdir"] or ""),
+            ("env", " ".join(c["env"])),
+            ("ports", " ".join(c["exposed_ports"])),
+            ("labels", " ".join(f"{k}={v}" for k, v in sorted(c["labels"].items()))),
+        ]
+    )
+    layers = summary["layers"]
+    ours = any(x["store_paths"] for x in layers)  # else no layer is "(customisation)"
+    table(
+        f"{target}: {len(layers)} layers, {human(sum(int(x['size']) for x in layers))}",
+        ["#", "size", "digest", "media type", "store paths"],
+        [
+            [
+                str(i),
+                human(int(x["size"])),
+                str(x["digest"])[7:19],
+                str(x["media_type"]).removeprefix("application/vnd."),
+                short_paths(list(x["store_paths"])) if ours else "-",
+            ]
+            for i, x in enumerate(layers)
+        ],
+        right=2,
+    )
+
+
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Layer cache (default: $XDG_CACHE_HOME/stowaway).",
+)
+cache_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    from stowaway.image.layer_cache import default_cache_dir
+
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+@main.group(cls=StowawayGroup, invoke_without_command=True)
+@cache_dir_option
+@cache_json_option
+@click.pass_context
+def cache(ctx: click.Context, cache_dir: str | None, as_json: bool) -> None:
+    """See and prune the layer cache; alone, `cache info`.
+
+    \b
+    Examples:
+      stowaway cache
+      stowaway cache prune --older-than 30d
+      stowaway cache prune --max-size 10G --dry-run --json
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(cache_info_command, cache_dir=cache_dir, as_json=as_json)
+
+
+@cache.command("info")
+@cache_dir_option
+@cache_json_option
+def cache_info_command(cache_dir: str | None, as_json: bool) -> None:
+    """Show the cache directory, its layers and blobs, their size and the oldest and
+    newest use of a layer.
+
+    \b
+    Examples:
+      stowaway cache info
+      stowaway cache info --cache-dir /var/cache/stowaway --json
+    """
+    from stowaway.image.cache_prune import cache_info
+
+    info = cache_info(_cache_root(cache_dir))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    import datetime
+
+    from stowaway._ui import human, key_values
+
+    def when(t: float | None) -> str:
+        if t is None:
+            return "-"
+        return datetime.datetime.fromtimestamp(t).isoformat(" ", "seconds")
+
+    key_values(
+        [
+            ("directory", info["directory"]),
+            ("layers", str(info["layers"])),
+            ("blobs", str(info["blobs"])),
+            ("size", f"{human(info['size'])} ({human(info['layer_size'])} in layers)"),
+            ("oldest use", when(info["oldest_use"])),
+            ("newest use", when(info["newest_use"])),
+        ]
+    )
+
+
+@cache.command("prune")
+@cache_dir_option
+@click.option(
+    "--older-than", metavar="DURATION", help="Remove layers unused this long (90s, 30m, 12h, 7d)."
+)
+@click.option(
+    "--max-size",
+    metavar="SIZE",
+    help="Then remove the least recently used until the layers take at most SIZE (500M, 10G).",
+)
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    default="1h",
+    show_default=True,
+    help="Never remove a layer used this recently (a build still writing it); "
+    "keep it above your longest build.",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@cache_json_option
+def cache_prune_command(
+    cache_dir: str | None,
+    older_than: str | None,
+    max_size: str | None,
+    grace: str,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove the least recently used layers (index entry, blob, diff-id record), safely
+    while builds and serve use the cache. A blob another layer still uses, or the
+    registry's storage links, stays; files that are not the cache's are never touched.
+
+    \b
+    Examples:
+      stowaway cache prune --older-than 30d
+      stowaway cache prune --max-size 10G
+      stowaway cache prune --older-than 7d --max-size 2G --dry-run --json
+    """
+    from stowaway.image.cache_prune import parse_duration, parse_size, prune
+
+    if older_than is None and max_size is None:
+        raise StowawayError(
+            "nothing to prune by", hint="give --older-than DURATION and/or --max-size SIZE"
+        )
+    result = prune(
+        _cache_root(cache_dir),
+        older_than=parse_duration(older_than) if older_than is not None else None,
+        max_size=parse_size(max_size) if max_size is not None else None,
+        grace=parse_duration(grace, "--grace"),
+        dry_run=dry_run,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    from stowaway._ui import human, out
+
+    verb = "would remove" if dry_run else "removed"
+    out.print(
+        f"{verb} {len(result.removed_layers)} layers and {len(result.removed_blobs)} blobs "
+        f"({human(result.freed)}); {result.kept_layers} layers kept ({human(result.kept_size)})"
+    )
+    if result.in_grace:
+        out.print(f"{result.in_grace} layers used within --grace {grace} kept")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,16 +17,27 @@ existing blob, even of the right size, is a miss and the layer is built again. A
 with no ``diff-ids`` record (another writer's) is decompressed and hashed once to make
 one. ``lookup`` reads two small files and stats the blob; the blob's own digest is
 verified whenever its bytes are read (``stowaway.image.digest``).
+
+Pruning (``stowaway.image.cache_prune``) runs while builds and ``serve`` use the
+cache. ``lookup`` and ``commit`` hold ``cache.lock`` (an ``fcntl`` lock file in the
+root) shared, prune holds it exclusively, so no entry is looked up or written while
+prune decides and deletes. A lookup hit records the entry's last use in its mtime
+(touched at most once a ``TOUCH_INTERVAL``); prune never removes an entry used
+within its grace period, which covers the time a build uses the blob after the
+lookup (see that module). The lock is taken per call, not per build: a long-running
+``serve`` never blocks prune for longer than one lookup.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
 import os
 import re
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +53,34 @@ from stowaway.image.model import Layer
 
 INDEX_VERSION = 2
 _KEY = re.compile(r"[0-9a-f]{16,128}")
+#: Name of the lock file in the cache root (shared: lookup, commit; exclusive: prune).
+LOCK_FILE = "cache.lock"
+#: A hit touches its index entry's mtime when it is older than this (seconds).
+TOUCH_INTERVAL = 60.0
+
+
+@contextlib.contextmanager
+def cache_lock(root: Path, *, exclusive: bool = False) -> Iterator[None]:
+    """Hold ``root/cache.lock``: shared (lookups and commits) or exclusive (prune).
+    A new file descriptor per call (flock belongs to the open file, so threads must
+    not share one). Without a writable root (a read-only cache, another user's) a
+    shared lock is taken on a read-only open, else none: reading needs no lock."""
+    path = root / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            if exclusive:
+                raise
+            yield
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def default_cache_dir() -> Path:
@@ -118,6 +157,12 @@ class LayerCache:
         """The cached layer for ``key``; None on a miss or when the entry is unusable
         (unreadable index, missing blob, blob of the wrong size)."""
         entry_path = self._entry_path(key)
+        if not self._index.is_dir():
+            return None
+        with cache_lock(self.root):
+            return self._lookup(key, entry_path)
+
+    def _lookup(self, key: str, entry_path: Path) -> Layer | None:
         try:
             doc = json.loads(entry_path.read_bytes())
             if doc.get("version") != INDEX_VERSION or doc.get("key") != key:
@@ -125,6 +170,7 @@ class LayerCache:
             entry = CacheEntry(
                 str(doc["digest"]), str(doc["diff_id"]), int(doc["size"]), str(doc["media_type"])
             )
+            _touch(entry_path)  # last use, for prune: before the blob is trusted
             path = self.blob_path(entry.digest)
             if path.stat().st_size != entry.size:
                 return None
@@ -168,9 +214,10 @@ class LayerCache:
         """Move a finished blob into place (synced, mode 0644) and record it under ``key``."""
         entry = CacheEntry(writer.digest, diff_id, writer.size, media_type)
         final = self.blob_path(entry.digest)
-        writer.temp.commit(final)
-        atomic_write(self._diff_ids / final.name, diff_id.encode() + b"\n", sync=False)
-        self._write_entry(key, entry)
+        with cache_lock(self.root):  # blob and entry appear together for prune
+            writer.temp.commit(final)
+            atomic_write(self._diff_ids / final.name, diff_id.encode() + b"\n", sync=False)
+            self._write_entry(key, entry)
         return Layer(
             digest=entry.digest,
             size=entry.size,
@@ -190,6 +237,16 @@ class LayerCache:
             "media_type": entry.media_type,
         }
         atomic_write(path, json.dumps(doc, sort_keys=True).encode() + b"\n")
+
+
+def _touch(path: Path) -> None:
+    """Record a use of the index entry at ``path`` in its mtime, at most once a
+    TOUCH_INTERVAL. Gone (pruned): FileNotFoundError, a miss. Not ours to touch
+    (another user's cache): the entry is used anyway, unrecorded."""
+    if time.time() - path.stat().st_mtime < TOUCH_INTERVAL:
+        return
+    with contextlib.suppress(PermissionError):
+        os.utime(path)
 
 
 def _uncompressed_digest(path: Path, media_type: str) -> str:

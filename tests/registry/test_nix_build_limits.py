@@ -17,7 +17,9 @@ from stowaway.registry.config import RegistryConfigError, config_from_dict
 from stowaway.registry.lru import BoundedCache
 from stowaway.registry.nix_build import NixBuild, NixBuildError
 
-NO_SUBSTITUTERS = ("--option", "substituters", "")
+# No binary cache; builds as root, not as nixbld users: concurrent builds here were
+# seen killed (signal 9) under load when Nix cleaned up a build user's processes.
+NO_SUBSTITUTERS = ("--option", "substituters", "", "--option", "build-users-group", "")
 SLEEP = 3  # seconds each slow derivation's build takes
 
 EXPR = """let

@@ -366,7 +366,10 @@ def test_explicit_mount_from_and_failed_mount_falls_back(registry: Registry, ima
     assert blob_uploads(reqs) == []
 
 
-def test_without_state_dir_nothing_is_recorded(registry: Registry, image: Image) -> None:
+def test_without_state_dir_nothing_is_recorded(
+    registry: Registry, image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # a default cache of its own
     push(image, registry.host, "stateless", "v1", tls_verify=False)
     assert not (default_cache_dir() / "pushed").exists()  # no hidden writes to the cache
     result = push(image, registry.host, "stateless-copy", "v1", tls_verify=False)

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -133,26 +131,6 @@ def test_flake_forms_build_and_nix_log_reaches_stderr(
         out, _ = build_json(ref, *common)
         assert top_paths(out) == [app], ref
     assert not (tmp_path / "flake" / "result").exists()  # --no-link
-
-
-def test_git_flake_reference(flake: tuple[Path, str]) -> None:
-    # The repository lives on the root filesystem, not in tmp_path: in the clean room
-    # (/tmp a tmpfs inside a chroot) Nix 2.8's git fetcher could not enter a directory
-    # under /tmp ("cannot change to …"), while path: flakes there work.
-    directory = Path(tempfile.mkdtemp(prefix="stowaway-flake-", dir="/var/tmp"))
-    try:
-        shutil.copytree(flake[0], directory, dirs_exist_ok=True)
-        git = ["git", "-C", str(directory), "-c", "user.name=t", "-c", "user.email=t@t"]
-        try:
-            subprocess.run([*git, "init", "-q"], check=True)
-        except FileNotFoundError:
-            pytest.skip("git is not installed")
-        subprocess.run([*git, "add", "."], check=True)
-        subprocess.run([*git, "commit", "-qm", "flake"], check=True)
-        out = json.loads(run("plan", "--json", f"git+file://{directory}#app").stdout)
-        assert out["roots"][0].endswith("-flake-app")
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_flake_errors_are_nix_errors(flake: tuple[Path, str]) -> None:

@@ -17,9 +17,14 @@ from stowaway.registry.config import RegistryConfigError, config_from_dict
 from stowaway.registry.lru import BoundedCache
 from stowaway.registry.nix_build import NixBuild, NixBuildError
 
-# No binary cache; builds as root, not as nixbld users: concurrent builds here were
-# seen killed (signal 9) under load when Nix cleaned up a build user's processes.
-NO_SUBSTITUTERS = ("--option", "substituters", "", "--option", "build-users-group", "")
+# No binary cache; builds as root outside the sandbox (the derivations need nothing but
+# store paths): concurrent builds as nixbld users were seen killed (signal 9) under load
+# when Nix cleaned up a build user's processes, and a root build in the sandbox needs
+# user namespaces, which a chroot (the clean room) cannot create.
+NO_SUBSTITUTERS = (
+    "--option", "substituters", "", "--option", "build-users-group", "",
+    "--option", "sandbox", "false",
+)  # fmt: skip
 SLEEP = 3  # seconds each slow derivation's build takes
 
 EXPR = """let

@@ -58,12 +58,16 @@ class VerifiedFiles:
             after = _stamp(os.stat(path))
         except FileNotFoundError:
             actual, after = "", before
-        if actual != digest or after != before:  # damaged, or changed while hashing
+        if actual != digest:  # damaged (or gone)
             self._good.pop(key, None)
             return False
-        if len(self._good) >= MAX_ENTRIES:
-            self._good.clear()
-            self._digests.clear()
-        self._good[key] = before
+        # The file opened held the digest. If another build renamed a new copy into place
+        # meanwhile, that copy is not damaged either (writers never write in place), but
+        # this stamp is stale: nothing is remembered and the next use hashes again.
+        if after == before:
+            if len(self._good) >= MAX_ENTRIES:
+                self._good.clear()
+                self._digests.clear()
+            self._good[key] = before
         self._digests.add(digest)
         return True

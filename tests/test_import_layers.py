@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "stowaway"
 
 #: Bottom to top. ``stowaway`` is the package's own ``__init__`` (the version).
 LAYERS: list[set[str]] = [
-    {"stowaway", "errors", "fsutil", "progress"},
+    {"stowaway", "errors", "fsutil", "parallel", "progress"},
     {"store"},
     {"layering"},
     {"image"},

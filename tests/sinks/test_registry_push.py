@@ -10,7 +10,9 @@ import http.client
 import http.server
 import io
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import tarfile
@@ -733,3 +735,58 @@ def test_too_many_temporary_errors_give_up(registry: Registry, image: Image, sta
         proxy.stop()
     assert "503" in str(info.value) and "UNAVAILABLE" in str(info.value)
     assert f"http://{proxy.host}/v2/given-up/blobs/uploads/" in str(info.value)
+
+
+class _InterruptOnFirstBytes:
+    """Progress that sends this process SIGINT (Ctrl-C) once the big blob's upload has
+    sent its first bytes, and counts what was sent."""
+
+    def __init__(self, digest: str) -> None:
+        self.key = f"push:{digest}"
+        self.sent = 0
+        self.interrupted_at: float | None = None
+
+    def start(self, key: str, description: str, total: int | None) -> None:
+        pass
+
+    def advance(self, key: str, amount: int) -> None:
+        if key != self.key:
+            return
+        self.sent += amount
+        if self.interrupted_at is None:
+            self.interrupted_at = time.monotonic()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def finish(self, key: str) -> None:
+        pass
+
+
+def test_ctrl_c_stops_uploads_under_way_and_commits_nothing(
+    registry: Registry, state: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C while a 96 MiB layer is being sent: the push raises KeyboardInterrupt
+    within moments, the upload stops after a small part of the blob (its session is
+    cancelled) and the registry has no such blob afterwards."""
+    files = base_files()
+    files[1].append(("big.bin", os.urandom(96 << 20)))
+    image = make_image(tmp_path / "img", files)
+    big = max(image.layers, key=lambda la: la.size)
+    progress = _InterruptOnFirstBytes(big.digest)
+    mark = registry.mark()
+    with pytest.raises(KeyboardInterrupt):
+        push(image, registry.host, "interrupted", "v1", tls_verify=False, state_dir=state,
+             progress=progress, jobs=4)  # fmt: skip
+    assert progress.interrupted_at is not None
+    took = time.monotonic() - progress.interrupted_at
+    assert took < 1.0, f"push went on for {took:.1f}s after Ctrl-C"
+    assert progress.sent < big.size // 4, f"sent {progress.sent} of {big.size} bytes"
+    reqs = registry.requests(mark)
+    assert big.digest not in committed_digests(reqs)
+    assert not any(r.method == "PUT" and "/manifests/" in r.uri for r in reqs)
+    head = urllib.request.Request(
+        f"http://{registry.host}/v2/interrupted/blobs/{big.digest}", method="HEAD"
+    )
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(head, timeout=10)
+    missing.value.close()
+    assert missing.value.code == 404

@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 from stowaway.errors import StowawayError
 from stowaway.image.model import Blob
+from stowaway.parallel import Stop
 
 #: Read size for bulk copies: large enough that hashlib releases the GIL and
 #: per-call overhead vanishes.
@@ -121,11 +122,14 @@ def dropping_corrupt(blob: Blob) -> Iterator[None]:
         raise
 
 
-def copy_verified(blob: Blob, dst: BinaryIO) -> None:
+def copy_verified(blob: Blob, dst: BinaryIO, stop: Stop | None = None) -> None:
     """Copy ``blob`` into ``dst`` in large chunks, verifying size and digest; a
     damaged cache file is dropped (``dropping_corrupt``). ``dst`` may have received
-    a prefix of the bytes; callers write to temp files."""
+    a prefix of the bytes; callers write to temp files. ``stop`` is checked between
+    chunks (``Stopped``)."""
     with dropping_corrupt(blob), blob.open() as f:
         reader = VerifyingReader(f, blob.digest, blob.size)
         while data := reader.read(CHUNK):
+            if stop is not None:
+                stop.check()
             dst.write(data)

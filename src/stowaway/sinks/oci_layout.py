@@ -23,7 +23,7 @@ import os
 import stat
 import tarfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from stowaway.image.digest import (
     sha256_digest,
 )
 from stowaway.image.model import Blob, Descriptor, Image, Layer, MediaType
+from stowaway.parallel import Stop, run_all
 from stowaway.progress import NoProgress, Progress, blob_label
 from stowaway.sinks.targets import SinkResult
 
@@ -67,8 +68,8 @@ def write_oci_layout(
     blobs_dir.mkdir(parents=True, exist_ok=True)
     result = SinkResult(target=f"oci:{directory}", manifest_digest=image.manifest.digest)
     todo = [*image.blobs(), image.manifest]
-    with ThreadPoolExecutor(max_workers=max(1, min(JOBS, len(todo)))) as pool:
-        outcomes = list(pool.map(lambda b: put_blob(b, blobs_dir, progress), todo))
+    tasks = [partial(put_blob, b, blobs_dir, progress) for b in todo]
+    outcomes = run_all(tasks, JOBS, "stowaway-write")
     for blob, outcome in zip(todo, outcomes, strict=True):
         getattr(result, outcome).append(blob.digest)
         if outcome == "written":
@@ -165,8 +166,11 @@ def _prepare(directory: Path) -> None:
         raise LayoutError(f"{marker}: unsupported layout version (expected {LAYOUT_VERSION})")
 
 
-def put_blob(blob: Blob, blobs_dir: Path, progress: Progress = _QUIET) -> Outcome:
-    """Place one blob in ``blobs_dir`` unless it is already there with the right size."""
+def put_blob(
+    blob: Blob, blobs_dir: Path, progress: Progress = _QUIET, stop: Stop | None = None
+) -> Outcome:
+    """Place one blob in ``blobs_dir`` unless it is already there with the right size;
+    a copy under way ends at the next chunk once ``stop`` is set, its temp file removed."""
     _, hexpart = parse_digest(blob.digest)
     dest = blobs_dir / hexpart
     try:
@@ -181,7 +185,7 @@ def put_blob(blob: Blob, blobs_dir: Path, progress: Progress = _QUIET) -> Outcom
             progress.advance(key, blob.size)
             return "linked"
         with AtomicFile(dest.parent) as t:
-            copy_verified(blob, t.file)
+            copy_verified(blob, t.file, stop)
             t.commit(dest)
         progress.advance(key, blob.size)
         return "written"

@@ -13,8 +13,8 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +25,7 @@ from stowaway.errors import RegistryError
 from stowaway.fsutil import atomic_write
 from stowaway.image.digest import CorruptBlob, VerifyingReader, dropping_corrupt
 from stowaway.image.model import Blob, Image
+from stowaway.parallel import Stop, Stopped, run_all
 from stowaway.progress import NoProgress, Progress, blob_label
 
 __all__ = ["PushResult", "PushRecord", "push"]
@@ -124,28 +125,21 @@ def _push_blobs(
     progress: Progress,
     jobs: int,
 ) -> dict[str, Outcome]:
-    """Run one task per digest on at most ``jobs`` threads; first failure wins."""
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(blobs)))) as pool:
-        futures: dict[str, Future[Outcome]] = {
-            d: pool.submit(_push_blob, client, repo, b, sources[d], progress)
-            for d, b in blobs.items()
-        }
-        try:
-            done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
-        except BaseException:  # Ctrl-C: no new uploads; those under way finish or fail
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        for f in done:
-            err = f.exception()
-            if err is not None:
-                for other in futures.values():
-                    other.cancel()
-                raise err
-    return {d: f.result() for d, f in futures.items()}
+    """One task per digest on at most ``jobs`` threads; the first failure, or Ctrl-C,
+    stops the uploads under way at their next chunk (their sessions are cancelled)."""
+    digests = list(blobs)
+    tasks = [partial(_push_blob, client, repo, blobs[d], sources[d], progress) for d in digests]
+    outcomes = run_all(tasks, jobs, "stowaway-push")
+    return dict(zip(digests, outcomes, strict=True))
 
 
 def _push_blob(
-    client: RegistryClient, repo: str, blob: Blob, sources: Sequence[str], progress: Progress
+    client: RegistryClient,
+    repo: str,
+    blob: Blob,
+    sources: Sequence[str],
+    progress: Progress,
+    stop: Stop,
 ) -> Outcome:
     key = f"push:{blob.digest}"
     progress.start(key, blob_label("push", blob), blob.size)
@@ -173,9 +167,11 @@ def _push_blob(
                 location = _location(resp, f"start upload of {blob.digest}")
             try:
                 with dropping_corrupt(blob):  # a damaged cache entry is dropped, rebuilt later
-                    _upload(client, client.url(location), blob, lambda n: progress.advance(key, n))
+                    _upload(
+                        client, client.url(location), blob, lambda n: progress.advance(key, n), stop
+                    )
                 return "uploaded"
-            except CorruptBlob:
+            except (CorruptBlob, Stopped):
                 _abandon(client, client.url(location))
                 raise
             except (RegistryApiError, TransportError) as e:
@@ -188,11 +184,13 @@ def _push_blob(
         progress.finish(key)
 
 
-def _upload(client: RegistryClient, url: str, blob: Blob, on_sent: Callable[[int], None]) -> None:
+def _upload(
+    client: RegistryClient, url: str, blob: Blob, on_sent: Callable[[int], None], stop: Stop
+) -> None:
     """Send the blob's bytes to an upload session and commit it with ``?digest=``."""
     octets = {"Content-Type": "application/octet-stream"}
     with blob.open() as f:
-        reader = VerifyingReader(f, blob.digest, blob.size)
+        reader = _Stoppable(VerifyingReader(f, blob.digest, blob.size), stop)
         if blob.size <= CHUNKED_THRESHOLD:
             client.send_stream(
                 "PUT", client.url(url, digest=blob.digest), reader, blob.size,
@@ -246,10 +244,24 @@ def _abandon(client: RegistryClient, url: str) -> None:
         client.request("DELETE", url, ok=(204, 404))
 
 
+class _Stoppable:
+    """A reader that raises ``Stopped`` once the push is stopped: ``send_stream`` reads
+    the next chunk before sending one, so the request never completes and the
+    registry commits nothing."""
+
+    def __init__(self, reader: VerifyingReader, stop: Stop) -> None:
+        self._reader = reader
+        self._stop = stop
+
+    def read(self, n: int = -1) -> bytes:
+        self._stop.check()
+        return self._reader.read(n)
+
+
 class _Slice:
     """At most ``n`` bytes of a reader, for one PATCH chunk."""
 
-    def __init__(self, reader: VerifyingReader, n: int) -> None:
+    def __init__(self, reader: _Stoppable, n: int) -> None:
         self._reader = reader
         self._left = n
 

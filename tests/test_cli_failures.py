@@ -72,6 +72,20 @@ def test_serve_refuses_a_missing_or_malformed_index_at_start_up(
     assert "--index" in hint and "stowaway index" in hint
 
 
+def test_serve_checks_its_storage_and_cache_dirs_before_listening(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run("serve", "--listen", "127.0.0.1:0", "--storage", str(blocker / "root"))
+    error, hint = one_error(proc)
+    assert error.startswith(f"error: cannot use the storage directory {blocker}/root")
+    assert "--storage DIR" in hint
+    proc = run("serve", "--listen", "127.0.0.1:0", "--storage", str(tmp_path / "root"),
+               "--cache-dir", str(blocker / "cache"))  # fmt: skip
+    error, hint = one_error(proc)
+    assert error.startswith(f"error: cannot write to the layer cache {blocker}/cache")
+    assert "--cache-dir DIR" in hint and "--no-compose" in hint
+
+
 def test_an_unwritable_cache_dir_is_named_with_the_flags_to_choose_another(
     demo_app: str, tmp_path: Path
 ) -> None:

@@ -93,7 +93,15 @@ def serve_command(
         if (config.tls_cert is None) != (config.tls_key is None):
             raise StowawayError("--tls-cert and --tls-key go together")
         config.host_port  # noqa: B018 - validate before binding
-        backend = open_storage(config)
+        try:
+            backend = open_storage(config)
+        except OSError as err:
+            raise StowawayError(
+                f"cannot use the storage directory {config.storage}: {err.strerror}"
+                + (f" ({err.filename})" if err.filename else ""),
+                hint="pass --storage DIR (or storage in the config file) naming a writable "
+                "directory",
+            ) from None
         if config.nix.enabled:
             # the filesystem storage root is the layer cache: composed blobs are
             # already in storage; with S3 the cache stays local and blobs are uploaded
@@ -101,7 +109,12 @@ def serve_command(
             if root is None:
                 fs = backend.root if isinstance(backend, FilesystemStorage) else None
                 root = fs or default_cache_dir()
-            resolver = NixResolver(config.nix, LayerCache(root))
+            cache = LayerCache(root)
+            cache.check_writable(  # before listening, not at the first pull
+                hint="pass --cache-dir DIR (or cache_dir in the [nix] table of the config), "
+                "or --no-compose to serve only what is pushed"
+            )
+            resolver = NixResolver(config.nix, cache)
             try:
                 resolver.check_indexes()
             except PackageIndexError as err:

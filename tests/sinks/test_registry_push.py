@@ -30,6 +30,7 @@ import bcrypt
 import pytest
 
 from daemons import wait_for
+from stowaway.distribution.credentials import find_credentials
 from stowaway.errors import RegistryError
 from stowaway.image.digest import CorruptBlob
 from stowaway.image.layer_cache import default_cache_dir
@@ -38,6 +39,7 @@ from stowaway.sinks import registry as sink
 from stowaway.sinks.registry import PushRecord, push
 
 USER, PASSWORD = "alice", "s3cret-pw"
+REFRESH_TOKEN = "identity-token-of-alice"
 ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[\d.]+" (?P<status>\d+)')
 
 
@@ -571,6 +573,23 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_POST(self) -> None:  # noqa: N802 - OAuth2 refresh_token grant
+                length = int(self.headers.get("Content-Length") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                server.requests.append(form)
+                if form.get("grant_type") != ["refresh_token"] or form.get("refresh_token") != [
+                    REFRESH_TOKEN
+                ]:
+                    self.send_response(401)
+                    body = b'{"error":"invalid_grant"}'
+                else:
+                    self.send_response(200)
+                    scopes = " ".join(form.get("scope", [])).split()
+                    body = json.dumps({"access_token": server.token(scopes)}).encode()
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
@@ -643,6 +662,35 @@ def test_bearer_token_auth_and_mount_scopes(token_registry: tuple[Registry, Toke
         "repository:tok/two:pull,push",
         "repository:tok/one:pull",
     ]
+
+
+def test_identity_token_from_docker_config_is_traded_for_access_tokens(
+    token_registry: tuple[Registry, TokenServer], image: Image, state: Path, tmp_path: Path
+) -> None:
+    """`docker login` against an OAuth2 registry stores an ``identitytoken``: the push
+    trades it with the refresh_token grant (POST to the realm), never as a password."""
+    reg, tokens = token_registry
+    env = {"DOCKER_CONFIG": str(tmp_path / "docker"), "HOME": str(tmp_path)}
+    (tmp_path / "docker").mkdir()
+    doc = {"auths": {reg.host: {"identitytoken": REFRESH_TOKEN}}}
+    (tmp_path / "docker" / "config.json").write_text(json.dumps(doc))
+    found = find_credentials(reg.host, env=env)
+    assert found is not None and found.identity_token
+    tokens.requests.clear()
+    result = push(image, reg.host, "tok/refresh", "v1", tls_verify=False, state_dir=state,
+                  creds=found)  # fmt: skip
+    assert set(result.uploaded) | set(result.mounted) == all_digests(image)
+    assert tokens.requests[0]["grant_type"] == ["refresh_token"]
+    assert tokens.requests[0]["refresh_token"] == [REFRESH_TOKEN]
+    assert tokens.requests[0]["scope"][0].split()[0] == "repository:tok/refresh:pull,push"
+    assert all("grant_type" in r for r in tokens.requests)  # no Basic GET was tried
+
+    doc = {"auths": {reg.host: {"identitytoken": "revoked"}}}
+    (tmp_path / "docker" / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(RegistryError) as info:
+        push(image, reg.host, "tok/refresh", "v2", tls_verify=False, state_dir=state,
+             creds=find_credentials(reg.host, env=env))  # fmt: skip
+    assert tokens.realm in str(info.value)
 
 
 class FlakyProxy:

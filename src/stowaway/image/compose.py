@@ -84,6 +84,8 @@ def compose(
     rules = RuleSet(options.rules)
     touched = rules_touching(source, layer_plan.layers, rules)
     _check_all_used(rules, [*touched, custom.touched])
+    if any(touched):
+        layer_plan, touched = _ruled_on_top(layer_plan, touched)
     layers = build_layers(
         source,
         layer_plan.layers,
@@ -110,6 +112,19 @@ def compose(
     manifest = _blob(build_manifest(config, layers, format), manifest_media_type(format))
     image = Image(layers=layers, config=config, manifest=manifest, format=format)
     return ComposeResult(image=image, plan=layer_plan, closure=dict(closure))
+
+
+def _ruled_on_top(
+    plan: LayerPlan, touched: list[frozenset[int]]
+) -> tuple[LayerPlan, list[frozenset[int]]]:
+    """The plan with the layers rules touch moved on top (order kept otherwise). A node
+    must download and unpack those (the store's files are not theirs), and containerd
+    fetches every layer above the first one it unpacks: below them, the untouched
+    layers still come from the node's store. Store layers share only ``/nix/store``
+    itself, so their order does not change the root filesystem."""
+    order = sorted(range(len(touched)), key=lambda i: bool(touched[i]))
+    layers = tuple(plan.layers[i] for i in order)
+    return dataclasses.replace(plan, layers=layers), [touched[i] for i in order]
 
 
 def _check_all_used(rules: RuleSet, touched: Sequence[frozenset[int]]) -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
+from stowaway.buildkit.context import make_context
+from stowaway.errors import StowawayError
 from stowaway.image.config import (
     DEFAULT_PATH,
     ImageOptionError,
@@ -266,3 +269,13 @@ def test_path_without_contents_lists_the_roots_bin_dirs(
     assert doc["config"]["Env"] == [f"PATH={DEFAULT_PATH}"]
     mine = json.loads(build_config(ImageOptions(env=["PATH=/x"]), [], [], bin_dirs=["/y"]))
     assert mine["config"]["Env"] == ["PATH=/x"]
+
+
+def test_the_buildkit_context_refuses_them_before_any_work(tmp_path: Path) -> None:
+    for options in (
+        ImageOptions(mkdirs=[parse_mkdir("/var/lib/app")]),
+        ImageOptions(rules=[parse_chown("/x=1:1")]),
+    ):
+        with pytest.raises(StowawayError, match="not supported by the BuildKit frontend"):
+            make_context(str(tmp_path / "missing.nix"), [], tmp_path / "ctx", options)
+    assert not (tmp_path / "ctx").exists()

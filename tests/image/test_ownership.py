@@ -99,7 +99,7 @@ def test_chmod_refusals(value: str, message: str) -> None:
 
 def test_mkdir_parse() -> None:
     assert parse_mkdir("/var/lib/app") == MkdirSpec("/var/lib/app")
-    assert parse_mkdir("/home/app:1000:1000") == MkdirSpec("/home/app", 1000, 1000, 0o755)
+    assert parse_mkdir("/home/app:1000:1000") == MkdirSpec("/home/app", 1000, 1000, None)
     assert parse_mkdir("/srv:0:0:0700") == MkdirSpec("/srv", 0, 0, 0o700)
     assert parse_mkdir("/shared:0:50:2775", allow_setid=True).mode == 0o2775
 
@@ -233,8 +233,10 @@ def test_mkdir_dirs_are_owned_by_the_user_with_their_parents(local_store: LocalS
     # without --user: root's; /tmp may be re-owned; a file in the way is a conflict
     root = plan_customisation(ImageOptions(mkdirs=[parse_mkdir("/srv")]), local_store)
     assert {m.name: m.uid for m in root.members}[b"srv"] == 0
-    tmp = plan_customisation(ImageOptions(mkdirs=[parse_mkdir("/tmp:5:5:1777")]), local_store)
-    assert {m.name: (m.mode, m.uid) for m in tmp.members}[b"tmp"] == (0o1777, 5)
+    tmp = plan_customisation(ImageOptions(mkdirs=[parse_mkdir("/tmp:5:5")]), local_store)
+    assert {m.name: (m.mode, m.uid) for m in tmp.members}[b"tmp"] == (0o1777, 5)  # mode kept
+    tmp = plan_customisation(ImageOptions(mkdirs=[parse_mkdir("/tmp:5:5:0700")]), local_store)
+    assert {m.name: (m.mode, m.uid) for m in tmp.members}[b"tmp"] == (0o700, 5)
     with pytest.raises(ImageOptionError, match="already a regular"):
         plan_customisation(ImageOptions(mkdirs=[parse_mkdir("/etc/passwd/x")]), local_store)
 

@@ -304,7 +304,8 @@ def _make_dir(
             uid, gid = found.uid, found.gid
         else:
             uid = gid = 0
-        members[name] = _Member(name, "directory", spec.mode, uid=uid, gid=gid)
+        mode = spec.mode if spec.mode is not None else (old.mode if old else 0o755)
+        members[name] = _Member(name, "directory", mode, uid=uid, gid=gid)
         owner[name] = what
 
 

@@ -163,12 +163,13 @@ def parse_chmod(text: str, *, allow_setid: bool = False) -> Rule:
 @dataclass(frozen=True)
 class MkdirSpec:
     """A directory made in the customisation layer; ``uid``/``gid`` None: the image's
-    ``--user`` (root without one)."""
+    ``--user`` (root without one); ``mode`` None: 0755, or the mode of a directory
+    already there (``/tmp`` stays 1777)."""
 
     path: str
     uid: int | None = None
     gid: int | None = None
-    mode: int = 0o755
+    mode: int | None = None
 
 
 def check_image_path(path: str, what: str) -> str:

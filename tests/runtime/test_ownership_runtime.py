@@ -78,7 +78,9 @@ def test_ruled_layer_is_unpacked_with_its_owners_and_others_come_from_the_store(
     fetched = blob_gets(registry)
     assert ruled <= fetched, "the ruled layer must be downloaded and unpacked"
     assert not fetched & plain, "untouched store layers must come from the host store"
-    assert "owners/modes changed by rules; containerd will unpack it" in snapshotter.log_text()
+    log = snapshotter.log_text()
+    assert "owners/modes changed by rules; containerd will unpack it" in log
+    assert log.count(": committed stowaway/") == 2, log  # the plain ones, from the store
 
     greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
     busybox = next(p for p in demo_closure if p.endswith("-busybox"))

@@ -30,6 +30,7 @@ FILES=(
   src/stowaway/image/model.py
   src/stowaway/image/digest.py
   src/stowaway/image/config.py
+  src/stowaway/image/ownership.py
   src/stowaway/layering/*.py
   src/stowaway/buildkit/__init__.py
   src/stowaway/buildkit/drv.py

@@ -159,6 +159,10 @@ def test_plan_json_and_inspect_agree(
         (["--env", "NOEQUALS", "-o", "oci:/tmp/never"], "NOEQUALS"),
         (["--dest-creds", ":pw", "-o", "docker://127.0.0.1:1/x"], "needs a user name"),
         (["--jobs", "0", "-o", "oci:/tmp/never"], "--jobs"),
+        (["--chown", "bad(=1:1", "-o", "oci:/tmp/never"], "invalid regular expression"),
+        (["--chmod", "/x=4755", "-o", "oci:/tmp/never"], "--allow-setid"),
+        (["--mkdir", "/var/../etc", "-o", "oci:/tmp/never"], "not normalised"),
+        (["--chown", "/nowhere=1:1", "-o", "oci:/tmp/never"], "matches no file"),
     ],
 )
 def test_bad_flags_say_what_is_wrong(demo_app: str, args: list[str], message: str) -> None:
@@ -166,6 +170,21 @@ def test_bad_flags_say_what_is_wrong(demo_app: str, args: list[str], message: st
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ownership_flags_reach_the_image(demo_app: str, tmp_path: Path) -> None:
+    """--chown/--mkdir/--user nobody through the command line: the ruled layer goes on
+    top of the store layers, the others are the plain build's."""
+    base = [demo_app, "--user", "nobody", "--cache-dir", str(tmp_path / "c")]
+    plain = build_json(*base, "-o", f"oci:{tmp_path}/a:t")
+    rule = "/nix/store/[^/]+-greeting-data(/.*)?=1000:1000"
+    out = build_json(*base, "--chown", rule, "--mkdir", "/var/lib/app", "-o", f"oci:{tmp_path}/b:t")
+    store_rows = [row for row in out["layers"] if row["store_paths"]]
+    assert store_rows[-1]["store_paths"][0].endswith("-greeting-data")
+    assert store_rows[-1]["built"] and not any(row["built"] for row in store_rows[:-1])
+    before = {row["digest"] for row in plain["layers"]}
+    assert {row["digest"] for row in store_rows[:-1]} <= before
+    assert out["layers"][-1]["digest"] not in before  # the customisation layer has the dir
 
 
 def test_non_store_path_is_rejected(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from daemons import Registry
 from stowaway.cli import main
 from stowaway.distribution.client import RegistryClient
-from stowaway.image.config import default_architecture
+from stowaway.image.config import DEFAULT_PATH, default_architecture
 from stowaway.image.digest import sha256_digest
 
 STOWAWAY = [sys.executable, "-m", "stowaway"]
@@ -56,8 +56,8 @@ def check_config(summary: dict[str, Any], demo_app: str) -> None:
     assert summary["config"] == {
         "entrypoint": [f"{demo_app}/bin/demo"],
         "cmd": ["-v"],
-        "user": "1000",
-        "env": ["A=1"],
+        "user": "1000:1000",  # numeric uid:gid (kubelet's runAsNonRoot)
+        "env": [f"PATH={demo_app}/bin:{DEFAULT_PATH}", "A=1"],  # no --contents: roots' bin
         "workdir": "/srv",
         "exposed_ports": ["8080/tcp"],
         "labels": {"org.example": "yes"},

@@ -183,7 +183,12 @@ image_flags = option_group(
     click.option("--cmd", default=None, help="Default arguments (JSON array or shell words)."),
     click.option("--env", "env", multiple=True, metavar="K=V", help="Environment; repeatable."),
     click.option("--workdir", default=None),
-    click.option("--user", default=None, help="NAME, UID or UID:GID; added to /etc/passwd."),
+    click.option(
+        "--user",
+        default=None,
+        help="NAME, UID or UID:GID; added to /etc/passwd (a NAME gets uid 1000, "
+        "nobody 65534:65534).",
+    ),
     click.option(
         "--expose", multiple=True, metavar="PORT[/PROTO]", help="Exposed port; repeatable."
     ),
@@ -196,6 +201,35 @@ image_flags = option_group(
         help="Creation time: epoch seconds, RFC 3339 (UTC without an offset) or 'now' "
         "(default: epoch 1).",
     ),
+    click.option(
+        "--chown",
+        "chown",
+        multiple=True,
+        metavar="REGEX=UID:GID",
+        help="Owner of the files whose whole absolute path matches REGEX, e.g. "
+        "'^/nix/store/[^/]+-app/var(/.*)?$=1000:1000'; repeatable, first match wins.",
+    ),
+    click.option(
+        "--chmod",
+        "chmod",
+        multiple=True,
+        metavar="REGEX=MODE",
+        help="Octal mode of the files (not symlinks) whose whole path matches REGEX; "
+        "repeatable, first match wins.",
+    ),
+    click.option(
+        "--mkdir",
+        "mkdir",
+        multiple=True,
+        metavar="PATH[:UID:GID[:MODE]]",
+        help="Make a directory, owned by --user unless ids are given (mode 0755), e.g. "
+        "/var/lib/app; repeatable.",
+    ),
+    click.option(
+        "--allow-setid",
+        is_flag=True,
+        help="Let --chmod/--mkdir modes set the setuid/setgid bits.",
+    ),
 )
 
 
@@ -205,6 +239,7 @@ def image_options_from_flags(
     """ImageOptions from the values of the `image_flags` flags among a command's
     ``params`` (its click context's, which hold every flag it declares)."""
     from stowaway.image.config import ImageOptions, parse_created, parse_labels, parse_words
+    from stowaway.image.ownership import parse_mkdir, rules_from
 
     entrypoint, cmd, created = params["entrypoint"], params["cmd"], params["created"]
     return ImageOptions(
@@ -217,6 +252,8 @@ def image_options_from_flags(
         labels=parse_labels(params["labels"]),
         contents=list(contents),
         created=parse_created(created) if created is not None else 1,
+        rules=rules_from(params["chown"], params["chmod"], allow_setid=params["allow_setid"]),
+        mkdirs=[parse_mkdir(v, allow_setid=params["allow_setid"]) for v in params["mkdir"]],
     )
 
 

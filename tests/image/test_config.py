@@ -119,7 +119,7 @@ def test_config_json_is_canonical_and_complete() -> None:
         "Cmd": ["--serve"],
         "Env": ["B=2", "A=1"],  # order kept: later entries may refer to earlier ones
         "WorkingDir": "/srv",
-        "User": "app",
+        "User": "1000:1000",  # numeric: kubelet's runAsNonRoot checks only numbers
         "ExposedPorts": {"8080/tcp": {}, "53/udp": {}},
         "Labels": {"a": "2", "z": "1"},
     }

@@ -54,6 +54,10 @@ def context_command(
     expose: tuple[str, ...],
     labels: tuple[str, ...],
     created: str | None,
+    chown: tuple[str, ...],
+    chmod: tuple[str, ...],
+    mkdir: tuple[str, ...],
+    allow_setid: bool,
 ) -> None:
     """Evaluate FILE.nix (nix-instantiate) and write a BuildKit context to CTXDIR:
     the .drv closure, its input sources and stowaway.json (targets, image config)."""

@@ -135,6 +135,11 @@ def make_context(
 ) -> ContextResult:
     """Instantiate ``nix_file`` (``argstrs`` as ``--argstr``) and write the build context
     to ``out_dir`` (replacing it)."""
+    if options.rules or options.mkdirs:  # BuildKit's layers carry the store's owners
+        raise StowawayError(
+            "--chown, --chmod and --mkdir are not supported by the BuildKit frontend yet",
+            hint="build the image with `stowaway build`, which supports them",
+        )
     selected = _instantiate(nix_file, attrs, argstrs or {})
     drv_paths = [d for d, _ in selected]
     closure_paths = _run(["nix-store", "-qR", *drv_paths], "query the derivation closure").split()

@@ -9,6 +9,10 @@ value reach 4096 bytes: hence the split over numbered keys. A layer whose tar me
 carry another mtime than 1 (``SOURCE_DATE_EPOCH``) says so in
 ``containerd.io/snapshot/stowaway.mtime``, so a node can rebuild the same tar to prove the
 claim (see ``runtime/snapshotter/verify.py``); like every annotation it is only a hint.
+A layer whose owners or modes were changed by ``--chown``/``--chmod`` rules
+(``image.ownership``) is not what the node's store holds: it says so in
+``containerd.io/snapshot/stowaway.rules`` (the digest of the rules that touched it), and
+the snapshotter unpacks it without trying the proof (which would fail anyway).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "MTIME_LABEL",
     "PATHS_PREFIX",
     "REF_LABEL",
+    "RULES_LABEL",
     "SNAPSHOT_LABEL_PREFIX",
     "PathsAnnotationError",
     "decode_mtime",
@@ -41,6 +46,8 @@ REF_LABEL = "containerd.io/snapshot.ref"
 #: The tar members' mtime when it is not DEFAULT_MTIME (absent: the default).
 MTIME_LABEL = f"{SNAPSHOT_LABEL_PREFIX}stowaway.mtime"
 DEFAULT_MTIME = 1
+#: Present on a store-path layer changed by ownership/mode rules: ``sha256:<hex>`` of them.
+RULES_LABEL = f"{SNAPSHOT_LABEL_PREFIX}stowaway.rules"
 #: containerd's bound on a label's key + value, in bytes.
 LABEL_LIMIT = 4096
 #: Largest mtime a tar header's 11 octal digits hold.

@@ -13,10 +13,15 @@ from typing import Literal
 
 from stowaway import layering
 from stowaway.errors import PlanError, StowawayError
-from stowaway.image.config import ImageOptions, build_config, plan_customisation
+from stowaway.image.config import ImageOptions, bin_dirs_of, build_config, plan_customisation
 from stowaway.image.digest import sha256_digest
 from stowaway.image.layer_cache import LayerCache
-from stowaway.image.layers import LayerSettings, build_entries_layer, build_layers
+from stowaway.image.layers import (
+    LayerSettings,
+    build_entries_layer,
+    build_layers,
+    rules_touching,
+)
 from stowaway.image.manifest import (
     build_manifest,
     config_media_type,
@@ -24,6 +29,7 @@ from stowaway.image.manifest import (
     manifest_media_type,
 )
 from stowaway.image.model import Blob, Image, Layer
+from stowaway.image.ownership import OwnershipError, RuleSet
 from stowaway.layering.model import LayerPlan
 from stowaway.progress import NoProgress, Progress
 from stowaway.store.model import PathInfo, StoreSource
@@ -75,18 +81,67 @@ def compose(
         raise StowawayError(f"root {missing[0]} is not in the closure computed for the image")
     custom = plan_customisation(options, source, closure)
     layer_plan = layering.plan(closure, roots, strategy=strategy, max_layers=max_layers)
+    rules = RuleSet(options.rules)
+    touched = rules_touching(source, layer_plan.layers, rules)
+    _check_all_used(rules, [*touched, custom.touched])
+    if any(touched):
+        layer_plan, touched = _ruled_on_top(layer_plan, touched)
     layers = build_layers(
-        source, layer_plan.layers, closure, settings, cache, progress=progress, jobs=jobs
+        source,
+        layer_plan.layers,
+        closure,
+        settings,
+        cache,
+        progress=progress,
+        jobs=jobs,
+        rules=rules,
+        touched=touched,
     )
     layers.append(build_entries_layer(custom.entries(), custom.key, settings, cache))
     if format == "docker":
         layers = [_as_docker(layer) for layer in layers]
     comments = [_comment(layer) for layer in layers]
-    config_bytes = build_config(options, [layer.diff_id for layer in layers], comments, format)
+    config_bytes = build_config(
+        options,
+        [layer.diff_id for layer in layers],
+        comments,
+        format,
+        bin_dirs=[] if options.contents else bin_dirs_of(source, roots),
+    )
     config = _blob(config_bytes, config_media_type(format))
     manifest = _blob(build_manifest(config, layers, format), manifest_media_type(format))
     image = Image(layers=layers, config=config, manifest=manifest, format=format)
     return ComposeResult(image=image, plan=layer_plan, closure=dict(closure))
+
+
+def _ruled_on_top(
+    plan: LayerPlan, touched: list[frozenset[int]]
+) -> tuple[LayerPlan, list[frozenset[int]]]:
+    """The plan with the layers rules touch moved on top (order kept otherwise). A node
+    must download and unpack those (the store's files are not theirs), and containerd
+    fetches every layer above the first one it unpacks: below them, the untouched
+    layers still come from the node's store. Store layers share only ``/nix/store``
+    itself, so their order does not change the root filesystem."""
+    order = sorted(range(len(touched)), key=lambda i: bool(touched[i]))
+    layers = tuple(plan.layers[i] for i in order)
+    return dataclasses.replace(plan, layers=layers), [touched[i] for i in order]
+
+
+def _check_all_used(rules: RuleSet, touched: Sequence[frozenset[int]]) -> None:
+    """A rule that changes nothing is a mistake (a typo in a hash-prefixed path): say so
+    before any layer is built."""
+    unused = rules.unused(frozenset().union(*touched))
+    if unused:
+        raise OwnershipError(
+            f"{unused[0].describe()} matches no file in the image"
+            + (
+                " (or only files an earlier rule of its kind decides)"
+                if len(rules.rules) > 1
+                else ""
+            ),
+            hint="REGEX must match the whole absolute path, e.g. "
+            "'^/nix/store/[^/]+-app/var(/.*)?$'; `stowaway inspect` lists the store paths",
+        )
 
 
 def _as_docker(layer: Layer) -> Layer:

@@ -9,6 +9,7 @@ same data and the layer is cached like any other.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -21,9 +22,11 @@ from typing import Literal
 
 from stowaway.errors import StowawayError
 from stowaway.image.model import TarEntry
+from stowaway.image.ownership import MkdirSpec, Rule, RuleSet
 from stowaway.store.model import STORE_DIR, PathInfo, StoreSource
 
-#: PATH set when ``contents`` are given and the user sets none (Docker's default).
+#: PATH set when the user sets none: with ``contents`` Docker's default, without them
+#: the roots' ``bin`` directories first (see ``build_config``).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: CPU names (Python's platform.machine(), the first part of a Nix system) → OCI
@@ -38,6 +41,10 @@ _ENV_KEY = re.compile(r"[^=\x00]+")
 #: 9999-12-31T23:59:59Z, the last time RFC 3339 can write.
 _LAST_CREATED = 253402300799
 _UNNAMED_UID = 1000
+#: Names with conventional ids (Debian's nobody/nogroup, also Fedora's group nobody).
+_NOBODY = 65534
+_KNOWN_UIDS = {"root": 0, "nobody": _NOBODY}
+_KNOWN_GIDS = {"root": 0, "nogroup": _NOBODY, "nobody": _NOBODY}
 
 
 class ImageOptionError(StowawayError):
@@ -61,7 +68,8 @@ class ImageOptions:
 
     ``user`` is ``NAME``, ``UID``, ``NAME:GROUP`` or ``UID:GID``; ``expose`` items are
     ``PORT[/tcp|udp|sctp]``; ``contents`` are store paths linked into ``/``;
-    ``created`` is epoch seconds. Validated on construction.
+    ``created`` is epoch seconds; ``rules`` (``--chown``/``--chmod``) and ``mkdirs``
+    (``--mkdir``) are parsed already (``image.ownership``). Validated on construction.
     """
 
     entrypoint: list[str] | None = None
@@ -75,6 +83,8 @@ class ImageOptions:
     created: int = 1
     architecture: str = field(default_factory=default_architecture)
     os: str = "linux"
+    rules: list[Rule] = field(default_factory=list)
+    mkdirs: list[MkdirSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for item in self.env:
@@ -159,10 +169,11 @@ class UserSpec:
 
 
 def parse_user(value: str) -> UserSpec:
-    """``app`` → app 1000:1000; ``1000:100`` → user1000/group100; ``root`` → 0:0.
+    """``app`` → app 1000:1000; ``1000:100`` → user1000/group100; ``root`` → 0:0;
+    ``nobody`` (or ``65534``) → nobody/nogroup 65534:65534, the conventional ids.
 
-    Named users get uid 1000 (the first regular uid) so files stay writable to them
-    in volumes; numeric ids get a synthetic name so ``getpwuid`` works in the image.
+    Other named users get uid 1000 (the first regular uid) so files stay writable to
+    them in volumes; numeric ids get a synthetic name so ``getpwuid`` works in the image.
     """
     user, sep, group = value.partition(":")
     if not user or (sep and not group):
@@ -170,15 +181,15 @@ def parse_user(value: str) -> UserSpec:
     uid = _id_or_none(user, value)
     if uid is None:
         name = user
-        uid = 0 if user == "root" else _UNNAMED_UID
+        uid = _KNOWN_UIDS.get(user, _UNNAMED_UID)
     else:
-        name = "root" if uid == 0 else f"user{uid}"
+        name = {0: "root", _NOBODY: "nobody"}.get(uid, f"user{uid}")
     if not sep:
-        return UserSpec(name, uid, name, uid)
+        return UserSpec(name, uid, "nogroup" if uid == _NOBODY else name, uid)
     gid = _id_or_none(group, value)
     if gid is None:
-        return UserSpec(name, uid, group, 0 if group == "root" else uid or _UNNAMED_UID)
-    gname = "root" if gid == 0 else (name if gid == uid else f"group{gid}")
+        return UserSpec(name, uid, group, _KNOWN_GIDS.get(group, uid or _UNNAMED_UID))
+    gname = {0: "root", _NOBODY: "nogroup"}.get(gid, name if gid == uid else f"group{gid}")
     return UserSpec(name, uid, gname, gid)
 
 
@@ -202,27 +213,42 @@ class _Member:
     mode: int
     data: bytes = b""
     target: bytes = b""
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclass(frozen=True)
 class Customisation:
-    """The customisation layer's members (sorted) and a stable cache key for them."""
+    """The customisation layer's members (sorted) and a stable cache key for them;
+    ``touched``: the indexes of the image's rules that changed a member."""
 
     members: tuple[_Member, ...]
+    touched: frozenset[int] = frozenset()
 
     @property
     def key(self) -> str:
-        """sha256 over a canonical description of every member: same contents, same key."""
-        desc = [
-            [m.name.hex(), m.kind, m.mode, hashlib.sha256(m.data).hexdigest(), m.target.hex()]
-            for m in self.members
-        ]
+        """sha256 over a canonical description of every member: same contents, same key
+        (owners appear only when not root, so layers without rules keep their keys)."""
+        desc: list[list[object]] = []
+        for m in self.members:
+            row: list[object] = [
+                m.name.hex(),
+                m.kind,
+                m.mode,
+                hashlib.sha256(m.data).hexdigest(),
+                m.target.hex(),
+            ]
+            if m.uid or m.gid:
+                row.append([m.uid, m.gid])
+            desc.append(row)
         digest = hashlib.sha256(json.dumps(desc, separators=(",", ":")).encode()).hexdigest()
         return f"customisation-v1:{digest}"
 
     def entries(self) -> Iterator[TarEntry]:
         for m in self.members:
-            yield TarEntry(m.name, m.kind, m.mode, len(m.data), m.target, iter((m.data,)))
+            yield TarEntry(
+                m.name, m.kind, m.mode, len(m.data), m.target, iter((m.data,)), m.uid, m.gid
+            )
 
 
 def plan_customisation(
@@ -245,7 +271,56 @@ def plan_customisation(
                 hint="pass it as a root too, or build it first",
             )
         _link_contents(source, path, members, owner)
-    return Customisation(tuple(members[k] for k in sorted(members)))
+    for spec in options.mkdirs:
+        _make_dir(spec, options.user, members, owner)
+    return _apply_rules(RuleSet(options.rules), [members[k] for k in sorted(members)])
+
+
+def _make_dir(
+    spec: MkdirSpec, user: str | None, members: dict[bytes, _Member], owner: dict[bytes, str]
+) -> None:
+    """``--mkdir``: the directory (owned by the ``--user`` unless ids are given) and any
+    missing parents (root's, 0755). A file or symlink in the way is a conflict."""
+    parts = spec.path.lstrip("/").encode().split(b"/")
+    what = f"--mkdir {spec.path}"
+    for depth in range(1, len(parts) + 1):
+        name = b"/".join(parts[:depth])
+        old = members.get(name)
+        if old is not None and old.kind != "directory":
+            raise ImageOptionError(
+                f"{what}: /{name.decode(errors='replace')} is already a {old.kind} "
+                f"(from {owner[name]})",
+                hint="choose a directory that no --contents path provides as a file or link",
+            )
+        if depth < len(parts):
+            if old is None:
+                members[name] = _Member(name, "directory", 0o755)
+                owner[name] = what
+            continue
+        if spec.uid is not None and spec.gid is not None:
+            uid, gid = spec.uid, spec.gid
+        elif user is not None:
+            found = parse_user(user)
+            uid, gid = found.uid, found.gid
+        else:
+            uid = gid = 0
+        mode = spec.mode if spec.mode is not None else (old.mode if old else 0o755)
+        members[name] = _Member(name, "directory", mode, uid=uid, gid=gid)
+        owner[name] = what
+
+
+def _apply_rules(rules: RuleSet, members: list[_Member]) -> Customisation:
+    """The members with ``--chown``/``--chmod`` applied (after ``--mkdir``: rules have the
+    last word), and which rules that used."""
+    if not rules:
+        return Customisation(tuple(members))
+    touched: set[int] = set()
+    out = []
+    for m in members:
+        mode, uid, gid, used = rules.resolve(m.name, m.kind, m.mode, m.uid, m.gid)
+        touched |= used
+        out.append(dataclasses.replace(m, mode=mode, uid=uid, gid=gid) if used else m)
+    return Customisation(tuple(out), frozenset(touched))
 
 
 def _account_files(user: str | None) -> tuple[bytes, bytes]:
@@ -293,22 +368,55 @@ def _link_contents(
         owner[name] = path
 
 
+def bin_dirs_of(source: StoreSource, roots: Sequence[str]) -> list[str]:
+    """``<root>/bin`` of each root that has one (read up to that name: store paths
+    list their entries sorted, so ``bin`` comes early)."""
+    found = []
+    for root in dict.fromkeys(roots):
+        for entry in source.entries(root):
+            if not entry.path:
+                if entry.kind != "directory":
+                    break
+                continue
+            if b"/" in entry.path:
+                continue
+            if entry.path == b"bin":
+                if entry.kind != "regular":  # a directory, or a link to one
+                    found.append(root + "/bin")
+                break
+            if entry.path > b"bin":
+                break
+    return found
+
+
 def build_config(
     options: ImageOptions,
     diff_ids: Sequence[str],
     history_comments: Sequence[str],
     format: Literal["oci", "docker"] = "oci",
+    *,
+    bin_dirs: Sequence[str] | None = None,
 ) -> bytes:
     """The image config as canonical JSON bytes. The same JSON serves both formats
-    (only the config blob's media type differs), so ``format`` is checked, not used."""
+    (only the config blob's media type differs), so ``format`` is checked, not used.
+
+    Unless ``env`` sets PATH: with ``contents`` it is DEFAULT_PATH (they provide /bin
+    and friends); without, when the caller passes the roots' ``bin_dirs`` (``compose``
+    does), those come first, then DEFAULT_PATH, so ``sh -c app`` and exec probes find
+    the roots' programs. ``User`` is written as numeric ``UID:GID`` (the ids the
+    image's /etc/passwd gives the name): kubelet's ``runAsNonRoot`` can only check
+    numbers."""
     if format not in ("oci", "docker"):
         raise ImageOptionError(f"unknown image format {format!r} (expected oci or docker)")
     if len(history_comments) != len(diff_ids):
         raise ValueError("one history comment per layer is required")
     created = rfc3339(options.created)
     env = list(options.env)
-    if options.contents and not any(e.startswith("PATH=") for e in env):
-        env.insert(0, f"PATH={DEFAULT_PATH}")
+    if not any(e.startswith("PATH=") for e in env):
+        if options.contents:
+            env.insert(0, f"PATH={DEFAULT_PATH}")
+        elif bin_dirs is not None:
+            env.insert(0, "PATH=" + ":".join([*dict.fromkeys(bin_dirs), DEFAULT_PATH]))
     conf: dict[str, object] = {}
     if options.entrypoint is not None:
         conf["Entrypoint"] = list(options.entrypoint)
@@ -319,7 +427,8 @@ def build_config(
     if options.workdir:
         conf["WorkingDir"] = options.workdir
     if options.user:
-        conf["User"] = options.user
+        spec = parse_user(options.user)
+        conf["User"] = f"{spec.uid}:{spec.gid}"
     if options.expose:
         conf["ExposedPorts"] = {_normal_port(p): {} for p in options.expose}
     if options.labels:

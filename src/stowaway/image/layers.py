@@ -7,6 +7,11 @@ Misses are built in a thread pool; each build streams tar → diff_id hash →
 compressor → temp blob file with bounded buffers, so memory does not grow with
 the closure. hashlib, zlib and zstd release the GIL on large buffers, which is
 what lets threads use every core.
+
+With ownership rules (``--chown``/``--chmod``), each layer's members are first read
+for their names only (no file contents) to find the rules that touch it; only those
+join its key, so a rule for one layer rebuilds that layer alone, and a layer no rule
+touches keeps the key (and blob) it has without rules.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from typing import Literal
 import zstandard
 
 from stowaway.errors import PathNotFound, StowawayError
-from stowaway.image.annotations import encode_paths
+from stowaway.image.annotations import RULES_LABEL, encode_paths
 from stowaway.image.compress import DEFAULT_LEVEL, open_compressor, zstd_worker_memory
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.model import Layer, MediaType, TarEntry
+from stowaway.image.ownership import RuleSet
 from stowaway.image.tar import store_path_entries, write_tar
 from stowaway.layering.model import PlannedLayer
 from stowaway.progress import NoProgress, Progress, paths_label
@@ -106,16 +112,33 @@ def _key(doc: dict[str, object]) -> str:
 
 
 def store_layer_key(
-    paths: Sequence[str], closure: Mapping[str, PathInfo], settings: LayerSettings
+    paths: Sequence[str],
+    closure: Mapping[str, PathInfo],
+    settings: LayerSettings,
+    rules: RuleSet | None = None,
+    touched: frozenset[int] = frozenset(),
 ) -> str:
-    """Cache key of a layer holding ``paths`` (each must be in ``closure``)."""
+    """Cache key of a layer holding ``paths`` (each must be in ``closure``), with the
+    ``rules`` at indexes ``touched`` applied (none: the key of the plain layer)."""
     pinned = []
     for path in sorted(set(paths)):
         info = closure.get(path)
         if info is None:
             raise PathNotFound(f"store path {path} of a planned layer is not in the closure")
         pinned.append([path, info.nar_hash])
-    return _key({**settings._key_doc(), "paths": pinned})
+    doc: dict[str, object] = {**settings._key_doc(), "paths": pinned}
+    if rules is not None and touched:
+        doc["rules"] = rules.key_doc(touched)
+    return _key(doc)
+
+
+def rules_touching(
+    source: StoreSource, planned: Sequence[PlannedLayer], rules: RuleSet
+) -> list[frozenset[int]]:
+    """Per planned layer, the indexes of the ``rules`` that touch it (names read only)."""
+    if not rules:
+        return [frozenset() for _ in planned]
+    return [rules.touching(store_path_entries(source, p.paths)) for p in planned]
 
 
 def _build(
@@ -183,13 +206,24 @@ def build_layers(
     *,
     progress: Progress = _NO_PROGRESS,
     jobs: int | None = None,
+    rules: RuleSet | None = None,
+    touched: Sequence[frozenset[int]] | None = None,
 ) -> list[Layer]:
     """One Layer per PlannedLayer, in order: cached ones as they are (``reused``),
     the rest built ``jobs`` at a time. Progress keys are the layer indexes, descriptions
     the names of their store paths; totals are NAR size sums. ``progress`` must
-    tolerate calls from worker threads."""
+    tolerate calls from worker threads. ``touched`` (from ``rules_touching``, computed
+    here when not given) says which ``rules`` apply to each layer."""
     jobs = max(1, jobs if jobs is not None else _default_jobs())
-    keys = [store_layer_key(p.paths, closure, settings) for p in planned]
+    rules = rules or RuleSet()
+    if touched is None:
+        touched = rules_touching(source, planned, rules)
+    if len(touched) != len(planned):
+        raise ValueError("one set of touching rules per planned layer is required")
+    keys = [
+        store_layer_key(p.paths, closure, settings, rules, t)
+        for p, t in zip(planned, touched, strict=True)
+    ]
     totals = [sum(closure[path].nar_size for path in set(p.paths)) for p in planned]
     layers: dict[int, Layer] = {}
     for index, key in enumerate(keys):
@@ -202,16 +236,40 @@ def build_layers(
     missing = [i for i in range(len(planned)) if i not in layers]
     if missing:
         layers.update(
-            _build_missing(source, planned, missing, keys, totals, settings, cache, progress, jobs)
-        )
+            _build_missing(
+                source, planned, missing, keys, totals, settings, cache, progress, jobs,
+                _Rules(rules, touched),
+            )
+        )  # fmt: skip
     return [
         replace(
             layers[i],
             store_paths=tuple(plan.paths),
-            annotations=encode_paths(plan.paths, settings.mtime),
+            annotations=_annotations(plan.paths, settings.mtime, rules, touched[i]),
         )
         for i, plan in enumerate(planned)
     ]
+
+
+def _annotations(
+    paths: Sequence[str], mtime: int, rules: RuleSet, touched: frozenset[int]
+) -> dict[str, str]:
+    out = encode_paths(paths, mtime)
+    if touched:
+        out[RULES_LABEL] = rules.digest(touched)
+    return out
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The image's rules and, per layer, the indexes of those that touch it."""
+
+    rules: RuleSet
+    touched: Sequence[frozenset[int]]
+
+    def entries(self, source: StoreSource, index: int, paths: Sequence[str]) -> Iterable[TarEntry]:
+        entries = store_path_entries(source, paths)
+        return self.rules.apply(entries, set()) if self.touched[index] else entries
 
 
 def _build_missing(
@@ -224,6 +282,7 @@ def _build_missing(
     cache: LayerCache,
     progress: Progress,
     jobs: int,
+    rules: _Rules,
 ) -> dict[int, Layer]:
     """Build the missing layers ``jobs`` at a time; the first failure stops the rest, and
     so does an exception in the waiting thread (Ctrl-C): each build stops at its next
@@ -254,6 +313,7 @@ def _build_missing(
                     blocks,
                     threads,
                     cancel,
+                    rules,
                 ): i
                 for i in missing
             }
@@ -287,6 +347,7 @@ def _build_store_layer(
     blocks: Executor | None,
     threads: int,
     cancel: threading.Event,
+    rules: _Rules,
 ) -> Layer:
     name = str(index)
     progress.start(name, paths_label(plan.paths), total)
@@ -301,7 +362,7 @@ def _build_store_layer(
             progress.advance(name, step)
 
     layer = _build(
-        store_path_entries(source, plan.paths),
+        rules.entries(source, index, plan.paths),
         key,
         settings,
         cache,

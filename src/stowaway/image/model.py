@@ -39,7 +39,8 @@ class TarEntry:
 
     ``name`` is relative to the layer root without a leading slash
     (``b"nix/store/<hash>-x/bin/sh"``); directories carry no trailing slash.
-    For regular files ``chunks`` yields exactly ``size`` bytes.
+    For regular files ``chunks`` yields exactly ``size`` bytes. ``uid``/``gid`` are 0
+    unless an ownership rule (``image.ownership``) says otherwise.
     """
 
     name: bytes
@@ -48,6 +49,8 @@ class TarEntry:
     size: int = 0
     target: bytes = b""
     chunks: Iterator[bytes] = field(default_factory=lambda: iter(()))
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Headers are written here rather than with ``tarfile``: tarfile pulls in
 uname/gname lookups and per-member objects we would have to neutralise, and it
 pads archives to 10 KiB records. Our writer emits exactly: a ustar header per
-member (uid/gid 0, empty uname/gname, one fixed mtime), a PAX ``x`` header
+member (uid/gid 0 unless an ownership rule set them, empty uname/gname, one fixed
+mtime), a PAX ``x`` header
 carrying only ``path``/``linkpath`` when a name does not fit in 100 bytes, the
 file contents passed through in the source's own chunks, and two zero blocks.
 Same entries and mtime → same bytes.
@@ -25,6 +26,7 @@ _TYPEFLAG = {"regular": b"0", "symlink": b"2", "directory": b"5"}
 #: Largest size an 11-digit octal field holds; bigger sizes use base-256 (GNU/POSIX
 #: readers, Go's archive/tar and Python's tarfile all accept it).
 _MAX_OCTAL_SIZE = 8**11 - 1
+_MAX_OCTAL_ID = 8**7 - 1
 _PAX_NAME = b"././@PaxHeader"
 
 
@@ -57,14 +59,32 @@ def _size_field(size: int) -> bytes:
     return b"\x80" + size.to_bytes(11, "big")
 
 
-def _header(name: bytes, mode: int, size: int, mtime: int, flag: bytes, link: bytes) -> bytes:
+def _id_field(value: int) -> bytes:
+    """A uid/gid: 7 octal digits, base-256 beyond (as GNU tar and Go's archive/tar)."""
+    if not 0 <= value < 2**56:
+        raise TarError(f"owner id {value} is out of range for a tar header")
+    if value <= _MAX_OCTAL_ID:
+        return _octal(value, 8)
+    return b"\x80" + value.to_bytes(7, "big")
+
+
+def _header(
+    name: bytes,
+    mode: int,
+    size: int,
+    mtime: int,
+    flag: bytes,
+    link: bytes,
+    uid: int = 0,
+    gid: int = 0,
+) -> bytes:
     """One 512-byte ustar header; ``name`` and ``link`` must already fit (≤ 100 bytes)."""
     head = b"".join(
         (
             name.ljust(100, b"\0"),
             _octal(mode, 8),
-            _octal(0, 8),  # uid
-            _octal(0, 8),  # gid
+            _id_field(uid),
+            _id_field(gid),
             _size_field(size),
             _octal(mtime, 12),
             b" " * 8,  # checksum placeholder, counted as spaces
@@ -115,7 +135,8 @@ def _member(entry: TarEntry, mtime: int) -> bytes:
     out = b""
     if pax:
         out = _header(_PAX_NAME, 0o644, len(pax), mtime, b"x", b"") + _pad(pax)
-    return out + _header(name, entry.mode & 0o7777, size, mtime, _TYPEFLAG[entry.kind], link)
+    flag = _TYPEFLAG[entry.kind]
+    return out + _header(name, entry.mode & 0o7777, size, mtime, flag, link, entry.uid, entry.gid)
 
 
 def _pad(data: bytes) -> bytes:

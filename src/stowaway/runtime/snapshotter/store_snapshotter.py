@@ -8,7 +8,8 @@ it) and the tar rebuilt from them is the layer the ref names (``verify.py``: the
 proven, never trusted), the layer is committed as a *stub tree* snapshot under a name
 carrying the ref label and containerd gets ALREADY_EXISTS, so it never downloads the
 blob. Otherwise it becomes an ordinary active snapshot and containerd unpacks the layer:
-never a broken rootfs.
+never a broken rootfs. So does a layer marked ``stowaway.rules`` (its owners or modes
+were changed at build time, so the store's files are not its files), without a proof.
 
 Order of work (crash safety): expensive file work in temp dirs (under ``snapshots/``,
 and for stub trees under the link dir); GC roots before metadata; then one SQLite
@@ -47,6 +48,7 @@ from stowaway.errors import StowawayError
 from stowaway.image.annotations import (
     PATHS_PREFIX,
     REF_LABEL,
+    RULES_LABEL,
     PathsAnnotationError,
     decode_mtime,
     decode_paths,
@@ -339,7 +341,9 @@ class StoreSnapshotter(Snapshotter):
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         bases = _requested_paths(labels)
         target = labels.get(REF_LABEL, "")
-        if bases is not None and target:
+        if bases is not None and target and RULES_LABEL in labels:
+            log.info("layer %s: owners/modes changed by rules; containerd will unpack it", target)
+        elif bases is not None and target:
             if self._commit_store_layer(target, parent, labels, bases):
                 raise AlreadyExists(f"target snapshot {target!r} committed from the Nix store")
         return self._create_mounted(key, parent, Kind.ACTIVE, labels)

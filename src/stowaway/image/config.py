@@ -75,6 +75,7 @@ class ImageOptions:
     created: int = 1
     architecture: str = field(default_factory=default_architecture)
     os: str = "linux"
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         for item in self.env:
@@ -328,6 +329,7 @@ def build_config(
         "created": created,
         "architecture": options.architecture,
         "os": options.os,
+        **({"variant": options.variant} if options.variant else {}),
         "config": conf,
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
         "history": [

@@ -16,7 +16,7 @@ from stowaway.image.digest import sha256_digest
 from stowaway.image.model import Blob, Image, MediaType
 from stowaway.image.platform import Platform
 
-__all__ = ["ImageIndex", "ImageIndexError", "build_index", "index_media_type"]
+__all__ = ["ImageIndex", "ImageIndexError", "build_index", "index_blob", "index_media_type"]
 
 
 class ImageIndexError(StowawayError):
@@ -51,27 +51,29 @@ def index_media_type(format: str) -> str:
 
 def build_index(images: Sequence[tuple[Platform, Image]]) -> ImageIndex:
     """The index of ``images`` (one per platform, all of one format)."""
-    if not images:
-        raise ImageIndexError("an image index needs at least one image")
     formats = {image.format for _, image in images}
-    if len(formats) != 1:
+    if len(formats) > 1:
         raise ImageIndexError(f"images of an index must share one format, got {sorted(formats)}")
-    ordered = sorted(images, key=lambda pi: pi[0])
+    fmt = formats.pop() if formats else "oci"
+    blob = index_blob([(p, image.manifest) for p, image in images], fmt)
+    return ImageIndex(images=sorted(images, key=lambda pi: pi[0]), manifest=blob, format=fmt)
+
+
+def index_blob(manifests: Sequence[tuple[Platform, Blob]], format: str) -> Blob:
+    """The ``format`` (oci or docker) index listing each platform's manifest."""
+    if not manifests:
+        raise ImageIndexError("an image index needs at least one image")
+    ordered = sorted(manifests, key=lambda pm: pm[0])
     platforms = [p for p, _ in ordered]
     dup = next((p for i, p in enumerate(platforms) if p in platforms[:i]), None)
     if dup is not None:
         raise ImageIndexError(
             f"two images for platform {dup}", hint="name each platform once with --platform"
         )
-    fmt = formats.pop()
     doc = {
         "schemaVersion": 2,
-        "mediaType": index_media_type(fmt),
-        "manifests": [
-            image.manifest.descriptor().to_json() | {"platform": p.to_json()}
-            for p, image in ordered
-        ],
+        "mediaType": index_media_type(format),
+        "manifests": [m.descriptor().to_json() | {"platform": p.to_json()} for p, m in ordered],
     }
     data = canonical_json(doc)
-    blob = Blob(sha256_digest(data), len(data), index_media_type(fmt), data=data)
-    return ImageIndex(images=list(ordered), manifest=blob, format=fmt)
+    return Blob(sha256_digest(data), len(data), index_media_type(format), data=data)

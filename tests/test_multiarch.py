@@ -227,3 +227,29 @@ def test_docker_format_index_is_a_manifest_list(arm_app: str, amd_app: str, tmp_
         got = _skopeo("--override-arch", "arm64", "inspect", "--tls-verify=false", ref)
         assert json.loads(got)["Architecture"] == "arm64"
         assert json.loads(got)["Digest"] == out["manifest_digest"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--platform", "linux/amd64", "--platform", "linux/arm64", "{amd}"], "given 2 times"),
+        (["{amd}", "--platform", "linux/arm64={arm}"], "both as arguments and in --platform"),
+        (["--platform", "linux/arm64={arm}", "--platform", "linux/amd64"], "names no installable"),
+        (["{amd}", "--contents", "linux/amd64={amd}"], "needs --platform OS/ARCH=INSTALLABLE"),
+        (["--platform", "linux/arm64={arm}", "--contents", "linux/s390x={arm}"], "no --platform"),
+        (["--platform", "linux", "{amd}"], "is not a platform"),
+    ],
+)
+def test_platform_flag_mistakes(
+    flags: list[str], error: str, arm_app: str, amd_app: str, tmp_path: Path
+) -> None:
+    args = [f.format(arm=arm_app, amd=amd_app) for f in flags]
+    proc = subprocess.run(
+        [*STOWAWAY, "build", *args, "-o", f"oci:{tmp_path}/o", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert error in doc["error"] and doc["hint"]
+    assert not (tmp_path / "o").exists()

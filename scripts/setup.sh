@@ -6,8 +6,10 @@
 #     which hold the docker client there);
 #   - the nixbld group and build users nixbld1..4 (what root's nix builds run as), and
 #     /nix/var/nix/{gcroots,profiles};
-#   - the project's .venv, from requirements/dev.lock (exact versions).
-# It writes no nix.conf and no other machine-wide setting: the fixtures build in Nix's
+#   - the project's .venv, from requirements/dev.lock (exact versions);
+#   - for multi-arch images: a qemu-aarch64 binfmt registration, binfmt_misc mounted, and
+#     an arm64 busybox under /usr/local/lib/stowaway-fixtures (its block below says how).
+# It writes no nix.conf and no other machine-wide setting but the binfmt entry: the fixtures build in Nix's
 # default sandbox, and the tests and the demo pass their nix options on the command line.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,8 +9,9 @@
 #   - the project's .venv, from requirements/dev.lock (exact versions);
 #   - for multi-arch images: a qemu-aarch64 binfmt registration, binfmt_misc mounted, and
 #     an arm64 busybox under /usr/local/lib/stowaway-fixtures (its block below says how).
-# It writes no nix.conf and no other machine-wide setting but the binfmt entry: the fixtures build in Nix's
-# default sandbox, and the tests and the demo pass their nix options on the command line.
+# It writes no nix.conf and no other machine-wide setting but that binfmt entry: the
+# fixtures build in Nix's default sandbox, and the tests and the demo pass their nix
+# options on the command line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

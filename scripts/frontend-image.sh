@@ -26,11 +26,13 @@ FILES=(
   src/stowaway/errors.py
   src/stowaway/store/__init__.py
   src/stowaway/store/model.py
+  src/stowaway/store/drv.py
   src/stowaway/image/__init__.py
   src/stowaway/image/model.py
   src/stowaway/image/digest.py
   src/stowaway/image/config.py
   src/stowaway/image/ownership.py
+  src/stowaway/image/platform.py
   src/stowaway/layering/*.py
   src/stowaway/buildkit/__init__.py
   src/stowaway/buildkit/drv.py

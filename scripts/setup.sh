@@ -6,9 +6,12 @@
 #     which hold the docker client there);
 #   - the nixbld group and build users nixbld1..4 (what root's nix builds run as), and
 #     /nix/var/nix/{gcroots,profiles};
-#   - the project's .venv, from requirements/dev.lock (exact versions).
-# It writes no nix.conf and no other machine-wide setting: the fixtures build in Nix's
-# default sandbox, and the tests and the demo pass their nix options on the command line.
+#   - the project's .venv, from requirements/dev.lock (exact versions);
+#   - for multi-arch images: a qemu-aarch64 binfmt registration, binfmt_misc mounted, and
+#     an arm64 busybox under /usr/local/lib/stowaway-fixtures (its block below says how).
+# It writes no nix.conf and no other machine-wide setting but that binfmt entry: the
+# fixtures build in Nix's default sandbox, and the tests and the demo pass their nix
+# options on the command line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,4 +61,59 @@ if [[ ! -x .venv/bin/python || ! -f $stamp || $(cat "$stamp") != "$want" ]]; the
   /usr/bin/python3 -m venv .venv
   .venv/bin/pip install -q -c requirements/dev.lock -e '.[test]'
   echo "$want" > "$stamp"
+fi
+
+# --- multi-arch images (tests/test_multiarch.py, fixtures/multiarch.nix) -------------------
+# A real aarch64-linux closure is built here and run under qemu. What this changes:
+#   - installs qemu-user-static (Debian 13: its qemu-user + qemu-user-binfmt) and podman
+#     (a client that must pick its platform from an index: `podman pull --arch`);
+#   - mounts binfmt_misc on /proc/sys/fs/binfmt_misc when it is not mounted;
+#   - registers qemu-aarch64 with the kernel unless an entry with the F flag is there
+#     (one without F is replaced). F makes the kernel open the interpreter now, so
+#     Nix's build sandbox and chroots (the clean rooms) run arm64 binaries without a
+#     qemu of their own. The registration is the kernel's: it lasts until reboot.
+#   - puts Debian's arm64 busybox-static (the .deb, pinned by sha256) at
+#     /usr/local/lib/stowaway-fixtures/aarch64-linux/busybox: the arm64 fixture's builder.
+multiarch_missing=()
+for p in qemu-user-static podman; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || multiarch_missing+=("$p")
+done
+if ((${#multiarch_missing[@]})); then
+  echo "setup: installing ${multiarch_missing[*]} (multi-arch images)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${multiarch_missing[@]}" >/dev/null
+fi
+binfmt=/proc/sys/fs/binfmt_misc
+if [[ ! -e $binfmt/register ]]; then
+  echo "setup: mounting binfmt_misc on $binfmt"
+  mount -t binfmt_misc binfmt_misc "$binfmt"
+fi
+if ! grep -qs '^flags:.*F' "$binfmt/qemu-aarch64"; then
+  if [[ -e $binfmt/qemu-aarch64 ]]; then
+    echo "setup: replacing the qemu-aarch64 binfmt entry (it lacks the F flag)"
+    echo -1 > "$binfmt/qemu-aarch64"
+  fi
+  conf=/usr/lib/binfmt.d/qemu-aarch64.conf
+  if [[ -f $conf ]]; then
+    line=$(grep -v '^#' "$conf" | head -n1)
+  else
+    line=":qemu-aarch64:M::\\x7f\\x45\\x4c\\x46\\x02\\x01\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x02\\x00\\xb7\\x00:\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\x00\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xff\\xfe\\xff\\xff\\xff:$(command -v qemu-aarch64-static || command -v qemu-aarch64):"
+  fi
+  [[ ${line##*:} == *F* ]] || line="${line}F"
+  echo "setup: registering qemu-aarch64 with binfmt_misc (flags ${line##*:})"
+  printf '%s' "$line" > "$binfmt/register"
+fi
+arm_dir=/usr/local/lib/stowaway-fixtures/aarch64-linux
+if [[ ! -x $arm_dir/busybox ]]; then
+  deb=busybox-static_1.35.0-4+deb12u1+b1_arm64.deb
+  sum=732c9135564fc71337e0e05fb4da4d11e6c28c1834bce3e405e575afef2a52f5
+  echo "setup: fetching Debian's arm64 busybox-static into $arm_dir"
+  tmp=$(mktemp -d)
+  curl -fsS -o "$tmp/$deb" "http://deb.debian.org/debian/pool/main/b/busybox/$deb"
+  echo "$sum  $tmp/$deb" | sha256sum -c --quiet
+  dpkg-deb -x "$tmp/$deb" "$tmp/x"
+  mkdir -p "$arm_dir"
+  install -m 0755 "$tmp/x/bin/busybox" "$arm_dir/busybox.new" && mv "$arm_dir/busybox.new" "$arm_dir/busybox"
+  rm -rf "$tmp"
 fi

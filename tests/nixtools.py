@@ -80,3 +80,22 @@ def write_flake(directory: Path, script: str) -> Path:
 """
     )
     return directory
+
+
+#: Debian's arm64 busybox-static, put here by scripts/setup.sh (the arm64 fixture's builder).
+ARM_BUSYBOX = Path("/usr/local/lib/stowaway-fixtures/aarch64-linux/busybox")
+
+
+def build_multiarch(system: str) -> str:
+    """fixtures/multiarch.nix built for ``system`` (x86_64-linux or aarch64-linux, the
+    latter run under qemu through binfmt: ``extra-platforms`` lets Nix start it)."""
+    if system == "aarch64-linux" and not ARM_BUSYBOX.is_file():
+        raise RuntimeError(f"{ARM_BUSYBOX} is missing: run `make setup`")
+    cmd = ["nix-build", str(FIXTURES / "multiarch.nix"), "--no-out-link"]
+    cmd += ["--argstr", "system", system, "--option", "substituters", ""]
+    if system == "aarch64-linux":
+        cmd += ["--option", "extra-platforms", "aarch64-linux"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building {system} fixture failed:\n{proc.stderr}")
+    return proc.stdout.split()[-1]

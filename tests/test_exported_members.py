@@ -26,6 +26,7 @@ EXPECTED = {
         "Target",
         "TargetError",
         "parse_target",
+        "require_index_support",
         "write_image",
     ],
 }

@@ -29,6 +29,7 @@ from stowaway.cli_options import (
 from stowaway.errors import StowawayError
 
 if TYPE_CHECKING:
+    from stowaway.image.model import Image
     from stowaway.store.sources import Sources
 
 #: INSTALLABLES (store paths, ./result links, flake references) and -f FILE.nix with
@@ -201,8 +202,17 @@ def main() -> None:
 @click.option(
     "--contents",
     multiple=True,
-    metavar="STOREPATH",
-    help="Symlink this store path's tree into / (like buildEnv); repeatable.",
+    metavar="[OS/ARCH=]STOREPATH",
+    help="Symlink this store path's tree into / (like buildEnv); repeatable. With an "
+    "index, OS/ARCH= gives it to that platform only.",
+)
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    metavar="OS/ARCH[/VARIANT][=INSTALLABLE]",
+    help="The image's platform (default: its derivations' system, else this machine's). "
+    "Repeated with =INSTALLABLE: one image per platform, written as an image index.",
 )
 @click.option(
     "--dest-tls-verify",
@@ -239,6 +249,7 @@ def build(
     expose: tuple[str, ...],
     labels: tuple[str, ...],
     contents: tuple[str, ...],
+    platforms: tuple[str, ...],
     created: str | None,
     chown: tuple[str, ...],
     chmod: tuple[str, ...],
@@ -262,12 +273,18 @@ def build(
           -o docker-archive:app.tar:app:1 --format docker
       stowaway build ./result --substituter file:///srv/cache \\
           --trusted-public-key cache-1:AbC…= -o oci-archive:app.tar
+      stowaway build --platform linux/amd64=./result-amd64 \\
+          --platform linux/arm64=./result-arm64 -o docker://localhost:5000/app:1
     """
     from stowaway.image.compose import compose
+    from stowaway.image.index import build_index
     from stowaway.image.layer_cache import LayerCache, default_cache_dir
     from stowaway.image.layers import LayerSettings
+    from stowaway.image.platform import closure_platform, with_platform
     from stowaway.image.tar import default_mtime
-    from stowaway.sinks import RegistryTarget, parse_target, write_image
+    from stowaway.installables import platform_images
+    from stowaway.sinks import RegistryTarget, parse_target, require_index_support, write_image
+    from stowaway.store.sources import sub_closure
 
     dest = parse_target(target)
     cache = LayerCache(Path(cache_dir) if cache_dir else default_cache_dir())
@@ -277,14 +294,16 @@ def build(
         else "pass --cache-dir DIR or set XDG_CACHE_HOME to a writable directory"
     )
     lookup = credentials_from_flags(creds, authfile) if isinstance(dest, RegistryTarget) else None
-    roots = _roots(installables, nix_file, attrs, nix_args, argstrs)
-    from stowaway.installables import resolve
-
-    contents_paths = resolve(contents)
-    source, clo = _closure(
-        [*roots, *contents_paths], store, substituters, trusted_keys, no_require_sigs
+    wanted, as_index = platform_images(
+        platforms,
+        contents,
+        lambda: _roots(installables, nix_file, attrs, nix_args, argstrs),
+        arguments=bool(installables or nix_file),
     )
-    options = image_options_from_flags(click.get_current_context().params, contents=contents_paths)
+    if as_index:
+        require_index_support(dest)
+    everything = [p for w in wanted for p in [*w.roots, *w.contents]]
+    source, clo = _closure(everything, store, substituters, trusted_keys, no_require_sigs)
     settings = LayerSettings(
         compression=compression,  # type: ignore[arg-type]
         level=compression_level,
@@ -296,23 +315,34 @@ def build(
         kwargs: dict[str, Any] = {"progress": prog} if prog else {}
         if prog:
             prog.phase("layers", sum(info.nar_size for info in clo.values()))
-        result = compose(
-            source,
-            [*roots, *contents_paths],
-            options,
-            closure=clo,
-            strategy=layering,
-            max_layers=max_layers,
-            settings=settings,
-            cache=cache,
-            format=fmt,  # type: ignore[arg-type]
-            jobs=jobs,
-            **kwargs,
-        )
+        images = []
+        for want in wanted:
+            roots = [*want.roots, *want.contents]
+            own = sub_closure(clo, roots) if as_index else clo
+            plat = closure_platform(
+                source, roots, own, explicit=want.platform, check_explicit=as_index
+            )
+            params = click.get_current_context().params
+            options = image_options_from_flags(params, contents=want.contents)
+            result = compose(
+                source,
+                roots,
+                with_platform(options, plat.platform),
+                closure=own,
+                strategy=layering,
+                max_layers=max_layers,
+                settings=settings,
+                cache=cache,
+                format=fmt,  # type: ignore[arg-type]
+                jobs=jobs,
+                **kwargs,
+            )
+            images.append((plat, result.image))
+        index = build_index([(p.platform, i) for p, i in images]) if as_index else None
         if prog:
             prog.phase("push" if isinstance(dest, RegistryTarget) else "write")
         sink_result = write_image(
-            result.image,
+            index or images[0][1],
             dest,
             tls_verify=dest_tls_verify,
             plain_http_hint="for a plain-HTTP registry pass --dest-tls-verify=false",
@@ -320,12 +350,51 @@ def build(
             state_dir=cache.root,  # which repos got which blobs: mount sources
             **kwargs,
         )
-    image = result.image
     # per layer: built now or taken from the layer cache, and what the destination got
     # (its bytes written/uploaded, linked/mounted, or nothing: it had the blob already)
     outcome = {d: "written" for d in sink_result.written}
     outcome |= {d: "linked" for d in sink_result.linked}
     outcome |= {d: "present" for d in sink_result.skipped}
+    summaries = [_image_summary(image, plat.to_json(), outcome) for plat, image in images]
+    summary: dict[str, Any] = {"target": target, **summaries[0]}
+    if index is not None:
+        summary = {
+            "target": target,
+            "manifest_digest": index.manifest.digest,
+            "media_type": index.manifest.media_type,
+            "manifests": summaries,
+        }
+    extra = getattr(sink_result, "to_json", None)
+    if callable(extra):
+        summary["sink"] = extra()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    from stowaway._ui import human, layer_table, out
+
+    verbs = ("uploaded", "mounted") if isinstance(dest, RegistryTarget) else ("written", "linked")
+    for one in summaries:
+        rows = one["layers"]
+        layer_table(f"{target} ({one['platform']['platform']})", rows)
+        out.print(f"manifest {one['manifest_digest']}")
+        total = sum(row["size"] for row in rows)
+        built = sum(1 for r in rows if r["built"])
+        sent = sum(1 for r in rows if r["destination"] == "written")
+        linked = sum(1 for r in rows if r["destination"] == "linked")
+        out.print(
+            f"{len(rows)} layers, {human(total)}: {built} built, {len(rows) - built} from the "
+            f"layer cache; {sent} {verbs[0]}, {linked} {verbs[1]}, "
+            f"{len(rows) - sent - linked} already there"
+        )
+    if index is not None:
+        out.print(f"index {index.manifest.digest} ({len(images)} platforms)")
+
+
+def _image_summary(
+    image: Image, platform: dict[str, object], outcome: dict[str, str]
+) -> dict[str, Any]:
+    """One image of `build --json`: its platform (and where it came from), digests and
+    per layer whether it was built and what the destination did with it."""
     rows = [
         {
             "digest": layer.digest,
@@ -338,32 +407,12 @@ def build(
         }
         for layer in image.layers
     ]
-    summary: dict[str, Any] = {
-        "target": target,
+    return {
+        "platform": platform,
         "manifest_digest": image.manifest.digest,
         "config_digest": image.config.digest,
         "layers": rows,
     }
-    extra = getattr(sink_result, "to_json", None)
-    if callable(extra):
-        summary["sink"] = extra()
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    from stowaway._ui import human, layer_table, out
-
-    layer_table(target, rows)
-    out.print(f"manifest {image.manifest.digest}")
-    total = sum(layer.size for layer in image.layers)
-    built = sum(1 for r in rows if r["built"])
-    sent = sum(1 for r in rows if r["destination"] == "written")
-    linked = sum(1 for r in rows if r["destination"] == "linked")
-    verbs = ("uploaded", "mounted") if isinstance(dest, RegistryTarget) else ("written", "linked")
-    out.print(
-        f"{len(rows)} layers, {human(total)}: {built} built, {len(rows) - built} from the "
-        f"layer cache; {sent} {verbs[0]}, {linked} {verbs[1]}, "
-        f"{len(rows) - sent - linked} already there"
-    )
 
 
 @main.command()
@@ -393,11 +442,13 @@ def plan(
       stowaway plan ./result
       stowaway plan ./result --layering popularity --max-layers 20 --json
     """
+    from stowaway.image.platform import closure_platform
     from stowaway.layering import plan as make_plan
 
     roots = _roots(installables, nix_file, attrs, nix_args, argstrs)
     source, clo = _closure(roots, store, substituters, trusted_keys, no_require_sigs)
-    source.close()
+    with source:
+        plat = closure_platform(source, roots, clo)
     result = make_plan(clo, roots, strategy=layering, max_layers=max_layers)
     layers = [
         {
@@ -411,6 +462,7 @@ def plan(
         doc = {
             "strategy": result.strategy,
             "roots": roots,
+            "platform": plat.to_json(),
             "closure_size": sum(i.nar_size for i in clo.values()),
             "paths": len(clo),
             "layers": layers,
@@ -432,6 +484,7 @@ def plan(
         right=3,
     )
     out.print(f"closure: {human(sum(i.nar_size for i in clo.values()))}")
+    out.print(f"platform: {plat.platform} (from the {plat.origin})")
 
 
 @main.command()

@@ -20,15 +20,25 @@ import shutil
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import click
 
 from stowaway.errors import StowawayError
+from stowaway.image.platform import Platform, parse_platform
 from stowaway.store.model import STORE_DIR
 from stowaway.store.paths import parse_store_path
 
-__all__ = ["FLAKE_FEATURES", "build_flakes", "build_nix_file", "is_flake_ref", "resolve"]
+__all__ = [
+    "FLAKE_FEATURES",
+    "PlatformImage",
+    "build_flakes",
+    "build_nix_file",
+    "is_flake_ref",
+    "platform_images",
+    "resolve",
+]
 
 #: Given to every `nix` (new CLI) command: flakes are experimental in every Nix so far.
 FLAKE_FEATURES = ["--extra-experimental-features", "nix-command flakes"]
@@ -150,3 +160,76 @@ def build_nix_file(
         cmd += ["--argstr", name, value]
     out = _run_nix(cmd, f"nix-build {file}")
     return [line for line in out.split() if line.startswith("/")]
+
+
+@dataclass(frozen=True)
+class PlatformImage:
+    """The store paths of one image: its ``roots`` and ``contents`` (linked into /),
+    for ``platform`` (None: the one the roots' derivations are for)."""
+
+    platform: Platform | None
+    roots: list[str]
+    contents: list[str]
+
+
+def platform_images(
+    platforms: Sequence[str],
+    contents: Sequence[str],
+    roots: Callable[[], list[str]],
+    *,
+    arguments: bool,
+) -> tuple[list[PlatformImage], bool]:
+    """The images ``build`` makes, and whether they form an index.
+
+    ``--platform OS/ARCH=INSTALLABLE`` (repeatable; a platform named twice gets both
+    installables) makes one image per platform and an index of them; then
+    ``--contents OS/ARCH=PATH`` links PATH into that platform's image only, a plain
+    ``--contents PATH`` into every one, and no installable ``arguments`` may be given.
+    Otherwise one image of ``roots()``, for the one ``--platform OS/ARCH`` if given.
+    """
+    pairs = [(value, *value.partition("=")) for value in platforms]
+    if not any(sep for _, _, sep, _ in pairs):
+        if len(pairs) > 1:
+            raise StowawayError(
+                f"--platform given {len(pairs)} times without installables",
+                hint="one image has one platform; for an index name each platform's "
+                "installable: --platform OS/ARCH=INSTALLABLE",
+            )
+        if any("=" in c for c in contents):
+            raise StowawayError(
+                "--contents OS/ARCH=PATH needs --platform OS/ARCH=INSTALLABLE",
+                hint="without an index, give --contents PATH",
+            )
+        explicit = parse_platform(pairs[0][0]) if pairs else None
+        return [PlatformImage(explicit, roots(), resolve(contents))], False
+    if arguments:
+        raise StowawayError(
+            "installables given both as arguments and in --platform OS/ARCH=INSTALLABLE",
+            hint="name each platform's installables in its --platform flag",
+        )
+    by_platform: dict[Platform, list[str]] = {}
+    for value, plat, sep, item in pairs:
+        if not sep or not item:
+            raise StowawayError(
+                f"--platform {value!r} names no installable, but others do",
+                hint="with an index, every --platform is OS/ARCH=INSTALLABLE",
+            )
+        by_platform.setdefault(parse_platform(plat), []).append(item)
+    shared: list[str] = []
+    own: dict[Platform, list[str]] = {}
+    for value in contents:
+        plat, sep, item = value.partition("=")
+        if not sep:
+            shared.append(value)
+            continue
+        p = parse_platform(plat, "--contents")
+        if p not in by_platform:
+            raise StowawayError(
+                f"--contents {value!r} is for {p}, which no --platform names",
+                hint="platforms: " + ", ".join(str(x) for x in sorted(by_platform)),
+            )
+        own.setdefault(p, []).append(item)
+    return [
+        PlatformImage(p, resolve(items), resolve([*shared, *own.get(p, [])]))
+        for p, items in sorted(by_platform.items())
+    ], True

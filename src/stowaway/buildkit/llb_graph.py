@@ -19,7 +19,7 @@ from stowaway.buildkit.drv import Derivation
 from stowaway.buildkit.llb import Copy, MkDir, MkFile, Mount, Output, Vertex, exec_op, file_op
 from stowaway.buildkit.spec import Member, Spec
 from stowaway.errors import StowawayError
-from stowaway.image.config import OCI_ARCHITECTURES
+from stowaway.image.platform import NIX_SYSTEMS
 from stowaway.layering import UNKNOWN_SIZE, plan
 from stowaway.store.model import STORE_DIR, PathInfo
 
@@ -42,8 +42,8 @@ BUILD_TOP = "/build"
 STORE_PATHS_LABEL = "stowaway.store-paths"
 #: Nix system → (OS, architecture) of the OCI platform the ExecOp asks for.
 SYSTEMS = {
-    f"{cpu}-linux": ("linux", OCI_ARCHITECTURES[cpu])
-    for cpu in ("x86_64", "aarch64", "i686", "armv7l")
+    system: (NIX_SYSTEMS[system].os, NIX_SYSTEMS[system].architecture)
+    for system in ("x86_64-linux", "aarch64-linux", "i686-linux", "armv7l-linux")
 }
 #: Where the context holds an empty directory of each mode MkDir cannot make.
 MODES_DIR = "modes"

@@ -85,6 +85,7 @@ class ImageOptions:
     os: str = "linux"
     rules: list[Rule] = field(default_factory=list)
     mkdirs: list[MkdirSpec] = field(default_factory=list)
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         for item in self.env:
@@ -437,6 +438,7 @@ def build_config(
         "created": created,
         "architecture": options.architecture,
         "os": options.os,
+        **({"variant": options.variant} if options.variant else {}),
         "config": conf,
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
         "history": [

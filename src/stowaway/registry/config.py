@@ -40,6 +40,10 @@ Example (every key optional)::
     enabled = true
     index = "/srv/stowaway/index.json"     # package set of the tag "latest"
     indexes = { stable = "/srv/stowaway/stable.json" }   # other tags
+    systems = ["x86_64-linux", "aarch64-linux"]   # answer an image index, one image per
+                                           # Nix system; then every index path holds
+                                           # "{system}" (one package set per system) and
+                                           # nix_build is off
     meta = { shell = ["bashInteractive", "coreutils", "moreutils", "nano"] }
     always = ["cacert"]                    # added to every package image
     env = ["PATH=/bin:/usr/bin:/sbin:/usr/sbin"]
@@ -75,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from stowaway.errors import StowawayError
+from stowaway.image.platform import NIX_SYSTEMS, platform_of_system
 from stowaway.registry.nix_build import attr_pattern_regex
 from stowaway.registry.storage import FilesystemStorage
 from stowaway.registry.storage_api import Storage
@@ -121,6 +126,7 @@ class NixOptions:
     nix_build_jobs: int = 2
     nix_build_queue: int = 16
     nix_build_failure_ttl: float = 60.0
+    systems: tuple[str, ...] = ()
 
 
 _NIX_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -145,6 +151,7 @@ _NIX_TYPES: dict[str, type | tuple[type, ...]] = {
     "nix_build_jobs": int,
     "nix_build_queue": int,
     "nix_build_failure_ttl": (int, float),
+    "systems": list,
 }
 
 
@@ -231,7 +238,29 @@ def nix_options_from_dict(doc: dict[str, Any], where: str) -> NixOptions:
             attr_pattern_regex(pattern)
         except ValueError as err:
             raise RegistryConfigError(f"{where}: [nix] nix_build_allow: {err}") from None
+    _check_systems(options, f"{where}: [nix] systems")
     return options
+
+
+def _check_systems(options: NixOptions, at: str) -> None:
+    """``systems``: known Linux systems, each once; every package index per system
+    (a ``{system}`` in its path), and no nix-build (it builds for this machine only)."""
+    if not options.systems:
+        return
+    for system in options.systems:
+        if platform_of_system(system) is None:
+            known = ", ".join(sorted(NIX_SYSTEMS))
+            raise RegistryConfigError(f"{at}: {system!r} is not one of {known}")
+    if len(set(options.systems)) != len(options.systems):
+        raise RegistryConfigError(f"{at} names a system twice")
+    paths = [options.index, *options.indexes.values()]
+    if any(p is not None and "{system}" not in str(p) for p in paths):
+        raise RegistryConfigError(
+            f"{at}: every package index path must hold {{system}} (store paths differ "
+            'per system), e.g. index = "/srv/stowaway/{system}/index.json"'
+        )
+    if options.nix_build:
+        raise RegistryConfigError(f"{at}: nix_build builds for this machine only; turn it off")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,13 @@ The registry's filesystem storage root is the layer cache root by default, so
 the blobs a composition produces are already in storage (the API's copy of a
 resolved blob finds it present and skips it).
 
-Manifests are cached per (sorted store paths, format) for as long as their blob
+With ``systems`` configured, a name resolves in each system's package set and the
+answer is an image index (OCI index, or Docker manifest list for clients that accept
+only Docker types) of one image per system, each labelled with its system's platform;
+a client accepting no index type gets the first system's image. Images are labelled
+from their derivations otherwise (``image.platform``).
+
+Manifests are cached per (sorted store paths, format, platform) for as long as their blob
 files exist (the API drops a damaged one, see ``registry.verified``); the image
 options are fixed per resolver, so names resolving to the same paths share one
 manifest, and a changed index simply resolves to other paths. Compositions run in a
@@ -38,9 +44,18 @@ from stowaway.errors import StowawayError
 from stowaway.fsutil import atomic_write
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
+from stowaway.image.digest import sha256_digest
+from stowaway.image.index import index_blob
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings
 from stowaway.image.model import Blob, MediaType
+from stowaway.image.platform import (
+    Platform,
+    closure_platform,
+    parse_platform,
+    platform_of_system,
+    with_platform,
+)
 from stowaway.registry.config import NixOptions
 from stowaway.registry.lru import BoundedCache
 from stowaway.registry.names import (
@@ -62,7 +77,8 @@ from stowaway.store.sources import Sources, closure, open_sources
 
 log = logging.getLogger("stowaway.registry")
 Format = Literal["oci", "docker"]
-Key = tuple[tuple[str, ...], Format]
+#: sorted roots, format, platform ("" = the one the roots' derivations are for)
+Key = tuple[tuple[str, ...], Format, str]
 MANIFEST_CACHE_SIZE = 4096
 _EMPTY = PackageIndex({})
 
@@ -76,6 +92,15 @@ def choose_format(accept: frozenset[str]) -> Format | None:
     if not accept or MediaType.OCI_MANIFEST.value in accept:
         return "oci"
     if MediaType.DOCKER_MANIFEST.value in accept:
+        return "docker"
+    return None
+
+
+def choose_index_format(accept: frozenset[str]) -> Format | None:
+    """An OCI index unless the client accepts only Docker manifest lists; None if neither."""
+    if not accept or MediaType.OCI_INDEX.value in accept:
+        return "oci"
+    if MediaType.DOCKER_LIST.value in accept:
         return "docker"
     return None
 
@@ -94,11 +119,11 @@ class NixResolver:
         self._source = source
         self._opened: Sources | None = None  # a source opened here (closed by close())
         self._source_lock = threading.Lock()
-        self.sets: dict[str, IndexFile | None] = {DEFAULT_TAG: None}
-        if options.index is not None:
-            self.sets[DEFAULT_TAG] = IndexFile(options.index)
-        for tag, path in options.indexes.items():
-            self.sets[tag] = IndexFile(path)
+        #: per system (``""`` without ``systems``): tag → package index
+        self.system_sets = {
+            system: _package_sets(options, system) for system in options.systems or ("",)
+        }
+        self.sets = next(iter(self.system_sets.values()))
         self.nix_build = (
             NixBuild(
                 options.nix_expr,
@@ -134,9 +159,10 @@ class NixResolver:
     def check_indexes(self) -> None:
         """Read every package index now: a missing or malformed file stops start-up
         (``PackageIndexError`` naming it) instead of failing the first pull."""
-        for index in self.sets.values():
-            if index is not None:
-                index.get()
+        for sets in self.system_sets.values():
+            for index in sets.values():
+                if index is not None:
+                    index.get()
 
     @property
     def builds_admitted(self) -> int:
@@ -155,19 +181,22 @@ class NixResolver:
     ) -> ResolvedManifest | None:
         if is_digest(reference):
             return None  # a digest names bytes; only storage can have them
-        fmt = choose_format(accept)
-        if fmt is None:
-            return None
         request = parse_image_name(name)
+        systems = self.options.systems if not request.is_store else ()
+        index_fmt = choose_index_format(accept) if systems else None
+        fmt = choose_format(accept)
+        if fmt is None and index_fmt is None:
+            return None
         try:
-            roots = await self._roots(request, name, reference)
-            key: Key = (roots, fmt)
-            hit = self._manifests.get(key)
-            # a blob file gone (dropped as damaged, or cleaned away) means compose again
-            if hit is not None and all(p.exists() for p in hit.blobs.values()):
-                self._manifests.move_to_end(key)
-                return hit
-            return await self._flight.do(key, lambda: self._compose(key))
+            if index_fmt is not None:
+                return await self._index_of(request, name, reference, index_fmt)
+            assert fmt is not None
+            if systems:  # a client that takes no index: the first system's image
+                sets = self.system_sets[systems[0]]
+                roots = await self._roots(request, name, reference, sets)
+                return await self._image((roots, fmt, str(platform_of_system(systems[0]))))
+            roots = await self._roots(request, name, reference, self.sets)
+            return await self._image((roots, fmt, ""))
         except RegistryApiError:
             raise
         except CacheError as err:
@@ -180,8 +209,41 @@ class NixResolver:
                 ErrorCode.MANIFEST_UNKNOWN, f"cannot compose {name}:{reference}: {err.message}"
             ) from err
 
+    async def _image(self, key: Key) -> ResolvedManifest:
+        hit = self._manifests.get(key)
+        # a blob file gone (dropped as damaged, or cleaned away) means compose again
+        if hit is not None and all(p.exists() for p in hit.blobs.values()):
+            self._manifests.move_to_end(key)
+            return hit
+        return await self._flight.do(key, lambda: self._compose(key))
+
+    async def _index_of(
+        self, request: ImageName, name: str, tag: str, fmt: Format
+    ) -> ResolvedManifest:
+        """The index of one image per configured system (each cached as an image is;
+        the index is a pure function of them, so it is the same bytes every time)."""
+        children: list[tuple[Platform, ResolvedManifest]] = []
+        for system in self.options.systems:
+            platform = platform_of_system(system)
+            assert platform is not None  # checked with the config
+            roots = await self._roots(request, name, tag, self.system_sets[system])
+            children.append((platform, await self._image((roots, fmt, str(platform)))))
+        index = index_blob(
+            [
+                (p, Blob(sha256_digest(m.data), len(m.data), m.media_type, data=m.data))
+                for p, m in children
+            ],
+            fmt,
+        )
+        assert index.data is not None
+        blobs = {d: path for _, m in children for d, path in m.blobs.items()}
+        manifests = [(m.data, m.media_type) for _, m in children]
+        return ResolvedManifest(index.data, index.media_type, blobs, manifests)
+
     # -- names → store paths ---------------------------------------------------------
-    async def _roots(self, request: ImageName, name: str, tag: str) -> tuple[str, ...]:
+    async def _roots(
+        self, request: ImageName, name: str, tag: str, sets: Mapping[str, IndexFile | None]
+    ) -> tuple[str, ...]:
         """The store paths ``name:tag`` asks for. Index and store lookups run on the
         loop when nothing blocks, else in the resolver pool; names only nix-build can
         resolve wait for the build executor, never in front of them."""
@@ -194,9 +256,9 @@ class NixResolver:
                     self._pool, self._store_roots, request, name, tag, True
                 )
         try:
-            index = self._index(tag, name, False)
+            index = self._index(sets, tag, name, False)
         except _NeedsThread:
-            index = await loop.run_in_executor(self._pool, self._index, tag, name, True)
+            index = await loop.run_in_executor(self._pool, self._index, sets, tag, name, True)
         wanted = expand_packages(request.packages, self.options.meta, self.options.always)
         found: dict[str, tuple[str, ...]] = {}
         to_build: list[str] = []
@@ -216,8 +278,10 @@ class NixResolver:
         resolved = resolve_packages(wanted, found.get, where)
         return tuple(sorted({p for paths in resolved.values() for p in paths}))
 
-    def _index(self, tag: str, name: str, blocking: bool) -> PackageIndex:
-        index_file = select_package_set(tag, self.sets, name)
+    def _index(
+        self, sets: Mapping[str, IndexFile | None], tag: str, name: str, blocking: bool
+    ) -> PackageIndex:
+        index_file = select_package_set(tag, sets, name)
         if index_file is None:
             return _EMPTY
         if blocking:
@@ -323,11 +387,14 @@ class NixResolver:
         return result
 
     def _compose_blocking(self, key: Key) -> ResolvedManifest:
-        roots, fmt = key
+        roots, fmt, want = key
         started = time.perf_counter()
         source = self.source()
         clo = closure(source, roots)
+        explicit = parse_platform(want) if want else None
+        platform = closure_platform(source, roots, clo, explicit=explicit, check_explicit=True)
         options = ImageOptions(env=list(self.options.env), contents=list(roots))
+        options = with_platform(options, platform.platform)
         # Docker schema 2 has no zstd or uncompressed layer types
         settings = self.settings if fmt == "oci" else LayerSettings(compression="gzip")
         image = compose(
@@ -343,9 +410,10 @@ class NixResolver:
         ).image
         self.composes += 1
         log.info(
-            "composed %s (%s, %d paths, %d layers) in %.2fs",
+            "composed %s (%s, %s, %d paths, %d layers) in %.2fs",
             " ".join(p.rsplit("/", 1)[1] for p in roots)[:200],
             fmt,
+            platform.platform,
             len(clo),
             len(image.layers),
             time.perf_counter() - started,
@@ -377,3 +445,12 @@ class NixResolver:
                 index = _EMPTY
             out[tag] = [*sorted(self.options.meta), *index.names()]
         return out
+
+
+def _package_sets(options: NixOptions, system: str) -> dict[str, IndexFile | None]:
+    """Tag → package index of ``system`` (its name replaces ``{system}`` in the paths)."""
+    sets: dict[str, IndexFile | None] = {DEFAULT_TAG: None}
+    paths = {DEFAULT_TAG: options.index} if options.index is not None else {}
+    for tag, path in {**paths, **options.indexes}.items():
+        sets[tag] = IndexFile(Path(str(path).replace("{system}", system)) if system else path)
+    return sets

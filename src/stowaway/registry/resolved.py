@@ -5,7 +5,8 @@ does not answer, one run per (name, reference, Accept) at a time (``SingleFlight
 Every blob file the resolver names (the layer cache, served in place) is hashed
 before use, once per version of the file (``VerifiedFiles``); a damaged one is
 dropped so the resolver composes it anew. The blobs are then copied and linked
-into storage and the manifest is stored by digest (never tagged, see ``resolver``);
+into storage and the manifest (an index after its platforms' manifests) is stored by
+digest (never tagged, see ``resolver``);
 which (name, digest) pairs are in storage is remembered, so a cached manifest
 pulled again by tag costs no storage writes.
 """
@@ -121,6 +122,8 @@ class ResolvedManifests:
         for blob, path in sorted(result.blobs.items()):
             await self.storage.put_blob_file(check_digest(blob), path)
             await self.storage.link_blob(name, blob)
+        for data, media_type in result.manifests:  # an index's: before it refers to them
+            await self.storage.put_manifest(name, sha256_digest(data), data, media_type)
         await self.storage.put_manifest(name, digest, result.data, result.media_type)
         if len(self._ingested) >= 100_000:
             self._ingested.clear()

@@ -9,7 +9,7 @@ answer, so a changed package index yields a new image without a restart).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +32,8 @@ class ResolvedManifest:
     media_type: str
     #: digest -> local file holding that blob (config, layers); the layer cache
     blobs: Mapping[str, Path] = field(default_factory=dict)
+    #: for an index: its platforms' manifests (data, media type), stored before it
+    manifests: Sequence[tuple[bytes, str]] = ()
 
 
 class ManifestResolver(Protocol):

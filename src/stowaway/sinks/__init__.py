@@ -11,6 +11,7 @@ from typing import Any
 
 from stowaway.distribution.credentials import CredentialsLookup
 from stowaway.errors import StowawayError
+from stowaway.image.index import ImageIndex
 from stowaway.image.model import Image
 from stowaway.progress import NoProgress, Progress
 from stowaway.sinks.targets import (
@@ -35,6 +36,7 @@ __all__ = [
     "Target",
     "TargetError",
     "parse_target",
+    "require_index_support",
     "write_image",
 ]
 
@@ -42,11 +44,11 @@ _QUIET: Progress = NoProgress()
 
 
 def write_image(
-    image: Image, target: Target, *, progress: Progress = _QUIET, **push_opts: Any
+    image: Image | ImageIndex, target: Target, *, progress: Progress = _QUIET, **push_opts: Any
 ) -> SinkResult:
-    """Write ``image`` to ``target``. ``push_opts`` (``tls_verify``, ``creds``, ...) are
-    passed to the registry push and ignored by the file sinks; ``creds`` may be a
-    ``CredentialsLookup`` (what the command's flags said)."""
+    """Write ``image`` (or an image index with its images) to ``target``. ``push_opts``
+    (``tls_verify``, ``creds``, ...) are passed to the registry push and ignored by the
+    file sinks; ``creds`` may be a ``CredentialsLookup`` (what the command's flags said)."""
     if isinstance(target, OciTarget):
         from stowaway.sinks.oci_layout import write_oci_layout
 
@@ -62,8 +64,19 @@ def write_image(
     return _push(image, target, progress, push_opts)
 
 
+def require_index_support(target: Target) -> None:
+    """Fail before any work when ``target`` cannot hold an image index."""
+    if isinstance(target, DockerArchiveTarget):
+        raise StowawayError(
+            f"{target} cannot hold an image index: a docker save archive has one image "
+            "per name and no platforms",
+            hint="write the index to oci:, oci-archive: or docker://, or build one platform "
+            "per docker archive (--platform OS/ARCH)",
+        )
+
+
 def _push(
-    image: Image, target: RegistryTarget, progress: Progress, push_opts: dict[str, Any]
+    image: Image | ImageIndex, target: RegistryTarget, progress: Progress, push_opts: dict[str, Any]
 ) -> SinkResult:
     from stowaway.sinks.registry import push
 

@@ -19,12 +19,14 @@ from stowaway.errors import StowawayError
 from stowaway.fsutil import AtomicFile
 from stowaway.image.config import canonical_json
 from stowaway.image.digest import CHUNK, VerifyingReader, dropping_corrupt, parse_digest
+from stowaway.image.index import ImageIndex
 from stowaway.image.model import Blob, Image, MediaType, TarEntry
 from stowaway.image.tar import default_mtime, write_tar
 from stowaway.progress import NoProgress, Progress, blob_label
 from stowaway.sinks.oci_layout import (
     LAYOUT_VERSION,
     empty_index,
+    layout_blobs,
     manifest_descriptor,
     require_oci,
     update_index,
@@ -39,12 +41,12 @@ class ArchiveError(StowawayError):
 
 
 def write_oci_archive(
-    image: Image, file: Path, tag: str | None, *, progress: Progress = _QUIET
+    image: Image | ImageIndex, file: Path, tag: str | None, *, progress: Progress = _QUIET
 ) -> SinkResult:
-    """Write ``image`` as a tarred OCI layout holding just this image."""
+    """Write ``image`` (or an index and its images) as a tarred OCI layout holding just it."""
     require_oci(image, f"oci-archive:{file}")
     index = update_index(empty_index(), manifest_descriptor(image, tag))
-    blobs = _unique([*image.blobs(), image.manifest])
+    blobs = layout_blobs(image)
     entries = [
         *_dirs(),
         *(_blob_entry(b, progress) for b in sorted(blobs, key=lambda b: b.digest)),
@@ -55,9 +57,16 @@ def write_oci_archive(
 
 
 def write_docker_archive(
-    image: Image, file: Path, reference: str | None, *, progress: Progress = _QUIET
+    image: Image | ImageIndex, file: Path, reference: str | None, *, progress: Progress = _QUIET
 ) -> SinkResult:
     """Write ``image`` in ``docker save`` format, tagged ``reference`` (NAME:TAG) if given."""
+    if isinstance(image, ImageIndex):
+        raise ArchiveError(
+            f"docker-archive:{file} holds one image per name; it cannot hold an image index "
+            f"({', '.join(str(p) for p, _ in image.images)})",
+            hint="write the index to oci:, oci-archive: or docker://, or build one platform "
+            "per docker archive (--platform OS/ARCH)",
+        )
     for layer in image.layers:
         if layer.media_type == MediaType.OCI_LAYER_ZSTD:
             raise ArchiveError(
@@ -81,7 +90,7 @@ def write_docker_archive(
 
 
 def _write(
-    file: Path, entries: list[TarEntry], blobs: list[Blob], image: Image, target: str
+    file: Path, entries: list[TarEntry], blobs: list[Blob], image: Image | ImageIndex, target: str
 ) -> SinkResult:
     if file.is_dir():
         raise ArchiveError(f"{file} is a directory; an archive destination must be a file")

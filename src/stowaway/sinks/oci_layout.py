@@ -38,6 +38,7 @@ from stowaway.image.digest import (
     parse_digest,
     sha256_digest,
 )
+from stowaway.image.index import ImageIndex
 from stowaway.image.model import Blob, Descriptor, Image, Layer, MediaType
 from stowaway.parallel import Stop, run_all
 from stowaway.progress import NoProgress, Progress, blob_label
@@ -59,15 +60,17 @@ class LayoutError(StowawayError):
 
 
 def write_oci_layout(
-    image: Image, directory: Path, tag: str | None, *, progress: Progress = _QUIET
+    image: Image | ImageIndex, directory: Path, tag: str | None, *, progress: Progress = _QUIET
 ) -> SinkResult:
-    """Add ``image`` to the layout at ``directory`` (created if needed), under ``tag``."""
+    """Add ``image`` to the layout at ``directory`` (created if needed), under ``tag``.
+    An index is one entry of index.json (named ``tag``) pointing at the index blob,
+    which lists its platforms' manifests."""
     require_oci(image, f"oci:{directory}")
     _prepare(directory)
     blobs_dir = directory / "blobs" / "sha256"
     blobs_dir.mkdir(parents=True, exist_ok=True)
     result = SinkResult(target=f"oci:{directory}", manifest_digest=image.manifest.digest)
-    todo = [*image.blobs(), image.manifest]
+    todo = layout_blobs(image)
     tasks = [partial(put_blob, b, blobs_dir, progress) for b in todo]
     outcomes = run_all(tasks, JOBS, "stowaway-write")
     for blob, outcome in zip(todo, outcomes, strict=True):
@@ -94,17 +97,24 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def require_oci(image: Image, target: str) -> None:
-    """OCI layouts list OCI manifests only: skopeo and umoci skip any other media type,
-    so a Docker-format image written there would be invisible."""
-    if image.manifest.media_type != MediaType.OCI_MANIFEST:
+def require_oci(image: Image | ImageIndex, target: str) -> None:
+    """OCI layouts list OCI manifests and indexes only: skopeo and umoci skip any other
+    media type, so a Docker-format image written there would be invisible."""
+    if image.manifest.media_type not in (MediaType.OCI_MANIFEST, MediaType.OCI_INDEX):
         raise LayoutError(
             f"{target}: an OCI layout cannot hold a {image.manifest.media_type} manifest",
             hint="use --format oci for oci: and oci-archive: destinations",
         )
 
 
-def manifest_descriptor(image: Image, tag: str | None) -> Descriptor:
+def layout_blobs(image: Image | ImageIndex) -> list[Blob]:
+    """What a layout's blobs/ holds for ``image``: config and layers, then manifests
+    (an index's platform manifests and the index itself), each once."""
+    manifests = image.manifests() if isinstance(image, ImageIndex) else [image.manifest]
+    return list({b.digest: b for b in [*image.blobs(), *manifests]}.values())
+
+
+def manifest_descriptor(image: Image | ImageIndex, tag: str | None) -> Descriptor:
     """The index entry for ``image``: its manifest, named ``tag`` if given."""
     return image.manifest.descriptor({REF_NAME: tag} if tag else None)
 

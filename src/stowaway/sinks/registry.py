@@ -3,7 +3,9 @@
 Flow (go-containerregistry's pusher is the model): for every blob, one task per
 digest on a bounded pool — HEAD it (present: skip), else try a cross-repository
 mount from repos this machine pushed it to before, else upload it, streaming and
-verifying the cache file so a damaged entry is never sent; then PUT the manifest.
+verifying the cache file so a damaged entry is never sent; then PUT the manifest. An
+index's blobs go up in one such pass, then each platform's manifest by digest, then the
+index under the tag (a registry refuses an index whose manifests it does not have).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from stowaway.distribution.errors import RegistryApiError
 from stowaway.errors import RegistryError
 from stowaway.fsutil import atomic_write
 from stowaway.image.digest import CorruptBlob, VerifyingReader, dropping_corrupt
+from stowaway.image.index import ImageIndex
 from stowaway.image.model import Blob, Image
 from stowaway.parallel import Stop, Stopped, run_all
 from stowaway.progress import NoProgress, Progress, blob_label
@@ -60,7 +63,7 @@ class PushResult:
 
 
 def push(
-    image: Image,
+    image: Image | ImageIndex,
     host: str,
     repo: str,
     tag: str | None,
@@ -108,7 +111,11 @@ def push(
                 result.uploaded_bytes += blobs[digest].size
             else:
                 getattr(result, outcome).append(digest)
-        result.manifest_digest, result.manifest_url = _put_manifest(client, repo, tag, image)
+        for _, child in image.images if isinstance(image, ImageIndex) else ():
+            _put_manifest(client, repo, None, child.manifest)
+        result.manifest_digest, result.manifest_url = _put_manifest(
+            client, repo, tag, image.manifest
+        )
     finally:
         client.close()
     if record is not None:
@@ -210,9 +217,8 @@ def _upload(
 
 
 def _put_manifest(
-    client: RegistryClient, repo: str, tag: str | None, image: Image
+    client: RegistryClient, repo: str, tag: str | None, manifest: Blob
 ) -> tuple[str, str]:
-    manifest = image.manifest
     with manifest.open() as f:
         body = VerifyingReader(f, manifest.digest, manifest.size).read()
     url = client.url(f"/v2/{repo}/manifests/{tag or manifest.digest}")

@@ -2,7 +2,7 @@
 
 Pure: path infos in, document bytes out. One package (component) per store path:
 its name and version split the way Nix's ``builtins.parseDrvName`` does (the version
-starts at the first ``-`` followed by a digit), its checksum the SHA-256 of its NAR
+starts after the first ``-`` not followed by a letter), its checksum the SHA-256 of its NAR
 serialisation (what Nix itself records and signs; hex here), its deriver, and a
 DEPENDS_ON relationship per reference. The roots are what the document describes.
 
@@ -45,7 +45,7 @@ TOOL = f"stowaway-{__version__}"
 #: Prefix of the SPDX document namespace (a URI that names this document only:
 #: the suffix is derived from the content).
 NAMESPACE = "https://spdx.org/spdxdocs/"
-_VERSION_START = re.compile(r"-(?=[0-9])")
+_VERSION_START = re.compile(r"-(?=[^A-Za-z])")
 
 
 class SbomError(StowawayError):
@@ -57,8 +57,9 @@ def media_type(fmt: SbomFormat) -> str:
 
 
 def parse_name(name: str) -> tuple[str, str]:
-    """``(name, version)`` of a store path name like ``builtins.parseDrvName``:
-    ``hello-2.12.1`` → ``("hello", "2.12.1")``, ``stowaway-demo-app`` → (it, "")."""
+    """``(name, version)`` of a store path name as ``builtins.parseDrvName`` splits it:
+    at the first ``-`` not followed by a letter (``hello-2.12.1`` → ``("hello",
+    "2.12.1")``; ``stowaway-demo-app`` has no version)."""
     m = _VERSION_START.search(name)
     return (name[: m.start()], name[m.end() :]) if m else (name, "")
 
@@ -90,11 +91,11 @@ def sbom_document(
 
 
 def _row(info: PathInfo) -> dict[str, Any]:
+    sp = parse_store_path(info.path)
+    algo, _, digest = info.nar_hash.partition(":")
+    if algo != "sha256":
+        raise SbomError(f"{info.path}: NAR hash {info.nar_hash!r} is not sha256")
     try:
-        sp = parse_store_path(info.path)
-        algo, _, digest = info.nar_hash.partition(":")
-        if algo != "sha256":
-            raise SbomError(f"{info.path}: NAR hash {info.nar_hash!r} is not sha256")
         raw = nixbase32.decode(digest) if len(digest) == 52 else bytes.fromhex(digest)
     except (ValueError, StowawayError):
         raise SbomError(f"{info.path}: NAR hash {info.nar_hash!r} is malformed") from None

@@ -210,6 +210,12 @@ def test_sbom_in_an_oci_layout_and_beside_an_archive(demo_app: str, tmp_path: Pa
         out["sbom"]["manifest_digest"]
     ]
     sbom = run("sbom", f"oci:{layout}:v1").stdout
+    # another image under the tag goes after the first one's SBOM
+    rebuilt = build(demo_app, tmp_path / "cache", f"oci:{layout}:v1", "--sbom", "--env", "X=1")
+    index = json.loads((layout / "index.json").read_text())["manifests"]
+    assert [m.get("artifactType") for m in index] == [SPDX, None, SPDX]
+    untagged = json.loads(run("inspect", f"oci:{layout}", "--json").stdout)
+    assert untagged["manifest_digest"] == rebuilt["manifest_digest"]  # the SBOM is no image
     archive = tmp_path / "demo.tar"
     out = build(demo_app, tmp_path / "cache", f"oci-archive:{archive}:v1", "--sbom")
     beside = Path(out["sbom"]["path"])

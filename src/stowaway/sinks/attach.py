@@ -16,8 +16,9 @@ signatures already there are kept, so signing twice with two keys leaves both.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def attach_sbom(
     if isinstance(target, OciTarget):
         _write_to_layout(Path(target.directory), artifact)
         return {"mode": "oci-layout", "manifest_digest": artifact.manifest.digest}
-    with _client(target, tls_verify, creds, plain_http_hint) as client:
+    with _session(target, tls_verify, creds, plain_http_hint) as client:
         _push(client, target, artifact, None)
         mode = _record_referrer(client, target.repository, subject.digest, artifact)
     return {"mode": mode, "manifest_digest": artifact.manifest.digest}
@@ -116,7 +117,7 @@ def sign_image(
 ) -> dict[str, Any]:
     """Sign the image at ``target`` (its manifest ``digest``, else what the target's
     tag names now) as cosign does; returns the signed digest and the signature tag."""
-    with _client(target, tls_verify, creds, plain_http_hint) as client:
+    with _session(target, tls_verify, creds, plain_http_hint) as client:
         digest = digest or target.digest or resolve_digest(client, target)
         payload = simple_signing_payload(docker_reference(target), digest)
         mine = sign_layer(key, payload)
@@ -149,28 +150,24 @@ def resolve_digest(client: RegistryClient, target: RegistryTarget) -> str:
 # ------------------------------------------------------------------ registries
 
 
-class _client:  # noqa: N801 - used as a context manager, like open()
-    def __init__(
-        self,
-        target: RegistryTarget,
-        tls_verify: bool,
-        creds: CredentialsLookup | None,
-        hint: str | None,
-    ) -> None:
-        lookup = (creds or CredentialsLookup()).for_registry(target.registry, target.repository)
-        self.creds = lookup
-        self.client = RegistryClient(
-            target.api_host, tls_verify=tls_verify, creds=lookup, plain_http_hint=hint
-        )
-        self.target = target
-
-    def __enter__(self) -> RegistryClient:
-        self.client.ping()
-        self.client.authorize([f"repository:{self.target.repository}:pull,push"])
-        return self.client
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.close()
+@contextlib.contextmanager
+def _session(
+    target: RegistryTarget,
+    tls_verify: bool,
+    creds: CredentialsLookup | None,
+    hint: str | None,
+) -> Iterator[RegistryClient]:
+    """A client of ``target``'s registry, authorized to pull and push its repository."""
+    lookup = (creds or CredentialsLookup()).for_registry(target.registry, target.repository)
+    client = RegistryClient(
+        target.api_host, tls_verify=tls_verify, creds=lookup, plain_http_hint=hint
+    )
+    try:
+        client.ping()
+        client.authorize([f"repository:{target.repository}:pull,push"])
+        yield client
+    finally:
+        client.close()
 
 
 def _push(client: RegistryClient, target: RegistryTarget, image: Image, tag: str | None) -> None:
@@ -252,7 +249,8 @@ def _existing_signatures(
 ) -> list[SignatureLayer]:
     """The signatures already in the ``.sig`` manifest, payloads fetched and checked."""
     repo = target.repository
-    status, _, doc = _get_json(client, f"/v2/{repo}/manifests/{tag}", MediaType.OCI_MANIFEST.value)
+    accept = f"{MediaType.OCI_MANIFEST}, {MediaType.DOCKER_MANIFEST}"
+    status, _, doc = _get_json(client, f"/v2/{repo}/manifests/{tag}", accept)
     if status == 404:
         return []
     where = f"{target.registry}/{repo}:{tag}"

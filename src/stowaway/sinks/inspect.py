@@ -254,6 +254,8 @@ def _from_layout(
     manifests = index.get("manifests", [])
     if tag:
         manifests = [m for m in manifests if m.get("annotations", {}).get(REF_NAME) == tag]
+    else:  # referrers (an attached SBOM) are listed untagged, and are no image
+        manifests = [m for m in manifests if not m.get("artifactType")]
     if not manifests:
         raise InspectError(f"no image{' tagged ' + tag if tag else ''} in {target}")
     desc = manifests[0]

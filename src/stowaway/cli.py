@@ -151,6 +151,8 @@ def main() -> None:
       stowaway build -f app.nix -A server -o docker://localhost:5000/app:1 --dest-tls-verify=false
       stowaway plan ./result --json
       stowaway inspect oci:img:latest
+      stowaway sbom oci:img:latest --format cyclonedx
+      stowaway sign docker://localhost:5000/app:1 --key cosign.key --tls-verify=false
       stowaway cache prune --max-size 10G
     """
 
@@ -227,7 +229,7 @@ def main() -> None:
     default=None,
     metavar="KEY",
     help="Sign the pushed image as cosign does with this key (cosign.key or a PEM EC "
-    "P-256 key; password from COSIGN_PASSWORD, --sign-password-file or a prompt).",
+    "P-256 key; password from --sign-password-file, COSIGN_PASSWORD or a prompt).",
 )
 @click.option("--sign-password-file", default=None, metavar="FILE", help="The key's password.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
@@ -279,6 +281,8 @@ def build(
           -o docker-archive:app.tar:app:1 --format docker
       stowaway build ./result --substituter file:///srv/cache \\
           --trusted-public-key cache-1:AbC…= -o oci-archive:app.tar
+      COSIGN_PASSWORD=… stowaway build ./result -o docker://localhost:5000/app:1 \\
+          --dest-tls-verify=false --sbom --sign-key cosign.key
     """
     from stowaway.image.compose import compose
     from stowaway.image.layer_cache import LayerCache, default_cache_dir

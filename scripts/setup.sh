@@ -49,7 +49,8 @@ if ! getent group nixbld >/dev/null; then
   for i in 1 2 3 4; do useradd -r -g nixbld -G nixbld -M -N -s /usr/sbin/nologin "nixbld$i" 2>/dev/null || true; done
 fi
 
-# cosign and oras (image signatures and SBOM referrers, tests/sinks/test_attach_real.py):
+# cosign and oras (image signatures and SBOM referrers; tests/sinks/test_attach.py and
+# tests/image/test_signing_keys.py run the real ones):
 # Debian 13 packages both; Debian 12 has neither, so there the trixie .debs are fetched
 # by pinned hash (each depends only on libc6 >= 2.34, which bookworm has).
 if ! command -v cosign >/dev/null || ! command -v oras >/dev/null; then
@@ -67,6 +68,7 @@ DEBS_EOF
     dpkg -i "$tmp"/*.deb >/dev/null
     rm -rf "$tmp"
   else
+    apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cosign oras >/dev/null
   fi
 fi

@@ -4,12 +4,14 @@ verify` against docker-registry 2.8, `oras discover` through the referrers tag s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,3 +245,47 @@ def test_sbom_of_an_installable_and_of_an_unknown_path(demo_app: str, tmp_path: 
     error = json.loads(proc.stdout)["error"]
     assert proc.returncode == 1 and "not found" in error and "/nix/store/" in error
     assert str(cache) in error  # where it looked
+
+
+def _put(url: str, data: bytes, content_type: str, method: str = "PUT") -> Any:
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", content_type)
+    return urllib.request.urlopen(req)
+
+
+def _push_blob(registry: Registry, repo: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with _put(f"{registry.url}/v2/{repo}/blobs/uploads/", b"", "text/plain", "POST") as r:
+        location = r.headers["Location"]
+    sep = "&" if "?" in location else "?"
+    upload = urllib.parse.urljoin(registry.url, location) + f"{sep}digest={digest}"
+    _put(upload, data, "application/octet-stream").close()
+    return digest
+
+
+def test_a_hostile_signature_tag_is_refused_not_extended(
+    demo_app: str, registry: Registry, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    repo = "hostile/demo"
+    out = build(demo_app, tmp_path / "cache", f"docker://{registry.host}/{repo}:1",
+                "--dest-tls-verify=false")  # fmt: skip
+    config = _push_blob(registry, repo, b"{}")
+    layer = _push_blob(registry, repo, b"not a signature")
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": 15}],
+    }  # fmt: skip
+    tag = f"sha256-{out['manifest_digest'][7:]}.sig"
+    _put(f"{registry.url}/v2/{repo}/manifests/{tag}", json.dumps(manifest).encode(),
+         "application/vnd.oci.image.manifest.v1+json").close()  # fmt: skip
+    proc = run("sign", f"docker://{registry.host}/{repo}:1", "--key", str(keys["ours"]),
+               "--tls-verify=false", ok=False, env={"COSIGN_PASSWORD": PASSWORD})  # fmt: skip
+    assert proc.returncode == 1 and f"{tag}: layer 0 is not a cosign signature" in proc.stderr
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{registry.url}/v2/{repo}/manifests/{tag}",
+                               headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    ) as r:  # fmt: skip
+        assert json.load(r) == manifest  # left as it was

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ __all__ = [
 
 #: Largest signature payload or referrers index read back from a registry.
 SMALL_LIMIT = 4 << 20
+#: Most signatures kept in one ``.sig`` manifest (each is fetched and checked).
+MAX_SIGNATURES = 256
 HUB_REFERENCE = "index.docker.io"
 ACCEPT = ", ".join(
     [MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST, MediaType.OCI_INDEX, MediaType.DOCKER_LIST]
@@ -198,10 +200,13 @@ def _push(client: RegistryClient, target: RegistryTarget, image: Image, tag: str
     )
 
 
-def _get_json(client: RegistryClient, path: str, accept: str) -> tuple[int, str, Any]:
-    resp = client.request("GET", client.url(path), ok={200, 404}, headers={"Accept": accept})
-    if resp.status == 404:
-        return 404, "", None
+def _get_json(
+    client: RegistryClient, path: str, accept: str, missing: Collection[int] = (404,)
+) -> tuple[int, str, Any]:
+    """(status, content type, JSON) of a GET; a status in ``missing`` means none."""
+    resp = client.request("GET", client.url(path), ok={200, *missing}, headers={"Accept": accept})
+    if resp.status != 200:
+        return resp.status, "", None
     if len(resp.body) > SMALL_LIMIT:
         raise AttachError(f"{path}: {len(resp.body)} bytes is too large")
     try:
@@ -214,8 +219,8 @@ def _get_json(client: RegistryClient, path: str, accept: str) -> tuple[int, str,
 def _record_referrer(client: RegistryClient, repo: str, subject: str, artifact: Image) -> str:
     """``referrers-api`` when the registry lists referrers itself, else keep the
     referrers tag (OCI distribution 1.1, "unavailable referrers API")."""
-    status, content_type, doc = _get_json(
-        client, f"/v2/{repo}/referrers/{subject}", MediaType.OCI_INDEX.value
+    status, content_type, doc = _get_json(  # registries without it: 404, some 400/405
+        client, f"/v2/{repo}/referrers/{subject}", MediaType.OCI_INDEX.value, (400, 404, 405)
     )
     if status == 200 and content_type == MediaType.OCI_INDEX and isinstance(doc, dict):
         return "referrers-api"
@@ -257,6 +262,11 @@ def _existing_signatures(
     layers = doc.get("layers") if isinstance(doc, dict) else None
     if not isinstance(layers, list):
         raise AttachError(f"{where} is not a signature manifest (no layers)")
+    if len(layers) >= MAX_SIGNATURES:
+        raise AttachError(
+            f"{where} already holds {len(layers)} signatures",
+            hint="remove the tag's old signatures (cosign clean) and sign again",
+        )
     found = []
     for i, layer in enumerate(layers):
         ok = isinstance(layer, dict) and layer.get("mediaType") == SIMPLESIGNING_MEDIA_TYPE

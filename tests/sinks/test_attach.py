@@ -289,3 +289,29 @@ def test_a_hostile_signature_tag_is_refused_not_extended(
                                headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
     ) as r:  # fmt: skip
         assert json.load(r) == manifest  # left as it was
+
+
+def test_signatures_cosign_made_are_kept_when_stowaway_signs(
+    demo_app: str, registry: Registry, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    ref = f"{registry.host}/mixed/demo:1"
+    out = build(demo_app, tmp_path / "cache", f"docker://{ref}", "--dest-tls-verify=false")
+    by_digest = f"{registry.host}/mixed/demo@{out['manifest_digest']}"
+    made = tool("cosign", "sign", "--key", str(keys["other"]), "--tlog-upload=false",
+                "--allow-insecure-registry", "-y", by_digest, cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    done = json.loads(
+        run(
+            "sign",
+            f"docker://{by_digest}",
+            "--key",
+            str(keys["ours"]),
+            "--tls-verify=false",
+            "--json",
+            env={"COSIGN_PASSWORD": PASSWORD},
+        ).stdout  # fmt: skip
+    )
+    assert done["signatures"] == 2
+    for key in ("ours.pub", "other.pub"):
+        ok = verify(ref, keys[key])
+        assert ok.returncode == 0, ok.stderr

@@ -397,7 +397,9 @@ def build(
     if "sbom" in attached:
         out.print(f"sbom {_sbom_where(attached['sbom'])}")
     if "signature" in attached:
-        out.print(f"signed: {attached['signature']['signature_tag']}")
+        sig = attached["signature"]
+        again = " (already signed with this key)" if sig["already_signed"] else ""
+        out.print(f"signed: {sig['signature_tag']}{again}")
 
 
 def _signing_key(key: str, password_file: str | None, dest: object) -> Any:
@@ -710,7 +712,8 @@ def sign(
     if as_json:
         click.echo(json.dumps(done, indent=2))
         return
-    click.echo(f"signed {done['signed_digest']}: {done['signature_tag']}")
+    again = " (already signed with this key)" if done["already_signed"] else ""
+    click.echo(f"signed {done['signed_digest']}: {done['signature_tag']}{again}")
 
 
 cache_dir_option = click.option(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -45,6 +46,7 @@ __all__ = [
     "sbom_artifact",
     "signature_image",
     "signature_tag",
+    "signed_by",
     "sign_layer",
     "simple_signing_payload",
 ]
@@ -152,6 +154,16 @@ def sign_layer(key: ec.EllipticCurvePrivateKey, payload: bytes) -> SignatureLaye
     """ECDSA P-256 over SHA-256 of ``payload`` (ASN.1 DER, base64), as cosign signs."""
     der = key.sign(payload, ec.ECDSA(hashes.SHA256()))
     return SignatureLayer(payload, {SIGNATURE_ANNOTATION: base64.b64encode(der).decode()})
+
+
+def signed_by(layer: SignatureLayer, key: ec.EllipticCurvePublicKey) -> bool:
+    """Whether ``layer``'s signature is ``key``'s over its payload (a malformed one is not)."""
+    try:
+        key.verify(base64.b64decode(layer.signature, validate=True), layer.payload,
+                   ec.ECDSA(hashes.SHA256()))  # fmt: skip
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def signature_image(layers: Sequence[SignatureLayer]) -> Image:

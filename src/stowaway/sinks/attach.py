@@ -37,6 +37,7 @@ from stowaway.image.artifacts import (
     sign_layer,
     signature_image,
     signature_tag,
+    signed_by,
     simple_signing_payload,
 )
 from stowaway.image.config import canonical_json
@@ -122,14 +123,18 @@ def sign_image(
     with _session(target, tls_verify, creds, plain_http_hint) as client:
         digest = digest or target.digest or resolve_digest(client, target)
         payload = simple_signing_payload(docker_reference(target), digest)
-        mine = sign_layer(key, payload)
         tag = signature_tag(digest)
-        image = signature_image([*_existing_signatures(client, target, tag), mine])
-        _push(client, target, image, tag)
+        existing = _existing_signatures(client, target, tag)
+        # signed by this key already: nothing to add (re-runs do not grow the tag)
+        already = any(s.payload == payload and signed_by(s, key.public_key()) for s in existing)
+        image = signature_image(existing if already else [*existing, sign_layer(key, payload)])
+        if not already:
+            _push(client, target, image, tag)
     return {
         "signed_digest": digest,
         "signature_tag": tag,
         "signatures": len(image.layers),
+        "already_signed": already,
         "signature_manifest": image.manifest.digest,
     }
 

@@ -113,6 +113,13 @@ def test_plain_and_encrypted_pkcs8_p256_keys_load() -> None:
     assert public_key_pem(loaded) == want
     with pytest.raises(SigningKeyError, match="wrong password"):
         load_signing_key(_pem(key, b"pw"), lambda: b"other", where="k")
+    sec1 = key.private_bytes(  # "EC PRIVATE KEY", as openssl ecparam -genkey writes
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    assert b"BEGIN EC PRIVATE KEY" in sec1
+    assert public_key_pem(load_signing_key(sec1, lambda: b"", where="k")) == want
 
 
 def test_other_key_types_and_curves_are_refused() -> None:

@@ -224,6 +224,7 @@ def test_sbom_in_an_oci_layout_and_beside_an_archive(demo_app: str, tmp_path: Pa
     assert beside == tmp_path / "demo.tar.spdx.json"
     doc, from_layout = json.loads(beside.read_text()), json.loads(sbom)
     assert doc["packages"] == from_layout["packages"]  # the names differ: the targets do
+    assert beside.read_text() == run("sbom", f"oci-archive:{archive}:v1").stdout
     # a docker archive keeps the store paths in its history comments
     docker = f"docker-archive:{tmp_path}/d.tar:demo:1"
     out = build(demo_app, tmp_path / "cache", docker, "--format", "docker", "--sbom")

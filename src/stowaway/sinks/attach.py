@@ -77,7 +77,7 @@ class AttachError(StowawayError):
     """An SBOM or signature that cannot be attached where asked."""
 
 
-def sbom_filename(fmt_media_type: str) -> str:
+def _sbom_filename(fmt_media_type: str) -> str:
     return "sbom.spdx.json" if fmt_media_type == SPDX_MEDIA_TYPE else "sbom.cdx.json"
 
 
@@ -94,7 +94,7 @@ def attach_sbom(
 ) -> dict[str, Any]:
     """Attach ``document`` to the image manifest ``subject`` at ``target``; says where
     it went (``mode``: referrers-api, referrers-tag, oci-layout or file)."""
-    filename = sbom_filename(media_type)
+    filename = _sbom_filename(media_type)
     if isinstance(target, OciArchiveTarget | DockerArchiveTarget):
         beside = Path(target.file + "." + filename.removeprefix("sbom."))
         atomic_write(beside, document)
@@ -127,14 +127,14 @@ def sign_image(
         existing = _existing_signatures(client, target, tag)
         # signed by this key already: nothing to add (re-runs do not grow the tag)
         already = any(s.payload == payload and signed_by(s, key.public_key()) for s in existing)
-        image = signature_image(existing if already else [*existing, sign_layer(key, payload)])
-        if not already:
-            _push(client, target, image, tag)
-    return {
-        "signed_digest": digest,
-        "signature_tag": tag,
+        done: dict[str, Any] = {"signed_digest": digest, "signature_tag": tag}
+        if already:
+            return done | {"signatures": len(existing), "already_signed": True}
+        image = signature_image([*existing, sign_layer(key, payload)])
+        _push(client, target, image, tag)
+    return done | {
         "signatures": len(image.layers),
-        "already_signed": already,
+        "already_signed": False,
         "signature_manifest": image.manifest.digest,
     }
 

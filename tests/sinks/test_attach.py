@@ -67,9 +67,9 @@ def build(demo_app: str, cache: Path, target: str, *extra: str) -> dict[str, Any
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def verify(ref: str, pub: Path) -> subprocess.CompletedProcess[str]:
+def verify(ref: str, pub: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return tool("cosign", "verify", "--key", str(pub), "--insecure-ignore-tlog=true",
-                "--allow-insecure-registry", ref)  # fmt: skip
+                "--allow-insecure-registry", *extra, ref)  # fmt: skip
 
 
 def test_cosign_verifies_what_build_signs_and_nothing_else(
@@ -316,3 +316,24 @@ def test_signatures_cosign_made_are_kept_when_stowaway_signs(
     for key in ("ours.pub", "other.pub"):
         ok = verify(ref, keys[key])
         assert ok.returncode == 0, ok.stderr
+
+
+def test_sbom_and_signature_on_a_registry_that_asks_for_credentials(
+    demo_app: str, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    with Registry(tmp_path / "reg", htpasswd={"alice": "pw1"}) as reg:
+        ref = f"{reg.host}/private/demo:1"
+        dest = [f"docker://{ref}", "--dest-tls-verify=false", "--dest-creds", "alice:pw1"]
+        out = build(demo_app, tmp_path / "cache", *dest, "--sbom", "--sign-key", str(keys["ours"]))
+        assert out["sbom"]["mode"] == "referrers-tag" and out["signature"]["signatures"] == 1
+        login = ["--registry-username", "alice", "--registry-password", "pw1"]
+        ok = verify(ref, keys["ours.pub"], *login)
+        assert ok.returncode == 0, ok.stderr
+        found = tool("oras", "discover", "--plain-http", "-u", "alice", "-p", "pw1",
+                     "--format", "json", ref, cwd=tmp_path)  # fmt: skip
+        assert found.returncode == 0, found.stderr
+        assert [m["artifactType"] for m in json.loads(found.stdout)["manifests"]] == [SPDX]
+        sign = ["sign", f"docker://{ref}", "--key", str(keys["ours"]), "--tls-verify=false"]
+        denied = run(*sign, "--creds", "alice:wrong", ok=False, env={"COSIGN_PASSWORD": PASSWORD})
+        assert denied.returncode == 1 and "error:" in denied.stderr, denied.stderr
+        assert "alice" in denied.stderr or "unauthorized" in denied.stderr.lower(), denied.stderr

@@ -123,6 +123,10 @@ def test_sign_refuses_a_wrong_password_and_a_file_target(
     assert proc.returncode == 1 and "wrong password" in json.loads(proc.stdout)["error"]
     proc = run("sign", f"oci:{tmp_path}/x:1", "--key", str(keys["ours"]), ok=False)
     assert "cannot hold a cosign signature" in proc.stderr and "hint:" in proc.stderr
+    # build refuses before any work: nothing is written
+    proc = run("build", demo_app, "-o", f"oci:{tmp_path}/y:1", "--sign-key", str(keys["ours"]),
+               "--cache-dir", str(tmp_path / "cache"), ok=False)  # fmt: skip
+    assert "cannot hold a cosign signature" in proc.stderr and not (tmp_path / "y").exists()
 
 
 def test_sbom_through_the_referrers_tag_schema_on_distribution(

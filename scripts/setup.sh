@@ -52,6 +52,30 @@ if ! getent group nixbld >/dev/null; then
   for i in 1 2 3 4; do useradd -r -g nixbld -G nixbld -M -N -s /usr/sbin/nologin "nixbld$i" 2>/dev/null || true; done
 fi
 
+# cosign and oras (image signatures and SBOM referrers; tests/sinks/test_attach.py and
+# tests/image/test_signing_keys.py run the real ones):
+# Debian 13 packages both; Debian 12 has neither, so there the trixie .debs are fetched
+# by pinned hash (each depends only on libc6 >= 2.34, which bookworm has).
+if ! command -v cosign >/dev/null || ! command -v oras >/dev/null; then
+  echo "setup: installing cosign and oras"
+  if [[ ${VERSION_CODENAME:-} == bookworm ]]; then
+    pool=http://deb.debian.org/debian/pool/main
+    tmp=$(mktemp -d)
+    while read -r url sha; do
+      curl -fsSL -o "$tmp/${url##*/}" "$pool/$url"
+      echo "$sha  $tmp/${url##*/}" | sha256sum -c --quiet -
+    done <<'DEBS_EOF'
+c/cosign/cosign_2.5.0-2+b5_amd64.deb 3b6eadd27f3c4c00bfa7eab5c2397a6a15a763630c7a1d40d06ff60d24799eef
+o/oras/oras_1.2.0-1+b9_amd64.deb 5f138419f0e4bc128ee4717b06190dc5770cf120ab7e3a991e5b3e9158f3189e
+DEBS_EOF
+    dpkg -i "$tmp"/*.deb >/dev/null
+    rm -rf "$tmp"
+  else
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cosign oras >/dev/null
+  fi
+fi
+
 # The project's virtualenv, rebuilt only when pyproject.toml or the lock changes.
 stamp=.venv/.stowaway-deps
 want=$(cat pyproject.toml requirements/dev.lock | sha256sum | cut -d' ' -f1)

@@ -152,6 +152,8 @@ def main() -> None:
       stowaway build -f app.nix -A server -o docker://localhost:5000/app:1 --dest-tls-verify=false
       stowaway plan ./result --json
       stowaway inspect oci:img:latest
+      stowaway sbom oci:img:latest --format cyclonedx
+      stowaway sign docker://localhost:5000/app:1 --key cosign.key --tls-verify=false
       stowaway cache prune --max-size 10G
     """
 
@@ -222,6 +224,24 @@ def main() -> None:
     help="For docker:// targets; false allows plain HTTP (loopback registries).",
 )
 @registry_auth_options("--dest-creds")
+@click.option(
+    "--sbom",
+    "sbom_format",
+    type=click.Choice(["spdx", "cyclonedx"]),
+    default=None,
+    is_flag=False,
+    flag_value="spdx",
+    help="Attach an SBOM of the closure (default SPDX): an OCI referrer on docker:// "
+    "and oci:, FILE.spdx.json beside an archive.",
+)
+@click.option(
+    "--sign-key",
+    default=None,
+    metavar="KEY",
+    help="Sign the pushed image as cosign does with this key (cosign.key or a PEM EC "
+    "P-256 key; password from --sign-password-file, COSIGN_PASSWORD or a prompt).",
+)
+@click.option("--sign-password-file", default=None, metavar="FILE", help="The key's password.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
 def build(
     installables: tuple[str, ...],
@@ -258,6 +278,9 @@ def build(
     dest_tls_verify: bool,
     creds: str | None,
     authfile: str | None,
+    sbom_format: str | None,
+    sign_key: str | None,
+    sign_password_file: str | None,
     as_json: bool,
 ) -> None:
     """Compose an image from Nix store paths and write it to TARGET.
@@ -275,6 +298,8 @@ def build(
           --trusted-public-key cache-1:AbC…= -o oci-archive:app.tar
       stowaway build --platform linux/amd64=./result-amd64 \\
           --platform linux/arm64=./result-arm64 -o docker://localhost:5000/app:1
+      COSIGN_PASSWORD=… stowaway build ./result -o docker://localhost:5000/app:1 \\
+          --dest-tls-verify=false --sbom --sign-key cosign.key
     """
     from stowaway.image.compose import compose
     from stowaway.image.index import build_index
@@ -294,6 +319,7 @@ def build(
         else "pass --cache-dir DIR or set XDG_CACHE_HOME to a writable directory"
     )
     lookup = credentials_from_flags(creds, authfile) if isinstance(dest, RegistryTarget) else None
+    key = _signing_key(sign_key, sign_password_file, dest) if sign_key else None
     wanted, as_index = platform_images(
         platforms,
         contents,
@@ -350,6 +376,14 @@ def build(
             state_dir=cache.root,  # which repos got which blobs: mount sources
             **kwargs,
         )
+    from stowaway.sinks.attach import attach_to_image
+
+    written = index or images[0][1]
+    attached = attach_to_image(
+        dest, written.manifest, clo, name=target, sbom_format=sbom_format, key=key,  # type: ignore[arg-type]
+        created=options.created, tls_verify=dest_tls_verify, creds=lookup,
+        plain_http_hint="for a plain-HTTP registry pass --dest-tls-verify=false",
+    )  # fmt: skip
     # per layer: built now or taken from the layer cache, and what the destination got
     # (its bytes written/uploaded, linked/mounted, or nothing: it had the blob already)
     outcome = {d: "written" for d in sink_result.written}
@@ -367,6 +401,7 @@ def build(
     extra = getattr(sink_result, "to_json", None)
     if callable(extra):
         summary["sink"] = extra()
+    summary |= attached
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -388,6 +423,12 @@ def build(
         )
     if index is not None:
         out.print(f"index {index.manifest.digest} ({len(images)} platforms)")
+    if "sbom" in attached:
+        out.print(f"sbom {_sbom_where(attached['sbom'])}")
+    if "signature" in attached:
+        sig = attached["signature"]
+        again = " (already signed with this key)" if sig["already_signed"] else ""
+        out.print(f"signed: {sig['signature_tag']}{again}")
 
 
 def _image_summary(
@@ -413,6 +454,46 @@ def _image_summary(
         "config_digest": image.config.digest,
         "layers": rows,
     }
+
+
+def _signing_key(key: str, password_file: str | None, dest: object) -> Any:
+    """The private key of --sign-key/--key, read before any work (a wrong password
+    fails at once); signatures go where cosign looks: registries only."""
+    from stowaway.image.signing_keys import read_signing_key
+    from stowaway.sinks import RegistryTarget
+
+    if not isinstance(dest, RegistryTarget):
+        raise StowawayError(
+            f"{dest} cannot hold a cosign signature",
+            hint="sign images pushed to a registry (docker://HOST/REPO:TAG)",
+        )
+
+    def password() -> bytes:
+        import os
+        import sys
+
+        if password_file is not None:
+            try:
+                with open(password_file, "rb") as f:
+                    return f.read().rstrip(b"\r\n")
+            except OSError as e:
+                raise StowawayError(f"cannot read {password_file}: {e.strerror}") from None
+        if "COSIGN_PASSWORD" in os.environ:
+            return os.environ["COSIGN_PASSWORD"].encode()
+        if sys.stdin is not None and sys.stdin.isatty():
+            return str(click.prompt(f"Password for {key}", hide_input=True, err=True)).encode()
+        raise StowawayError(
+            f"{key} is encrypted and no password was given",
+            hint="set COSIGN_PASSWORD or pass a password file",
+        )
+
+    return read_signing_key(key, password)
+
+
+def _sbom_where(done: dict[str, Any]) -> str:
+    if done["mode"] == "file":
+        return f"written to {done['path']}"
+    return f"{done['manifest_digest']} attached ({done['mode']})"
 
 
 @main.command()
@@ -581,6 +662,116 @@ def inspect(
         ],
         right=2,
     )
+
+
+@main.command()
+@click.argument("target", nargs=-1, required=True)
+@store_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["spdx", "cyclonedx"]),
+    default="spdx",
+    show_default=True,
+    help="SPDX 2.3 or CycloneDX 1.5 JSON.",
+)
+@click.option("-o", "--output", default=None, metavar="FILE", help="Write it here, not stdout.")
+@click.option("--tls-verify", type=bool, default=True, show_default=True, help="For docker://.")
+@registry_auth_options()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (with -o) or errors.")
+def sbom(
+    target: tuple[str, ...],
+    store: str | None,
+    substituters: tuple[str, ...],
+    trusted_keys: tuple[str, ...],
+    no_require_sigs: bool,
+    fmt: str,
+    output: str | None,
+    tls_verify: bool,
+    creds: str | None,
+    authfile: str | None,
+    as_json: bool,
+) -> None:
+    """Print the SBOM of an image: one package per store path (name, version, NAR
+    hash, deriver, references), the image's top paths described.
+
+    TARGET is an image `inspect` reads (its store paths come from stowaway's layer
+    annotations), or installables (store paths, ./result, flake references). Path
+    details come from the local store and substituters, as for `build`.
+
+    \b
+    Examples:
+      stowaway sbom oci:out:latest > app.spdx.json
+      stowaway sbom docker://localhost:5000/app:1 --tls-verify=false --format cyclonedx
+      stowaway sbom ./result -o app.spdx.json
+    """
+    from stowaway.image.sbom import sbom_document, top_paths
+    from stowaway.sinks.inspect import image_store_paths
+
+    if len(target) == 1 and target[0].split(":", 1)[0] in _IMAGE_TRANSPORTS:
+        remote = target[0].startswith("docker:")
+        lookup = credentials_from_flags(creds, authfile) if remote else None
+        paths, created = image_store_paths(target[0], tls_verify=tls_verify, creds=lookup)
+        name = target[0]
+    else:
+        paths, created, name = _roots(target, None, ()), 1, " ".join(target)
+    source, clo = _closure(paths, store, substituters, trusted_keys, no_require_sigs)
+    source.close()
+    doc = sbom_document(clo, top_paths(clo), name=name, created=created, fmt=fmt)  # type: ignore[arg-type]
+    if output is None:
+        click.echo(doc.decode(), nl=False)
+        return
+    from stowaway.fsutil import atomic_write
+    from stowaway.image.digest import sha256_digest
+
+    atomic_write(Path(output), doc)
+    info = {"output": output, "format": fmt, "packages": len(clo), "digest": sha256_digest(doc)}
+    click.echo(json.dumps(info, indent=2) if as_json else f"{output}: {len(clo)} packages")
+
+
+_IMAGE_TRANSPORTS = ("oci", "oci-archive", "docker-archive", "docker")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--key", required=True, metavar="KEY", help="cosign.key or a PEM EC P-256 key.")
+@click.option("--password-file", default=None, metavar="FILE", help="The key's password.")
+@click.option("--tls-verify", type=bool, default=True, show_default=True, help="False: plain HTTP.")
+@registry_auth_options()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def sign(
+    target: str,
+    key: str,
+    password_file: str | None,
+    tls_verify: bool,
+    creds: str | None,
+    authfile: str | None,
+    as_json: bool,
+) -> None:
+    """Sign an image in a registry as cosign does (`cosign verify --key cosign.pub`
+    checks it): the simple-signing payload signed with ECDSA P-256, pushed to the
+    tag sha256-<hex>.sig beside signatures already there.
+
+    \b
+    Examples:
+      COSIGN_PASSWORD=… stowaway sign docker://localhost:5000/app:1 --key cosign.key
+      stowaway sign docker://ghcr.io/org/app@sha256:… --key ec.pem --creds me
+    """
+    from stowaway.sinks import parse_target
+    from stowaway.sinks.attach import sign_image
+
+    dest = parse_target(target)
+    private = _signing_key(key, password_file, dest)
+    lookup = credentials_from_flags(creds, authfile)
+    done = sign_image(
+        dest, private, tls_verify=tls_verify, creds=lookup,  # type: ignore[arg-type]
+        plain_http_hint="for a plain-HTTP registry pass --tls-verify=false",
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(done, indent=2))
+        return
+    again = " (already signed with this key)" if done["already_signed"] else ""
+    click.echo(f"signed {done['signed_digest']}: {done['signature_tag']}{again}")
 
 
 cache_dir_option = click.option(

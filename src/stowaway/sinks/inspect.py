@@ -22,6 +22,7 @@ import hashlib
 import json
 import tarfile
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,7 +43,7 @@ from stowaway.sinks.targets import (
 )
 from stowaway.store.model import STORE_DIR
 
-__all__ = ["InspectError", "host_platform", "read_image_summary"]
+__all__ = ["InspectError", "host_platform", "image_store_paths", "read_image_summary"]
 
 INDEX_TYPES = (MediaType.OCI_INDEX, MediaType.DOCKER_LIST)
 MANIFEST_TYPES = (MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST)
@@ -253,6 +254,8 @@ def _from_layout(
     manifests = index.get("manifests", [])
     if tag:
         manifests = [m for m in manifests if m.get("annotations", {}).get(REF_NAME) == tag]
+    else:  # referrers (an attached SBOM) are listed untagged, and are no image
+        manifests = [m for m in manifests if not m.get("artifactType")]
     if not manifests:
         raise InspectError(f"no image{' tagged ' + tag if tag else ''} in {target}")
     desc = manifests[0]
@@ -411,3 +414,27 @@ def _from_registry(
         return _from_manifest(target, reference, fetch, blob, want)
     finally:
         client.close()
+
+
+def image_store_paths(
+    target: str, *, tls_verify: bool = True, creds: CredentialsLookup | None = None
+) -> tuple[list[str], int]:
+    """The store paths the image at ``target`` holds (from its layers' annotations)
+    and its creation time (epoch seconds): what ``stowaway sbom`` describes."""
+    summary = read_image_summary(target, tls_verify=tls_verify, creds=creds)
+    if summary["index"]:
+        raise InspectError(
+            f"{target} is an image index", hint="name one platform's image by its digest"
+        )
+    paths = sorted({p for layer in summary["layers"] for p in layer["store_paths"]})
+    if not paths:
+        raise InspectError(
+            f"{target}: no layer says which store paths it holds",
+            hint="only images stowaway built carry the store-path annotations",
+        )
+    created = summary["config"]["created"]
+    try:
+        when = datetime.fromisoformat(str(created).replace("Z", "+00:00")) if created else None
+    except ValueError:
+        raise InspectError(f"{target}: the config's created {created!r} is not RFC 3339") from None
+    return paths, int(when.timestamp()) if when else 1

@@ -3,11 +3,11 @@
 ``cosign generate-key-pair`` writes an ``ENCRYPTED SIGSTORE PRIVATE KEY`` (older
 releases: ``ENCRYPTED COSIGN PRIVATE KEY``) PEM block whose body is JSON: scrypt
 parameters and salt (the KDF that turns the password into a 32-byte key), a
-``nacl/secretbox`` nonce and the ciphertext of the PKCS#8 DER key. NaCl's secretbox is
-XSalsa20 + Poly1305; ``cryptography`` has Poly1305 and scrypt but not Salsa20, so the
-cipher (a few dozen lines, run once over ~150 bytes) is here, checked by the MAC before
-any byte is used. Plain ``PRIVATE KEY`` (PKCS#8) and ``EC PRIVATE KEY`` (SEC 1) PEM
-files work too, unencrypted or with their own password.
+``nacl/secretbox`` nonce and the ciphertext of the PKCS#8 DER key. scrypt comes from
+``cryptography``; the secretbox (XSalsa20 + Poly1305, which ``cryptography`` lacks)
+from PyNaCl's libsodium, which checks the MAC before any byte is used. Plain
+``PRIVATE KEY`` (PKCS#8) and ``EC PRIVATE KEY`` (SEC 1) PEM files work too, unencrypted
+or with their own password.
 
 Only ECDSA P-256 keys are accepted: what cosign signs and verifies by default.
 """
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
-import struct
 from collections.abc import Callable
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -26,7 +24,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from stowaway.errors import StowawayError
 
@@ -163,61 +160,13 @@ def _decrypt_cosign(body: bytes, password: bytes, where: str) -> bytes:
     return plain
 
 
-# ------------------------------------------------------------------ XSalsa20-Poly1305
-
-_SIGMA = struct.unpack("<4I", b"expand 32-byte k")
-_MASK = 0xFFFFFFFF
-#: A double round: the quarter-rounds of the columns, then of the rows.
-_DOUBLE_ROUND = (
-    (0, 4, 8, 12), (5, 9, 13, 1), (10, 14, 2, 6), (15, 3, 7, 11),
-    (0, 1, 2, 3), (5, 6, 7, 4), (10, 11, 8, 9), (15, 12, 13, 14),
-)  # fmt: skip
-
-
-def _rounds(x: list[int]) -> None:
-    """Salsa20's 20 rounds (10 double rounds: columns, then rows), in place."""
-
-    def qr(a: int, b: int, c: int, d: int) -> None:
-        x[b] ^= ((x[a] + x[d]) & _MASK) << 7 & _MASK | ((x[a] + x[d]) & _MASK) >> 25
-        x[c] ^= ((x[b] + x[a]) & _MASK) << 9 & _MASK | ((x[b] + x[a]) & _MASK) >> 23
-        x[d] ^= ((x[c] + x[b]) & _MASK) << 13 & _MASK | ((x[c] + x[b]) & _MASK) >> 19
-        x[a] ^= ((x[d] + x[c]) & _MASK) << 18 & _MASK | ((x[d] + x[c]) & _MASK) >> 14
-
-    for _ in range(10):
-        for a, b, c, d in _DOUBLE_ROUND:
-            qr(a, b, c, d)
-
-
-def _state(key: bytes, middle: bytes) -> list[int]:
-    k = struct.unpack("<8I", key)
-    m = struct.unpack("<4I", middle)
-    return [_SIGMA[0], *k[:4], _SIGMA[1], *m, _SIGMA[2], *k[4:], _SIGMA[3]]
-
-
-def _hsalsa20(key: bytes, nonce16: bytes) -> bytes:
-    x = _state(key, nonce16)
-    _rounds(x)
-    return struct.pack("<8I", *(x[i] for i in (0, 5, 10, 15, 6, 7, 8, 9)))
-
-
-def _salsa20_stream(key: bytes, nonce8: bytes, n: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < n:
-        start = _state(key, nonce8 + struct.pack("<Q", counter))
-        x = list(start)
-        _rounds(x)
-        out += struct.pack("<16I", *((a + b) & _MASK for a, b in zip(x, start, strict=True)))
-        counter += 1
-    return bytes(out[:n])
-
-
 def _secretbox_open(box: bytes, nonce: bytes, key: bytes) -> bytes | None:
-    """NaCl ``crypto_secretbox_open``: ``box`` is tag (16) + ciphertext; None when the
-    Poly1305 tag does not match (wrong key or tampered data)."""
-    subkey = _hsalsa20(key, nonce[:16])
-    tag, cipher = box[:16], box[16:]
-    stream = _salsa20_stream(subkey, nonce[16:], 32 + len(cipher))
-    if not hmac.compare_digest(Poly1305.generate_tag(stream[:32], cipher), tag):
+    """NaCl ``crypto_secretbox_open`` (libsodium, through PyNaCl): ``box`` is tag +
+    ciphertext; None when the Poly1305 tag does not match (wrong key or tampered data)."""
+    from nacl.exceptions import CryptoError
+    from nacl.secret import SecretBox
+
+    try:
+        return bytes(SecretBox(key).decrypt(box, nonce))
+    except CryptoError:
         return None
-    return bytes(a ^ b for a, b in zip(cipher, stream[32:], strict=True))

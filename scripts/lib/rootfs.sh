@@ -25,7 +25,7 @@ parse_flags() {
 }
 
 # ensure_rootfs TAR PACKAGES MESSAGE [prune]: a $SUITE minbase with the comma-separated
-# PACKAGES into TAR unless it exists (made in a temp dir, then mv: a crash never leaves a
+# PACKAGES (none: debootstrap's minbase as is) into TAR unless it exists (made in a temp dir, then mv: a crash never leaves a
 # partial TAR); "prune" drops apt's downloaded .debs and lists. The packages are installed
 # by apt inside the new root, not by debootstrap's --include, which resolves no virtual
 # packages (Debian 13's python3-grpcio needs libre2-11-absl20240722, provided by libre2-11;
@@ -38,10 +38,12 @@ ensure_rootfs() {
   # shellcheck disable=SC2064 # $work is expanded now: it is local and gone at exit
   trap "rm -rf '$work'" EXIT
   debootstrap --variant=minbase "$SUITE" "$work/root" "$MIRROR" >&2
-  cp /etc/resolv.conf "$work/root/etc/resolv.conf"
-  chroot "$work/root" /usr/bin/env DEBIAN_FRONTEND=noninteractive sh -ec \
-    "apt-get update -qq && apt-get install -y -qq --no-install-recommends ${packages//,/ }" >&2
-  : > "$work/root/etc/resolv.conf"
+  if [ -n "$packages" ]; then
+    cp /etc/resolv.conf "$work/root/etc/resolv.conf"
+    chroot "$work/root" /usr/bin/env DEBIAN_FRONTEND=noninteractive sh -ec \
+      "apt-get update -qq && apt-get install -y -qq --no-install-recommends ${packages//,/ }" >&2
+    : > "$work/root/etc/resolv.conf"
+  fi
   if [ "$prune" = prune ]; then
     rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"*
   fi

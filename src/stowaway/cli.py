@@ -18,6 +18,7 @@ from stowaway.cli_options import (
     StowawayGroup,
     arg_option,
     argstr_option,
+    base_image_options,
     credentials_from_flags,
     image_flags,
     image_options_from_flags,
@@ -212,6 +213,7 @@ def main() -> None:
     help="For docker:// targets; false allows plain HTTP (loopback registries).",
 )
 @registry_auth_options("--dest-creds")
+@base_image_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
 def build(
     installables: tuple[str, ...],
@@ -243,6 +245,9 @@ def build(
     dest_tls_verify: bool,
     creds: str | None,
     authfile: str | None,
+    base: str | None,
+    src_tls_verify: bool,
+    src_creds: str | None,
     as_json: bool,
 ) -> None:
     """Compose an image from Nix store paths and write it to TARGET.
@@ -258,6 +263,8 @@ def build(
           -o docker-archive:app.tar:app:1 --format docker
       stowaway build ./result --substituter file:///srv/cache \\
           --trusted-public-key cache-1:AbC…= -o oci-archive:app.tar
+      stowaway build ./result --from docker://reg.example/debian:12 \\
+          -o docker://reg.example/app:1
     """
     from stowaway.image.compose import compose
     from stowaway.image.layer_cache import LayerCache, default_cache_dir
@@ -287,8 +294,14 @@ def build(
         mtime=default_mtime(),
     )
     from stowaway._ui import progress_display
+    from stowaway.sinks.base import open_base
 
-    with source, progress_display(not as_json) as prog:
+    base_creds = credentials_from_flags(src_creds, authfile) if base else None
+    with (
+        source,
+        open_base(base, options, cache=cache, tls_verify=src_tls_verify, creds=base_creds) as bi,
+        progress_display(not as_json) as prog,
+    ):
         kwargs: dict[str, Any] = {"progress": prog} if prog else {}
         if prog:
             prog.phase("layers", sum(info.nar_size for info in clo.values()))
@@ -303,6 +316,7 @@ def build(
             cache=cache,
             format=fmt,  # type: ignore[arg-type]
             jobs=jobs,
+            base=bi,
             **kwargs,
         )
         if prog:
@@ -322,6 +336,7 @@ def build(
     outcome = {d: "written" for d in sink_result.written}
     outcome |= {d: "linked" for d in sink_result.linked}
     outcome |= {d: "present" for d in sink_result.skipped}
+    below = len(bi.layers) if bi else 0
     rows = [
         {
             "digest": layer.digest,
@@ -331,8 +346,9 @@ def build(
             "built": not layer.reused,
             "destination": outcome.get(layer.digest, "present"),
             "reused": layer.reused or outcome.get(layer.digest) == "present",
+            **({"base": i < below} if bi else {}),
         }
-        for layer in image.layers
+        for i, layer in enumerate(image.layers)
     ]
     summary: dict[str, Any] = {
         "target": target,
@@ -355,9 +371,10 @@ def build(
     sent = sum(1 for r in rows if r["destination"] == "written")
     linked = sum(1 for r in rows if r["destination"] == "linked")
     verbs = ("uploaded", "mounted") if isinstance(dest, RegistryTarget) else ("written", "linked")
+    from_base = f", {below} from the base" if below else ""
     out.print(
-        f"{len(rows)} layers, {human(total)}: {built} built, {len(rows) - built} from the "
-        f"layer cache; {sent} {verbs[0]}, {linked} {verbs[1]}, "
+        f"{len(rows)} layers, {human(total)}: {built} built, {len(rows) - built - below} from "
+        f"the layer cache{from_base}; {sent} {verbs[0]}, {linked} {verbs[1]}, "
         f"{len(rows) - sent - linked} already there"
     )
 

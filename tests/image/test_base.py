@@ -269,7 +269,9 @@ def test_customisation_leaves_accounts_to_the_base_unless_a_new_user_needs_them(
         calls.append(1)
         return passwd, group
 
-    def files(user: str | None, acc: Callable[[], tuple[bytes | None, bytes | None]] = accounts):
+    def files(
+        user: str | None, acc: Callable[[], tuple[bytes | None, bytes | None]] = accounts
+    ) -> dict[bytes, bytes]:
         custom = plan_customisation(ImageOptions(user=user), local_store, base_accounts=acc)
         return {m.name: m.data for m in custom.members if m.name.startswith(b"etc/")}
 

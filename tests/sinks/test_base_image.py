@@ -15,10 +15,15 @@ from typing import Any
 import pytest
 
 from daemons import Containerd, Registry
+from stowaway.image.config import default_architecture
 
 STOWAWAY = [sys.executable, "-m", "stowaway"]
 REPO = Path(__file__).resolve().parents[2]
 PATHS_KEY = "containerd.io/snapshot/stowaway.paths.0"
+INDEX = "application/vnd.oci.image.index.v1+json"
+#: This machine's architecture (the Debian base's, and the build's) and another one.
+HOST = default_architecture()
+OTHER = "s390x" if HOST != "s390x" else "arm64"
 
 
 def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -180,6 +185,44 @@ def copy_layout(debian: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], N
     return layout
 
 
+def indexed(debian: Path, tmp_path: Path, name: str, arches: list[str]) -> Path:
+    """A copy of the Debian layout whose tag names an image index: ``HOST`` entries are
+    the real manifest, other architectures a manifest that is not there."""
+    import hashlib
+
+    layout = tmp_path / name
+    shutil.copytree(debian, layout)
+    index = json.loads((layout / "index.json").read_text())
+    real = index["manifests"][0]
+    entries = [
+        {
+            "mediaType": real["mediaType"],
+            "digest": real["digest"] if arch == HOST else "sha256:" + "e" * 64,
+            "size": real["size"],
+            "platform": {"os": "linux", "architecture": arch},
+        }
+        for arch in arches
+    ]
+    doc = {"schemaVersion": 2, "mediaType": INDEX, "manifests": entries}
+    data = json.dumps(doc).encode()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (layout / "blobs/sha256" / digest[7:]).write_bytes(data)
+    index["manifests"][0] = {"mediaType": INDEX, "digest": digest, "size": len(data),
+                             "annotations": real["annotations"]}  # fmt: skip
+    (layout / "index.json").write_text(json.dumps(index))
+    return layout
+
+
+def test_an_index_base_gives_the_manifest_of_the_build_platform(
+    debian: Path, demo_app: str, tmp_path: Path
+) -> None:
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    direct = build(demo_app, *cache, "--from", f"oci:{debian}:12", "-o", f"oci:{tmp_path}/a")
+    multi = indexed(debian, tmp_path, "multi", [OTHER, HOST, "riscv64"])
+    via_index = build(demo_app, *cache, "--from", f"oci:{multi}:12", "-o", f"oci:{tmp_path}/b")
+    assert via_index["manifest_digest"] == direct["manifest_digest"]
+
+
 def failure(*args: str) -> tuple[str, str]:
     proc = run("build", "--json", *args, ok=False)
     assert proc.returncode == 1, proc.stderr
@@ -192,9 +235,13 @@ def test_bad_bases_give_clear_errors(debian: Path, demo_app: str, tmp_path: Path
     # another platform
     arm = tmp_path / "arm"
     shutil.copytree(debian, arm)
-    tool("umoci", "config", "--image", f"{arm}:12", "--architecture", "arm64")
+    tool("umoci", "config", "--image", f"{arm}:12", "--architecture", OTHER)
     error, hint = failure(*common, "--from", f"oci:{arm}:12")
-    assert "is a linux/arm64 image; this image is for linux/amd64" in error and "platform" in hint
+    assert f"is a linux/{OTHER} image; this image is for linux/{HOST}" in error
+    assert "platform" in hint
+
+    error, hint = failure(*common, "--from", f"oci:{indexed(debian, tmp_path, 'i', [OTHER])}:12")
+    assert f"no linux/{HOST} image in the index" in error and f"linux/{OTHER}" in hint
 
     # a media type we cannot use
     def bzip2(m: dict[str, Any]) -> None:

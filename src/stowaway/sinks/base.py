@@ -85,7 +85,9 @@ def _read(
     doc, digest, media_type = fetch_manifest(where, reader.reference, reader.fetch)
     if is_index(doc, media_type):
         entry = pick_platform(where, doc, (*platform, None))
+        listed = next(m.get("mediaType") for m in doc["manifests"] if m.get("digest") == entry)
         doc, digest, media_type = fetch_manifest(where, entry, reader.fetch)
+        media_type = media_type or str(listed or "")  # the manifest may not say it itself
 
     def make_layer(layer: Layer) -> Layer:
         if in_place:  # a layout directory's own file: read in place, never dropped

@@ -261,3 +261,28 @@ def test_bad_bases_give_clear_errors(debian: Path, demo_app: str, tmp_path: Path
     # not an image reference at all, and a docker archive
     assert "invalid base image" in failure(*common, "--from", "nope")[0]
     assert "docker archive cannot be a base" in failure(*common, "--from", "docker-archive:x")[0]
+
+
+def test_a_private_registry_base_takes_its_own_credentials(
+    debian: Path, demo_app: str, tmp_path: Path
+) -> None:
+    """--src-creds or the login files (here --authfile) for the base's registry; the
+    destination's --creds are never sent there."""
+    import base64
+
+    with Registry(tmp_path / "reg", htpasswd={"alice": "s3cret"}) as reg:
+        base = f"docker://{reg.host}/private/debian:12"
+        tool("skopeo", "copy", "--dest-tls-verify=false", "--dest-creds", "alice:s3cret",
+             f"oci:{debian}:12", base)  # fmt: skip
+        empty, login = tmp_path / "empty.json", tmp_path / "auth.json"
+        empty.write_text("{}")
+        token = base64.b64encode(b"alice:s3cret").decode()
+        login.write_text(json.dumps({"auths": {reg.host: {"auth": token}}}))
+        common = [demo_app, "--from", base, "--src-tls-verify=false"]
+        out = ["--cache-dir", str(tmp_path / "cache"), "-o", f"oci:{tmp_path}/out"]
+        error, hint = failure(*common, "--creds", "alice:s3cret", "--authfile", str(empty), *out)
+        assert "401" in error or "unauthorized" in error.lower(), error
+        assert hint
+        with_flag = build(*common, "--src-creds", "alice:s3cret", "--authfile", str(empty), *out)
+        from_file = build(*common, "--authfile", str(login), *out)
+    assert with_flag["manifest_digest"] == from_file["manifest_digest"]

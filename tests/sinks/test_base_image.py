@@ -185,9 +185,11 @@ def copy_layout(debian: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], N
     return layout
 
 
-def indexed(debian: Path, tmp_path: Path, name: str, arches: list[str]) -> Path:
+def indexed(
+    debian: Path, tmp_path: Path, name: str, arches: list[str], host_digest: str | None = None
+) -> Path:
     """A copy of the Debian layout whose tag names an image index: ``HOST`` entries are
-    the real manifest, other architectures a manifest that is not there."""
+    the real manifest (or ``host_digest``), other architectures one that is not there."""
     import hashlib
 
     layout = tmp_path / name
@@ -197,7 +199,7 @@ def indexed(debian: Path, tmp_path: Path, name: str, arches: list[str]) -> Path:
     entries = [
         {
             "mediaType": real["mediaType"],
-            "digest": real["digest"] if arch == HOST else "sha256:" + "e" * 64,
+            "digest": (host_digest or real["digest"]) if arch == HOST else "sha256:" + "e" * 64,
             "size": real["size"],
             "platform": {"os": "linux", "architecture": arch},
         }
@@ -242,6 +244,9 @@ def test_bad_bases_give_clear_errors(debian: Path, demo_app: str, tmp_path: Path
 
     error, hint = failure(*common, "--from", f"oci:{indexed(debian, tmp_path, 'i', [OTHER])}:12")
     assert f"no linux/{HOST} image in the index" in error and f"linux/{OTHER}" in hint
+    escape = indexed(debian, tmp_path, "esc", [HOST], host_digest="sha256:../../../etc/passwd")
+    error, _ = failure(*common, "--from", f"oci:{escape}:12")
+    assert "index entry: invalid digest 'sha256:../../../etc/passwd'" in error
 
     # a media type we cannot use
     def bzip2(m: dict[str, Any]) -> None:

@@ -174,7 +174,10 @@ def pick_platform(target: str, index: Mapping[str, Any], want: tuple[str, str, s
         p = (m.get("platform") or {}) if isinstance(m, dict) else {}
         if p.get("os") == os_ and p.get("architecture") == arch:
             if variant is None or p.get("variant") == variant:
-                return str(m["digest"])
+                try:  # it names a blob file or goes into a URL
+                    return "{}:{}".format(*parse_digest(str(m.get("digest"))))
+                except StowawayError as e:
+                    raise InspectError(f"{target}: index entry: {e.message}") from None
     raise InspectError(
         f"{target}: no {'/'.join(x for x in want if x)} image in the index",
         hint="it has: " + (", ".join(r["platform"] for r in _platforms(index)) or "nothing"),

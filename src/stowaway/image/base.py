@@ -111,10 +111,8 @@ class BaseLayer(Layer):
         try:
             with self.cache.blob_writer() as writer, self.fetch() as f:
                 reader = VerifyingReader(f, self.digest, self.size)  # type: ignore[arg-type]
-                while data := reader.read(CHUNK):
+                while data := reader.read(CHUNK):  # raises at the end if short or wrong
                     writer.write(data)
-                if writer.size != self.size:  # a stream that ends early
-                    reader.read(1)
                 self.path = self.cache.commit(key, writer, self.diff_id, self.media_type).path
         except CorruptBlob as e:
             raise BaseImageError(

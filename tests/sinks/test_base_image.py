@@ -263,7 +263,9 @@ def test_bad_bases_give_clear_errors(debian: Path, demo_app: str, tmp_path: Path
     layer.write_bytes(bytes(data))
     error, hint = failure(*common, "--from", f"oci:{broken}:12")
     assert error.startswith("corrupt blob") and str(layer) in hint and layer.exists()
-    # not an image reference at all, and a docker archive
+    # no such layout, not an image reference at all, and a docker archive
+    error, hint = failure(*common, "--from", f"oci:{tmp_path}/none:12")
+    assert error.startswith("base image oci:") and "has no index.json" in error and hint
     assert "invalid base image" in failure(*common, "--from", "nope")[0]
     assert "docker archive cannot be a base" in failure(*common, "--from", "docker-archive:x")[0]
 

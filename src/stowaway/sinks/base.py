@@ -27,6 +27,7 @@ from stowaway.sinks.inspect import (
     open_image,
     pick_platform,
 )
+from stowaway.sinks.oci_layout import LayoutError
 from stowaway.sinks.targets import DockerArchiveTarget, OciTarget, TargetError, parse_target
 
 __all__ = ["open_base"]
@@ -73,9 +74,10 @@ def open_base(
                 )
             )
             image = _read(where, reader, platform, cache, in_place=isinstance(dest, OciTarget))
-        except InspectError as e:
+        except (InspectError, LayoutError) as e:
             message = e.message if e.message.startswith(where) else f"{where}: {e.message}"
-            raise BaseImageError(message, hint=e.hint) from None
+            hint = e.hint or "check that BASE names an existing image (skopeo inspect BASE)"
+            raise BaseImageError(message, hint=hint) from None
         yield image  # the reader stays open: layers are fetched while the image is written
 
 

@@ -3,7 +3,18 @@
 # image. Callers run with `set -euo pipefail` from the repository root.
 
 CACHE="${STOWAWAY_CACHE:-/var/cache/stowaway}"
-MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The Debian mirror: $DEBIAN_MIRROR, else the one this machine's apt uses (deb822 .sources
+# or one-line sources.list, as ../shared/cleanroom.sh finds it), else deb.debian.org.
+apt_mirror() {
+  local m
+  m=$(awk '/^URIs:/ && $2 ~ /^https?:/ && $2 !~ /security/ {print $2; exit}' \
+    /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$m" ] || m=$(awk '$1 == "deb" && $2 ~ /^https?:/ && $2 !~ /security/ {print $2; exit}
+    $1 == "deb" && $3 ~ /^https?:/ && $3 !~ /security/ {print $3; exit}' \
+    /etc/apt/sources.list 2>/dev/null || true)
+  echo "${m:-http://deb.debian.org/debian}"
+}
+MIRROR="${DEBIAN_MIRROR:-$(apt_mirror)}"
 DOCKER="${DOCKER:-/usr/bin/docker}"
 # The images are made of this machine's Debian release (Debian 12: python3-grpcio 1.51 and
 # Nix 2.8; Debian 13: Python 3.13 and Nix 2.26), so each suite's own packages are tested.

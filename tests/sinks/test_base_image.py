@@ -17,6 +17,8 @@ import pytest
 from daemons import Containerd, Registry
 from stowaway.image.config import default_architecture
 
+pytestmark = pytest.mark.slow  # debootstraps Debian once per machine
+
 STOWAWAY = [sys.executable, "-m", "stowaway"]
 REPO = Path(__file__).resolve().parents[2]
 PATHS_KEY = "containerd.io/snapshot/stowaway.paths.0"

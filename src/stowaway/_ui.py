@@ -135,7 +135,7 @@ def layer_table(title: str, rows: list[dict[str, Any]]) -> None:
             human(int(row["size"])),
             str(row.get("digest", ""))[7:19],
             "yes" if row.get("reused") else "",
-            short_paths(list(row.get("store_paths", []))),
+            "(base image)" if row.get("base") else short_paths(list(row.get("store_paths", []))),
         )
     out.print(table)
 

@@ -18,6 +18,7 @@ from stowaway.cli_options import (
     StowawayGroup,
     arg_option,
     argstr_option,
+    base_image_options,
     credentials_from_flags,
     image_flags,
     image_options_from_flags,
@@ -29,7 +30,7 @@ from stowaway.cli_options import (
 from stowaway.errors import StowawayError
 
 if TYPE_CHECKING:
-    from stowaway.image.model import Image
+    from stowaway.sinks.pipeline import Built, BuiltImage
     from stowaway.store.sources import Sources
 
 #: INSTALLABLES (store paths, ./result links, flake references) and -f FILE.nix with
@@ -242,6 +243,7 @@ def main() -> None:
     "P-256 key; password from --sign-password-file, COSIGN_PASSWORD or a prompt).",
 )
 @click.option("--sign-password-file", default=None, metavar="FILE", help="The key's password.")
+@base_image_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for machines.")
 def build(
     installables: tuple[str, ...],
@@ -281,6 +283,9 @@ def build(
     sbom_format: str | None,
     sign_key: str | None,
     sign_password_file: str | None,
+    base: str | None,
+    src_tls_verify: bool,
+    src_creds: str | None,
     as_json: bool,
 ) -> None:
     """Compose an image from Nix store paths and write it to TARGET.
@@ -300,16 +305,16 @@ def build(
           --platform linux/arm64=./result-arm64 -o docker://localhost:5000/app:1
       COSIGN_PASSWORD=… stowaway build ./result -o docker://localhost:5000/app:1 \\
           --dest-tls-verify=false --sbom --sign-key cosign.key
+      stowaway build ./result --from docker://reg.example/debian:12 \\
+          -o docker://reg.example/app:1
     """
-    from stowaway.image.compose import compose
-    from stowaway.image.index import build_index
+    from stowaway._ui import progress_display
     from stowaway.image.layer_cache import LayerCache, default_cache_dir
     from stowaway.image.layers import LayerSettings
-    from stowaway.image.platform import closure_platform, with_platform
     from stowaway.image.tar import default_mtime
     from stowaway.installables import platform_images
-    from stowaway.sinks import RegistryTarget, parse_target, require_index_support, write_image
-    from stowaway.store.sources import sub_closure
+    from stowaway.sinks import RegistryTarget, parse_target, require_index_support
+    from stowaway.sinks.pipeline import BaseSpec, build_and_write
 
     dest = parse_target(target)
     cache = LayerCache(Path(cache_dir) if cache_dir else default_cache_dir())
@@ -330,112 +335,107 @@ def build(
         require_index_support(dest)
     everything = [p for w in wanted for p in [*w.roots, *w.contents]]
     source, clo = _closure(everything, store, substituters, trusted_keys, no_require_sigs)
-    settings = LayerSettings(
-        compression=compression,  # type: ignore[arg-type]
-        level=compression_level,
-        mtime=default_mtime(),
-    )
-    from stowaway._ui import progress_display
-
+    params = click.get_current_context().params
+    plain_http_hint = "for a plain-HTTP registry pass --dest-tls-verify=false"
     with source, progress_display(not as_json) as prog:
-        kwargs: dict[str, Any] = {"progress": prog} if prog else {}
         if prog:
             prog.phase("layers", sum(info.nar_size for info in clo.values()))
-        images = []
-        for want in wanted:
-            roots = [*want.roots, *want.contents]
-            own = sub_closure(clo, roots) if as_index else clo
-            plat = closure_platform(
-                source, roots, own, explicit=want.platform, check_explicit=as_index
-            )
-            params = click.get_current_context().params
-            options = image_options_from_flags(params, contents=want.contents)
-            result = compose(
-                source,
-                roots,
-                with_platform(options, plat.platform),
-                closure=own,
-                strategy=layering,
-                max_layers=max_layers,
-                settings=settings,
-                cache=cache,
-                format=fmt,  # type: ignore[arg-type]
-                jobs=jobs,
-                **kwargs,
-            )
-            images.append((plat, result.image))
-        index = build_index([(p.platform, i) for p, i in images]) if as_index else None
-        if prog:
-            prog.phase("push" if isinstance(dest, RegistryTarget) else "write")
-        sink_result = write_image(
-            index or images[0][1],
-            dest,
-            tls_verify=dest_tls_verify,
-            plain_http_hint="for a plain-HTTP registry pass --dest-tls-verify=false",
-            creds=lookup,
-            state_dir=cache.root,  # which repos got which blobs: mount sources
-            **kwargs,
+        built = build_and_write(
+            wanted,
+            as_index=as_index,
+            source=source,
+            closure=clo,
+            options_for=lambda paths: image_options_from_flags(params, contents=paths),
+            dest=dest,
+            name=target,
+            cache=cache,
+            settings=LayerSettings(
+                compression=compression,  # type: ignore[arg-type]
+                level=compression_level,
+                mtime=default_mtime(),
+            ),
+            strategy=layering,
+            max_layers=max_layers,
+            format=fmt,  # type: ignore[arg-type]
+            jobs=jobs,
+            base=BaseSpec(base, src_tls_verify, credentials_from_flags(src_creds, authfile))
+            if base
+            else None,
+            write_opts={
+                "tls_verify": dest_tls_verify,
+                "plain_http_hint": plain_http_hint,
+                "creds": lookup,
+                "state_dir": cache.root,  # which repos got which blobs: mount sources
+            },
+            sbom_format=sbom_format,  # type: ignore[arg-type]
+            sign_key=key,
+            on_write=lambda: (
+                prog.phase("push" if isinstance(dest, RegistryTarget) else "write")
+                if prog
+                else None
+            ),
+            **({"progress": prog} if prog else {}),
         )
-    from stowaway.sinks.attach import attach_to_image
+    _print_build(target, built, registry=isinstance(dest, RegistryTarget), as_json=as_json)
 
-    written = index or images[0][1]
-    attached = attach_to_image(
-        dest, written.manifest, clo, name=target, sbom_format=sbom_format, key=key,  # type: ignore[arg-type]
-        created=options.created, tls_verify=dest_tls_verify, creds=lookup,
-        plain_http_hint="for a plain-HTTP registry pass --dest-tls-verify=false",
-    )  # fmt: skip
+
+def _print_build(target: str, built: Built, *, registry: bool, as_json: bool) -> None:
+    """The summary of `build`: per image its layers, whether each was built or came
+    from the layer cache or the base, and what the destination did with it."""
+    sink = built.sink
     # per layer: built now or taken from the layer cache, and what the destination got
     # (its bytes written/uploaded, linked/mounted, or nothing: it had the blob already)
-    outcome = {d: "written" for d in sink_result.written}
-    outcome |= {d: "linked" for d in sink_result.linked}
-    outcome |= {d: "present" for d in sink_result.skipped}
-    summaries = [_image_summary(image, plat.to_json(), outcome) for plat, image in images]
+    outcome = {d: "written" for d in sink.written}
+    outcome |= {d: "linked" for d in sink.linked}
+    outcome |= {d: "present" for d in sink.skipped}
+    summaries = [_image_summary(one, outcome) for one in built.images]
     summary: dict[str, Any] = {"target": target, **summaries[0]}
-    if index is not None:
+    if built.index is not None:
         summary = {
             "target": target,
-            "manifest_digest": index.manifest.digest,
-            "media_type": index.manifest.media_type,
+            "manifest_digest": built.index.manifest.digest,
+            "media_type": built.index.manifest.media_type,
             "manifests": summaries,
         }
-    extra = getattr(sink_result, "to_json", None)
+    extra = getattr(sink, "to_json", None)
     if callable(extra):
         summary["sink"] = extra()
-    summary |= attached
+    summary |= built.attached
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     from stowaway._ui import human, layer_table, out
 
-    verbs = ("uploaded", "mounted") if isinstance(dest, RegistryTarget) else ("written", "linked")
+    verbs = ("uploaded", "mounted") if registry else ("written", "linked")
     for one in summaries:
         rows = one["layers"]
+        below = sum(1 for r in rows if r.get("base"))
         layer_table(f"{target} ({one['platform']['platform']})", rows)
         out.print(f"manifest {one['manifest_digest']}")
         total = sum(row["size"] for row in rows)
-        built = sum(1 for r in rows if r["built"])
+        made = sum(1 for r in rows if r["built"] and not r.get("base"))
         sent = sum(1 for r in rows if r["destination"] == "written")
         linked = sum(1 for r in rows if r["destination"] == "linked")
+        from_base = f", {below} from the base" if below else ""
         out.print(
-            f"{len(rows)} layers, {human(total)}: {built} built, {len(rows) - built} from the "
-            f"layer cache; {sent} {verbs[0]}, {linked} {verbs[1]}, "
+            f"{len(rows)} layers, {human(total)}: {made} built, {len(rows) - made - below} from "
+            f"the layer cache{from_base}; {sent} {verbs[0]}, {linked} {verbs[1]}, "
             f"{len(rows) - sent - linked} already there"
         )
-    if index is not None:
-        out.print(f"index {index.manifest.digest} ({len(images)} platforms)")
-    if "sbom" in attached:
-        out.print(f"sbom {_sbom_where(attached['sbom'])}")
-    if "signature" in attached:
-        sig = attached["signature"]
+    if built.index is not None:
+        out.print(f"index {built.index.manifest.digest} ({len(built.images)} platforms)")
+    if "sbom" in built.attached:
+        out.print(f"sbom {_sbom_where(built.attached['sbom'])}")
+    if "signature" in built.attached:
+        sig = built.attached["signature"]
         again = " (already signed with this key)" if sig["already_signed"] else ""
         out.print(f"signed: {sig['signature_tag']}{again}")
 
 
-def _image_summary(
-    image: Image, platform: dict[str, object], outcome: dict[str, str]
-) -> dict[str, Any]:
+def _image_summary(one: BuiltImage, outcome: dict[str, str]) -> dict[str, Any]:
     """One image of `build --json`: its platform (and where it came from), digests and
     per layer whether it was built and what the destination did with it."""
+    image = one.image
     rows = [
         {
             "digest": layer.digest,
@@ -445,11 +445,12 @@ def _image_summary(
             "built": not layer.reused,
             "destination": outcome.get(layer.digest, "present"),
             "reused": layer.reused or outcome.get(layer.digest) == "present",
+            **({"base": i < one.base_layers} if one.base_layers else {}),
         }
-        for layer in image.layers
+        for i, layer in enumerate(image.layers)
     ]
     return {
-        "platform": platform,
+        "platform": one.platform.to_json(),
         "manifest_digest": image.manifest.digest,
         "config_digest": image.config.digest,
         "layers": rows,

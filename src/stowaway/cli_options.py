@@ -233,6 +233,33 @@ image_flags = option_group(
 )
 
 
+#: --from BASE and how to reach a registry base: `build`'s base image options.
+base_image_options = option_group(
+    click.option(
+        "--from",
+        "base",
+        default=None,
+        metavar="BASE",
+        help="Put the layers on top of this image: oci:DIR[:TAG], oci-archive:FILE[:TAG] "
+        "or docker://HOST/REPO[:TAG|@DIGEST] (an index: this build's platform).",
+    ),
+    click.option(
+        "--src-tls-verify",
+        type=bool,
+        default=True,
+        show_default=True,
+        help="For a docker:// base; false allows plain HTTP (loopback registries).",
+    ),
+    click.option(
+        "--src-creds",
+        default=None,
+        metavar="USER[:PASS]",
+        help="Credentials for a docker:// base (default: the login files or --authfile, "
+        "never --creds).",
+    ),
+)
+
+
 def image_options_from_flags(
     params: Mapping[str, Any], *, contents: Sequence[str] = ()
 ) -> ImageOptions:

@@ -21,18 +21,17 @@ import subprocess
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import click
 
 from stowaway.errors import StowawayError
 from stowaway.image.platform import Platform, parse_platform
+from stowaway.sinks.pipeline import Wanted
 from stowaway.store.model import STORE_DIR
 from stowaway.store.paths import parse_store_path
 
 __all__ = [
     "FLAKE_FEATURES",
-    "PlatformImage",
     "build_flakes",
     "build_nix_file",
     "is_flake_ref",
@@ -162,23 +161,13 @@ def build_nix_file(
     return [line for line in out.split() if line.startswith("/")]
 
 
-@dataclass(frozen=True)
-class PlatformImage:
-    """The store paths of one image: its ``roots`` and ``contents`` (linked into /),
-    for ``platform`` (None: the one the roots' derivations are for)."""
-
-    platform: Platform | None
-    roots: list[str]
-    contents: list[str]
-
-
 def platform_images(
     platforms: Sequence[str],
     contents: Sequence[str],
     roots: Callable[[], list[str]],
     *,
     arguments: bool,
-) -> tuple[list[PlatformImage], bool]:
+) -> tuple[list[Wanted], bool]:
     """The images ``build`` makes, and whether they form an index.
 
     ``--platform OS/ARCH=INSTALLABLE`` (repeatable; a platform named twice gets both
@@ -201,7 +190,7 @@ def platform_images(
                 hint="without an index, give --contents PATH",
             )
         explicit = parse_platform(pairs[0][0]) if pairs else None
-        return [PlatformImage(explicit, roots(), resolve(contents))], False
+        return [Wanted(explicit, roots(), resolve(contents))], False
     if arguments:
         raise StowawayError(
             "installables given both as arguments and in --platform OS/ARCH=INSTALLABLE",
@@ -230,6 +219,6 @@ def platform_images(
             )
         own.setdefault(p, []).append(item)
     return [
-        PlatformImage(p, resolve(items), resolve([*shared, *own.get(p, [])]))
+        Wanted(p, resolve(items), resolve([*shared, *own.get(p, [])]))
         for p, items in sorted(by_platform.items())
     ], True

@@ -13,6 +13,7 @@ from typing import Literal
 
 from stowaway import layering
 from stowaway.errors import PlanError, StowawayError
+from stowaway.image.base import BaseImage, base_accounts, base_layers
 from stowaway.image.config import ImageOptions, bin_dirs_of, build_config, plan_customisation
 from stowaway.image.digest import sha256_digest
 from stowaway.image.layer_cache import LayerCache
@@ -57,12 +58,14 @@ def compose(
     format: Literal["oci", "docker"] = "oci",
     progress: Progress = _QUIET,
     jobs: int | None = None,
+    base: BaseImage | None = None,
 ) -> ComposeResult:
     """Compose the image of ``roots`` (whose full ``closure`` the caller computed).
 
     Store-path layers come first in plan order, the customisation layer last, so
     images of related closures share their bottom layers (Docker's ChainIDs). ``jobs``
-    layers are built at a time (default: one per core).
+    layers are built at a time (default: one per core). With ``base``, its layers
+    come first, as they are, and its config is merged with ours (``image.base``).
     """
     if format not in ("oci", "docker"):
         raise StowawayError(f"unknown image format {format!r} (expected oci or docker)")
@@ -71,16 +74,19 @@ def compose(
             f"Docker schema 2 images need gzip layers, not {settings.compression}",
             hint="use --compression gzip, or --format oci",
         )
-    if max_layers < 2:
+    below = len(base.layers) if base else 0
+    if max_layers - below < 2:
         raise PlanError(
             f"max_layers must be at least 2 (one store layer + the customisation layer), "
-            f"got {max_layers}"
+            f"got {max_layers}" + (f" on top of the base's {below} layers" if below else ""),
+            hint="raise --max-layers" if below else None,
         )
     missing = [r for r in roots if r not in closure]
     if missing:
         raise StowawayError(f"root {missing[0]} is not in the closure computed for the image")
-    custom = plan_customisation(options, source, closure)
-    layer_plan = layering.plan(closure, roots, strategy=strategy, max_layers=max_layers)
+    accounts = (lambda: base_accounts(base.where, base.layers)) if base else None
+    custom = plan_customisation(options, source, closure, base_accounts=accounts)
+    layer_plan = layering.plan(closure, roots, strategy=strategy, max_layers=max_layers - below)
     rules = RuleSet(options.rules)
     touched = rules_touching(source, layer_plan.layers, rules)
     _check_all_used(rules, [*touched, custom.touched])
@@ -98,16 +104,18 @@ def compose(
         touched=touched,
     )
     layers.append(build_entries_layer(custom.entries(), custom.key, settings, cache))
-    if format == "docker":
-        layers = [_as_docker(layer) for layer in layers]
     comments = [_comment(layer) for layer in layers]
     config_bytes = build_config(
         options,
         [layer.diff_id for layer in layers],
         comments,
         format,
+        base.config if base else None,
         bin_dirs=[] if options.contents else bin_dirs_of(source, roots),
     )
+    layers = [*(base_layers(base, format) if base else ()), *layers]
+    if format == "docker":
+        layers = [_as_docker(layer) for layer in layers]
     config = _blob(config_bytes, config_media_type(format))
     manifest = _blob(build_manifest(config, layers, format), manifest_media_type(format))
     image = Image(layers=layers, config=config, manifest=manifest, format=format)

@@ -15,7 +15,7 @@ import json
 import platform
 import re
 import shlex
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -252,19 +252,33 @@ class Customisation:
             )
 
 
+#: The base image's /etc/passwd and /etc/group (None: it has none), read when needed.
+BaseAccounts = Callable[[], tuple[bytes | None, bytes | None]]
+
+
 def plan_customisation(
-    options: ImageOptions, source: StoreSource, closure: Mapping[str, PathInfo] | None = None
+    options: ImageOptions,
+    source: StoreSource,
+    closure: Mapping[str, PathInfo] | None = None,
+    *,
+    base_accounts: BaseAccounts | None = None,
 ) -> Customisation:
-    """Describe the customisation layer; with ``closure``, check ``contents`` are in it."""
+    """Describe the customisation layer; with ``closure``, check ``contents`` are in it.
+    With a base image (``base_accounts``), /etc/passwd and /etc/group are the base's
+    unless ``--user`` names a user it lacks (``_base_account_files``)."""
     members: dict[bytes, _Member] = {}
     owner: dict[bytes, str] = {}
     for name in (b"etc", b"tmp"):
         members[name] = _Member(name, "directory", 0o1777 if name == b"tmp" else 0o755)
         owner[name] = "the image's /" + name.decode()
-    passwd, group = _account_files(options.user)
-    for name, data in ((b"etc/passwd", passwd), (b"etc/group", group)):
-        members[name] = _Member(name, "regular", 0o644, data)
-        owner[name] = "the image's /" + name.decode()
+    if base_accounts is None:
+        accounts: tuple[bytes | None, bytes | None] = _account_files(options.user)
+    else:
+        accounts = _base_account_files(options.user, base_accounts)
+    for name, data in zip((b"etc/passwd", b"etc/group"), accounts, strict=True):
+        if data is not None:
+            members[name] = _Member(name, "regular", 0o644, data)
+            owner[name] = "the image's /" + name.decode()
     for path in options.contents:
         if closure is not None and path not in closure:
             raise ImageOptionError(
@@ -336,6 +350,44 @@ def _account_files(user: str | None) -> tuple[bytes, bytes]:
     return ("\n".join(passwd) + "\n").encode(), ("\n".join(group) + "\n").encode()
 
 
+def _base_account_files(
+    user: str | None, base_accounts: BaseAccounts
+) -> tuple[bytes | None, bytes | None]:
+    """Files to write over a base image's accounts: none for no ``--user``, a numeric
+    one or root (ids need no entry; every base has root); for a new name, the base's
+    files plus its entries (a base without them gets ours alone, as with no base)."""
+    if user is None:
+        return None, None
+    spec = parse_user(user)
+    if user.partition(":")[0] in ("root", str(spec.uid)):
+        return None, None
+    passwd, group = base_accounts()
+    if passwd is None:
+        return _account_files(user)
+    out_passwd = (
+        None
+        if _has_entry(passwd, spec.name)
+        else _appended(passwd, f"{spec.name}:x:{spec.uid}:{spec.gid}::/tmp:/bin/sh")
+    )
+    group = group or b"root:x:0:\n"
+    out_group = (
+        None
+        if spec.gid == 0 or _has_entry(group, spec.group)
+        else _appended(group, f"{spec.group}:x:{spec.gid}:")
+    )
+    if out_passwd is None and out_group is None:
+        return None, None
+    return out_passwd, out_group
+
+
+def _has_entry(table: bytes, name: str) -> bool:
+    return any(line.split(b":", 1)[0] == name.encode() for line in table.splitlines())
+
+
+def _appended(table: bytes, line: str) -> bytes:
+    return table + (b"" if not table or table.endswith(b"\n") else b"\n") + line.encode() + b"\n"
+
+
 def _link_contents(
     source: StoreSource, path: str, members: dict[bytes, _Member], owner: dict[bytes, str]
 ) -> None:
@@ -390,62 +442,115 @@ def bin_dirs_of(source: StoreSource, roots: Sequence[str]) -> list[str]:
     return found
 
 
+@dataclass(frozen=True)
+class BaseConfig:
+    """What the config of a base image contributes, already checked
+    (``image.base.parse_base_config``): its run settings, history and variant."""
+
+    env: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] | None = None
+    cmd: tuple[str, ...] | None = None
+    user: str = ""
+    workdir: str = ""
+    exposed_ports: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    stop_signal: str = ""
+    history: tuple[Mapping[str, object], ...] = ()
+    diff_ids: tuple[str, ...] = ()
+    variant: str = ""
+
+
 def build_config(
     options: ImageOptions,
     diff_ids: Sequence[str],
     history_comments: Sequence[str],
     format: Literal["oci", "docker"] = "oci",
+    base: BaseConfig | None = None,
     *,
     bin_dirs: Sequence[str] | None = None,
 ) -> bytes:
     """The image config as canonical JSON bytes. The same JSON serves both formats
     (only the config blob's media type differs), so ``format`` is checked, not used.
-
-    Unless ``env`` sets PATH: with ``contents`` it is DEFAULT_PATH (they provide /bin
-    and friends); without, when the caller passes the roots' ``bin_dirs`` (``compose``
-    does), those come first, then DEFAULT_PATH, so ``sh -c app`` and exec probes find
-    the roots' programs. ``User`` is written as numeric ``UID:GID`` (the ids the
-    image's /etc/passwd gives the name): kubelet's ``runAsNonRoot`` can only check
-    numbers."""
+    With ``base``, ``diff_ids`` and ``history_comments`` are those of our layers, put
+    on top of the base's, and the run settings are merged (``_run_config``); the
+    roots' ``bin_dirs`` (``compose`` passes them when no ``contents`` are linked) lead
+    PATH unless ``env`` sets one."""
     if format not in ("oci", "docker"):
         raise ImageOptionError(f"unknown image format {format!r} (expected oci or docker)")
     if len(history_comments) != len(diff_ids):
         raise ValueError("one history comment per layer is required")
+    base = base or BaseConfig()
     created = rfc3339(options.created)
-    env = list(options.env)
-    if not any(e.startswith("PATH=") for e in env):
-        if options.contents:
-            env.insert(0, f"PATH={DEFAULT_PATH}")
-        elif bin_dirs is not None:
-            env.insert(0, "PATH=" + ":".join([*dict.fromkeys(bin_dirs), DEFAULT_PATH]))
-    conf: dict[str, object] = {}
-    if options.entrypoint is not None:
-        conf["Entrypoint"] = list(options.entrypoint)
-    if options.cmd is not None:
-        conf["Cmd"] = list(options.cmd)
-    if env:
-        conf["Env"] = env
-    if options.workdir:
-        conf["WorkingDir"] = options.workdir
-    if options.user:
-        spec = parse_user(options.user)
-        conf["User"] = f"{spec.uid}:{spec.gid}"
-    if options.expose:
-        conf["ExposedPorts"] = {_normal_port(p): {} for p in options.expose}
-    if options.labels:
-        conf["Labels"] = dict(options.labels)
-    doc = {
+    doc: dict[str, object] = {
         "created": created,
         "architecture": options.architecture,
         "os": options.os,
-        **({"variant": options.variant} if options.variant else {}),
-        "config": conf,
-        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "config": _run_config(options, base, bin_dirs or ()),
+        "rootfs": {"type": "layers", "diff_ids": [*base.diff_ids, *diff_ids]},
         "history": [
-            {"created": created, "created_by": "stowaway", "comment": c} for c in history_comments
+            *(dict(h) for h in base.history),
+            *(
+                {"created": created, "created_by": "stowaway", "comment": c}
+                for c in history_comments
+            ),
         ],
     }
+    if options.variant or base.variant:
+        doc["variant"] = options.variant or base.variant
     return canonical_json(doc)
+
+
+def _run_config(
+    options: ImageOptions, base: BaseConfig, bin_dirs: Sequence[str]
+) -> dict[str, object]:
+    """Ours over the base's, as Docker's FROM does: Env by key (a PATH of ours wins;
+    else the roots' ``bin_dirs`` lead the base's PATH or Docker's default; with
+    ``contents`` linked, the base's PATH or Docker's default); Entrypoint and Cmd ours
+    when given, an Entrypoint of ours clearing the base's Cmd; WorkingDir ours when
+    given; User ours when given, as numeric ``UID:GID`` (kubelet's ``runAsNonRoot``
+    checks only numbers) except over a base, whose /etc/passwd decides what a name
+    is; ports, volumes and labels merged (ours win)."""
+    env = {e.partition("=")[0]: e for e in base.env}
+    ours = {e.partition("=")[0]: e for e in options.env}
+    if "PATH" not in ours:
+        fallback = env.get("PATH", f"PATH={DEFAULT_PATH}").partition("=")[2]
+        if options.contents:
+            ours["PATH"] = f"PATH={fallback}"
+        elif bin_dirs:
+            ours["PATH"] = "PATH=" + ":".join([*dict.fromkeys(bin_dirs), fallback])
+    env = {**({"PATH": ours["PATH"]} if "PATH" in ours and "PATH" not in env else {}), **env}
+    env |= ours
+    entrypoint: Sequence[str] | None = options.entrypoint
+    cmd: Sequence[str] | None = options.cmd
+    if entrypoint is None:
+        entrypoint = base.entrypoint
+        cmd = base.cmd if cmd is None else cmd
+    conf: dict[str, object] = {}
+    if entrypoint is not None:
+        conf["Entrypoint"] = list(entrypoint)
+    if cmd is not None:
+        conf["Cmd"] = list(cmd)
+    if env:
+        conf["Env"] = list(env.values())
+    if options.workdir or base.workdir:
+        conf["WorkingDir"] = options.workdir or base.workdir
+    if options.user:
+        spec = parse_user(options.user)
+        conf["User"] = options.user if base.diff_ids else f"{spec.uid}:{spec.gid}"
+    elif base.user:
+        conf["User"] = base.user
+    ports = [*base.exposed_ports, *(_normal_port(p) for p in options.expose)]
+    if ports:
+        conf["ExposedPorts"] = {p: {} for p in ports}
+    if base.volumes:
+        conf["Volumes"] = {v: {} for v in base.volumes}
+    labels = {**base.labels, **options.labels}
+    if labels:
+        conf["Labels"] = labels
+    if base.stop_signal:
+        conf["StopSignal"] = base.stop_signal
+    return conf
 
 
 def _normal_port(port: str) -> str:

@@ -111,14 +111,16 @@ class VerifyingReader:
 @contextlib.contextmanager
 def dropping_corrupt(blob: Blob) -> Iterator[None]:
     """Run a verified read of ``blob``; if it raises CorruptBlob, unlink the blob's
-    cache file before re-raising, so the next cache lookup misses and the layer is
-    rebuilt instead of emitted again."""
+    cache file (``blob.cached``; other files are left alone) before re-raising, so the
+    next cache lookup misses and the layer is rebuilt instead of emitted again."""
     try:
         yield
-    except CorruptBlob:
-        if blob.path is not None:
+    except CorruptBlob as err:
+        if blob.path is not None and blob.cached:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(blob.path)
+        elif blob.path is not None:  # not ours to drop: someone's image (a base layout)
+            err.hint = f"{blob.path} is damaged; restore or re-fetch the image it belongs to"
         raise
 
 

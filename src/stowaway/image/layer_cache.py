@@ -253,15 +253,18 @@ def _uncompressed_digest(path: Path, media_type: str) -> str:
     """sha256 of the blob's uncompressed bytes (its diff_id), streamed."""
     sha = hashlib.sha256()
     with open(path, "rb") as raw:
-        reader: BinaryIO
-        if media_type.endswith(("+gzip", ".gzip")):
-            reader = cast(BinaryIO, gzip.GzipFile(fileobj=raw))
-        elif media_type.endswith("+zstd"):
-            reader = cast(
-                BinaryIO, zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            )
-        else:
-            reader = raw
+        reader = uncompressed(raw, media_type)
         while chunk := reader.read(1 << 20):
             sha.update(chunk)
     return "sha256:" + sha.hexdigest()
+
+
+def uncompressed(raw: BinaryIO, media_type: str) -> BinaryIO:
+    """The tar stream of a layer blob of ``media_type`` (gzip, zstd or plain)."""
+    if media_type.endswith(("+gzip", ".gzip")):
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw))
+    if media_type.endswith("+zstd"):
+        return cast(
+            BinaryIO, zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        )
+    return raw

@@ -81,6 +81,10 @@ class Blob:
     media_type: str
     path: Path | None = None
     data: bytes | None = None
+    #: ``path`` is a layer-cache entry: dropped when its bytes turn out corrupt, and
+    #: hard-linked into layouts. False for files that are only read (a base image's
+    #: OCI layout): those are copied, and never removed.
+    cached: bool = True
 
     def open(self) -> BinaryIO:
         """Open the bytes. Callers that copy them must verify the digest while
@@ -107,6 +111,9 @@ class Layer(Blob):
     annotations: dict[str, str] = field(default_factory=dict)
     #: True when the layer came from the cache (or, after a push, the registry had it).
     reused: bool = False
+    #: ``(registry API host, repository)`` holding this blob (a base image's layer):
+    #: a push to that host mounts it from there instead of uploading it.
+    origin: tuple[str, str] | None = None
 
 
 @dataclass

@@ -18,13 +18,16 @@ the same way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tarfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from stowaway.distribution.client import RegistryClient
 from stowaway.distribution.credentials import CredentialsLookup
@@ -37,13 +40,23 @@ from stowaway.sinks.oci_layout import REF_NAME, LayoutReader, blob_name
 from stowaway.sinks.targets import (
     DockerArchiveTarget,
     OciArchiveTarget,
-    OciTarget,
     RegistryTarget,
+    Target,
     parse_target,
 )
 from stowaway.store.model import STORE_DIR
 
-__all__ = ["InspectError", "host_platform", "image_store_paths", "read_image_summary"]
+__all__ = [
+    "ImageReader",
+    "InspectError",
+    "fetch_manifest",
+    "host_platform",
+    "image_store_paths",
+    "is_index",
+    "open_image",
+    "pick_platform",
+    "read_image_summary",
+]
 
 INDEX_TYPES = (MediaType.OCI_INDEX, MediaType.DOCKER_LIST)
 MANIFEST_TYPES = (MediaType.OCI_MANIFEST, MediaType.DOCKER_MANIFEST)
@@ -80,18 +93,17 @@ def read_image_summary(
     the index and its platforms. ``tls_verify`` and ``creds`` are for docker://."""
     dest = parse_target(target)
     want = _parse_platform(platform) if platform else None
-    if isinstance(dest, OciTarget | OciArchiveTarget):
-        location = dest.directory if isinstance(dest, OciTarget) else dest.file
-        with LayoutReader(Path(location), archive=isinstance(dest, OciArchiveTarget)) as r:
-            tag = dest.tag
-            return _guarded(target, "OCI layout", lambda: _from_layout(target, r, tag, want))
     if isinstance(dest, DockerArchiveTarget):
         archive = dest
         return _guarded(target, "docker archive", lambda: _from_docker_archive(target, archive))
-    registry = dest
-    return _guarded(
-        target, "image", lambda: _from_registry(target, registry, want, tls_verify, creds)
-    )
+    what = "image" if isinstance(dest, RegistryTarget) else "OCI layout"
+    hint = "for a plain-HTTP registry pass --tls-verify=false"
+    with open_image(dest, tls_verify=tls_verify, creds=creds, plain_http_hint=hint) as reader:
+        return _guarded(
+            target,
+            what,
+            lambda: _from_manifest(target, reader.reference, reader.fetch, reader.blob, want),
+        )
 
 
 def _guarded(target: str, what: str, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -130,35 +142,47 @@ def _from_index(
     fetch: FetchManifest,
     blob: FetchBlob,
 ) -> dict[str, Any]:
-    entries = [m for m in index.get("manifests", []) if isinstance(m, dict)]
-    platforms = [
-        {
-            "platform": _platform_name(m.get("platform") or {}),
-            "digest": m["digest"],
-            "media_type": m.get("mediaType", ""),
-            "size": m.get("size", 0),
-        }
-        for m in entries
-    ]
     if want is None:
         return {
             "target": target,
             "index": True,
             "media_type": media_type,
             "manifest_digest": index_digest,
-            "platforms": platforms,
+            "platforms": _platforms(index),
         }
-    for m in entries:
-        p = m.get("platform") or {}
-        os_, arch, variant = want
+    summary = _from_manifest(target, pick_platform(target, index, want), fetch, blob, None)
+    summary["index_digest"] = index_digest
+    return summary
+
+
+def _platforms(index: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "platform": _platform_name(m.get("platform") or {}),
+            "digest": m["digest"],
+            "media_type": m.get("mediaType", ""),
+            "size": m.get("size", 0),
+        }
+        for m in index.get("manifests", [])
+        if isinstance(m, dict)
+    ]
+
+
+def pick_platform(target: str, index: Mapping[str, Any], want: tuple[str, str, str | None]) -> str:
+    """The digest of the first manifest of ``index`` for ``want`` (OS, ARCH, VARIANT or
+    None for any); InspectError listing the platforms the index has when none fits."""
+    os_, arch, variant = want
+    for m in index.get("manifests", []):
+        p = (m.get("platform") or {}) if isinstance(m, dict) else {}
         if p.get("os") == os_ and p.get("architecture") == arch:
             if variant is None or p.get("variant") == variant:
-                summary = _from_manifest(target, str(m["digest"]), fetch, blob, None)
-                summary["index_digest"] = index_digest
-                return summary
+                try:  # it names a blob file or goes into a URL
+                    return "{}:{}".format(*parse_digest(str(m.get("digest"))))
+                except StowawayError as e:
+                    raise InspectError(f"{target}: index entry: {e.message}") from None
     raise InspectError(
         f"{target}: no {'/'.join(x for x in want if x)} image in the index",
-        hint="it has: " + (", ".join(r["platform"] for r in platforms) or "nothing"),
+        hint="it has: " + (", ".join(r["platform"] for r in _platforms(index)) or "nothing"),
     )
 
 
@@ -173,16 +197,8 @@ def _from_manifest(
     want: tuple[str, str, str | None] | None,
 ) -> dict[str, Any]:
     """The summary of the manifest (or index) ``fetch`` returns for ``reference``."""
-    body, media_type = fetch(reference)
-    digest = sha256_digest(body)
-    if reference.startswith("sha256:") and digest != reference:
-        raise InspectError(f"{target}: manifest {reference} has digest {digest}")
-    try:
-        doc = json.loads(body)
-    except ValueError as e:
-        raise InspectError(f"{target}: manifest {digest} is not JSON ({e})") from None
-    media_type = str(doc.get("mediaType") or media_type)
-    if media_type in INDEX_TYPES or (not media_type and "manifests" in doc):
+    doc, digest, media_type = fetch_manifest(target, reference, fetch)
+    if is_index(doc, media_type):
         return _from_index(target, doc, digest, media_type, want, fetch, blob)
     if media_type and media_type not in MANIFEST_TYPES:
         raise InspectError(f"{target}: {media_type!r} is not an image manifest")
@@ -205,6 +221,31 @@ def _from_manifest(
         "config": _config_view(config),
         "layers": layers,
     }
+
+
+def fetch_manifest(
+    target: str, reference: str, fetch: FetchManifest
+) -> tuple[dict[str, Any], str, str]:
+    """(JSON object, digest, media type) of the manifest or index ``fetch`` returns for
+    ``reference`` (a tag or digest), checked against the digest when it names one."""
+    body, media_type = fetch(reference)
+    if len(body) > SMALL_LIMIT:
+        raise InspectError(f"{target}: manifest {reference} is larger than {SMALL_LIMIT} bytes")
+    digest = sha256_digest(body)
+    if reference.startswith("sha256:") and digest != reference:
+        raise InspectError(f"{target}: manifest {reference} has digest {digest}")
+    try:
+        doc = json.loads(body)
+    except ValueError as e:
+        raise InspectError(f"{target}: manifest {digest} is not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise InspectError(f"{target}: manifest {digest} is not a JSON object")
+    return doc, digest, str(doc.get("mediaType") or media_type)
+
+
+def is_index(doc: Mapping[str, Any], media_type: str) -> bool:
+    """An image index (or Docker manifest list) rather than one image's manifest."""
+    return media_type in INDEX_TYPES or (not media_type and "manifests" in doc)
 
 
 def _layer_row(digest: str, size: int, media_type: object, paths: list[str] | None) -> Any:
@@ -244,33 +285,140 @@ def _config_view(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------ OCI layouts
+# ------------------------------------------------------------------ image readers
 
 
-def _from_layout(
-    target: str, layout: LayoutReader, tag: str | None, want: tuple[str, str, str | None] | None
-) -> dict[str, Any]:
+@dataclass
+class ImageReader:
+    """One image at an ``oci:``, ``oci-archive:`` or ``docker://`` target: ``fetch`` gets
+    a manifest or index by ``reference`` (what the target names), ``blob`` a small blob
+    checked against its digest, ``open_blob`` a stream of any blob (unverified: callers
+    verify while copying), ``blob_file`` the file holding a blob in a layout directory
+    (None elsewhere). ``origin`` is (API host, repository) for a registry."""
+
+    target: str
+    reference: str
+    fetch: FetchManifest
+    blob: FetchBlob
+    open_blob: Callable[[str], AbstractContextManager[IO[bytes]]]
+    blob_file: Callable[[str], Path | None]
+    origin: tuple[str, str] | None = None
+
+
+@contextlib.contextmanager
+def open_image(
+    dest: Target,
+    *,
+    tls_verify: bool = True,
+    creds: CredentialsLookup | None = None,
+    plain_http_hint: str | None = None,
+) -> Iterator[ImageReader]:
+    """An ``ImageReader`` for ``dest`` (not docker-archive:, which has no manifests),
+    open for the ``with`` block: a registry client or an archive stays open."""
+    target = str(dest)
+    if isinstance(dest, DockerArchiveTarget):
+        raise InspectError(
+            f"{target}: a docker archive holds no manifests to read an image from",
+            hint="convert it: skopeo copy docker-archive:FILE oci:DIR:TAG",
+        )
+    if isinstance(dest, RegistryTarget):
+        with _registry_reader(dest, tls_verify, creds, plain_http_hint) as reader:
+            yield reader
+        return
+    archive = isinstance(dest, OciArchiveTarget)
+    location = Path(dest.file if isinstance(dest, OciArchiveTarget) else dest.directory)
+    with LayoutReader(location, archive=archive) as layout:
+        yield _layout_reader(target, layout, dest.tag)
+
+
+def _layout_reader(target: str, layout: LayoutReader, tag: str | None) -> ImageReader:
     index = layout.json("index.json")
-    manifests = index.get("manifests", [])
+    manifests = index.get("manifests", []) if isinstance(index, dict) else None
+    if not isinstance(manifests, list):
+        raise InspectError(f"{target} is not a valid OCI layout (index.json lists no manifests)")
+    manifests = [m for m in manifests if isinstance(m, dict)]
     if tag:
-        manifests = [m for m in manifests if m.get("annotations", {}).get(REF_NAME) == tag]
+        manifests = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) == tag]
     else:  # referrers (an attached SBOM) are listed untagged, and are no image
         manifests = [m for m in manifests if not m.get("artifactType")]
     if not manifests:
         raise InspectError(f"no image{' tagged ' + tag if tag else ''} in {target}")
     desc = manifests[0]
+    if not isinstance(desc.get("digest"), str):
+        raise InspectError(f"{target} is not a valid OCI layout (an index entry has no digest)")
 
     def fetch(digest: str) -> tuple[bytes, str]:
-        media_type = desc.get("mediaType", "") if digest == desc["digest"] else ""
+        media_type = desc.get("mediaType", "") if digest == desc.get("digest") else ""
         return layout.read(blob_name(digest)), str(media_type)
 
     def blob(digest: str, size: int) -> bytes:
+        if size > SMALL_LIMIT:
+            raise InspectError(f"{target}: blob {digest} is {size} bytes")
         data = layout.read(blob_name(digest))
         if len(data) != size or sha256_digest(data) != digest:
             raise InspectError(f"{target}: blob {digest} does not match its digest or size")
         return data
 
-    return _from_manifest(target, str(desc["digest"]), fetch, blob, want)
+    return ImageReader(
+        target,
+        str(desc.get("digest")),
+        fetch,
+        blob,
+        lambda digest: layout.open(blob_name(digest)),
+        lambda digest: layout.file(blob_name(digest)),
+    )
+
+
+@contextlib.contextmanager
+def _registry_reader(
+    dest: RegistryTarget,
+    tls_verify: bool,
+    creds: CredentialsLookup | None,
+    plain_http_hint: str | None,
+) -> Iterator[ImageReader]:
+    target = str(dest)
+    lookup = creds or CredentialsLookup()
+    client = RegistryClient(
+        dest.api_host,
+        tls_verify=tls_verify,
+        creds=lookup.for_registry(dest.registry, dest.repository),
+        plain_http_hint=plain_http_hint,
+    )
+    repo = dest.repository
+    try:
+        client.ping()
+        client.authorize([f"repository:{repo}:pull"])
+
+        def fetch(reference: str) -> tuple[bytes, str]:
+            url = client.url(f"/v2/{repo}/manifests/{reference}")
+            resp = client.request("GET", url, ok={200}, headers={"Accept": ACCEPT})
+            return resp.body, (resp.header("Content-Type") or "").split(";")[0]
+
+        def open_blob(digest: str) -> AbstractContextManager[IO[bytes]]:
+            parse_digest(digest)  # it goes into a URL
+            stream = client.open_stream(client.url(f"/v2/{repo}/blobs/{digest}"))
+            return cast(AbstractContextManager[IO[bytes]], stream)
+
+        def blob(digest: str, size: int) -> bytes:
+            if size > SMALL_LIMIT:
+                raise InspectError(f"{target}: config blob {digest} is {size} bytes")
+            with open_blob(digest) as f:
+                data = f.read(size + 1)
+            if len(data) != size or sha256_digest(data) != digest:
+                raise InspectError(f"{target}: blob {digest} does not match its digest or size")
+            return data
+
+        yield ImageReader(
+            target,
+            dest.digest or dest.tag or "latest",
+            fetch,
+            blob,
+            open_blob,
+            lambda digest: None,
+            origin=(dest.api_host, repo),
+        )
+    finally:
+        client.close()
 
 
 # ------------------------------------------------------------------ docker archives
@@ -372,48 +520,6 @@ def _archive_layer(name: str, f: Any) -> tuple[str, str]:
     while chunk := f.read(1 << 20):
         sha.update(chunk)
     return "sha256:" + sha.hexdigest(), media_type
-
-
-# ------------------------------------------------------------------ registries
-
-
-def _from_registry(
-    target: str,
-    dest: RegistryTarget,
-    want: tuple[str, str, str | None] | None,
-    tls_verify: bool,
-    creds: CredentialsLookup | None,
-) -> dict[str, Any]:
-    lookup = creds or CredentialsLookup()
-    client = RegistryClient(
-        dest.api_host,
-        tls_verify=tls_verify,
-        creds=lookup.for_registry(dest.registry, dest.repository),
-        plain_http_hint="for a plain-HTTP registry pass --tls-verify=false",
-    )
-    repo = dest.repository
-    try:
-        client.ping()
-        client.authorize([f"repository:{repo}:pull"])
-
-        def fetch(reference: str) -> tuple[bytes, str]:
-            url = client.url(f"/v2/{repo}/manifests/{reference}")
-            resp = client.request("GET", url, ok={200}, headers={"Accept": ACCEPT})
-            return resp.body, (resp.header("Content-Type") or "").split(";")[0]
-
-        def blob(digest: str, size: int) -> bytes:
-            if size > SMALL_LIMIT:
-                raise InspectError(f"{target}: config blob {digest} is {size} bytes")
-            with client.open_stream(client.url(f"/v2/{repo}/blobs/{digest}")) as f:
-                data = f.read(size + 1)
-            if len(data) != size or sha256_digest(data) != digest:
-                raise InspectError(f"{target}: blob {digest} does not match its digest or size")
-            return data
-
-        reference = dest.digest or dest.tag or "latest"
-        return _from_manifest(target, reference, fetch, blob, want)
-    finally:
-        client.close()
 
 
 def image_store_paths(

@@ -22,10 +22,12 @@ import json
 import os
 import stat
 import tarfile
+import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from stowaway.errors import StowawayError
 from stowaway.fsutil import FILE_MODE, AtomicFile, atomic_write, fsync_dir
@@ -191,7 +193,7 @@ def put_blob(
     key = f"oci:{blob.digest}"
     progress.start(key, blob_label("write", blob), blob.size)
     try:
-        if blob.path is not None and _link_verified(blob, dest):
+        if blob.path is not None and blob.cached and _link_verified(blob, dest):
             progress.advance(key, blob.size)
             return "linked"
         with AtomicFile(dest.parent) as t:
@@ -256,6 +258,7 @@ class LayoutReader:
         self.location = location
         self.where = f"{'oci-archive' if archive else 'oci'}:{location}"
         self._tar: tarfile.TarFile | None = None
+        self._lock = threading.Lock()
         if archive:
             try:
                 self._tar = tarfile.open(location)
@@ -279,6 +282,34 @@ class LayoutReader:
             return (self.location / name).read_bytes()
         except (KeyError, OSError):
             raise LayoutError(f"{self.where} has no {name}") from None
+
+    def open(self, name: str) -> AbstractContextManager[IO[bytes]]:
+        """A stream of one file (unverified: callers hash while copying). Streams of an
+        archive are read one at a time (members share the tarball's file position)."""
+        if self._tar is None:
+            try:
+                return open(self.location / name, "rb")
+            except OSError:
+                raise LayoutError(f"{self.where} has no {name}") from None
+        return self._member(name)
+
+    @contextlib.contextmanager
+    def _member(self, name: str) -> Iterator[IO[bytes]]:
+        assert self._tar is not None
+        with self._lock:
+            try:
+                member = self._tar.extractfile(name)
+            except KeyError:
+                member = None
+            if member is None:
+                raise LayoutError(f"{self.where} has no {name}")
+            with member:
+                yield member
+
+    def file(self, name: str) -> Path | None:
+        """The file ``name`` of a layout directory (None in an archive, or if missing)."""
+        path = self.location / name
+        return path if self._tar is None and path.is_file() else None
 
     def json(self, name: str) -> Any:
         try:

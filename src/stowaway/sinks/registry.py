@@ -2,10 +2,11 @@
 
 Flow (go-containerregistry's pusher is the model): for every blob, one task per
 digest on a bounded pool — HEAD it (present: skip), else try a cross-repository
-mount from repos this machine pushed it to before, else upload it, streaming and
-verifying the cache file so a damaged entry is never sent; then PUT the manifest. An
-index's blobs go up in one such pass, then each platform's manifest by digest, then the
-index under the tag (a registry refuses an index whose manifests it does not have).
+mount from the repository a base layer came from (``Layer.origin``) or from repos
+this machine pushed it to before, else upload it, streaming and verifying the cache
+file so a damaged entry is never sent; then PUT the manifest. An index's blobs go up in
+one such pass, then each platform's manifest by digest, then the index under the tag (a
+registry refuses an index whose manifests it does not have).
 """
 
 from __future__ import annotations
@@ -89,10 +90,12 @@ def push(
     sources = {
         d: [
             r
-            for r in dict.fromkeys([*(record.repos(d) if record else ()), *mount_from])
+            for r in dict.fromkeys(
+                [*_origin(b, host), *(record.repos(d) if record else ()), *mount_from]
+            )
             if r != repo
         ][:MAX_MOUNT_SOURCES]
-        for d in blobs
+        for d, b in blobs.items()
     }
     client = RegistryClient(
         host, tls_verify=tls_verify, creds=creds, plain_http_hint=plain_http_hint
@@ -122,6 +125,12 @@ def push(
         record.add(blobs, repo)
         record.save()
     return result
+
+
+def _origin(blob: Blob, host: str) -> list[str]:
+    """The repository a layer came from, when it is on the registry we push to."""
+    origin = getattr(blob, "origin", None)
+    return [origin[1]] if origin is not None and origin[0] == host else []
 
 
 def _push_blobs(

@@ -58,13 +58,15 @@ def _label(path: str) -> Label:
 
 
 class _Groups:
-    """Disjoint groups of path indices with the sums the waste formula needs."""
+    """Disjoint groups of path indices with the sums the waste formula needs
+    (``count`` caches the popcount of ``cover``: pricing is the hot loop)."""
 
     def __init__(self, g: ReferenceGraph, fixed: set[int], clo: list[int]) -> None:
         free = [i for i in range(len(g.paths)) if i not in fixed]
         self.members = {i: [i] for i in free}
         self.bytes = {i: g.sizes[i] for i in free}
         self.cover = {i: clo[i] for i in free}
+        self.count = {i: clo[i].bit_count() for i in free}
         self.label = {i: _label(g.paths[i]) for i in free}
         self.version = dict.fromkeys(free, 0)
         self.neighbours: dict[int, set[int]] = {i: set() for i in free}
@@ -74,24 +76,37 @@ class _Groups:
             self.neighbours[a].add(b)
             self.neighbours[b].add(a)
 
-    def price(self, a: int, b: int) -> int:
-        """Added waste if ``a`` and ``b`` became one group (the per-member terms
-        of the formula cancel out)."""
-        ca, cb = self.cover[a], self.cover[b]
+    def entry(self, a: int, b: int) -> tuple[int, Label, Label, int, int, int, int]:
+        """Heap entry for the pair: the price (added waste if ``a`` and ``b``
+        became one group; the per-member terms of the formula cancel out), the
+        labels (smaller first) as the tie-break, then the versions that tell a
+        stale entry."""
+        la, lb = self.label[a], self.label[b]
+        if lb < la:
+            la, lb = lb, la
         ba, bb = self.bytes[a], self.bytes[b]
-        return (ca | cb).bit_count() * (ba + bb) - ca.bit_count() * ba - cb.bit_count() * bb
+        union = (self.cover[a] | self.cover[b]).bit_count()
+        price = union * (ba + bb) - self.count[a] * ba - self.count[b] * bb
+        return (price, la, lb, a, b, self.version[a], self.version[b])
 
-    def merge(self, a: int, b: int) -> None:
-        """Fold group ``b`` into group ``a``."""
+    def merge(self, a: int, b: int) -> int:
+        """Fold one group into the other and return the survivor's key: the one
+        with more neighbours survives, so the neighbour sets moved stay small.
+        (Keys never reach the plan: labels break every tie first.)"""
+        if len(self.neighbours[b]) > len(self.neighbours[a]):
+            a, b = b, a
         self.members[a] += self.members.pop(b)
         self.bytes[a] += self.bytes.pop(b)
         self.cover[a] |= self.cover.pop(b)
+        self.count[a] = self.cover[a].bit_count()
+        del self.count[b]
         self.label[a] = min(self.label[a], self.label.pop(b))
         self.version[a] += 1
         del self.version[b]
         for n in self.neighbours.pop(b):
             self.neighbours[n].discard(b)
             self.link(a, n)
+        return a
 
 
 def plan_layers(g: ReferenceGraph, budget: int) -> list[PlannedLayer]:
@@ -115,25 +130,24 @@ def plan_layers(g: ReferenceGraph, budget: int) -> list[PlannedLayer]:
             gs.link(a, b)
 
     room = budget - len(fixed)
-    heap: list[tuple[int, Label, Label, int, int, int, int]] = []
-
-    def push(a: int, b: int) -> None:
-        la, lb = sorted((gs.label[a], gs.label[b]))
-        heapq.heappush(heap, (gs.price(a, b), la, lb, a, b, gs.version[a], gs.version[b]))
-
-    for a in sorted(gs.members):
-        for b in sorted(gs.neighbours[a]):
-            if a < b:
-                push(a, b)
+    # A heap pops the smallest entry whatever the insertion order, so building it
+    # in one heapify gives the same merges as pushing pairs one by one.
+    heap = [gs.entry(a, b) for a in gs.members for b in gs.neighbours[a] if a < b]
+    heapq.heapify(heap)
     while heap:
         _, _, _, a, b, va, vb = heapq.heappop(heap)
         if gs.version.get(a) != va or gs.version.get(b) != vb:
             continue  # stale: one side has merged since this price was computed
-        if len(gs.members) <= room and min(gs.bytes[a], gs.bytes[b]) >= TINY:
+        fits = len(gs.members) <= room
+        if fits and min(gs.bytes[a], gs.bytes[b]) >= TINY:
             continue  # within budget and neither side tiny: keep them apart
-        gs.merge(a, b)
-        for n in sorted(gs.neighbours[a]):
-            push(a, n)
+        a = gs.merge(a, b)
+        # Groups only grow and the group count only falls: once the plan fits,
+        # a pair of two non-tiny groups can never merge, so it is not queued.
+        tiny = gs.bytes[a] < TINY
+        for n in gs.neighbours[a]:
+            if not fits or tiny or gs.bytes[n] < TINY:
+                heapq.heappush(heap, gs.entry(a, n))
 
     groups = [[f] for f in sorted(fixed)] + [gs.members[k] for k in sorted(gs.members)]
     if len(groups) > budget:

@@ -103,10 +103,11 @@ def test_nix_layers_on_debian_run_in_containerd_and_are_reproducible(
     assert [row["base"] for row in out["layers"]] == [True] + [False] * (len(out["layers"]) - 1)
     assert all(PATHS_KEY in layer.get("annotations", {}) for layer in manifest["layers"][1:-1])
     assert "annotations" not in manifest["layers"][-1]  # the customisation layer
-    # configs merged: the base's Env (ours by key) and Cmd; ours appended to its history
+    # configs merged: the base's Env (ours by key; the root's bin dir leads the base's
+    # PATH) and Cmd; ours appended to its history
     run_conf = config["config"]
     assert run_conf["Env"] == [
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        f"PATH={demo_app}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG=C",
     ]
     assert (run_conf["Cmd"], run_conf["User"]) == (["bash"], "app")

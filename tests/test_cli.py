@@ -5,10 +5,7 @@ path is also checked in-process through the click commands themselves."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 import pytest
@@ -18,19 +15,7 @@ from daemons import Containerd, Registry
 from stowaway.buildkit.cli_buildkit import buildkit_group
 from stowaway.cli import LAZY_COMMANDS, main
 from stowaway.cli_options import StowawayCommand, StowawayGroup
-
-STOWAWAY = [sys.executable, "-m", "stowaway"]
-
-
-def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*STOWAWAY, *args], capture_output=True, text=True, timeout=300)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"stowaway {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc
-
-
-def build_json(*args: str) -> dict[str, Any]:
-    return json.loads(run("build", "--json", *args).stdout)  # type: ignore[no-any-return]
+from stowaway_cli import build_json, run
 
 
 def test_build_runs_in_private_containerd(demo_app: str, tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,9 @@ from stowaway.cli import main
 from stowaway.distribution.client import RegistryClient
 from stowaway.image.config import DEFAULT_PATH, default_architecture
 from stowaway.image.digest import sha256_digest
+from stowaway_cli import run
 
-STOWAWAY = [sys.executable, "-m", "stowaway"]
 NOTLS = "--tls-verify=false"
-
-
-def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*STOWAWAY, *args], capture_output=True, text=True, timeout=300)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"stowaway {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc
 
 
 def inspect_json(*args: str) -> dict[str, Any]:

@@ -10,29 +10,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from daemons import Containerd, Registry
 from nixtools import ARM_BUSYBOX, build_multiarch
+from stowaway_cli import STOWAWAY, build_json, run
 
-STOWAWAY = [sys.executable, "-m", "stowaway"]
 BINFMT = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
-
-
-def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*STOWAWAY, *args], capture_output=True, text=True, timeout=300)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"stowaway {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc
-
-
-def build_json(*args: str) -> dict[str, Any]:
-    return json.loads(run("build", "--json", *args).stdout)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -20,20 +19,10 @@ from typing import Any
 import pytest
 
 from daemons import Registry, free_port, wait_for
+from stowaway_cli import STOWAWAY, run
 
-STOWAWAY = [sys.executable, "-m", "stowaway"]
 PASSWORD = "s3cret"
 SPDX = "application/spdx+json"
-
-
-def run(*args: str, ok: bool = True, env: dict[str, str] | None = None) -> Any:
-    proc = subprocess.run(
-        [*STOWAWAY, *args], capture_output=True, text=True, timeout=300,
-        env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"stowaway {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc
 
 
 def tool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

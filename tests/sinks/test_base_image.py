@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,27 +15,16 @@ import pytest
 
 from daemons import Containerd, Registry
 from stowaway.image.config import default_architecture
+from stowaway_cli import build_json, run
 
 pytestmark = pytest.mark.slow  # debootstraps Debian once per machine
 
-STOWAWAY = [sys.executable, "-m", "stowaway"]
 REPO = Path(__file__).resolve().parents[2]
 PATHS_KEY = "containerd.io/snapshot/stowaway.paths.0"
 INDEX = "application/vnd.oci.image.index.v1+json"
 #: This machine's architecture (the Debian base's, and the build's) and another one.
 HOST = default_architecture()
 OTHER = "s390x" if HOST != "s390x" else "arm64"
-
-
-def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*STOWAWAY, *args], capture_output=True, text=True, timeout=600)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"stowaway {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc
-
-
-def build(*args: str) -> dict[str, Any]:
-    return json.loads(run("build", "--json", *args).stdout)  # type: ignore[no-any-return]
 
 
 def tool(*argv: str) -> str:
@@ -95,7 +83,7 @@ def test_nix_layers_on_debian_run_in_containerd_and_are_reproducible(
 ) -> None:
     base_manifest, _ = manifest_of(debian, "12")
     args = [demo_app, "--from", f"oci:{debian}:12", "--env", "LANG=C", "--user", "app"]
-    out = build(*args, "--cache-dir", str(tmp_path / "c1"), "-o", f"oci:{tmp_path}/img:app")
+    out = build_json(*args, "--cache-dir", str(tmp_path / "c1"), "-o", f"oci:{tmp_path}/img:app")
     manifest, config = manifest_of(tmp_path / "img", "app")
     # the base layer is listed as the base lists it: same blob, no annotations
     (base_layer,) = base_manifest["layers"]
@@ -119,7 +107,7 @@ def test_nix_layers_on_debian_run_in_containerd_and_are_reproducible(
     shutil.rmtree(tmp_path / "c1")
     tool("skopeo", "copy", f"oci:{debian}:12", f"oci-archive:{tmp_path}/base.tar:12")
     archive = tmp_path / "app.tar"
-    again = build(
+    again = build_json(
         demo_app, "--from", f"oci-archive:{tmp_path}/base.tar:12", "--env", "LANG=C",
         "--user", "app", "--cache-dir", str(tmp_path / "c2"), "-o", f"oci-archive:{archive}:app",
     )  # fmt: skip
@@ -150,7 +138,7 @@ def test_push_on_a_registry_base_mounts_its_blobs(
         )  # fmt: skip
         stored = reg.blob_bytes()
         src = ["--from", f"docker://{reg.host}/library/debian:12", "--src-tls-verify=false"]
-        out = build(
+        out = build_json(
             demo_app, *src, "--cache-dir", str(cache), "--dest-tls-verify=false",
             "-o", f"docker://{reg.host}/team/app:1",
         )  # fmt: skip
@@ -165,7 +153,7 @@ def test_push_on_a_registry_base_mounts_its_blobs(
         assert info["Layers"][0] == base_digest and info["Env"][0].startswith("PATH=/usr/local")
         assert info["Digest"] == out["manifest_digest"]
         # a destination that needs the bytes gets them, fetched into the cache and verified
-        local = build(demo_app, *src, "--cache-dir", str(cache), "-o", f"oci:{tmp_path}/out:1")
+        local = build_json(demo_app, *src, "--cache-dir", str(cache), "-o", f"oci:{tmp_path}/out:1")
     assert local["manifest_digest"] == out["manifest_digest"]
     assert (cache / "blobs/sha256" / base_digest.removeprefix("sha256:")).is_file()
     tool("skopeo", "copy", f"oci:{tmp_path}/out:1", f"dir:{tmp_path}/dir")  # skopeo verifies
@@ -222,9 +210,9 @@ def test_an_index_base_gives_the_manifest_of_the_build_platform(
     debian: Path, demo_app: str, tmp_path: Path
 ) -> None:
     cache = ["--cache-dir", str(tmp_path / "cache")]
-    direct = build(demo_app, *cache, "--from", f"oci:{debian}:12", "-o", f"oci:{tmp_path}/a")
+    direct = build_json(demo_app, *cache, "--from", f"oci:{debian}:12", "-o", f"oci:{tmp_path}/a")
     multi = indexed(debian, tmp_path, "multi", [OTHER, HOST, "riscv64"])
-    via_index = build(demo_app, *cache, "--from", f"oci:{multi}:12", "-o", f"oci:{tmp_path}/b")
+    via_index = build_json(demo_app, *cache, "--from", f"oci:{multi}:12", "-o", f"oci:{tmp_path}/b")
     assert via_index["manifest_digest"] == direct["manifest_digest"]
 
 
@@ -293,6 +281,8 @@ def test_a_private_registry_base_takes_its_own_credentials(
         error, hint = failure(*common, "--creds", "alice:s3cret", "--authfile", str(empty), *out)
         assert "401" in error or "unauthorized" in error.lower(), error
         assert hint
-        with_flag = build(*common, "--src-creds", "alice:s3cret", "--authfile", str(empty), *out)
-        from_file = build(*common, "--authfile", str(login), *out)
+        with_flag = build_json(
+            *common, "--src-creds", "alice:s3cret", "--authfile", str(empty), *out
+        )
+        from_file = build_json(*common, "--authfile", str(login), *out)
     assert with_flag["manifest_digest"] == from_file["manifest_digest"]

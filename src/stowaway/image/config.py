@@ -486,7 +486,7 @@ def build_config(
         "created": created,
         "architecture": options.architecture,
         "os": options.os,
-        "config": _run_config(options, base, bin_dirs or ()),
+        "config": _run_config(options, base, bin_dirs),
         "rootfs": {"type": "layers", "diff_ids": [*base.diff_ids, *diff_ids]},
         "history": [
             *(dict(h) for h in base.history),
@@ -502,10 +502,11 @@ def build_config(
 
 
 def _run_config(
-    options: ImageOptions, base: BaseConfig, bin_dirs: Sequence[str]
+    options: ImageOptions, base: BaseConfig, bin_dirs: Sequence[str] | None
 ) -> dict[str, object]:
     """Ours over the base's, as Docker's FROM does: Env by key (a PATH of ours wins;
-    else the roots' ``bin_dirs`` lead the base's PATH or Docker's default; with
+    else the roots' ``bin_dirs`` (when given, even none) lead the base's PATH or
+    Docker's default; with
     ``contents`` linked, the base's PATH or Docker's default); Entrypoint and Cmd ours
     when given, an Entrypoint of ours clearing the base's Cmd; WorkingDir ours when
     given; User ours when given, as numeric ``UID:GID`` (kubelet's ``runAsNonRoot``
@@ -517,7 +518,7 @@ def _run_config(
         fallback = env.get("PATH", f"PATH={DEFAULT_PATH}").partition("=")[2]
         if options.contents:
             ours["PATH"] = f"PATH={fallback}"
-        elif bin_dirs:
+        elif bin_dirs is not None:
             ours["PATH"] = "PATH=" + ":".join([*dict.fromkeys(bin_dirs), fallback])
     env = {**({"PATH": ours["PATH"]} if "PATH" in ours and "PATH" not in env else {}), **env}
     env |= ours

@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from stowaway.errors import StowawayError
+from stowaway.errors import SignatureError, StowawayError
 from stowaway.image.config import OCI_ARCHITECTURES, ImageOptions, default_architecture
+from stowaway.store.binary_cache import CacheError
 from stowaway.store.drv import parse_drv
 from stowaway.store.model import PathInfo, StoreSource
 
@@ -176,12 +177,15 @@ def _root_system(source: StoreSource, info: PathInfo | None) -> str | None:
     deriver or the .drv is not in ``source`` (garbage-collected, or a binary cache)."""
     if info is None or not info.deriver or not info.deriver.endswith(".drv"):
         return None
-    if source.query(info.deriver) is None:
-        return None
     data = bytearray()
-    for entry in source.entries(info.deriver):
-        if entry.kind != "regular" or entry.path or entry.size > DRV_LIMIT:
-            return None  # not a .drv file: it cannot tell
-        for chunk in entry.chunks:
-            data += chunk
+    try:
+        if source.query(info.deriver) is None:
+            return None
+        for entry in source.entries(info.deriver):
+            if entry.kind != "regular" or entry.path or entry.size > DRV_LIMIT:
+                return None  # not a .drv file: it cannot tell
+            for chunk in entry.chunks:
+                data += chunk
+    except (CacheError, SignatureError):  # a cache that is down or untrusted: no answer
+        return None
     return parse_drv(bytes(data), info.deriver).system

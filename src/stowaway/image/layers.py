@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Executor, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Literal
 
 import zstandard
@@ -36,6 +36,7 @@ from stowaway.image.model import Layer, MediaType, TarEntry
 from stowaway.image.ownership import RuleSet
 from stowaway.image.tar import store_path_entries, write_tar
 from stowaway.layering.model import PlannedLayer
+from stowaway.parallel import Stop, run_all
 from stowaway.progress import NoProgress, Progress, paths_label
 from stowaway.store.model import PathInfo, StoreSource
 
@@ -60,10 +61,6 @@ _NO_PROGRESS = NoProgress()
 
 class InvalidLayerSettings(StowawayError):
     """A compression/level/mtime combination we cannot build."""
-
-
-class _Cancelled(Exception):
-    """Another layer of the same build failed; stop this one early."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +147,7 @@ def _build(
     executor: Executor | None,
     threads: int,
     on_bytes: Callable[[int], None] = lambda n: None,
-    cancel: threading.Event | None = None,
+    cancel: Stop | None = None,
 ) -> Layer:
     """Tar, hash and compress ``entries`` into a new cache entry under ``key``."""
     diff_id = hashlib.sha256()
@@ -160,8 +157,8 @@ def _build(
         )
 
         def emit(data: bytes | bytearray) -> None:
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled
+            if cancel is not None:
+                cancel.check()  # another layer failed, or Ctrl-C
             diff_id.update(data)
             comp.write(data)
             on_bytes(len(data))
@@ -295,41 +292,16 @@ def _build_missing(
         workers = max(1, min(jobs, ZSTD_MEMORY_BUDGET // zstd_worker_memory(level)))
     concurrent = min(workers, len(missing))
     threads = max(1, workers // concurrent)
-    cancel = threading.Event()
     blocks = ThreadPoolExecutor(jobs, "stowaway-deflate") if jobs > 1 else None
     try:
-        with ThreadPoolExecutor(concurrent, "stowaway-layer") as pool:
-            futures = {
-                pool.submit(
-                    _build_store_layer,
-                    source,
-                    planned[i],
-                    i,
-                    keys[i],
-                    totals[i],
-                    settings,
-                    cache,
-                    progress,
-                    blocks,
-                    threads,
-                    cancel,
-                    rules,
-                ): i
-                for i in missing
-            }
-            try:
-                wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:  # Ctrl-C in this thread: stop every build at its next chunk
-                cancel.set()
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            errors = [f.exception() for f in futures if f.done()]
-            first = next((e for e in errors if e is not None), None)
-            if first is not None:
-                cancel.set()
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise first
-            return {i: fut.result() for fut, i in futures.items()}
+        tasks = [
+            partial(
+                _build_store_layer, source, planned[i], i, keys[i], totals[i], settings,
+                cache, progress, blocks, threads, rules,
+            )
+            for i in missing
+        ]  # fmt: skip
+        return dict(zip(missing, run_all(tasks, concurrent, "stowaway-layer"), strict=True))
     finally:
         if blocks is not None:
             blocks.shutdown(wait=True, cancel_futures=True)
@@ -346,8 +318,8 @@ def _build_store_layer(
     progress: Progress,
     blocks: Executor | None,
     threads: int,
-    cancel: threading.Event,
     rules: _Rules,
+    cancel: Stop,
 ) -> Layer:
     name = str(index)
     progress.start(name, paths_label(plan.paths), total)

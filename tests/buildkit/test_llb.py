@@ -140,14 +140,19 @@ def test_one_exec_op_per_derivation(have_nix: None, contexts: dict[str, Path]) -
         assert env[key] == value
     assert env["out"].endswith("-core") and env["PATH"].endswith("-tools/bin")
     dests = [m.dest for m in op.exec.mounts]
-    assert dests[:3] == ["/", "/build", "/nix/store"]
-    # a read-only root: BuildKit gives each op its own snapshot, not the shared cached one
-    assert op.exec.mounts[0].readonly and op.exec.mounts[0].output == -1
-    inputs = [m for m in op.exec.mounts[3:]]
+    assert dests[:2] == ["/", "/build"]
+    # the root is the op's only output: one snapshot of its own per derivation (not the
+    # shared cached one a writable root without output would be)
+    root, build = op.exec.mounts[:2]
+    assert (root.readonly, root.output, root.mountType) == (False, 0, ops.BIND)
+    assert (build.mountType, build.input, build.output) == (ops.TMPFS, -1, -1)
+    assert [m.output for m in op.exec.mounts[1:]] == [-1] * (len(op.exec.mounts) - 1)
+    inputs = [m for m in op.exec.mounts[2:]]
     for m in inputs:
         base = m.dest.rsplit("/", 1)[1]
-        assert m.readonly
-        assert m.selector == ("/sources/" if base.endswith("-busybox-static") else "/") + base
+        assert m.readonly and m.mountType == ops.BIND
+        # sources from the context, outputs from their op's root at their store path
+        assert m.selector == ("/sources/" + base if base.endswith("-busybox-static") else m.dest)
     assert {m.dest.split("-", 1)[1] for m in inputs} == {
         "busybox-static", "tools", "lib-ab", "lib-bc", "split", "settings", "pinned"
     }  # fmt: skip
@@ -161,6 +166,74 @@ def test_leaf_change_changes_only_it_and_dependents(
     _, after, _ = _graph(contexts["x"])
     changed = {n for n in before if before[n].digest != after[n].digest}
     assert changed == {"alpha", "lib-ab", "core", "docs", "app"}
+
+
+def _ops(result: llb.Output) -> dict[str, ops.Op]:
+    """Every op of the marshalled Definition (the bare result op left out), by digest."""
+    d = llb.marshal(result)
+    return {
+        "sha256:" + hashlib.sha256(b).hexdigest(): ops.Op.FromString(b)
+        for b in getattr(d, "def")[:-1]
+    }
+
+
+def test_graph_shape_one_op_per_derivation_and_per_layer(
+    have_nix: None, contexts: dict[str, Path]
+) -> None:
+    """What BuildKit is asked to run for graph.nix: one ExecOp per derivation (each with
+    a single snapshot, its root; /build a tmpfs), one FileOp for the shared build root,
+    one per image layer plus the customisation layer, and the context source."""
+    spec = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
+    drvs = {p: parse_drv((contexts[""] / r).read_bytes(), p) for p, r in spec.drv_files.items()}
+    g = build_llb_graph(spec, drvs, _ctx())
+    kinds: dict[str, int] = {}
+    for op in _ops(g.result).values():
+        kind = op.WhichOneof("op")
+        assert kind is not None
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "exec":
+            snapshots = [m for m in op.exec.mounts if m.mountType == ops.BIND and not m.readonly]
+            assert [m.dest for m in snapshots] == ["/"]
+    assert kinds == {"exec": 12, "file": 1 + len(g.layers) + 1, "source": 1}
+
+
+def test_leaf_change_changes_only_the_ops_that_depend_on_it(
+    have_nix: None, contexts: dict[str, Path]
+) -> None:
+    """Across the whole Definition: the ExecOps of alpha and its dependents change, the
+    layers from the first one holding a changed path on (each layer is a FileOp on the
+    one before), nothing else: the other 7 ExecOps, the build root and the context
+    source are byte-identical, so BuildKit finds them cached."""
+    graphs = {}
+    for salt in ("", "x"):
+        spec = Spec.from_json((contexts[salt] / "stowaway.json").read_bytes())
+        # both planned the same way (the plain context may know references: built locally)
+        spec = dataclasses.replace(spec, references=None, nar_sizes={})
+        drvs = {
+            p: parse_drv((contexts[salt] / r).read_bytes(), p) for p, r in spec.drv_files.items()
+        }
+        graphs[salt] = build_llb_graph(spec, drvs, _ctx())
+
+    def described(g: llb.Output) -> dict[str, str]:
+        d = llb.marshal(g)
+        return {k: v.description.get("llb.customname", "") for k, v in d.metadata.items()}
+
+    before, after = described(graphs[""].result), described(graphs["x"].result)
+    assert len(before) == len(after)
+    changed = sorted(name for digest, name in after.items() if digest not in before)
+    rebuilt = {n.split()[1] for n in changed if n.startswith("nix-build ")}
+    assert rebuilt == {"alpha", "lib-ab", "core", "docs", "app"}
+    layers = graphs[""].layers
+    first = min(
+        i
+        for i, layer in enumerate(layers)
+        if any(p.split("-", 1)[1] in rebuilt | {"alpha"} for p in layer)
+    )
+    relayered = [n for n in changed if n.startswith("stowaway layer ")]
+    assert len(relayered) == len(layers) - first
+    assert set(changed) - set(relayered) - {n for n in changed if n.startswith("nix-build ")} == {
+        "stowaway customisation layer"
+    }
 
 
 def test_pinned_output_gets_nix_checked_flag(have_nix: None, contexts: dict[str, Path]) -> None:
@@ -253,6 +326,8 @@ def test_substituted_derivations_get_no_exec_op(have_nix: None, contexts: dict[s
     core = ops.Op.FromString(next(v for p, v in g.builders.items() if drvs[p].name == "core").data)
     lib_bc = next(m for m in core.exec.mounts if m.dest.endswith("-lib-bc"))
     assert lib_bc.selector == lib_bc.dest  # from the image, at its store path
+    lib_ab = next(m for m in core.exec.mounts if m.dest.endswith("-lib-ab"))
+    assert lib_ab.selector == lib_ab.dest  # from its op's root, at its store path too
     assert core.inputs[lib_bc.input].digest == image.vertex.digest
 
 

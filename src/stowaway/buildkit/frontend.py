@@ -54,7 +54,13 @@ __all__ = [
 ]
 
 _REQUIRED_CAPS = ("solve.base", "readfile")
-_REQUIRED_LLB_CAPS = ("source.local", "exec.meta.base", "exec.mount.selector", "file.base")
+_REQUIRED_LLB_CAPS = (
+    "source.local",
+    "exec.meta.base",
+    "exec.mount.selector",
+    "exec.mount.tmpfs",
+    "file.base",
+)
 
 
 def frontend_options(environ: Mapping[str, str]) -> dict[str, str]:

@@ -1,13 +1,15 @@
 """Nix derivations → LLB: one ExecOp per derivation, then the image as layered copies.
 
 Each derivation runs like a sandboxed ``nix-build`` would run it: builder + args, the
-derivation's env plus Nix's standard build env, ``/build`` as working directory, no
-network, and every input (derivation output or source) bind-mounted read-only at its
-store path. ``/nix/store`` itself is a writable scratch mount whose final state is the
-op's single output, so all of a derivation's outputs (directories or single files) come
-out of one op and a dependent selects ``/<basename>`` from it. Because BuildKit keys
-these mounts by the *content* of the selected path, a dependency rebuilt to the same
-bytes leaves its dependents cached.
+derivation's env plus Nix's standard build env, ``/build`` (a tmpfs) as working
+directory, no network, and every input (derivation output or source) bind-mounted
+read-only at its store path. The op's root filesystem is writable and is its single
+output, so all of a derivation's outputs (directories or single files) come out of one
+op and a dependent selects ``/nix/store/<basename>`` from it. That is one snapshot per
+derivation (BuildKit v0.8 made three: a private copy of a read-only root, a scratch
+``/build`` and a scratch ``/nix/store``), which is most of an op's cost besides runc.
+Because BuildKit keys input mounts by the *content* of the selected path, a dependency
+rebuilt to the same bytes leaves its dependents cached.
 """
 
 from __future__ import annotations
@@ -188,7 +190,8 @@ def build_llb_graph(
         p for p, d in drvs.items() if d.outputs and all(o.path in subs for o in d.outputs)
     )
     order = _build_order(drvs, [t.drv for t in spec.targets], substitutable)
-    # BuildKit refuses an ExecOp whose / has no input: an empty root with mount points.
+    # BuildKit refuses an ExecOp whose / has no input: an empty root with mount points,
+    # which every derivation op copies (a snapshot of its own) and writes its outputs in.
     root = file_op(
         None,
         [MkDir(BUILD_TOP, 0o755), MkDir(STORE_DIR, 0o755)],
@@ -204,7 +207,7 @@ def build_llb_graph(
         vertex = _derivation_op(drv, drvs, providers, root)
         builders[path] = vertex
         for out in drv.outputs:
-            providers[out.path] = (Output(vertex, 0), "/" + _base(out.path))
+            providers[out.path] = (Output(vertex, 0), out.path)
     for t in spec.targets:
         if drvs[t.drv].output(t.output).path != t.path:
             raise GraphError(
@@ -257,14 +260,14 @@ def _derivation_op(
     for dep, outs in drv.input_drvs:
         inputs += [drvs[dep].output(o).path for o in outs]
     mounts = [
-        # Read-only: BuildKit then gives each op a private snapshot of the root (where
-        # runc makes its mount points) and mounts it read-only. A writable root with no
-        # output is the one cached snapshot, shared by every op running at once: BuildKit
-        # v0.8 in dockerd 20.10 failed such ops now and then with "no such file or
-        # directory" on /etc/hosts or /etc/resolv.conf.
-        Mount("/", root, readonly=True),
-        Mount(BUILD_TOP),
-        Mount(STORE_DIR, output=True),
+        # The root is the op's output: a writable snapshot of its own on top of `root`,
+        # where the builder writes /nix/store/<out> and runc makes its mount points (which
+        # dependents never select). Not a writable root without output: that is the one
+        # cached snapshot, shared by every op running at once, and BuildKit v0.8 in
+        # dockerd 20.10 failed such ops now and then with "no such file or directory" on
+        # /etc/hosts or /etc/resolv.conf.
+        Mount("/", root, output=True),
+        Mount(BUILD_TOP, tmpfs=True),
     ]
     for path in sorted(set(inputs)):
         if path not in providers:

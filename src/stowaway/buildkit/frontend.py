@@ -133,7 +133,9 @@ def _read_inputs(
         description="[internal] load derivations",
     )
     ctx = gw.solve(llb.marshal(drv_src))
-    drvs = [parse_drv(gw.read_file(ctx, rel), path) for path, rel in sorted(spec.drv_files.items())]
+    files = sorted(spec.drv_files.items())
+    texts = gw.read_files(ctx, [rel for _, rel in files])
+    drvs = [parse_drv(text, path) for (path, _), text in zip(files, texts, strict=True)]
     return spec, drvs
 
 
@@ -158,11 +160,9 @@ def _evaluate(
         ) from None
     instantiated = gw.read_file(ref, "instantiated")
     closure = gw.read_file(ref, "closure")
-    drvs = [
-        parse_drv(gw.read_file(ref, "drvs/" + p.rsplit("/", 1)[-1]), p)
-        for p in store_paths(closure, "eval output 'closure'")
-        if p.endswith(".drv")
-    ]
+    paths = [p for p in store_paths(closure, "eval output 'closure'") if p.endswith(".drv")]
+    texts = gw.read_files(ref, ["drvs/" + p.rsplit("/", 1)[-1] for p in paths])
+    drvs = [parse_drv(text, p) for p, text in zip(paths, texts, strict=True)]
     spec = spec_from_eval(req, instantiated, closure, {d.path: d for d in drvs})
     return spec, drvs, out
 

@@ -218,11 +218,25 @@ def build_llb_graph(
     roots = [t.path for t in spec.targets]
     layer_plan = plan(closure, roots, strategy=spec.layering, max_layers=spec.max_layers)
     plat = image_platform(spec, drvs)
+    # The customisation layer goes first: it never depends on what was built, so it
+    # stays cached (and its layer blob the same) however the store layers change; last,
+    # every rebuild ran it again on top of the new store layers.
     image: Output | None = None
+    if spec.customisation:
+        custom: list[Copy | MkDir | MkFile] = []
+        for m in spec.customisation:
+            template = mode_template(m.kind, m.mode)
+            if template is not None:
+                custom.append(Copy(context, "/" + template, "/" + m.name, contents=False))
+            elif m.kind == "directory":
+                custom.append(MkDir("/" + m.name, m.mode))
+            else:
+                custom.append(MkFile("/" + m.name, m.mode, m.data))
+        image = file_op(image, custom, platform=plat, description="stowaway customisation layer")
     layers: list[tuple[str, ...]] = []
     for i, layer in enumerate(layer_plan.layers):
         actions: list[Copy | MkDir | MkFile] = []
-        if image is None:
+        if not layers:
             actions.append(MkDir(STORE_DIR, 0o755))
         for p in layer.paths:
             if p not in providers:
@@ -235,17 +249,6 @@ def build_llb_graph(
         desc = f"stowaway layer {i + 1}/{len(layer_plan.layers)}: {names}"
         image = file_op(image, actions, platform=plat, description=desc[:200])
         layers.append(layer.paths)
-    if spec.customisation:
-        custom: list[Copy | MkDir | MkFile] = []
-        for m in spec.customisation:
-            template = mode_template(m.kind, m.mode)
-            if template is not None:
-                custom.append(Copy(context, "/" + template, "/" + m.name, contents=False))
-            elif m.kind == "directory":
-                custom.append(MkDir("/" + m.name, m.mode))
-            else:
-                custom.append(MkFile("/" + m.name, m.mode, m.data))
-        image = file_op(image, custom, platform=plat, description="stowaway customisation layer")
     assert image is not None  # a plan always has a layer: the targets are in it
     return BuildGraph(image, builders, tuple(layers), frozenset(substituted))
 

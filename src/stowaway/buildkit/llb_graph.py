@@ -3,11 +3,12 @@
 Each derivation runs like a sandboxed ``nix-build`` would run it: builder + args, the
 derivation's env plus Nix's standard build env, ``/build`` (a tmpfs) as working
 directory, no network, and every input (derivation output or source) bind-mounted
-read-only at its store path. The op's root filesystem is writable and is its single
-output, so all of a derivation's outputs (directories or single files) come out of one
-op and a dependent selects ``/nix/store/<basename>`` from it. That is one snapshot per
-derivation (BuildKit v0.8 made three: a private copy of a read-only root, a scratch
-``/build`` and a scratch ``/nix/store``), which is most of an op's cost besides runc.
+read-only at its store path. The op's root filesystem starts empty, is writable and is
+its single output, so all of a derivation's outputs (directories or single files) come
+out of one op and a dependent selects ``/nix/store/<basename>`` from it. That is one
+snapshot per derivation, where there were three (a private copy of a read-only root
+FileOp, a scratch ``/build``, a scratch ``/nix/store``): the cheapest ExecOp BuildKit
+has, which is what a derivation costs besides its builder (docs/buildkit.md).
 Because BuildKit keys input mounts by the *content* of the selected path, a dependency
 rebuilt to the same bytes leaves its dependents cached.
 """
@@ -190,21 +191,13 @@ def build_llb_graph(
         p for p, d in drvs.items() if d.outputs and all(o.path in subs for o in d.outputs)
     )
     order = _build_order(drvs, [t.drv for t in spec.targets], substitutable)
-    # BuildKit refuses an ExecOp whose / has no input: an empty root with mount points,
-    # which every derivation op copies (a snapshot of its own) and writes its outputs in.
-    root = file_op(
-        None,
-        [MkDir(BUILD_TOP, 0o755), MkDir(STORE_DIR, 0o755)],
-        platform=platform_of(drvs[order[-1]]),
-        description="stowaway build root",
-    )
     substituted: set[str] = set()
     for path in order:
         drv = drvs[path]
         if path in substitutable:
             substituted.add(path)
             continue
-        vertex = _derivation_op(drv, drvs, providers, root)
+        vertex = _derivation_op(drv, drvs, providers)
         builders[path] = vertex
         for out in drv.outputs:
             providers[out.path] = (Output(vertex, 0), out.path)
@@ -257,19 +250,19 @@ def _derivation_op(
     drv: Derivation,
     drvs: Mapping[str, Derivation],
     providers: Mapping[str, tuple[Output, str]],
-    root: Output,
 ) -> Vertex:
     inputs: list[str] = list(drv.input_srcs)
     for dep, outs in drv.input_drvs:
         inputs += [drvs[dep].output(o).path for o in outs]
     mounts = [
-        # The root is the op's output: a writable snapshot of its own on top of `root`,
-        # where the builder writes /nix/store/<out> and runc makes its mount points (which
-        # dependents never select). Not a writable root without output: that is the one
-        # cached snapshot, shared by every op running at once, and BuildKit v0.8 in
-        # dockerd 20.10 failed such ops now and then with "no such file or directory" on
-        # /etc/hosts or /etc/resolv.conf.
-        Mount("/", root, output=True),
+        # The root is the op's output: an empty writable snapshot of its own, where the
+        # builder writes /nix/store/<out> and runc makes its mount points (which
+        # dependents never select). Empty, not on a FileOp holding the mount points: a
+        # snapshot without parent is mounted as a plain directory, not an overlay.
+        # Never a writable root without output: that is the one cached snapshot, shared
+        # by every op running at once, and BuildKit v0.8 in dockerd 20.10 failed such
+        # ops now and then with "no such file or directory" on /etc/hosts.
+        Mount("/", None, output=True),
         Mount(BUILD_TOP, tmpfs=True),
     ]
     for path in sorted(set(inputs)):

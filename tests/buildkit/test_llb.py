@@ -66,6 +66,17 @@ def test_exec_op_fields() -> None:
     assert (op.platform.OS, op.platform.Architecture) == ("linux", "amd64")
 
 
+def test_tmpfs_mount_has_no_input_and_asks_for_its_cap() -> None:
+    v = llb.exec_op(["/x/sh"], {}, [llb.Mount("/", output=True), llb.Mount("/b", tmpfs=True)])
+    root, tmp = ops.Op.FromString(v.data).exec.mounts
+    assert (root.mountType, root.input, root.output) == (ops.BIND, -1, 0)
+    assert (tmp.mountType, tmp.input, tmp.output) == (ops.TMPFS, -1, -1)
+    assert "exec.mount.tmpfs" in v.caps
+    assert "exec.mount.tmpfs" not in llb.exec_op(["/x/sh"], {}, [llb.Mount("/")]).caps
+    with pytest.raises(ValueError, match="tmpfs mount /b cannot have a source"):
+        llb.exec_op(["/x/sh"], {}, [llb.Mount("/b", _ctx(), tmpfs=True)])
+
+
 def test_file_op_chains_actions_and_keeps_modes() -> None:
     src = _ctx()
     out = llb.file_op(

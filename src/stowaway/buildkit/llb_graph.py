@@ -6,9 +6,9 @@ directory, no network, and every input (derivation output or source) bind-mounte
 read-only at its store path. The op's root filesystem starts empty, is writable and is
 its single output, so all of a derivation's outputs (directories or single files) come
 out of one op and a dependent selects ``/nix/store/<basename>`` from it. That is one
-snapshot per derivation, where there were three (a private copy of a read-only root
-FileOp, a scratch ``/build``, a scratch ``/nix/store``): the cheapest ExecOp BuildKit
-has, which is what a derivation costs besides its builder (docs/buildkit.md).
+snapshot per derivation: a scratch ``/build`` or ``/nix/store`` mount, or a private copy
+of a root FileOp, would each be one more on every derivation's critical path
+(docs/buildkit.md has the measurements).
 Because BuildKit keys input mounts by the *content* of the selected path, a dependency
 rebuilt to the same bytes leaves its dependents cached.
 """

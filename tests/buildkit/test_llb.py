@@ -66,6 +66,17 @@ def test_exec_op_fields() -> None:
     assert (op.platform.OS, op.platform.Architecture) == ("linux", "amd64")
 
 
+def test_tmpfs_mount_has_no_input_and_asks_for_its_cap() -> None:
+    v = llb.exec_op(["/x/sh"], {}, [llb.Mount("/", output=True), llb.Mount("/b", tmpfs=True)])
+    root, tmp = ops.Op.FromString(v.data).exec.mounts
+    assert (root.mountType, root.input, root.output) == (ops.BIND, -1, 0)
+    assert (tmp.mountType, tmp.input, tmp.output) == (ops.TMPFS, -1, -1)
+    assert "exec.mount.tmpfs" in v.caps
+    assert "exec.mount.tmpfs" not in llb.exec_op(["/x/sh"], {}, [llb.Mount("/")]).caps
+    with pytest.raises(ValueError, match="tmpfs mount /b cannot have a source"):
+        llb.exec_op(["/x/sh"], {}, [llb.Mount("/b", _ctx(), tmpfs=True)])
+
+
 def test_file_op_chains_actions_and_keeps_modes() -> None:
     src = _ctx()
     out = llb.file_op(
@@ -140,14 +151,19 @@ def test_one_exec_op_per_derivation(have_nix: None, contexts: dict[str, Path]) -
         assert env[key] == value
     assert env["out"].endswith("-core") and env["PATH"].endswith("-tools/bin")
     dests = [m.dest for m in op.exec.mounts]
-    assert dests[:3] == ["/", "/build", "/nix/store"]
-    # a read-only root: BuildKit gives each op its own snapshot, not the shared cached one
-    assert op.exec.mounts[0].readonly and op.exec.mounts[0].output == -1
-    inputs = [m for m in op.exec.mounts[3:]]
+    assert dests[:2] == ["/", "/build"]
+    # the root is the op's only output: one snapshot of its own per derivation (not the
+    # shared cached one a writable root without output would be)
+    root, build = op.exec.mounts[:2]
+    assert (root.input, root.readonly, root.output, root.mountType) == (-1, False, 0, ops.BIND)
+    assert (build.mountType, build.input, build.output) == (ops.TMPFS, -1, -1)
+    assert [m.output for m in op.exec.mounts[1:]] == [-1] * (len(op.exec.mounts) - 1)
+    inputs = [m for m in op.exec.mounts[2:]]
     for m in inputs:
         base = m.dest.rsplit("/", 1)[1]
-        assert m.readonly
-        assert m.selector == ("/sources/" if base.endswith("-busybox-static") else "/") + base
+        assert m.readonly and m.mountType == ops.BIND
+        # sources from the context, outputs from their op's root at their store path
+        assert m.selector == ("/sources/" + base if base.endswith("-busybox-static") else m.dest)
     assert {m.dest.split("-", 1)[1] for m in inputs} == {
         "busybox-static", "tools", "lib-ab", "lib-bc", "split", "settings", "pinned"
     }  # fmt: skip
@@ -161,6 +177,74 @@ def test_leaf_change_changes_only_it_and_dependents(
     _, after, _ = _graph(contexts["x"])
     changed = {n for n in before if before[n].digest != after[n].digest}
     assert changed == {"alpha", "lib-ab", "core", "docs", "app"}
+
+
+def _ops(result: llb.Output) -> dict[str, ops.Op]:
+    """Every op of the marshalled Definition (the bare result op left out), by digest."""
+    d = llb.marshal(result)
+    return {
+        "sha256:" + hashlib.sha256(b).hexdigest(): ops.Op.FromString(b)
+        for b in getattr(d, "def")[:-1]
+    }
+
+
+def test_graph_shape_one_op_per_derivation_and_per_layer(
+    have_nix: None, contexts: dict[str, Path]
+) -> None:
+    """What BuildKit is asked to run for graph.nix: one ExecOp per derivation (each with
+    a single snapshot, its root, empty at the start; /build a tmpfs), one FileOp per
+    image layer plus the customisation layer, and the context source."""
+    spec = Spec.from_json((contexts[""] / "stowaway.json").read_bytes())
+    drvs = {p: parse_drv((contexts[""] / r).read_bytes(), p) for p, r in spec.drv_files.items()}
+    g = build_llb_graph(spec, drvs, _ctx())
+    kinds: dict[str, int] = {}
+    for op in _ops(g.result).values():
+        kind = op.WhichOneof("op")
+        assert kind is not None
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "exec":
+            snapshots = [m for m in op.exec.mounts if m.mountType == ops.BIND and not m.readonly]
+            assert [m.dest for m in snapshots] == ["/"]
+    assert kinds == {"exec": 12, "file": len(g.layers) + 1, "source": 1}
+
+
+def test_leaf_change_changes_only_the_ops_that_depend_on_it(
+    have_nix: None, contexts: dict[str, Path]
+) -> None:
+    """Across the whole Definition: the ExecOps of alpha and its dependents change, the
+    layers from the first one holding a changed path on (each layer is a FileOp on the
+    one before), nothing else: the other 7 ExecOps, the customisation layer and the
+    context source are byte-identical, so BuildKit finds them cached."""
+    graphs = {}
+    for salt in ("", "x"):
+        spec = Spec.from_json((contexts[salt] / "stowaway.json").read_bytes())
+        # both planned the same way (the plain context may know references: built locally)
+        spec = dataclasses.replace(spec, references=None, nar_sizes={})
+        drvs = {
+            p: parse_drv((contexts[salt] / r).read_bytes(), p) for p, r in spec.drv_files.items()
+        }
+        graphs[salt] = build_llb_graph(spec, drvs, _ctx())
+
+    def described(g: llb.Output) -> dict[str, str]:
+        d = llb.marshal(g)
+        return {k: v.description.get("llb.customname", "") for k, v in d.metadata.items()}
+
+    before, after = described(graphs[""].result), described(graphs["x"].result)
+    assert len(before) == len(after)
+    changed = sorted(name for digest, name in after.items() if digest not in before)
+    rebuilt = {n.split()[1] for n in changed if n.startswith("nix-build ")}
+    assert rebuilt == {"alpha", "lib-ab", "core", "docs", "app"}
+    layers = graphs[""].layers
+    first = min(
+        i
+        for i, layer in enumerate(layers)
+        if any(p.split("-", 1)[1] in rebuilt | {"alpha"} for p in layer)
+    )
+    relayered = [n for n in changed if n.startswith("stowaway layer ")]
+    assert len(relayered) == len(layers) - first
+    # the customisation layer is the bottom one: unchanged
+    assert set(changed) == set(relayered) | {n for n in changed if n.startswith("nix-build ")}
+    assert "stowaway customisation layer" in before.values()
 
 
 def test_pinned_output_gets_nix_checked_flag(have_nix: None, contexts: dict[str, Path]) -> None:
@@ -226,7 +310,11 @@ def test_tmp_is_copied_with_its_mode(have_nix: None, contexts: dict[str, Path]) 
     drvs = {p: parse_drv((contexts[""] / r).read_bytes(), p) for p, r in spec.drv_files.items()}
     ctx = _ctx()
     g = build_llb_graph(spec, drvs, ctx)
-    op = ops.Op.FromString(g.result.vertex.data)
+    (op,) = [
+        o
+        for o in _ops(g.result).values()
+        if o.WhichOneof("op") == "file" and o.file.actions[0].input == -1 and len(o.inputs) == 1
+    ]  # the customisation layer, the bottom one: on scratch, reading only the context
     made = {a.mkdir.path: a.mkdir.mode for a in op.file.actions if a.HasField("mkdir")}
     assert made == {"/etc": 0o755}
     (tmp,) = [a for a in op.file.actions if a.HasField("copy")]
@@ -253,6 +341,8 @@ def test_substituted_derivations_get_no_exec_op(have_nix: None, contexts: dict[s
     core = ops.Op.FromString(next(v for p, v in g.builders.items() if drvs[p].name == "core").data)
     lib_bc = next(m for m in core.exec.mounts if m.dest.endswith("-lib-bc"))
     assert lib_bc.selector == lib_bc.dest  # from the image, at its store path
+    lib_ab = next(m for m in core.exec.mounts if m.dest.endswith("-lib-ab"))
+    assert lib_ab.selector == lib_ab.dest  # from its op's root, at its store path too
     assert core.inputs[lib_bc.input].digest == image.vertex.digest
 
 

@@ -54,7 +54,13 @@ __all__ = [
 ]
 
 _REQUIRED_CAPS = ("solve.base", "readfile")
-_REQUIRED_LLB_CAPS = ("source.local", "exec.meta.base", "exec.mount.selector", "file.base")
+_REQUIRED_LLB_CAPS = (
+    "source.local",
+    "exec.meta.base",
+    "exec.mount.selector",
+    "exec.mount.tmpfs",
+    "file.base",
+)
 
 
 def frontend_options(environ: Mapping[str, str]) -> dict[str, str]:
@@ -109,7 +115,10 @@ def cache_imports(opts: Mapping[str, str]) -> list[CacheImport]:
 
 def _read_inputs(
     gw: Gateway, opts: Mapping[str, str], session: str
-) -> tuple[Spec, list[Derivation]]:
+) -> tuple[Spec, list[Derivation], llb.Output]:
+    """The spec, the derivations, and the context source the graph reads input sources
+    and mode templates from: one source for both, so BuildKit transfers the context
+    once (the graph's solve finds the same op already solved)."""
     filename = opts.get("filename", "stowaway.json")
     name = os.path.basename(filename)
     spec_src = llb.local_source(
@@ -120,15 +129,18 @@ def _read_inputs(
     )
     ref = gw.solve(llb.marshal(spec_src))
     spec = Spec.from_json(gw.read_file(ref, name), where=name)
-    drv_src = llb.local_source(
+    wanted = set(spec.drv_files.values()) | set(spec.source_dirs.values())
+    context = llb.local_source(
         "context",
         session_id=session,
-        include=sorted(set(spec.drv_files.values())),
-        description="[internal] load derivations",
+        include=sorted(wanted | set(mode_templates(spec.customisation))),
+        description="[internal] load build context",
     )
-    ctx = gw.solve(llb.marshal(drv_src))
-    drvs = [parse_drv(gw.read_file(ctx, rel), path) for path, rel in sorted(spec.drv_files.items())]
-    return spec, drvs
+    ctx = gw.solve(llb.marshal(context))
+    files = sorted(spec.drv_files.items())
+    texts = gw.read_files(ctx, [rel for _, rel in files])
+    drvs = [parse_drv(text, path) for (path, _), text in zip(files, texts, strict=True)]
+    return spec, drvs, context
 
 
 def _evaluate(
@@ -152,11 +164,9 @@ def _evaluate(
         ) from None
     instantiated = gw.read_file(ref, "instantiated")
     closure = gw.read_file(ref, "closure")
-    drvs = [
-        parse_drv(gw.read_file(ref, "drvs/" + p.rsplit("/", 1)[-1]), p)
-        for p in store_paths(closure, "eval output 'closure'")
-        if p.endswith(".drv")
-    ]
+    paths = [p for p in store_paths(closure, "eval output 'closure'") if p.endswith(".drv")]
+    texts = gw.read_files(ref, ["drvs/" + p.rsplit("/", 1)[-1] for p in paths])
+    drvs = [parse_drv(text, p) for p, text in zip(paths, texts, strict=True)]
     spec = spec_from_eval(req, instantiated, closure, {d.path: d for d in drvs})
     return spec, drvs, out
 
@@ -219,15 +229,7 @@ def run(gw: Gateway, opts: Mapping[str, str], session: str) -> None:
         if req is not None:
             spec, drv_list, context = _evaluate(gw, req, session)
         else:
-            spec, drv_list = _read_inputs(gw, opts, session)
-            context = llb.local_source(
-                "context",
-                session_id=session,
-                include=sorted(
-                    set(spec.source_dirs.values()) | set(mode_templates(spec.customisation))
-                ),
-                description="[internal] load sources",
-            )
+            spec, drv_list, context = _read_inputs(gw, opts, session)
         drvs = {d.path: d for d in drv_list}
         subs: dict[str, llb.Output] = {}
         if "resolveimage" in caps and "source.image" in llb_caps:

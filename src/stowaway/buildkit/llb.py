@@ -62,13 +62,15 @@ class Output:
 @dataclass(frozen=True)
 class Mount:
     """An ExecOp mount: ``source`` None is a fresh empty dir; ``output`` True keeps the
-    mount's final state as an output of the op (in mount order)."""
+    mount's final state as an output of the op (in mount order). ``tmpfs`` True is a
+    tmpfs that dies with the op: no snapshot to create and remove, unlike a scratch dir."""
 
     dest: str
     source: Output | None = None
     selector: str = ""
     readonly: bool = False
     output: bool = False
+    tmpfs: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,10 @@ def exec_op(
     outputs = 0
     for m in mounts:
         pm = ex.mounts.add(dest=m.dest, selector=m.selector, readonly=m.readonly)
+        if m.tmpfs:
+            if m.source is not None or m.output:
+                raise ValueError(f"tmpfs mount {m.dest} cannot have a source or be an output")
+            pm.mountType = ops.TMPFS
         if m.source is None:
             pm.input = SCRATCH
         else:
@@ -211,6 +217,8 @@ def exec_op(
     _platform(op, platform)
     desc = {"llb.customname": description} if description else None
     caps = ["exec.meta.base", "exec.mount.bind", "exec.mount.selector"]
+    if any(m.tmpfs for m in mounts):
+        caps.append("exec.mount.tmpfs")
     if network_none:
         caps.append("exec.meta.network")
     return _vertex(op, deps, desc, caps)

@@ -1,13 +1,16 @@
 """Nix derivations → LLB: one ExecOp per derivation, then the image as layered copies.
 
 Each derivation runs like a sandboxed ``nix-build`` would run it: builder + args, the
-derivation's env plus Nix's standard build env, ``/build`` as working directory, no
-network, and every input (derivation output or source) bind-mounted read-only at its
-store path. ``/nix/store`` itself is a writable scratch mount whose final state is the
-op's single output, so all of a derivation's outputs (directories or single files) come
-out of one op and a dependent selects ``/<basename>`` from it. Because BuildKit keys
-these mounts by the *content* of the selected path, a dependency rebuilt to the same
-bytes leaves its dependents cached.
+derivation's env plus Nix's standard build env, ``/build`` (a tmpfs) as working
+directory, no network, and every input (derivation output or source) bind-mounted
+read-only at its store path. The op's root filesystem starts empty, is writable and is
+its single output, so all of a derivation's outputs (directories or single files) come
+out of one op and a dependent selects ``/nix/store/<basename>`` from it. That is one
+snapshot per derivation: a scratch ``/build`` or ``/nix/store`` mount, or a private copy
+of a root FileOp, would each be one more on every derivation's critical path
+(docs/buildkit.md has the measurements).
+Because BuildKit keys input mounts by the *content* of the selected path, a dependency
+rebuilt to the same bytes leaves its dependents cached.
 """
 
 from __future__ import annotations
@@ -188,23 +191,16 @@ def build_llb_graph(
         p for p, d in drvs.items() if d.outputs and all(o.path in subs for o in d.outputs)
     )
     order = _build_order(drvs, [t.drv for t in spec.targets], substitutable)
-    # BuildKit refuses an ExecOp whose / has no input: an empty root with mount points.
-    root = file_op(
-        None,
-        [MkDir(BUILD_TOP, 0o755), MkDir(STORE_DIR, 0o755)],
-        platform=platform_of(drvs[order[-1]]),
-        description="stowaway build root",
-    )
     substituted: set[str] = set()
     for path in order:
         drv = drvs[path]
         if path in substitutable:
             substituted.add(path)
             continue
-        vertex = _derivation_op(drv, drvs, providers, root)
+        vertex = _derivation_op(drv, drvs, providers)
         builders[path] = vertex
         for out in drv.outputs:
-            providers[out.path] = (Output(vertex, 0), "/" + _base(out.path))
+            providers[out.path] = (Output(vertex, 0), out.path)
     for t in spec.targets:
         if drvs[t.drv].output(t.output).path != t.path:
             raise GraphError(
@@ -215,11 +211,25 @@ def build_llb_graph(
     roots = [t.path for t in spec.targets]
     layer_plan = plan(closure, roots, strategy=spec.layering, max_layers=spec.max_layers)
     plat = image_platform(spec, drvs)
+    # The customisation layer goes first: it never depends on what was built, so it
+    # stays cached (and its layer blob the same) however the store layers change; last,
+    # every rebuild ran it again on top of the new store layers.
     image: Output | None = None
+    if spec.customisation:
+        custom: list[Copy | MkDir | MkFile] = []
+        for m in spec.customisation:
+            template = mode_template(m.kind, m.mode)
+            if template is not None:
+                custom.append(Copy(context, "/" + template, "/" + m.name, contents=False))
+            elif m.kind == "directory":
+                custom.append(MkDir("/" + m.name, m.mode))
+            else:
+                custom.append(MkFile("/" + m.name, m.mode, m.data))
+        image = file_op(image, custom, platform=plat, description="stowaway customisation layer")
     layers: list[tuple[str, ...]] = []
     for i, layer in enumerate(layer_plan.layers):
         actions: list[Copy | MkDir | MkFile] = []
-        if image is None:
+        if not layers:
             actions.append(MkDir(STORE_DIR, 0o755))
         for p in layer.paths:
             if p not in providers:
@@ -232,17 +242,6 @@ def build_llb_graph(
         desc = f"stowaway layer {i + 1}/{len(layer_plan.layers)}: {names}"
         image = file_op(image, actions, platform=plat, description=desc[:200])
         layers.append(layer.paths)
-    if spec.customisation:
-        custom: list[Copy | MkDir | MkFile] = []
-        for m in spec.customisation:
-            template = mode_template(m.kind, m.mode)
-            if template is not None:
-                custom.append(Copy(context, "/" + template, "/" + m.name, contents=False))
-            elif m.kind == "directory":
-                custom.append(MkDir("/" + m.name, m.mode))
-            else:
-                custom.append(MkFile("/" + m.name, m.mode, m.data))
-        image = file_op(image, custom, platform=plat, description="stowaway customisation layer")
     assert image is not None  # a plan always has a layer: the targets are in it
     return BuildGraph(image, builders, tuple(layers), frozenset(substituted))
 
@@ -251,20 +250,20 @@ def _derivation_op(
     drv: Derivation,
     drvs: Mapping[str, Derivation],
     providers: Mapping[str, tuple[Output, str]],
-    root: Output,
 ) -> Vertex:
     inputs: list[str] = list(drv.input_srcs)
     for dep, outs in drv.input_drvs:
         inputs += [drvs[dep].output(o).path for o in outs]
     mounts = [
-        # Read-only: BuildKit then gives each op a private snapshot of the root (where
-        # runc makes its mount points) and mounts it read-only. A writable root with no
-        # output is the one cached snapshot, shared by every op running at once: BuildKit
-        # v0.8 in dockerd 20.10 failed such ops now and then with "no such file or
-        # directory" on /etc/hosts or /etc/resolv.conf.
-        Mount("/", root, readonly=True),
-        Mount(BUILD_TOP),
-        Mount(STORE_DIR, output=True),
+        # The root is the op's output: an empty writable snapshot of its own, where the
+        # builder writes /nix/store/<out> and runc makes its mount points (which
+        # dependents never select). Empty, not on a FileOp holding the mount points: a
+        # snapshot without parent is mounted as a plain directory, not an overlay.
+        # Never a writable root without output: that is the one cached snapshot, shared
+        # by every op running at once, and BuildKit v0.8 in dockerd 20.10 failed such
+        # ops now and then with "no such file or directory" on /etc/hosts.
+        Mount("/", None, output=True),
+        Mount(BUILD_TOP, tmpfs=True),
     ]
     for path in sorted(set(inputs)):
         if path not in providers:

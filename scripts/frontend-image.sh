@@ -67,6 +67,11 @@ if [ ! -s "$SAVED" ]; then
     mkdir -p "$(dirname "$dest")"
     cp "$f" "$dest"
   done
+  # bytecode made here saves the frontend ~0.08 s of compiling on every build: this
+  # machine's /usr/bin/python3 is the image's (same Debian release); unchecked-hash .pycs
+  # do not depend on file times, so the image stays reproducible
+  /usr/bin/python3 -m compileall -q --invalidation-mode unchecked-hash -d /opt/stowaway \
+    "$work/add/opt/stowaway" >&2
   tar -C "$work/add" --numeric-owner --owner=0 --group=0 --mtime=@1 --sort=name \
     -rf "$work/image.tar" ./opt/stowaway
   tmp_tag="stowaway-frontend-build:$hash"

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from stowaway.errors import StowawayError
@@ -91,27 +91,59 @@ class _GroupSync:
                 self._cond.notify_all()
 
 
+class _Staged:
+    """A NAR unpacked and verified in ``tmp``/p, not yet durable nor in place."""
+
+    def __init__(self, tmp: Path, cache: BinaryCache) -> None:
+        self.tmp = tmp
+        self.cache = cache
+
+
 class Substituter:
     """Tries each cache in order; ``fetch`` returns the path on disk or None."""
 
     def __init__(self, caches: Sequence[BinaryCache], local_store: Path) -> None:
         self.caches = list(caches)
         self.local_store = local_store
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
+        self._inflight: dict[str, Future[Path | None]] = {}
+        self._lock = threading.Lock()
         self._sync = _GroupSync(local_store)
 
-    def fetch_all(self, basenames: Sequence[str], pool: Executor) -> list[Path | None]:
-        """``fetch`` for each basename, in parallel on ``pool``."""
-        return list(pool.map(self.fetch, basenames))
-
     def fetch(self, basename: str) -> Path | None:
-        with self._locks_lock:
-            lock = self._locks.setdefault(basename, threading.Lock())
-        with lock:
-            return self._fetch(basename)
+        return self.fetch_all([basename], None)[0]
 
-    def _fetch(self, basename: str) -> Path | None:
+    def fetch_all(self, basenames: Sequence[str], pool: Executor | None) -> list[Path | None]:
+        """Each basename's path on disk or None. The NARs are unpacked side by side on
+        ``pool`` (in this thread without one), made durable by one ``syncfs``, then
+        renamed into place; a path another call is fetching is waited for, not fetched
+        again."""
+        mine: dict[str, Future[Path | None]] = {}
+        waits: list[Future[Path | None]] = []
+        with self._lock:
+            for b in basenames:
+                f = self._inflight.get(b)
+                if f is None:
+                    f = self._inflight[b] = mine[b] = Future()
+                waits.append(f)
+        try:
+            bases = list(mine)
+            staged = list(pool.map(self._stage, bases) if pool else map(self._stage, bases))
+            for b, where in zip(bases, self._publish(bases, staged), strict=True):
+                mine[b].set_result(where)
+        except BaseException as e:
+            for f in mine.values():
+                if not f.done():
+                    f.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                for b in mine:
+                    del self._inflight[b]
+        return [f.result() for f in waits]
+
+    def _stage(self, basename: str) -> Path | _Staged | None:
+        """The path if already in place, else its NAR unpacked from the first cache that
+        has it and verified (``_Staged``), else None."""
         final = self.local_store / basename
         if os.path.lexists(final):  # a fetch before ours placed it (only complete paths are)
             return final
@@ -119,15 +151,48 @@ class Substituter:
             try:
                 if cache.narinfo(f"{STORE_DIR}/{basename}") is None:
                     continue
-                self._unpack(cache, basename, final)
+                return _Staged(self._unpack(cache, basename), cache)
             except (StowawayError, OSError) as e:  # OSError: the local disk (ENOSPC, EIO)
                 log.warning("substituting %s from %s failed: %s", basename, cache.url, e)
-                continue
-            log.info("substituted %s from %s into %s", basename, cache.url, self.local_store)
-            return final
         return None
 
-    def _unpack(self, cache: BinaryCache, basename: str, final: Path) -> None:
+    def _publish(
+        self, bases: Sequence[str], staged: Sequence[Path | _Staged | None]
+    ) -> list[Path | None]:
+        """One flush for every staged path, then each renamed into place; temp dirs go."""
+        temps = [s.tmp for s in staged if isinstance(s, _Staged)]
+        try:
+            if temps:
+                try:
+                    self._sync.sync()
+                except OSError as e:
+                    log.warning("substituting %s: flushing the local store failed: %s", bases, e)
+                    return [s if isinstance(s, Path) else None for s in staged]
+            out: list[Path | None] = []
+            for base, s in zip(bases, staged, strict=True):
+                if isinstance(s, _Staged):
+                    final = self.local_store / base
+                    try:
+                        os.rename(s.tmp / "p", final)
+                    except OSError as e:  # another process won; same hash, same contents
+                        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(
+                            final
+                        ):
+                            log.warning("substituting %s: placing it failed: %s", base, e)
+                            out.append(None)
+                            continue
+                    log.info("substituted %s from %s into %s", base, s.cache.url, self.local_store)
+                    out.append(final)
+                else:
+                    out.append(s)
+            return out
+        finally:
+            for tmp in temps:
+                shutil.rmtree(tmp, ignore_errors=True)  # read-only modes do not stop it
+
+    def _unpack(self, cache: BinaryCache, basename: str) -> Path:
+        """The NAR of ``basename`` unpacked into a new temp dir's ``p``, verified (the
+        stream ended); the temp dir is removed if anything fails."""
         tmp = Path(tempfile.mkdtemp(prefix=f"{FETCH_PREFIX}{basename[:8]}-", dir=self.local_store))
         try:
             root = tmp / "p"
@@ -156,12 +221,7 @@ class Substituter:
             for d in reversed(dirs):
                 os.chmod(d, 0o555)
                 os.utime(d, ns=(_NS, _NS))
-            # the stream ended, so NarHash/NarSize checked out: make it durable, publish
-            self._sync.sync()
-            try:
-                os.rename(root, final)
-            except OSError as e:  # another process won; same hash, same contents
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(final):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # root: read-only modes do not stop it
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp

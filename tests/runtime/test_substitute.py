@@ -223,3 +223,35 @@ def test_parallel_fetches_publish_complete_paths(
     assert sorted(streamed) == sorted(demo_closure)  # each downloaded once
     for p in demo_closure:
         assert _tree(tmp_path / "local" / os.path.basename(p)) == _tree(Path(p)), p
+
+
+def test_interrupted_batch_leaves_nothing_and_can_be_retried(
+    tmp_path: Path,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+) -> None:
+    """A batch interrupted while one NAR is half unpacked (KeyboardInterrupt, as a
+    signal delivers it) raises, leaves no path and no temp dir in the local store (even
+    the paths whose NARs were complete: none of the batch was flushed and renamed), and
+    the next batch fetches everything."""
+    sub, _ = _substituter(signed_caches["zstd"], cache_keys["good"], tmp_path / "local")
+    cache = sub.caches[0]
+    entries = cache.entries
+    busybox = next(p for p in demo_closure if p.endswith("-busybox"))
+
+    def interrupted(path: str) -> Iterator[NarEntry]:
+        for i, e in enumerate(entries(path)):
+            if path == busybox and i == 2:
+                raise KeyboardInterrupt
+            yield e
+
+    cache.entries = interrupted  # type: ignore[method-assign]
+    bases = [os.path.basename(p) for p in demo_closure]
+    with ThreadPoolExecutor(2) as pool, pytest.raises(KeyboardInterrupt):
+        sub.fetch_all(bases, pool)
+    assert os.listdir(tmp_path / "local") == []
+    cache.entries = entries  # type: ignore[method-assign]
+    with ThreadPoolExecutor(2) as pool:
+        assert sub.fetch_all(bases, pool) == [tmp_path / "local" / b for b in bases]
+    assert sorted(os.listdir(tmp_path / "local")) == sorted(bases)

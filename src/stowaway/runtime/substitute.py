@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from pathlib import Path
 
 from stowaway.errors import StowawayError
@@ -127,7 +127,7 @@ class Substituter:
                 waits.append(f)
         try:
             bases = list(mine)
-            staged = list(pool.map(self._stage, bases) if pool else map(self._stage, bases))
+            staged = self._stage_all(bases, pool)
             for b, where in zip(bases, self._publish(bases, staged), strict=True):
                 mine[b].set_result(where)
         except BaseException as e:
@@ -140,6 +140,35 @@ class Substituter:
                 for b in mine:
                     del self._inflight[b]
         return [f.result() for f in waits]
+
+    def _stage_all(
+        self, bases: Sequence[str], pool: Executor | None
+    ) -> list[Path | _Staged | None]:
+        """``_stage`` of each base; if one raises, the others are waited for and their
+        temp dirs removed before the error goes on (nothing of the batch is placed)."""
+        staged: list[Path | _Staged | None] = []
+        error: BaseException | None = None
+        if pool is None:
+            for b in bases:
+                try:
+                    staged.append(self._stage(b))
+                except BaseException as e:
+                    error = e
+                    break
+        else:
+            jobs = [pool.submit(self._stage, b) for b in bases]
+            wait(jobs)
+            for j in jobs:
+                if (failed := j.exception()) is not None:
+                    error = error or failed
+                else:
+                    staged.append(j.result())
+        if error is None:
+            return staged  # all of them, in order
+        for s in staged:
+            if isinstance(s, _Staged):
+                shutil.rmtree(s.tmp, ignore_errors=True)
+        raise error
 
     def _stage(self, basename: str) -> Path | _Staged | None:
         """The path if already in place, else its NAR unpacked from the first cache that

@@ -7,14 +7,15 @@ and NarSize checked out (``BinaryCache.entries`` verifies them when the stream e
 a crash or a corrupt download never leaves a half path that looks valid. Files get the
 store's canonical form: 0444/0555, directories 0555, mtime 1.
 
-Durability costs one ``syncfs`` before the rename, not an fsync per file (on the
-benchmark's 25k-file closure per-file fsyncs alone took about a minute), and fetches
-that finish together share it (``_GroupSync``). Fetches of different paths run in
-parallel (``fetch_all``), and each NAR's download, decompression and hashing run a few
-MiB ahead in a thread of the stream (``BinaryCache.entries``): they and the writes
-release the GIL.
-Fetches of the same path are serialised (one download); a path another process placed
-meanwhile counts as fetched: it was renamed into place complete, like ours.
+A batch (``fetch_all``: a layer's missing paths) unpacks its NARs in parallel, then
+costs one ``syncfs`` before its renames: not an fsync per file (on the benchmark's
+25k-file closure per-file fsyncs alone took about a minute), nor a syncfs per path (each
+waits for every dirty page of the filesystem, other tenants' too); batches flushing at
+the same time share one (``_GroupSync``). Each NAR's download, decompression and hashing
+run a few MiB ahead in a thread of the stream (``BinaryCache.entries``): they and the
+writes release the GIL. A path another batch is fetching is waited for (one download);
+a path another process placed meanwhile counts as fetched: it was renamed into place
+complete, like ours.
 """
 
 from __future__ import annotations

@@ -7,11 +7,15 @@ and NarSize checked out (``BinaryCache.entries`` verifies them when the stream e
 a crash or a corrupt download never leaves a half path that looks valid. Files get the
 store's canonical form: 0444/0555, directories 0555, mtime 1.
 
-Durability costs one ``syncfs`` per path, not an fsync per file: on the benchmark's
-25k-file closure per-file fsyncs alone took about a minute. Fetches of different paths
-run in parallel (``fetch_all``): decompression, hashing and writes release the GIL.
-Fetches of the same path are serialised (one download); a path another process placed
-meanwhile counts as fetched: it was renamed into place complete, like ours.
+A batch (``fetch_all``: a layer's missing paths) unpacks its NARs in parallel, then
+costs one ``syncfs`` before its renames: not an fsync per file (on the benchmark's
+25k-file closure per-file fsyncs alone took about a minute), nor a syncfs per path (each
+waits for every dirty page of the filesystem, other tenants' too); batches flushing at
+the same time share one (``_GroupSync``). Each NAR's download, decompression and hashing
+run a few MiB ahead in a thread of the stream (``BinaryCache.entries``): they and the
+writes release the GIL. A path another batch is fetching is waited for (one download);
+a path another process placed meanwhile counts as fetched: it was renamed into place
+complete, like ours.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, wait
 from pathlib import Path
 
 from stowaway.errors import StowawayError
@@ -53,26 +57,123 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
+class _GroupSync:
+    """``syncfs`` shared by concurrent fetches (group commit): a flush that started after
+    a caller's writes covers that caller too, so parallel fetches that finish together
+    wait for one flush of the filesystem, not one each. A failed flush covers nobody:
+    each caller then flushes again itself (and sees the error)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._cond = threading.Condition()
+        self._tickets = 0  # callers so far; ticket t is covered once _covered >= t
+        self._covered = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._tickets += 1
+            mine = self._tickets
+            while self._running and self._covered < mine:
+                self._cond.wait()
+            if self._covered >= mine:
+                return
+            self._running = True
+            upto = self._tickets  # every caller whose writes were done by now
+        ok = False
+        try:
+            _syncfs(self._path)
+            ok = True
+        finally:
+            with self._cond:
+                self._running = False
+                if ok:
+                    self._covered = max(self._covered, upto)
+                self._cond.notify_all()
+
+
+class _Staged:
+    """A NAR unpacked and verified in ``tmp``/p, not yet durable nor in place."""
+
+    def __init__(self, tmp: Path, cache: BinaryCache) -> None:
+        self.tmp = tmp
+        self.cache = cache
+
+
 class Substituter:
     """Tries each cache in order; ``fetch`` returns the path on disk or None."""
 
     def __init__(self, caches: Sequence[BinaryCache], local_store: Path) -> None:
         self.caches = list(caches)
         self.local_store = local_store
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
-
-    def fetch_all(self, basenames: Sequence[str], pool: Executor) -> list[Path | None]:
-        """``fetch`` for each basename, in parallel on ``pool``."""
-        return list(pool.map(self.fetch, basenames))
+        self._inflight: dict[str, Future[Path | None]] = {}
+        self._lock = threading.Lock()
+        self._sync = _GroupSync(local_store)
 
     def fetch(self, basename: str) -> Path | None:
-        with self._locks_lock:
-            lock = self._locks.setdefault(basename, threading.Lock())
-        with lock:
-            return self._fetch(basename)
+        return self.fetch_all([basename], None)[0]
 
-    def _fetch(self, basename: str) -> Path | None:
+    def fetch_all(self, basenames: Sequence[str], pool: Executor | None) -> list[Path | None]:
+        """Each basename's path on disk or None. The NARs are unpacked side by side on
+        ``pool`` (in this thread without one), made durable by one ``syncfs``, then
+        renamed into place; a path another call is fetching is waited for, not fetched
+        again."""
+        mine: dict[str, Future[Path | None]] = {}
+        waits: list[Future[Path | None]] = []
+        with self._lock:
+            for b in basenames:
+                f = self._inflight.get(b)
+                if f is None:
+                    f = self._inflight[b] = mine[b] = Future()
+                waits.append(f)
+        try:
+            bases = list(mine)
+            staged = self._stage_all(bases, pool)
+            for b, where in zip(bases, self._publish(bases, staged), strict=True):
+                mine[b].set_result(where)
+        except BaseException as e:
+            for f in mine.values():
+                if not f.done():
+                    f.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                for b in mine:
+                    del self._inflight[b]
+        return [f.result() for f in waits]
+
+    def _stage_all(
+        self, bases: Sequence[str], pool: Executor | None
+    ) -> list[Path | _Staged | None]:
+        """``_stage`` of each base; if one raises, the others are waited for and their
+        temp dirs removed before the error goes on (nothing of the batch is placed)."""
+        staged: list[Path | _Staged | None] = []
+        error: BaseException | None = None
+        if pool is None:
+            for b in bases:
+                try:
+                    staged.append(self._stage(b))
+                except BaseException as e:
+                    error = e
+                    break
+        else:
+            jobs = [pool.submit(self._stage, b) for b in bases]
+            wait(jobs)
+            for j in jobs:
+                if (failed := j.exception()) is not None:
+                    error = error or failed
+                else:
+                    staged.append(j.result())
+        if error is None:
+            return staged  # all of them, in order
+        for s in staged:
+            if isinstance(s, _Staged):
+                shutil.rmtree(s.tmp, ignore_errors=True)
+        raise error
+
+    def _stage(self, basename: str) -> Path | _Staged | None:
+        """The path if already in place, else its NAR unpacked from the first cache that
+        has it and verified (``_Staged``), else None."""
         final = self.local_store / basename
         if os.path.lexists(final):  # a fetch before ours placed it (only complete paths are)
             return final
@@ -80,26 +181,61 @@ class Substituter:
             try:
                 if cache.narinfo(f"{STORE_DIR}/{basename}") is None:
                     continue
-                self._unpack(cache, basename, final)
+                return _Staged(self._unpack(cache, basename), cache)
             except (StowawayError, OSError) as e:  # OSError: the local disk (ENOSPC, EIO)
                 log.warning("substituting %s from %s failed: %s", basename, cache.url, e)
-                continue
-            log.info("substituted %s from %s into %s", basename, cache.url, self.local_store)
-            return final
         return None
 
-    def _unpack(self, cache: BinaryCache, basename: str, final: Path) -> None:
+    def _publish(
+        self, bases: Sequence[str], staged: Sequence[Path | _Staged | None]
+    ) -> list[Path | None]:
+        """One flush for every staged path, then each renamed into place; temp dirs go."""
+        temps = [s.tmp for s in staged if isinstance(s, _Staged)]
+        try:
+            if temps:
+                try:
+                    self._sync.sync()
+                except OSError as e:
+                    log.warning("substituting %s: flushing the local store failed: %s", bases, e)
+                    return [s if isinstance(s, Path) else None for s in staged]
+            out: list[Path | None] = []
+            for base, s in zip(bases, staged, strict=True):
+                if isinstance(s, _Staged):
+                    final = self.local_store / base
+                    try:
+                        os.rename(s.tmp / "p", final)
+                    except OSError as e:  # another process won; same hash, same contents
+                        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(
+                            final
+                        ):
+                            log.warning("substituting %s: placing it failed: %s", base, e)
+                            out.append(None)
+                            continue
+                    log.info("substituted %s from %s into %s", base, s.cache.url, self.local_store)
+                    out.append(final)
+                else:
+                    out.append(s)
+            return out
+        finally:
+            for tmp in temps:
+                shutil.rmtree(tmp, ignore_errors=True)  # read-only modes do not stop it
+
+    def _unpack(self, cache: BinaryCache, basename: str) -> Path:
+        """The NAR of ``basename`` unpacked into a new temp dir's ``p``, verified (the
+        stream ended); the temp dir is removed if anything fails."""
         tmp = Path(tempfile.mkdtemp(prefix=f"{FETCH_PREFIX}{basename[:8]}-", dir=self.local_store))
         try:
             root = tmp / "p"
-            dirs: list[Path] = []
+            broot = os.fsencode(root)
+            dirs: list[bytes] = []
             for entry in cache.entries(f"{STORE_DIR}/{basename}"):
-                dest = root / os.fsdecode(entry.path) if entry.path else root
+                # bytes paths: no pathlib object per file (25k files in the benchmark)
+                dest = broot + b"/" + entry.path if entry.path else broot
                 if entry.kind == "directory":
-                    dest.mkdir()
+                    os.mkdir(dest)
                     dirs.append(dest)
                 elif entry.kind == "symlink":
-                    os.symlink(os.fsdecode(entry.target), dest)
+                    os.symlink(entry.target, dest)
                     os.utime(dest, ns=(_NS, _NS), follow_symlinks=False)
                 else:
                     mode = 0o555 if entry.executable else 0o444
@@ -115,12 +251,7 @@ class Substituter:
             for d in reversed(dirs):
                 os.chmod(d, 0o555)
                 os.utime(d, ns=(_NS, _NS))
-            # the stream ended, so NarHash/NarSize checked out: make it durable, publish
-            _syncfs(tmp)
-            try:
-                os.rename(root, final)
-            except OSError as e:  # another process won; same hash, same contents
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(final):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # root: read-only modes do not stop it
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp

@@ -5,6 +5,11 @@ its fingerprint (or when the user turned the check off). NARs are streamed:
 download → decompress → hash → decode, never unpacked to disk; the hashes are
 checked when the stream ends, so a consumer must not publish anything it built from
 ``entries`` before the iterator is exhausted.
+
+Download, decompression and both hashes run in a reader thread of their own, a few
+MiB ahead of the NAR decoder (``_ReadAhead``): zstd, lzma and hashlib release the GIL,
+so one NAR keeps two cores busy (decode and file writes on one, the rest on the other)
+while memory stays bounded.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import bz2
 import hashlib
 import http.client
 import lzma
+import queue
 import threading
 import urllib.error
 import urllib.parse
@@ -71,6 +77,64 @@ class _Hashing:
             raise HashMismatch(f"{what}: expected {want_size} bytes, got {self.size}")
         if want_hash is not None and want_hash.startswith("sha256:") and got != want_hash:
             raise HashMismatch(f"{what}: expected hash {want_hash}, got {got}")
+
+
+#: Decompressed chunks the reader thread may run ahead of the decoder (1 MiB each).
+READ_AHEAD = 4
+
+
+class _ReadAhead:
+    """``read`` of ``inner`` (which must release the GIL to gain anything) done by a
+    thread of its own, ``depth`` chunks ahead. Its errors are raised by ``read`` in the
+    consumer; ``close`` stops the thread and waits for it, so the caller may close the
+    underlying file afterwards."""
+
+    def __init__(self, inner: Readable, depth: int = READ_AHEAD) -> None:
+        self._inner = inner
+        self._q: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="stowaway-nar-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        item: bytes | BaseException
+        while not self._stop.is_set():
+            try:
+                item = self._inner.read(CHUNK_SIZE)
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def read(self, n: int = -1, /) -> bytes:
+        if not self._buf:
+            if self._done:
+                return b""
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return b""
+            if n < 0 or n >= len(item):
+                return item
+            self._buf = memoryview(item)
+        out = self._buf[:n] if n >= 0 else self._buf
+        self._buf = self._buf[len(out) :]
+        return bytes(out)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _decompressor(compression: str, raw: Readable, where: str) -> Readable:
@@ -270,12 +334,15 @@ class BinaryCache:
         raw_f = self._open(ni.url)
         if raw_f is None:
             raise CacheError(f"{url}: NAR for {ni.store_path} is missing from the cache")
+        ahead: _ReadAhead | None = None
         try:
             raw = _Hashing(raw_f, ni.file_size, f"{url} (compressed file)")
             nar_what = f"{url} (NAR of {ni.store_path})"
             nar = _Hashing(_decompressor(ni.compression, raw, url), ni.nar_size, nar_what)
             try:
-                yield from read_nar(nar)
+                ahead = _ReadAhead(nar)
+                yield from read_nar(ahead)
+                ahead.close()  # it read the end of the NAR: the hashes are complete
                 raw.drain()
             except NarError as e:
                 detail = e.message.split(": ", 1)[-1]
@@ -291,4 +358,6 @@ class BinaryCache:
             raw.check(ni.file_hash, ni.file_size, raw.what)
             nar.check(ni.nar_hash, ni.nar_size, nar_what)
         finally:
+            if ahead is not None:  # the thread reads raw_f: stop it first
+                ahead.close()
             cast(BinaryIO, raw_f).close()

@@ -38,6 +38,7 @@ MAX_DEPTH = 64
 MAX_TOKEN = 4096
 MAX_CONTENTS = 1 << 40
 _U64 = struct.Struct("<Q")
+_ZEROS = bytes(8)
 
 
 class Readable(Protocol):
@@ -133,6 +134,17 @@ class _Reader:
 
     def read_str(self, what: str, limit: int = MAX_TOKEN) -> bytes:
         self.finish_contents()
+        # Fast path (a NAR is mostly short tokens): length, string and zero padding all
+        # buffered and well-formed. Anything else takes the checked path below from the
+        # same offset, which names what is wrong.
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= 8:
+            n = _U64.unpack_from(buf, pos)[0]
+            body = pos + 8 + n
+            end = body + _pad(n)
+            if n <= limit and end <= len(buf) and buf[body:end] == _ZEROS[: end - body]:
+                self._pos = end
+                return buf[pos + 8 : body]
         start = self.offset
         n = self.read_u64(f"length of {what}")
         if n > limit:

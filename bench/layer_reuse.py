@@ -12,7 +12,10 @@ paths).
 
 Scenarios: (a) only the app changes; (b) a mid-level library changes;
 (c) a leaf library changes; (x) a second app over the same base, pulled by a
-client that holds the first app's image.
+client that holds the first app's image. "+base" rows plan with the base the
+apps are built over named (``plan(..., base_roots=...)``): (x+base) the second
+app; (a+base)-(c+base) updates of the first app of that closure, the changed path
+picked in its closure (in the base or not).
 """
 
 from __future__ import annotations
@@ -46,12 +49,17 @@ class Spec:
     deps: tuple[tuple[int, ...], ...]
     kinds: tuple[str, ...]
     roots: tuple[int, ...]
+    #: the roots of the base every app is built over (two apps or more)
+    base: tuple[int, ...] = ()
 
 
 def synthetic(seed: int, n: int = 400, apps: int = 1) -> Spec:
     """A closure shaped like a real Nix one: glibc and a few base paths used by
     everything, leaf libraries over glibc, mid-level libraries over those, a few
-    50-200 MB giants, and ``apps`` application paths on top."""
+    50-200 MB giants, and ``apps`` application paths on top. With two apps or
+    more, a third of the top libraries make the base every app refers to, a
+    runtime environment (``Spec.base``, like a ``buildEnv`` or ``python3.withPackages``
+    the apps are built over); each app has its own share of the other tops."""
     rnd = random.Random(seed)
     names: list[str] = []
     sizes: list[int] = []
@@ -101,11 +109,17 @@ def synthetic(seed: int, n: int = 400, apps: int = 1) -> Spec:
     referenced = {d for ds in deps for d in ds}
     tops = [m for m in mids if m not in referenced]
     roots = []
+    base = []
+    if apps > 1:  # the runtime environment every app is built over
+        env = [t for j, t in enumerate(tops) if j % (apps + 1) == apps]
+        base.append(add("runtime-env-1.0", 20_000, env, "env"))
     for a in range(apps):
         own = rnd.sample(mids, min(len(mids), 12))
-        share = tops if apps == 1 else [t for j, t in enumerate(tops) if j % apps == a]
-        roots.append(add(f"app{a}-1.0", 2 * MB + a, own + share, "app"))
-    return Spec(tuple(names), tuple(sizes), tuple(map(tuple, deps)), tuple(kinds), tuple(roots))
+        share = tops if apps == 1 else [t for j, t in enumerate(tops) if j % (apps + 1) == a]
+        roots.append(add(f"app{a}-1.0", 2 * MB + a, own + share + base, "app"))
+    return Spec(
+        tuple(names), tuple(sizes), tuple(map(tuple, deps)), tuple(kinds), tuple(roots), tuple(base)
+    )
 
 
 def materialize(spec: Spec, changed: frozenset[int] = frozenset()) -> dict[int, str]:
@@ -172,9 +186,12 @@ def ideal_share(old: Mapping[str, PathInfo], new: Mapping[str, PathInfo]) -> flo
     return sum(i.nar_size for p, i in new.items() if p not in old) / total
 
 
-def scenarios(spec: Spec, seed: int) -> dict[str, frozenset[int]]:
-    """The changed node for each update scenario (chosen by ``seed``); prefers
-    libraries with at least two users, skips a scenario with no candidate."""
+def scenarios(
+    spec: Spec, seed: int, within: frozenset[int] | None = None
+) -> dict[str, frozenset[int]]:
+    """The changed node for each update scenario (chosen by ``seed``, among
+    ``within`` when given); prefers libraries with at least two users, skips a
+    scenario with no candidate."""
     rnd = random.Random(seed * 7919 + 1)
     users: dict[int, int] = {}
     for ds in spec.deps:
@@ -182,7 +199,11 @@ def scenarios(spec: Spec, seed: int) -> dict[str, frozenset[int]]:
             users[d] = users.get(d, 0) + 1
     out = {"a-app": frozenset({spec.roots[0]})}
     for name, kind in (("b-midlib", "mid"), ("c-leaflib", "leaf")):
-        pool = [i for i, k in enumerate(spec.kinds) if k == kind and i not in spec.roots]
+        pool = [
+            i
+            for i, k in enumerate(spec.kinds)
+            if k == kind and i not in spec.roots and (within is None or i in within)
+        ]
         shared = [i for i in pool if users.get(i, 0) >= 2]
         if shared or pool:
             out[name] = frozenset({rnd.choice(shared or pool)})
@@ -205,42 +226,57 @@ class Result:
 
 
 def timed_plan(
-    closure: Mapping[str, PathInfo], root: str, s: str, max_layers: int
+    closure: Mapping[str, PathInfo],
+    root: str,
+    s: str,
+    max_layers: int,
+    base: Sequence[str] = (),
 ) -> tuple[LayerPlan, float]:
     """``plan`` and the CPU milliseconds it took (CPU, not wall: the machine is shared)."""
     t = time.process_time()
-    p = plan(closure, [root], strategy=s, max_layers=max_layers)
+    p = plan(closure, [root], strategy=s, max_layers=max_layers, base_roots=base)
     return p, 1000 * (time.process_time() - t)
 
 
-def run_updates(spec: Spec, seed: int, max_layers: int = 100) -> list[Result]:
-    """Scenarios (a)-(c) for every strategy on one closure shape."""
+def run_updates(
+    spec: Spec, seed: int, max_layers: int = 100, *, with_base: bool = False
+) -> list[Result]:
+    """Scenarios (a)-(c) for every strategy on one closure shape (the first app's
+    closure; ``with_base``: the spec's base named, rows suffixed "+base")."""
     root = spec.roots[0]
     old_paths = materialize(spec)
     old = closure_of(spec, old_paths, [root])
+    within = frozenset(i for i, p in old_paths.items() if p in old) if with_base else None
     out = []
-    for name, changed in scenarios(spec, seed).items():
+    for name, changed in scenarios(spec, seed, within).items():
         new_paths = materialize(spec, changed)
         new = closure_of(spec, new_paths, [root])
         ideal = ideal_share(old, new)
+        base_old = [old_paths[b] for b in spec.base] if with_base else []
+        base_new = [new_paths[b] for b in spec.base] if with_base else []
+        label = name[0] + "+base" if with_base else name
         for s in STRATEGIES:
-            p_old = plan(old, [old_paths[root]], strategy=s, max_layers=max_layers)
-            p_new, ms = timed_plan(new, new_paths[root], s, max_layers)
-            out.append(Result(s, name, len(p_new.layers), download_share(p_old, p_new), ideal, ms))
+            p_old = plan(
+                old, [old_paths[root]], strategy=s, max_layers=max_layers, base_roots=base_old
+            )
+            p_new, ms = timed_plan(new, new_paths[root], s, max_layers, base_new)
+            out.append(Result(s, label, len(p_new.layers), download_share(p_old, p_new), ideal, ms))
     return out
 
 
 def run_cross(seed: int, n: int, max_layers: int = 100) -> list[Result]:
-    """Scenario (x): two apps over one base; the client holds the first image."""
+    """Scenario (x): two apps over one base; the client holds the first image.
+    Measured twice on the same closures: as is, and with the base named (x+base)."""
     spec = synthetic(seed, n, apps=2)
     paths = materialize(spec)
     a, b = (closure_of(spec, paths, [r]) for r in spec.roots)
     ideal = ideal_share(a, b)
     out = []
-    for s in STRATEGIES:
-        pa = plan(a, [paths[spec.roots[0]]], strategy=s, max_layers=max_layers)
-        pb, ms = timed_plan(b, paths[spec.roots[1]], s, max_layers)
-        out.append(Result(s, "x-cross", len(pb.layers), download_share(pa, pb), ideal, ms))
+    for label, base in (("x-cross", []), ("x+base", [paths[i] for i in spec.base])):
+        for s in STRATEGIES:
+            pa = plan(a, [paths[spec.roots[0]]], strategy=s, max_layers=max_layers, base_roots=base)
+            pb, ms = timed_plan(b, paths[spec.roots[1]], s, max_layers, base)
+            out.append(Result(s, label, len(pb.layers), download_share(pa, pb), ideal, ms))
     return out
 
 
@@ -279,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in range(args.seeds):
             results += run_updates(synthetic(seed, args.paths), seed, args.max_layers)
             results += run_cross(seed, args.paths, args.max_layers)
+            two = synthetic(seed, args.paths, apps=2)
+            results += run_updates(two, seed, args.max_layers, with_base=True)
     rows = summarize(results)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)

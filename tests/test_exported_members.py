@@ -14,6 +14,7 @@ EXPECTED = {
         "UNKNOWN_SIZE",
         "LayerPlan",
         "PlannedLayer",
+        "base_budget",
         "plan",
     ],
     "stowaway.sinks": [

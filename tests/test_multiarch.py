@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemons import Containerd, Registry
-from nixtools import ARM_BUSYBOX, build_multiarch
+from nixtools import ARM_BUSYBOX, build_multiarch, closure_of
 from stowaway_cli import STOWAWAY, build_json, run
 
 BINFMT = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
@@ -240,3 +240,27 @@ def test_platform_flag_mistakes(
     doc = json.loads(proc.stdout)
     assert error in doc["error"] and doc["hint"]
     assert not (tmp_path / "o").exists()
+
+
+def test_index_layer_base_applies_to_the_images_holding_it(
+    arm_app: str, amd_app: str, demo_app: str, tmp_path: Path
+) -> None:
+    """With an index, a --layer-base path is for one platform: each image plans apart
+    the named bases in its own closure; a base in no image's closure is refused."""
+    (arm_busybox,) = [p for p in closure_of(arm_app) if p != arm_app]
+    args = _index_args(arm_app, amd_app, tmp_path / "cache")
+    # the whole arm closure as the base: with --max-layers 3 the base gets one layer
+    based = build_json(*args, "--layer-base", arm_app, "--max-layers", "3", "-o",
+                       f"oci:{tmp_path}/based:v1")  # fmt: skip
+    plain = build_json(*args, "--max-layers", "3", "-o", f"oci:{tmp_path}/plain:v1")
+
+    def layers(out: dict[str, Any], arch: str) -> list[list[str]]:
+        (image,) = [m for m in out["manifests"] if m["platform"]["platform"] == f"linux/{arch}"]
+        return [x["store_paths"] for x in image["layers"][:-1]]
+
+    assert layers(based, "arm64") == [sorted([arm_busybox, arm_app])]
+    assert layers(plain, "arm64") == [[arm_busybox], [arm_app]]  # busybox > 1 MiB: alone
+    assert layers(based, "amd64") == layers(plain, "amd64")
+    proc = run(*["build", *args, "--layer-base", demo_app, "-o", f"oci:{tmp_path}/x:v1"], ok=False)
+    assert proc.returncode == 1
+    assert f"layer base {demo_app} is in no image's closure" in proc.stderr

@@ -22,6 +22,7 @@ from stowaway.cli_options import (
     credentials_from_flags,
     image_flags,
     image_options_from_flags,
+    layer_base_option,
     layering_options,
     option_group,
     registry_auth_options,
@@ -163,6 +164,7 @@ def main() -> None:
 @installable_options
 @store_options
 @layering_options
+@layer_base_option
 @click.option(
     "-o",
     "--output",
@@ -257,6 +259,7 @@ def build(
     no_require_sigs: bool,
     max_layers: int,
     layering: str,
+    layer_base: tuple[str, ...],
     target: str,
     fmt: str,
     compression: str,
@@ -307,12 +310,14 @@ def build(
           --dest-tls-verify=false --sbom --sign-key cosign.key
       stowaway build ./result --from docker://reg.example/debian:12 \\
           -o docker://reg.example/app:1
+      stowaway build .#app2 --layer-base .#python3 -o oci:out:app2
+          (the base's layers are the same in every image built over it)
     """
     from stowaway._ui import progress_display
     from stowaway.image.layer_cache import LayerCache, default_cache_dir
     from stowaway.image.layers import LayerSettings
     from stowaway.image.tar import default_mtime
-    from stowaway.installables import platform_images
+    from stowaway.installables import platform_images, resolve
     from stowaway.sinks import RegistryTarget, parse_target, require_index_support
     from stowaway.sinks.pipeline import BaseSpec, build_and_write
 
@@ -361,6 +366,7 @@ def build(
             base=BaseSpec(base, src_tls_verify, credentials_from_flags(src_creds, authfile))
             if base
             else None,
+            layer_base=resolve(layer_base),
             write_opts={
                 "tls_verify": dest_tls_verify,
                 "plain_http_hint": plain_http_hint,
@@ -501,6 +507,7 @@ def _sbom_where(done: dict[str, Any]) -> str:
 @installable_options
 @store_options
 @layering_options
+@layer_base_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(
     installables: tuple[str, ...],
@@ -514,6 +521,7 @@ def plan(
     no_require_sigs: bool,
     max_layers: int,
     layering: str,
+    layer_base: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Show how the closure would be split into layers, without building anything.
@@ -523,15 +531,18 @@ def plan(
     Examples:
       stowaway plan ./result
       stowaway plan ./result --layering popularity --max-layers 20 --json
+      stowaway plan ./result --layer-base /nix/store/…-python3-3.11.9
     """
     from stowaway.image.platform import closure_platform
+    from stowaway.installables import resolve
     from stowaway.layering import plan as make_plan
 
     roots = _roots(installables, nix_file, attrs, nix_args, argstrs)
     source, clo = _closure(roots, store, substituters, trusted_keys, no_require_sigs)
     with source:
         plat = closure_platform(source, roots, clo)
-    result = make_plan(clo, roots, strategy=layering, max_layers=max_layers)
+    base = resolve(layer_base)
+    result = make_plan(clo, roots, strategy=layering, max_layers=max_layers, base_roots=base)
     layers = [
         {
             "paths": list(layer.paths),
@@ -547,6 +558,8 @@ def plan(
             "platform": plat.to_json(),
             "closure_size": sum(i.nar_size for i in clo.values()),
             "paths": len(clo),
+            "layer_base": base,
+            "base_layers": result.base_layers,
             "layers": layers,
         }
         click.echo(json.dumps(doc, indent=2))
@@ -567,6 +580,8 @@ def plan(
     )
     out.print(f"closure: {human(sum(i.nar_size for i in clo.values()))}")
     out.print(f"platform: {plat.platform} (from the {plat.origin})")
+    if base:
+        out.print(f"layer base: layers 0-{result.base_layers - 1}, planned on their own")
 
 
 @main.command()

@@ -175,6 +175,18 @@ layering_options = option_group(
 )
 
 
+#: --layer-base INSTALLABLE (`build`, `plan`): a base planned apart, at the bottom.
+layer_base_option = click.option(
+    "--layer-base",
+    "layer_base",
+    multiple=True,
+    metavar="INSTALLABLE",
+    help="Plan this package's closure (e.g. the runtime the image is built over) on its "
+    "own, in the bottom layers: every image naming the same base shares those layers "
+    "(same --layering and --max-layers); repeatable. It must be in the image's closure.",
+)
+
+
 #: The image-config flags shared by `build` and `buildkit context`.
 image_flags = option_group(
     click.option(

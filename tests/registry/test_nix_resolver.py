@@ -304,3 +304,33 @@ def test_damaged_cache_blob_is_dropped_and_composed_again(
     assert not path.exists()
     assert server.request("GET", "/v2/demo/manifests/latest").status == 200
     assert resolver.composes == 3 and path.read_bytes() == good
+
+
+def test_layer_base_packages_are_planned_apart_in_every_image_holding_them(
+    make_nix: MakeNix, demo_index: Path, demo_closure: list[str]
+) -> None:
+    """``[nix] layer_base = ["shell"]``: an image holding all of shell's packages gets
+    shell's closure planned on its own at the bottom, so "shell/demo" starts with the
+    very layers of "shell". With two store layers and no base, each image groups its
+    roots its own way, and "shell/demo" lacks some of "shell"'s layers."""
+    paths = demo_packages(demo_closure)
+    meta = {"shell": ("busybox", "greeting")}
+
+    def store_layers(server: Server, name: str) -> list[str]:
+        r = server.request("GET", f"/v2/{name}/manifests/latest")
+        assert r.status == 200, r.body
+        return [x["digest"] for x in json.loads(r.body)["layers"][:-1]]
+
+    based, _ = make_nix(index=demo_index, meta=meta, max_layers=3, layer_base=("shell",))
+    plain, _ = make_nix(index=demo_index, meta=meta, max_layers=3)
+    shell, app = store_layers(based, "shell"), store_layers(based, "shell/demo")
+    assert len(shell) == 1 and len(app) == 2
+    assert app[0] == shell[0]
+    members = layer_members(based, "shell", shell[0])
+    assert {m.split("/")[2] for m in members if m.count("/") >= 2} == {
+        paths["busybox"].rsplit("/", 1)[1],
+        paths["greeting"].rsplit("/", 1)[1],
+    }
+    # a name without all of shell's packages has no base: demo alone is one plain plan
+    assert store_layers(based, "busybox/demo") == store_layers(plain, "busybox/demo")
+    assert not set(store_layers(plain, "shell")) <= set(store_layers(plain, "shell/demo"))

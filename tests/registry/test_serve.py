@@ -111,3 +111,13 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(bad)
     cfg = config_from_dict({"tokens": ["a"], "s3": {"endpoint": "http://x"}})
     assert cfg.tokens == ("a",) and cfg.s3.endpoint == "http://x" and cfg.auth_enabled
+
+
+def test_nix_layer_base_key() -> None:
+    cfg = config_from_dict({"nix": {"layer_base": ["shell", "python3"]}})
+    assert cfg.nix.layer_base == ("shell", "python3")
+    assert config_from_dict({}).nix.layer_base == ()
+    with pytest.raises(RegistryConfigError, match=r"\[nix\] layer_base has the wrong type"):
+        config_from_dict({"nix": {"layer_base": "shell"}})
+    with pytest.raises(RegistryConfigError, match="layer_base must be a list of strings"):
+        config_from_dict({"nix": {"layer_base": ["shell", 3]}})

@@ -59,6 +59,7 @@ def compose(
     progress: Progress = _QUIET,
     jobs: int | None = None,
     base: BaseImage | None = None,
+    layer_base: Sequence[str] = (),
 ) -> ComposeResult:
     """Compose the image of ``roots`` (whose full ``closure`` the caller computed).
 
@@ -66,6 +67,8 @@ def compose(
     images of related closures share their bottom layers (Docker's ChainIDs). ``jobs``
     layers are built at a time (default: one per core). With ``base``, its layers
     come first, as they are, and its config is merged with ours (``image.base``).
+    ``layer_base`` (store paths in the closure) is planned apart, at the bottom
+    (``layering.plan``'s ``base_roots``), so images over it share those layers.
     """
     if format not in ("oci", "docker"):
         raise StowawayError(f"unknown image format {format!r} (expected oci or docker)")
@@ -86,7 +89,9 @@ def compose(
         raise StowawayError(f"root {missing[0]} is not in the closure computed for the image")
     accounts = (lambda: base_accounts(base.where, base.layers)) if base else None
     custom = plan_customisation(options, source, closure, base_accounts=accounts)
-    layer_plan = layering.plan(closure, roots, strategy=strategy, max_layers=max_layers - below)
+    layer_plan = layering.plan(
+        closure, roots, strategy=strategy, max_layers=max_layers - below, base_roots=layer_base
+    )
     rules = RuleSet(options.rules)
     touched = rules_touching(source, layer_plan.layers, rules)
     _check_all_used(rules, [*touched, custom.touched])

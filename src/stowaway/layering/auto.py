@@ -109,18 +109,26 @@ class _Groups:
         return a
 
 
-def plan_layers(g: ReferenceGraph, budget: int) -> list[PlannedLayer]:
-    """Plan layers bottom to top within ``budget`` store-path layers."""
-    roots = set(g.roots)
+def plan_layers(
+    g: ReferenceGraph, budget: int, skip: frozenset[int] = frozenset()
+) -> list[PlannedLayer]:
+    """Plan layers bottom to top within ``budget`` store-path layers; the paths in
+    ``skip`` (a named base, planned apart) are left out of the layers but still
+    count in the closures that price a merge (a change in them renews the rest)."""
+    roots = set(g.roots) - skip
     if len(roots) >= budget:
         roots = set()  # no room to keep the roots apart: everything is mergeable
     big = sorted(
-        (i for i in range(len(g.paths)) if i not in roots and g.sizes[i] >= SOLO_MIN),
+        (
+            i
+            for i in range(len(g.paths))
+            if i not in roots and i not in skip and g.sizes[i] >= SOLO_MIN
+        ),
         key=lambda i: (-g.sizes[i], g.paths[i]),
     )[: (budget - len(roots)) // 2]
     fixed = roots | set(big)
     clo = descendants(g)
-    gs = _Groups(g, fixed, clo)
+    gs = _Groups(g, fixed | skip, clo)
     sizes = [c.bit_count() for c in clo]
     for i, refs in enumerate(g.refs):
         for j in refs:

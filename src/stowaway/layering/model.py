@@ -20,3 +20,5 @@ class LayerPlan:
 
     strategy: str
     layers: tuple[PlannedLayer, ...]
+    #: how many of the bottom layers were planned from a named layer base
+    base_layers: int = 0

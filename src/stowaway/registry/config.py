@@ -54,6 +54,9 @@ Example (every key optional)::
     cache_dir = "/var/cache/stowaway"      # default: the storage dir (shared blobs)
     max_layers = 100
     layering = "auto"                      # auto | popularity | dominator
+    layer_base = ["shell"]                 # planned apart, at the bottom, in every image
+                                           # holding all its packages (meta names too):
+                                           # such images share those layers
     compression = "gzip"                   # gzip | zstd | none (OCI clients only)
     nix_build = false                      # resolve names missing from "latest" by nix-build
     nix_expr = "<nixpkgs>"                 # file or <path> given to nix-build
@@ -118,6 +121,7 @@ class NixOptions:
     cache_dir: Path | None = None
     max_layers: int = 100
     layering: str = "auto"
+    layer_base: tuple[str, ...] = ()
     compression: str = "gzip"
     nix_build: bool = False
     nix_expr: str = "<nixpkgs>"
@@ -143,6 +147,7 @@ _NIX_TYPES: dict[str, type | tuple[type, ...]] = {
     "cache_dir": str,
     "max_layers": int,
     "layering": str,
+    "layer_base": list,
     "compression": str,
     "nix_build": bool,
     "nix_expr": str,

@@ -78,7 +78,8 @@ from stowaway.store.sources import Sources, closure, open_sources
 log = logging.getLogger("stowaway.registry")
 Format = Literal["oci", "docker"]
 #: sorted roots, format, platform ("" = the one the roots' derivations are for)
-Key = tuple[tuple[str, ...], Format, str]
+#: (roots, format, platform wanted, layer base roots)
+Key = tuple[tuple[str, ...], Format, str, tuple[str, ...]]
 MANIFEST_CACHE_SIZE = 4096
 _EMPTY = PackageIndex({})
 
@@ -193,10 +194,10 @@ class NixResolver:
             assert fmt is not None
             if systems:  # a client that takes no index: the first system's image
                 sets = self.system_sets[systems[0]]
-                roots = await self._roots(request, name, reference, sets)
-                return await self._image((roots, fmt, str(platform_of_system(systems[0]))))
-            roots = await self._roots(request, name, reference, self.sets)
-            return await self._image((roots, fmt, ""))
+                roots, base = await self._roots(request, name, reference, sets)
+                return await self._image((roots, fmt, str(platform_of_system(systems[0])), base))
+            roots, base = await self._roots(request, name, reference, self.sets)
+            return await self._image((roots, fmt, "", base))
         except RegistryApiError:
             raise
         except CacheError as err:
@@ -226,8 +227,8 @@ class NixResolver:
         for system in self.options.systems:
             platform = platform_of_system(system)
             assert platform is not None  # checked with the config
-            roots = await self._roots(request, name, tag, self.system_sets[system])
-            children.append((platform, await self._image((roots, fmt, str(platform)))))
+            roots, base = await self._roots(request, name, tag, self.system_sets[system])
+            children.append((platform, await self._image((roots, fmt, str(platform), base))))
         index = index_blob(
             [
                 (p, Blob(sha256_digest(m.data), len(m.data), m.media_type, data=m.data))
@@ -243,18 +244,20 @@ class NixResolver:
     # -- names → store paths ---------------------------------------------------------
     async def _roots(
         self, request: ImageName, name: str, tag: str, sets: Mapping[str, IndexFile | None]
-    ) -> tuple[str, ...]:
-        """The store paths ``name:tag`` asks for. Index and store lookups run on the
-        loop when nothing blocks, else in the resolver pool; names only nix-build can
-        resolve wait for the build executor, never in front of them."""
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The store paths ``name:tag`` asks for, and those of its layer base (the
+        ``layer_base`` entries all of whose packages it holds). Index and store lookups
+        run on the loop when nothing blocks, else in the resolver pool; names only
+        nix-build can resolve wait for the build executor, never in front of them."""
         loop = asyncio.get_running_loop()
         if request.is_store:
             try:
-                return self._store_roots(request, name, tag, False)
+                return self._store_roots(request, name, tag, False), ()
             except _NeedsThread:
-                return await loop.run_in_executor(
+                roots = await loop.run_in_executor(
                     self._pool, self._store_roots, request, name, tag, True
                 )
+                return roots, ()
         try:
             index = self._index(sets, tag, name, False)
         except _NeedsThread:
@@ -276,7 +279,13 @@ class NixResolver:
             if paths is not None:
                 found[pkg] = paths
         resolved = resolve_packages(wanted, found.get, where)
-        return tuple(sorted({p for paths in resolved.values() for p in paths}))
+        base: set[str] = set()
+        for entry in self.options.layer_base:
+            members = expand_packages([entry], self.options.meta, ())
+            if all(m in resolved for m in members):
+                base.update(p for m in members for p in resolved[m])
+        roots = tuple(sorted({p for paths in resolved.values() for p in paths}))
+        return roots, tuple(sorted(base))
 
     def _index(
         self, sets: Mapping[str, IndexFile | None], tag: str, name: str, blocking: bool
@@ -387,7 +396,7 @@ class NixResolver:
         return result
 
     def _compose_blocking(self, key: Key) -> ResolvedManifest:
-        roots, fmt, want = key
+        roots, fmt, want, base = key
         started = time.perf_counter()
         source = self.source()
         clo = closure(source, roots)
@@ -407,6 +416,7 @@ class NixResolver:
             settings=settings,
             cache=self.cache,
             format=fmt,
+            layer_base=base,
         ).image
         self.composes += 1
         log.info(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from stowaway.distribution.credentials import CredentialsLookup
+from stowaway.errors import PlanError
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
 from stowaway.image.index import ImageIndex, build_index
@@ -93,6 +94,7 @@ def build_and_write(
     format: Literal["oci", "docker"],
     jobs: int | None,
     base: BaseSpec | None = None,
+    layer_base: Sequence[str] = (),
     write_opts: Mapping[str, Any] | None = None,
     sbom_format: Literal["spdx", "cyclonedx"] | None = None,
     sign_key: ec.EllipticCurvePrivateKey | None = None,
@@ -103,7 +105,16 @@ def build_and_write(
     ``dest`` and attach. ``options_for(contents)`` gives one image's options before its
     platform is set; ``write_opts`` are the registry push's (``tls_verify``, ``creds``,
     ``plain_http_hint``, ``state_dir``); ``on_write`` runs between composing and writing
-    (the CLI's next progress stage)."""
+    (the CLI's next progress stage). ``layer_base`` (``--layer-base``) is planned apart
+    in each image; with an index, in each image whose closure holds it."""
+    if as_index:  # a base path is for one platform: it must be in some image
+        reach = {p for w in wanted for p in sub_closure(closure, [*w.roots, *w.contents])}
+        for b in layer_base:
+            if b not in reach:
+                raise PlanError(
+                    f"layer base {b} is in no image's closure",
+                    hint="name as the base a package the images depend on (or drop it)",
+                )
     images: list[BuiltImage] = []
     with contextlib.ExitStack() as stack:
         for want in wanted:
@@ -126,6 +137,7 @@ def build_and_write(
                 source, roots, options, closure=own, strategy=strategy, max_layers=max_layers,
                 settings=settings, cache=cache, format=format, progress=progress, jobs=jobs,
                 base=on_base,
+                layer_base=[b for b in layer_base if b in own] if as_index else layer_base,
             )  # fmt: skip
             below = len(on_base.layers) if on_base else 0
             images.append(BuiltImage(plat, result.image, below))

@@ -4,16 +4,13 @@ for byte; real nix closures built in the sandbox, real builds through the CLI.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nixtools import SANDBOXED_MK, closure_of, nix_build
-
-STOWAWAY = [sys.executable, "-m", "stowaway"]
+from stowaway_cli import run
 
 # A runtime (a 1.5 MB library, two small ones, an env referring to them) and two apps
 # over it, each with a private library of its own.
@@ -30,13 +27,6 @@ let
   '';
 in {{ inherit runtime; one = app "one"; two = app "two"; }}
 """
-
-
-def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*STOWAWAY, *args], capture_output=True, text=True, timeout=300)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"stowaway {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,13 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from stowaway.errors import StowawayError
 from stowaway.image.model import Blob
-from stowaway.parallel import Stop
+
+if TYPE_CHECKING:  # the BuildKit frontend ships this module without stowaway.parallel
+    from stowaway.parallel import Stop
 
 #: Read size for bulk copies: large enough that hashlib releases the GIL and
 #: per-call overhead vanishes.

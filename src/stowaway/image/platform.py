@@ -15,9 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from stowaway.errors import SignatureError, StowawayError
+from stowaway.errors import StowawayError
 from stowaway.image.config import OCI_ARCHITECTURES, ImageOptions, default_architecture
-from stowaway.store.binary_cache import CacheError
 from stowaway.store.drv import parse_drv
 from stowaway.store.model import PathInfo, StoreSource
 
@@ -186,6 +185,6 @@ def _root_system(source: StoreSource, info: PathInfo | None) -> str | None:
                 return None  # not a .drv file: it cannot tell
             for chunk in entry.chunks:
                 data += chunk
-    except (CacheError, SignatureError):  # a cache that is down or untrusted: no answer
+    except StowawayError:  # a cache that is down or untrusted, a path gone: no answer
         return None
     return parse_drv(bytes(data), info.deriver).system

@@ -35,7 +35,9 @@ def test_builds_stub_trees_at_low_priority(
     pid = builder.pid
     assert pid is not None
     tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    assert len(tasks) > 1 and {os.getpriority(os.PRIO_PROCESS, t) for t in tasks} == {NICE}
+    # NICE above this process's own niceness (a niced test run), at most 19
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
+    assert len(tasks) > 1 and {os.getpriority(os.PRIO_PROCESS, t) for t in tasks} == {want}
     stub = tmp_path / "1" / demo_app.lstrip("/") / "bin" / "demo"
     real = Path(demo_app, "bin", "demo")
     assert stub.stat().st_size == real.stat().st_size and stub.stat().st_mtime == 1

@@ -15,10 +15,10 @@ by later runs). Measured in one run (best of --repeat; the machine is shared):
     build -o docker://`; manifests checked byte-identical) each serving --clients
     concurrent pulls of the whole image (manifest, config, every layer; one curl process
     per client, layers in a per-client shuffled order, the same orders for both servers),
-    alternated per repeat — goal: stowaway as fast.
+    alternated per --pull-repeat — goal: stowaway as fast.
 
 Usage: python bench/scale_bench.py [--paths 5000] [--size 5G] [--seed 1] [--repeat 2]
-                                   [--clients 64] [--json] [--work DIR]
+                                   [--clients 64] [--pull-repeat 1] [--json] [--work DIR]
 """
 
 from __future__ import annotations
@@ -103,9 +103,17 @@ def pull_clients(base: str, manifest: bytes, clients: int, seed: int, work: Path
     return {"wall_s": wall, "mib_s": clients * total / MIB / wall, "bytes": clients * total}
 
 
+def note(res: dict[str, Any], work: Path, step: str) -> None:
+    """Progress on stderr and the results so far in WORK/partial.json: a long run
+    killed late still leaves its numbers."""
+    print(f"scale_bench: {time.strftime('%H:%M:%S')} {step} done", file=sys.stderr)
+    (work / "partial.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+
+
 def serve_side_by_side(
-    app: str, cache: Path, work: Path, clients: int, repeat: int, seed: int
-) -> dict[str, Any]:
+    res: dict[str, Any], app: str, cache: Path, work: Path, clients: int, repeat: int, seed: int
+) -> None:
+    """The pull rows, added to ``res``."""
     index = work / "index.json"
     index.write_text(json.dumps({"packages": {"app": app}}))
     relink(cache, work / "serve")()
@@ -114,7 +122,6 @@ def serve_side_by_side(
     server = Serve(work / "serve", index)
     reference = Registry(work / "reference")
     reference.start()
-    res: dict[str, Any] = {}
     try:
         t0 = time.perf_counter()
         ours, _ = get(f"{server.url}/v2/app/manifests/latest")
@@ -131,18 +138,20 @@ def serve_side_by_side(
         sides = {"stowaway": server.url, "reference": reference.url}
         for who, url in sides.items():  # one client first: warms the page cache
             res[f"{who}_c1"] = pull_clients(url, ours, 1, seed, work)
+            note(res, work, f"{who}: 1 client")
         runs: dict[str, list[dict[str, Any]]] = {who: [] for who in sides}
         for i in range(repeat):
             order = list(sides) if i % 2 == 0 else list(reversed(sides))
             for who in order:
                 runs[who].append(pull_clients(sides[who], ours, clients, seed + i, work))
+                res[f"{who}_cN_runs"] = runs[who]
+                note(res, work, f"{who}: {clients} clients")
         for who, rs in runs.items():
             res[f"{who}_cN"] = min(rs, key=lambda r: r["wall_s"])
             res[f"{who}_cN_all_s"] = [round(r["wall_s"], 2) for r in rs]
     finally:
         server.stop()
         reference.stop()
-    return res
 
 
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -160,6 +169,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     res["plan_s"] = plans[0].seconds
     res["plan_layers"] = len(json.loads(plans[0].stdout)["layers"])
     rss = [r.max_rss for r in plans]
+    note(res, work, "plan")
 
     cache, out = work / "cache", work / "out"
     floor: list[Run] = []
@@ -167,6 +177,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for _ in range(args.repeat):  # interleaved: both see the same background load
         floor.append(timed(floor_cmd(base["closure"])))
         cold.append(timed(image_cmd(app, f"oci:{out}:base", cache), fresh(cache, out)))
+        res["floor_all_s"] = [round(r.seconds, 2) for r in floor]
+        res["cold_all_s"] = [round(r.seconds, 2) for r in cold]
+        note(res, work, "floor + cold build")
     floor.sort(key=lambda r: r.seconds)
     cold.sort(key=lambda r: r.seconds)
     res["floor_s"], res["floor_all_s"] = floor[0].seconds, [round(r.seconds, 2) for r in floor]
@@ -184,7 +197,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         relink(out, wout)()
 
     warm_cmd = image_cmd(app_v["app"], f"oci:{wout}:app", wcache)
-    warm = sorted((timed(warm_cmd, prepare) for _ in range(args.repeat)), key=lambda r: r.seconds)
+    warm = sorted(
+        (timed(warm_cmd, prepare) for _ in range(max(3, args.repeat))), key=lambda r: r.seconds
+    )
     res["warm_app_s"] = warm[0].seconds
     res["warm_app_ratio"] = warm[0].seconds / cold[0].seconds
     res["warm_app_rebuilt_layers"] = sum(
@@ -194,8 +209,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     res["peak_rss"] = max(res["build_rss"])
     res["plan_rss"] = max(rss)
     fresh(wcache, wout)()
+    note(res, work, "warm rebuild")
 
-    res.update(serve_side_by_side(app, cache, work, args.clients, args.repeat, args.seed))
+    serve_side_by_side(res, app, cache, work, args.clients, args.pull_repeat, args.seed)
     res["clients"] = args.clients
     return res
 
@@ -234,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2, help="runs per timing (best is kept)")
     ap.add_argument("--clients", type=int, default=64, help="concurrent pulls of the image")
+    ap.add_argument("--pull-repeat", type=int, default=1, help="runs of the --clients pulls")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--work", type=Path, help="work dir (default: a temp dir, removed)")
     args = ap.parse_args(argv)

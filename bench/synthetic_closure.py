@@ -344,6 +344,23 @@ def generate(paths: int, total: int, seed: int, salt: str, dry_run: bool) -> dic
     }
 
 
+def remove(specs: list[PathSpec]) -> int:
+    """Delete this variant's app, then the shared paths (which fails, harmlessly, while
+    another --app-salt variant's app still refers to them)."""
+    missing = invalid_paths([s.path for s in specs])
+    app, rest = specs[-1].path, [s.path for s in specs[:-1] if s.path not in missing]
+    for group in ([app] if app not in missing else [], rest):
+        if group and subprocess.run(["nix-store", "--delete", *group]).returncode != 0:
+            print(
+                f"synthetic_closure: {len(group)} paths are still in use (another --app-salt "
+                "variant's app, or a GC root): remove that variant too, or `nix-store --gc`",
+                file=sys.stderr,
+            )
+            return 1
+    print(f"removed {len(rest) + (app not in missing)} paths", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--paths", type=int, default=5000, help="store paths, app included (>= 3)")
@@ -357,12 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.paths < 3:
         ap.error("--paths must be at least 3")
     if args.remove:
-        specs = shape(args.paths, args.size, args.seed, args.app_salt)
-        present = sorted(set(s.path for s in specs) - invalid_paths([s.path for s in specs]))
-        if present:
-            subprocess.run(["nix-store", "--delete", *present], check=True)
-        print(f"removed {len(present)} paths")
-        return 0
+        return remove(shape(args.paths, args.size, args.seed, args.app_salt))
     summary = generate(args.paths, args.size, args.seed, args.app_salt, args.dry_run)
     text = json.dumps(summary, indent=1)
     if args.json_out:

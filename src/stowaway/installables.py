@@ -21,14 +21,17 @@ import subprocess
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import click
 
 from stowaway.errors import StowawayError
 from stowaway.image.platform import Platform, parse_platform
-from stowaway.sinks.pipeline import Wanted
 from stowaway.store.model import STORE_DIR
 from stowaway.store.paths import parse_store_path
+
+if TYPE_CHECKING:
+    from stowaway.sinks.pipeline import Wanted
 
 __all__ = [
     "FLAKE_FEATURES",
@@ -176,6 +179,8 @@ def platform_images(
     ``--contents PATH`` into every one, and no installable ``arguments`` may be given.
     Otherwise one image of ``roots()``, for the one ``--platform OS/ARCH`` if given.
     """
+    from stowaway.sinks.pipeline import Wanted  # the composer's imports: only for build
+
     pairs = [(value, *value.partition("=")) for value in platforms]
     if not any(sep for _, _, sep, _ in pairs):
         if len(pairs) > 1:

@@ -30,6 +30,7 @@ Worked examples: docs/layering.md.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from functools import partial
 
 from stowaway.layering.model import PlannedLayer
@@ -52,6 +53,10 @@ UNKNOWN_SIZE = min(SOLO_MIN - 1, TINY)
 Label = tuple[str, str]
 
 
+#: A heap entry: price, the two labels' ranks (smaller first), the keys, their versions.
+_Entry = tuple[int, int, int, int, int, int, int]
+
+
 def _label(path: str) -> Label:
     """Tie-break key: the name first (stable across versions), then the path."""
     return (path.rsplit("/", 1)[-1].partition("-")[2], path)
@@ -67,7 +72,13 @@ class _Groups:
         self.bytes = {i: g.sizes[i] for i in free}
         self.cover = {i: clo[i] for i in free}
         self.count = {i: clo[i].bit_count() for i in free}
-        self.label = {i: _label(g.paths[i]) for i in free}
+        # labels by rank: ints compare faster than string tuples in the heap, and a
+        # group's smallest member label is its smallest rank (the order is the same)
+        order = sorted(range(len(g.paths)), key=lambda i: _label(g.paths[i]))
+        rank = [0] * len(g.paths)
+        for r, i in enumerate(order):
+            rank[i] = r
+        self.label = {i: rank[i] for i in free}
         self.version = dict.fromkeys(free, 0)
         self.neighbours: dict[int, set[int]] = {i: set() for i in free}
 
@@ -76,18 +87,33 @@ class _Groups:
             self.neighbours[a].add(b)
             self.neighbours[b].add(a)
 
-    def entry(self, a: int, b: int) -> tuple[int, Label, Label, int, int, int, int]:
+    def entry(self, a: int, b: int) -> _Entry:
         """Heap entry for the pair: the price (added waste if ``a`` and ``b``
         became one group; the per-member terms of the formula cancel out), the
         labels (smaller first) as the tie-break, then the versions that tell a
         stale entry."""
-        la, lb = self.label[a], self.label[b]
-        if lb < la:
-            la, lb = lb, la
-        ba, bb = self.bytes[a], self.bytes[b]
-        union = (self.cover[a] | self.cover[b]).bit_count()
-        price = union * (ba + bb) - self.count[a] * ba - self.count[b] * bb
-        return (price, la, lb, a, b, self.version[a], self.version[b])
+        return next(self.entries(a, [b]))
+
+    def entries(
+        self, a: int, others: list[int]
+    ) -> Iterator[tuple[int, int, int, int, int, int, int]]:
+        """``entry(a, n)`` for each of ``others``, with ``a``'s terms looked up once
+        (this runs for every neighbour after every merge: the planner's hot loop)."""
+        la, ba, cover_a, va = self.label[a], self.bytes[a], self.cover[a], self.version[a]
+        own = self.count[a] * ba
+        label, size, cover, count, version = (
+            self.label,
+            self.bytes,
+            self.cover,
+            self.count,
+            self.version,
+        )
+        for n in others:
+            bn = size[n]
+            price = (cover_a | cover[n]).bit_count() * (ba + bn) - own - count[n] * bn
+            ln = label[n]
+            lo, hi = (ln, la) if ln < la else (la, ln)
+            yield (price, lo, hi, a, n, va, version[n])
 
     def merge(self, a: int, b: int) -> int:
         """Fold one group into the other and return the survivor's key: the one
@@ -153,9 +179,9 @@ def plan_layers(
         # Groups only grow and the group count only falls: once the plan fits,
         # a pair of two non-tiny groups can never merge, so it is not queued.
         tiny = gs.bytes[a] < TINY
-        for n in gs.neighbours[a]:
-            if not fits or tiny or gs.bytes[n] < TINY:
-                heapq.heappush(heap, gs.entry(a, n))
+        for entry in gs.entries(a, [n for n in gs.neighbours[a]
+                                    if not fits or tiny or gs.bytes[n] < TINY]):  # fmt: skip
+            heapq.heappush(heap, entry)
 
     groups = [[f] for f in sorted(fixed)] + [gs.members[k] for k in sorted(gs.members)]
     if len(groups) > budget:

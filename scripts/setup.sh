@@ -23,6 +23,9 @@ DEBS=(
   pigz xz-utils zstd bzip2 patchelf time curl ca-certificates
   debootstrap iproute2 util-linux sqlite3
   systemd  # systemd-analyze verifies the shipped units (tests/test_deploy.py); nothing is started
+  # multi-arch images (tests/test_multiarch.py): arm64 binaries run under qemu, and podman
+  # is a client that must pick its platform from an index (`podman pull --arch`)
+  qemu-user-static podman
 )
 
 # Debian 13 split the docker client out of docker.io (docker-cli, plus docker-buildx for
@@ -44,6 +47,13 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# fetch_deb POOL_PATH SHA256 DIR: a Debian .deb from the archive's pool, checked against
+# its pinned hash, saved in DIR (for packages the release lacks, and foreign-arch files).
+fetch_deb() {
+  curl -fsSL -o "$3/${1##*/}" "http://deb.debian.org/debian/pool/main/$1"
+  echo "$2  $3/${1##*/}" | sha256sum -c --quiet -
+}
+
 # nix-bin works for root without its daemon; make sure the store and build users exist.
 mkdir -p /nix/var/nix/gcroots /nix/var/nix/profiles
 if ! getent group nixbld >/dev/null; then
@@ -59,15 +69,11 @@ fi
 if ! command -v cosign >/dev/null || ! command -v oras >/dev/null; then
   echo "setup: installing cosign and oras"
   if [[ ${VERSION_CODENAME:-} == bookworm ]]; then
-    pool=http://deb.debian.org/debian/pool/main
     tmp=$(mktemp -d)
-    while read -r url sha; do
-      curl -fsSL -o "$tmp/${url##*/}" "$pool/$url"
-      echo "$sha  $tmp/${url##*/}" | sha256sum -c --quiet -
-    done <<'DEBS_EOF'
-c/cosign/cosign_2.5.0-2+b5_amd64.deb 3b6eadd27f3c4c00bfa7eab5c2397a6a15a763630c7a1d40d06ff60d24799eef
-o/oras/oras_1.2.0-1+b9_amd64.deb 5f138419f0e4bc128ee4717b06190dc5770cf120ab7e3a991e5b3e9158f3189e
-DEBS_EOF
+    fetch_deb c/cosign/cosign_2.5.0-2+b5_amd64.deb \
+      3b6eadd27f3c4c00bfa7eab5c2397a6a15a763630c7a1d40d06ff60d24799eef "$tmp"
+    fetch_deb o/oras/oras_1.2.0-1+b9_amd64.deb \
+      5f138419f0e4bc128ee4717b06190dc5770cf120ab7e3a991e5b3e9158f3189e "$tmp"
     dpkg -i "$tmp"/*.deb >/dev/null
     rm -rf "$tmp"
   else
@@ -89,8 +95,6 @@ fi
 
 # --- multi-arch images (tests/test_multiarch.py, fixtures/multiarch.nix) -------------------
 # A real aarch64-linux closure is built here and run under qemu. What this changes:
-#   - installs qemu-user-static (Debian 13: its qemu-user + qemu-user-binfmt) and podman
-#     (a client that must pick its platform from an index: `podman pull --arch`);
 #   - mounts binfmt_misc on /proc/sys/fs/binfmt_misc when it is not mounted;
 #   - registers qemu-aarch64 with the kernel unless an entry with the F flag is there
 #     (one without F is replaced). F makes the kernel open the interpreter now, so
@@ -98,16 +102,6 @@ fi
 #     qemu of their own. The registration is the kernel's: it lasts until reboot.
 #   - puts Debian's arm64 busybox-static (the .deb, pinned by sha256) at
 #     /usr/local/lib/stowaway-fixtures/aarch64-linux/busybox: the arm64 fixture's builder.
-multiarch_missing=()
-for p in qemu-user-static podman; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || multiarch_missing+=("$p")
-done
-if ((${#multiarch_missing[@]})); then
-  echo "setup: installing ${multiarch_missing[*]} (multi-arch images)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${multiarch_missing[@]}" >/dev/null
-fi
 binfmt=/proc/sys/fs/binfmt_misc
 if [[ ! -e $binfmt/register ]]; then
   echo "setup: mounting binfmt_misc on $binfmt"
@@ -131,11 +125,9 @@ fi
 arm_dir=/usr/local/lib/stowaway-fixtures/aarch64-linux
 if [[ ! -x $arm_dir/busybox ]]; then
   deb=busybox-static_1.35.0-4+deb12u1+b1_arm64.deb
-  sum=732c9135564fc71337e0e05fb4da4d11e6c28c1834bce3e405e575afef2a52f5
   echo "setup: fetching Debian's arm64 busybox-static into $arm_dir"
   tmp=$(mktemp -d)
-  curl -fsS -o "$tmp/$deb" "http://deb.debian.org/debian/pool/main/b/busybox/$deb"
-  echo "$sum  $tmp/$deb" | sha256sum -c --quiet
+  fetch_deb "b/busybox/$deb" 732c9135564fc71337e0e05fb4da4d11e6c28c1834bce3e405e575afef2a52f5 "$tmp"
   dpkg-deb -x "$tmp/$deb" "$tmp/x"
   mkdir -p "$arm_dir"
   install -m 0755 "$tmp/x/bin/busybox" "$arm_dir/busybox.new" && mv "$arm_dir/busybox.new" "$arm_dir/busybox"

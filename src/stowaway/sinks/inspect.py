@@ -36,7 +36,7 @@ from stowaway.image.annotations import PATHS_PREFIX, PathsAnnotationError, decod
 from stowaway.image.config import default_architecture
 from stowaway.image.digest import parse_digest, sha256_digest
 from stowaway.image.model import MediaType
-from stowaway.sinks.oci_layout import REF_NAME, LayoutReader, blob_name
+from stowaway.sinks.oci_layout import REF_NAME, LayoutReader, blob_name, json_object
 from stowaway.sinks.targets import (
     DockerArchiveTarget,
     OciArchiveTarget,
@@ -234,12 +234,7 @@ def fetch_manifest(
     digest = sha256_digest(body)
     if reference.startswith("sha256:") and digest != reference:
         raise InspectError(f"{target}: manifest {reference} has digest {digest}")
-    try:
-        doc = json.loads(body)
-    except ValueError as e:
-        raise InspectError(f"{target}: manifest {digest} is not JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise InspectError(f"{target}: manifest {digest} is not a JSON object")
+    doc = json_object(body, f"{target}: manifest {digest}", InspectError)
     return doc, digest, str(doc.get("mediaType") or media_type)
 
 
@@ -258,13 +253,7 @@ def _layer_row(digest: str, size: int, media_type: object, paths: list[str] | No
 
 
 def _json_blob(target: str, data: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise InspectError(f"{target}: the image config is not JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise InspectError(f"{target}: the image config is not a JSON object")
-    return doc
+    return json_object(data, f"{target}: the image config", InspectError)
 
 
 def _config_view(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -364,13 +364,19 @@ def _load(reader: LayoutReader, where: str, desc: object, what: str) -> tuple[Bl
         raise StowawayError(f"{where}: {what} blob {digest} missing ({name})") from None
     if len(data) != size or sha256_digest(data) != digest:
         raise StowawayError(f"{where}: {what} blob {digest} does not match its digest/size")
+    doc = json_object(data, f"{where}: {what} blob {digest}", StowawayError)
+    return Blob(digest, size, mt, data=data), doc
+
+
+def json_object(data: bytes, what: str, error: type[StowawayError]) -> dict[str, Any]:
+    """``data`` parsed as a JSON object, else ``error`` saying ``what`` is not one."""
     try:
         doc = json.loads(data)
     except ValueError as e:
-        raise StowawayError(f"{where}: {what} blob {digest} is not JSON ({e})") from None
+        raise error(f"{what} is not JSON ({e})") from None
     if not isinstance(doc, dict):
-        raise StowawayError(f"{where}: {what} blob {digest} is not a JSON object")
-    return Blob(digest, size, mt, data=data), doc
+        raise error(f"{what} is not a JSON object")
+    return doc
 
 
 def _read_layout(reader: LayoutReader, where: str) -> Image:

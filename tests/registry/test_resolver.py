@@ -26,9 +26,10 @@ def digest(data: bytes) -> str:
 class FileResolver:
     """Composes a one-layer image per name from files on disk, slowly, counting calls."""
 
-    def __init__(self, workdir: Path, rewrite: bool = True) -> None:
+    def __init__(self, workdir: Path, rewrite: bool = True, seconds: float = 0.2) -> None:
         self.workdir = workdir
         self.rewrite = rewrite  # False: files written once, like a layer cache's
+        self.seconds = seconds  # how long "composing" takes
         self.calls = 0
 
     async def resolve(
@@ -39,7 +40,7 @@ class FileResolver:
             raise RegistryApiError.of(ErrorCode.MANIFEST_UNKNOWN, f"unknown packages: {name}")
         if reference != "latest":
             return None
-        await asyncio.sleep(0.2)  # "composing"
+        await asyncio.sleep(self.seconds)  # "composing"
         media_type = OCI if not accept or OCI in accept else DOCKER
         layer = self.workdir / f"layer-{name.replace('/', '_')}"
         config = self.workdir / "config"
@@ -57,7 +58,8 @@ class FileResolver:
 
 
 def test_hundred_concurrent_first_pulls_compose_once(make_server: object, tmp_path: Path) -> None:
-    resolver = FileResolver(tmp_path)
+    # composing outlasts the arrival of all hundred requests even on a loaded machine
+    resolver = FileResolver(tmp_path, seconds=2.0)
     server: Server = make_server(resolver=resolver)  # type: ignore[operator]
     with ThreadPoolExecutor(100) as pool:
         replies = list(

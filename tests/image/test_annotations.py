@@ -10,9 +10,12 @@ from stowaway.errors import StowawayError
 from stowaway.image.annotations import (
     LABEL_LIMIT,
     PATHS_PREFIX,
+    PREFETCH_PREFIX,
     PathsAnnotationError,
     decode_paths,
+    decode_prefetch,
     encode_paths,
+    encode_prefetch,
 )
 
 HASH = "0" * 32
@@ -57,3 +60,19 @@ def test_decoder_rejects_a_non_numeric_index(suffix: str) -> None:
 def test_decoder_rejects_a_bad_store_path_name() -> None:
     with pytest.raises(PathsAnnotationError, match=r"stowaway\.paths\.0"):
         decode_paths({f"{PATHS_PREFIX}0": "not-a-store-path"})
+
+
+def test_prefetch_list_splits_and_reads_back_apart_from_the_paths() -> None:
+    """The first layer's list of later layers' paths: its own keys, split below the
+    limit, read back in order and checked like the paths; absent means empty."""
+    later = [f"/nix/store/{i:032d}-{'n' * 150}-{i}" for i in range(300)]
+    own = [f"/nix/store/{HASH}-own"]
+    annotations = {**encode_paths(own), **encode_prefetch(later)}
+    assert sum(k.startswith(PREFETCH_PREFIX) for k in annotations) > 10
+    for key, value in annotations.items():
+        assert len(key.encode()) + len(value.encode()) < LABEL_LIMIT
+    assert decode_paths(annotations) == [f"{HASH}-own"]
+    assert decode_prefetch(annotations) == [Path(p).name for p in later]
+    assert decode_prefetch(encode_paths(own)) == []
+    with pytest.raises(PathsAnnotationError, match=r"stowaway\.prefetch\.0"):
+        decode_prefetch({f"{PREFETCH_PREFIX}0": "../../etc"})

@@ -50,9 +50,16 @@ def test_store_layers_in_plan_order_then_customisation(
     assert [layer.store_paths for layer in image.layers] == [*planned, ()]
     assert sorted(p for paths in planned for p in paths) == sorted(demo_closure)
     assert set(result.closure) == set(demo_closure)
-    for layer in image.layers[:-1]:
+    for index, layer in enumerate(image.layers[:-1]):
         names = " ".join(Path(p).name for p in layer.store_paths)
-        assert layer.annotations == {"containerd.io/snapshot/stowaway.paths.0": names}
+        expected = {"containerd.io/snapshot/stowaway.paths.0": names}
+        if index == 0:  # the first names the later store layers' paths, in order
+            later = " ".join(
+                Path(p).name for layer in image.layers[1:-1] for p in layer.store_paths
+            )
+            expected["containerd.io/snapshot/stowaway.prefetch.0"] = later
+        assert layer.annotations == expected
+    assert len(image.layers) > 2
     assert image.layers[-1].annotations == {}
     config = json.loads(image.config.data or b"")
     assert config["rootfs"]["diff_ids"] == [layer.diff_id for layer in image.layers]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stowaway.errors import PathNotFound, StowawayError
-from stowaway.image.annotations import PATHS_PREFIX
+from stowaway.image.annotations import decode_paths, decode_prefetch
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import (
     InvalidLayerSettings,
@@ -88,8 +88,11 @@ def test_layers_match_plan_and_contents(
         assert layer.diff_id == "sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest()
         assert layer.media_type == "application/vnd.oci.image.layer.v1.tar+gzip"
         assert layer.store_paths == plan.paths
-        assert layer.annotations == {f"{PATHS_PREFIX}0": Path(plan.paths[0]).name}
+        assert decode_paths(layer.annotations) == [Path(plan.paths[0]).name]
         assert not layer.reused
+    later = [Path(plan.paths[0]).name for plan in planned[1:]]
+    assert decode_prefetch(layers[0].annotations) == later
+    assert [decode_prefetch(layer.annotations) for layer in layers[1:]] == [[], []]
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])

@@ -14,6 +14,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from stowaway.errors import StowawayError
+from stowaway.image.annotations import PREFETCH_PREFIX
 from stowaway.image.compose import compose
 from stowaway.image.config import ImageOptions
 from stowaway.image.digest import chain_ids
@@ -127,7 +128,7 @@ def test_read_layout_image(layout: tuple[Path, str]) -> None:
     assert all(layer.path is not None and layer.path.is_file() for layer in image.layers)
     store_layers = [layer for layer in image.layers if layer.annotations]
     assert store_layers and all(
-        k.startswith("containerd.io/snapshot/stowaway.paths.")
+        k.startswith(("containerd.io/snapshot/stowaway.paths.", PREFETCH_PREFIX))
         for layer in store_layers
         for k in layer.annotations
     )

@@ -10,14 +10,22 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 
 import pytest
 from runtime_helpers import layer_labels, mount_like_containerd, ref_of, unpacked_name
 
 from stowaway.errors import StowawayError
-from stowaway.image.annotations import MTIME_LABEL, PATHS_PREFIX, REF_LABEL
+from stowaway.image.annotations import (
+    MTIME_LABEL,
+    PATHS_PREFIX,
+    PREFETCH_PREFIX,
+    REF_LABEL,
+    encode_prefetch,
+)
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.layers import LayerSettings, build_layers
 from stowaway.layering.model import PlannedLayer
@@ -34,6 +42,7 @@ from stowaway.runtime.snapshotter.contract import (
 from stowaway.runtime.snapshotter.state import SnapshotterConfig, link_dir_for
 from stowaway.runtime.snapshotter.store_snapshotter import StoreSnapshotter
 from stowaway.store.local import LocalStore
+from stowaway.store.model import NarEntry
 
 MISSING = "0" * 32 + "-not-here"
 
@@ -431,18 +440,21 @@ def test_cleanup_drops_local_paths_no_snapshot_uses(
     greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
     sub = s.store_paths.substituter
     assert sub is not None
-    fetch = sub.fetch
+    fetch_all = sub.fetch_all
+    cleaned: list[bool] = []
 
-    def fetch_then_cleanup(basename: str) -> Path | None:
-        got = fetch(basename)
+    def fetch_then_cleanup(basenames: Sequence[str], pool: Executor | None) -> list[Path | None]:
+        got = fetch_all(basenames, pool)
         s.cleanup()  # a GC between locating a path and committing the layer
+        cleaned.append(True)
         return got
 
     try:
-        sub.fetch = fetch_then_cleanup  # type: ignore[method-assign]
+        sub.fetch_all = fetch_then_cleanup  # type: ignore[method-assign]
         with pytest.raises(AlreadyExists):
             s.prepare("x", "", layer_labels(demo_closure))
-        sub.fetch = fetch  # type: ignore[method-assign]
+        sub.fetch_all = fetch_all  # type: ignore[method-assign]
+        assert cleaned == [True]
         everything = sorted([*(os.path.basename(p) for p in demo_closure), "README"])
         assert sorted(os.listdir(local)) == everything
         with pytest.raises(AlreadyExists):
@@ -460,6 +472,66 @@ def test_cleanup_drops_local_paths_no_snapshot_uses(
         with pytest.raises(AlreadyExists):  # needed again: substituted again
             s.prepare("z", "", layer_labels(demo_closure))
         assert_container_reads(s, demo_closure, greeting, tmp_path / "m")
+    finally:
+        s.close()
+
+
+def test_first_layer_starts_substituting_the_later_layers(
+    tmp_path: Path,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first store layer's prefetch list starts substituting the later layers' paths
+    at its own Prepare; their Prepares then download nothing more and are still proven
+    (a later layer naming paths of another layer than its ref falls back to unpack). A
+    bad list is only a hint: ignored with a warning, the layer still commits."""
+    store, local = tmp_path / "empty-store", tmp_path / "local"
+    store.mkdir()
+    cfg = SnapshotterConfig(
+        root=tmp_path / "root",
+        store=store,
+        local_store=local,
+        substituters=(signed_caches["zstd"],),
+        trusted_public_keys=(cache_keys["good"],),
+    )
+    s = StoreSnapshotter(cfg)
+    sub = s.store_paths.substituter
+    assert sub is not None
+    cache = sub.caches[0]
+    entries = cache.entries
+    downloads: list[str] = []
+
+    def counted(path: str) -> Iterator[NarEntry]:
+        downloads.append(os.path.basename(path))
+        return entries(path)
+
+    cache.entries = counted  # type: ignore[method-assign]
+    first, *later = [[p] for p in sorted(demo_closure)]
+    try:
+        labels = {**layer_labels(first), **encode_prefetch([p for ps in later for p in ps])}
+        with pytest.raises(AlreadyExists):
+            s.prepare("a", "", labels)
+        everything = sorted(os.path.basename(p) for p in demo_closure)
+        deadline = time.monotonic() + 60
+        while sorted(os.listdir(local)) != everything and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(os.listdir(local)) == everything
+        assert sorted(downloads) == everything  # each once, the later ones at "a"
+        chain, parent = ref_of(first), s.nix_name(ref_of(first), "")
+        wrong = layer_labels(later[0], chain, ref=ref_of(later[1], chain))
+        s.prepare("lie", parent, wrong)  # no AlreadyExists: an active snapshot to unpack
+        for i, paths in enumerate(later):
+            ref = ref_of(paths, chain)
+            with pytest.raises(AlreadyExists):
+                s.prepare(f"l{i}", parent, layer_labels(paths, chain))
+            chain, parent = ref, s.nix_name(ref, parent)
+        assert sorted(downloads) == everything
+        bad = {**layer_labels(first), f"{PREFETCH_PREFIX}0": "../../etc/shadow"}
+        with caplog.at_level(logging.WARNING), pytest.raises(AlreadyExists):
+            s.prepare("b", "", bad)
+        assert "ignoring its prefetch list" in caplog.text
     finally:
         s.close()
 

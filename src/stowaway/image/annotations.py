@@ -13,6 +13,14 @@ A layer whose owners or modes were changed by ``--chown``/``--chmod`` rules
 (``image.ownership``) is not what the node's store holds: it says so in
 ``containerd.io/snapshot/stowaway.rules`` (the digest of the rules that touched it), and
 the snapshotter unpacks it without trying the proof (which would fail anyway).
+
+containerd prepares an image's layers one after another, and each layer's labels name
+only its own paths; a node substituting them from a binary cache would fetch one layer
+at a time. So the image's first store-path layer also carries
+``containerd.io/snapshot/stowaway.prefetch.<i>``: the basenames of the other store-path
+layers, in layer order, split like the paths. A node may start fetching them at that
+first Prepare; it is a hint like the rest (a node only substitutes from caches it trusts,
+and each layer is still proven when its own Prepare comes).
 """
 
 from __future__ import annotations
@@ -29,18 +37,23 @@ __all__ = [
     "LABEL_LIMIT",
     "MTIME_LABEL",
     "PATHS_PREFIX",
+    "PREFETCH_PREFIX",
     "REF_LABEL",
     "RULES_LABEL",
     "SNAPSHOT_LABEL_PREFIX",
     "PathsAnnotationError",
     "decode_mtime",
     "decode_paths",
+    "decode_prefetch",
     "encode_paths",
+    "encode_prefetch",
 ]
 
 #: Annotations containerd forwards to the snapshotter as labels.
 SNAPSHOT_LABEL_PREFIX = "containerd.io/snapshot/"
 PATHS_PREFIX = f"{SNAPSHOT_LABEL_PREFIX}stowaway.paths."
+#: On the first store-path layer: the other store-path layers' basenames, in order.
+PREFETCH_PREFIX = f"{SNAPSHOT_LABEL_PREFIX}stowaway.prefetch."
 #: The label naming the chain ID a Prepare is for (set by the unpacker).
 REF_LABEL = "containerd.io/snapshot.ref"
 #: The tar members' mtime when it is not DEFAULT_MTIME (absent: the default).
@@ -64,10 +77,22 @@ def encode_paths(paths: Sequence[str], mtime: int = DEFAULT_MTIME) -> dict[str, 
     """``PATHS_PREFIX<i>`` → space-separated basenames of ``paths``, packed greedily in
     order so every key + value stays below LABEL_LIMIT; plus MTIME_LABEL unless the
     members' mtime is the default (so default images keep their manifests)."""
+    out = _encode_names(PATHS_PREFIX, paths)
+    if mtime != DEFAULT_MTIME:
+        out[MTIME_LABEL] = str(mtime)
+    return out
+
+
+def encode_prefetch(paths: Sequence[str]) -> dict[str, str]:
+    """``PREFETCH_PREFIX<i>`` → the basenames of ``paths``, split like ``encode_paths``."""
+    return _encode_names(PREFETCH_PREFIX, paths)
+
+
+def _encode_names(prefix: str, paths: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     value = ""
     for base in (store_basename(p) for p in paths):
-        key = f"{PATHS_PREFIX}{len(out)}"
+        key = f"{prefix}{len(out)}"
         candidate = f"{value} {base}" if value else base
         if len(key) + len(candidate.encode()) < LABEL_LIMIT:
             value = candidate
@@ -79,9 +104,7 @@ def encode_paths(paths: Sequence[str], mtime: int = DEFAULT_MTIME) -> dict[str, 
         out[key] = value
         value = base
     if value:
-        out[f"{PATHS_PREFIX}{len(out)}"] = value
-    if mtime != DEFAULT_MTIME:
-        out[MTIME_LABEL] = str(mtime)
+        out[f"{prefix}{len(out)}"] = value
     return out
 
 
@@ -98,13 +121,22 @@ def decode_mtime(annotations: Mapping[str, str]) -> int:
 def decode_paths(annotations: Mapping[str, str]) -> list[str] | None:
     """The basenames ``encode_paths`` wrote, in index order, each checked to be a store
     path name; None when there is no ``PATHS_PREFIX`` key (not a store-path layer)."""
+    return _decode_names(PATHS_PREFIX, annotations)
+
+
+def decode_prefetch(annotations: Mapping[str, str]) -> list[str]:
+    """The basenames ``encode_prefetch`` wrote, checked like ``decode_paths``; [] if none."""
+    return _decode_names(PREFETCH_PREFIX, annotations) or []
+
+
+def _decode_names(prefix: str, annotations: Mapping[str, str]) -> list[str] | None:
     indexed: list[tuple[int, str]] = []
     for key in annotations:
-        if not key.startswith(PATHS_PREFIX):
+        if not key.startswith(prefix):
             continue
-        suffix = key[len(PATHS_PREFIX) :]
+        suffix = key[len(prefix) :]
         if not _INDEX.fullmatch(suffix):
-            raise PathsAnnotationError(f"{key!r}: expected {PATHS_PREFIX}<number>")
+            raise PathsAnnotationError(f"{key!r}: expected {prefix}<number>")
         indexed.append((int(suffix), key))
     if not indexed:
         return None

@@ -29,7 +29,7 @@ from typing import Literal
 import zstandard
 
 from stowaway.errors import PathNotFound, StowawayError
-from stowaway.image.annotations import RULES_LABEL, encode_paths
+from stowaway.image.annotations import RULES_LABEL, encode_paths, encode_prefetch
 from stowaway.image.compress import DEFAULT_LEVEL, open_compressor, zstd_worker_memory
 from stowaway.image.layer_cache import LayerCache
 from stowaway.image.model import Layer, MediaType, TarEntry
@@ -238,12 +238,13 @@ def build_layers(
                 _Rules(rules, touched),
             )
         )  # fmt: skip
+    annotations = [
+        _annotations(plan.paths, settings.mtime, rules, touched[i])
+        for i, plan in enumerate(planned)
+    ]
+    _add_prefetch(annotations, planned, touched)
     return [
-        replace(
-            layers[i],
-            store_paths=tuple(plan.paths),
-            annotations=_annotations(plan.paths, settings.mtime, rules, touched[i]),
-        )
+        replace(layers[i], store_paths=tuple(plan.paths), annotations=annotations[i])
         for i, plan in enumerate(planned)
     ]
 
@@ -255,6 +256,19 @@ def _annotations(
     if touched:
         out[RULES_LABEL] = rules.digest(touched)
     return out
+
+
+def _add_prefetch(
+    annotations: Sequence[dict[str, str]],
+    planned: Sequence[PlannedLayer],
+    touched: Sequence[frozenset[int]],
+) -> None:
+    """The first layer a node may take from its store names the later ones' paths, so
+    a node substituting them can fetch the whole image at once (see ``annotations``)."""
+    from_store = [i for i, t in enumerate(touched) if not t]
+    if len(from_store) > 1:
+        later = [p for i in from_store[1:] for p in planned[i].paths]
+        annotations[from_store[0]].update(encode_prefetch(later))
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ and NarSize checked out (``BinaryCache.entries`` verifies them when the stream e
 a crash or a corrupt download never leaves a half path that looks valid. Files get the
 store's canonical form: 0444/0555, directories 0555, mtime 1.
 
-A batch (``fetch_all``: a layer's missing paths) unpacks its NARs in parallel, then
-costs one ``syncfs`` before its renames: not an fsync per file (on the benchmark's
-25k-file closure per-file fsyncs alone took about a minute), nor a syncfs per path (each
-waits for every dirty page of the filesystem, other tenants' too); batches flushing at
-the same time share one (``_GroupSync``). Each NAR's download, decompression and hashing
+NARs are unpacked in parallel (``start``: a layer's missing paths, or a whole image's
+ahead of its layers), and whatever is unpacked by then costs one ``syncfs`` before its
+renames: not an fsync per file (on the benchmark's 25k-file closure per-file fsyncs alone
+took about a minute), nor a syncfs per path (each waits for every dirty page of the
+filesystem, other tenants' too); flushes asked for at the same time are one
+(``_GroupSync``). Each NAR's download, decompression and hashing
 run a few MiB ahead in a thread of the stream (``BinaryCache.entries``): they and the
 writes release the GIL. A path another batch is fetching is waited for (one download);
 a path another process placed meanwhile counts as fetched: it was renamed into place
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -100,6 +102,11 @@ class _Staged:
         self.cache = cache
 
 
+#: A path's staging: where it already is, its unpacked NAR, None (no cache has it), or
+#: what a staging raised (it fails that path only).
+_Stage = Path | _Staged | BaseException | None
+
+
 class Substituter:
     """Tries each cache in order; ``fetch`` returns the path on disk or None."""
 
@@ -107,69 +114,144 @@ class Substituter:
         self.caches = list(caches)
         self.local_store = local_store
         self._inflight: dict[str, Future[Path | None]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._sync = _GroupSync(local_store)
+        self._staged: list[tuple[str, _Stage]] = []  # done, not yet published
+        self._unpublished = 0  # staging jobs submitted and not yet published
+        self._publishing = False  # a publisher thread runs
 
     def fetch(self, basename: str) -> Path | None:
         return self.fetch_all([basename], None)[0]
 
     def fetch_all(self, basenames: Sequence[str], pool: Executor | None) -> list[Path | None]:
-        """Each basename's path on disk or None. The NARs are unpacked side by side on
-        ``pool`` (in this thread without one), made durable by one ``syncfs``, then
-        renamed into place; a path another call is fetching is waited for, not fetched
-        again."""
-        mine: dict[str, Future[Path | None]] = {}
-        waits: list[Future[Path | None]] = []
+        """Each basename's path on disk or None: ``start``, then wait for all; without
+        a pool the NARs are unpacked in this thread and published together. A path whose
+        staging raised raises here, after the others were placed."""
+        if pool is not None:
+            futures = self.start(basenames, pool)
+            wait(futures)  # all settled before an error goes on: no fetch of ours runs
+            return [f.result() for f in futures]
+        futures, mine = self._claim(basenames)
+        staged: list[tuple[str, _Stage]] = []
+        for b in mine:
+            try:
+                staged.append((b, self._stage(b)))
+            except BaseException as e:  # noqa: BLE001 - it fails that path, raised below
+                staged.append((b, e))
+        self._publish(staged)
+        return [f.result() for f in futures]
+
+    def start(self, basenames: Sequence[str], pool: Executor) -> list[Future[Path | None]]:
+        """A future of each basename's path on disk (None: no cache has it), without
+        waiting. The NARs are unpacked on ``pool`` in the order given; a thread of ours
+        makes the unpacked ones durable together (one ``syncfs`` for all that are ready)
+        and renames them into place, so early paths are placed while later ones still
+        download. A path another call is fetching is waited for, not fetched again."""
+        futures, mine = self._claim(basenames)
+        for b in mine:
+            with self._lock:
+                self._unpublished += 1
+                if not self._publishing:
+                    self._publishing = True
+                    threading.Thread(
+                        target=self._publisher, name="stowaway-publish", daemon=True
+                    ).start()
+            try:
+                job = pool.submit(self._stage, b)
+            except BaseException as e:  # noqa: BLE001 - e.g. a pool shut down: fails b
+                self._ready(b, e)
+            else:
+                job.add_done_callback(functools.partial(self._job_done, b))
+        return futures
+
+    def _claim(self, basenames: Sequence[str]) -> tuple[list[Future[Path | None]], list[str]]:
+        """The future of each basename, and those no other call is fetching (ours now)."""
+        mine: list[str] = []
+        futures: list[Future[Path | None]] = []
         with self._lock:
             for b in basenames:
                 f = self._inflight.get(b)
                 if f is None:
-                    f = self._inflight[b] = mine[b] = Future()
-                waits.append(f)
+                    f = self._inflight[b] = Future()
+                    mine.append(b)
+                futures.append(f)
+        return futures, mine
+
+    def _job_done(self, base: str, job: Future[Path | _Staged | None]) -> None:
+        self._ready(base, job.exception() or job.result())
+
+    def _ready(self, base: str, outcome: _Stage) -> None:
+        with self._lock:
+            self._staged.append((base, outcome))
+            self._lock.notify_all()
+
+    def _publisher(self) -> None:
+        """Publishes staged paths in rounds until none is left to wait for."""
+        while True:
+            with self._lock:
+                while not self._staged and self._unpublished:
+                    self._lock.wait()
+                if not self._unpublished:
+                    self._publishing = False
+                    return
+                ready, self._staged = self._staged, []
+            try:
+                self._publish(ready)
+            except Exception:  # its paths' waiters got the error; later rounds go on
+                log.exception("substituting %s failed", [b for b, _ in ready])
+            finally:
+                with self._lock:
+                    self._unpublished -= len(ready)
+
+    def _publish(self, staged: Sequence[tuple[str, _Stage]]) -> None:
+        """One flush for every path unpacked, then each renamed into place and its
+        waiters told; temp dirs go."""
+        temps = [s.tmp for _, s in staged if isinstance(s, _Staged)]
+        results: list[tuple[str, Path | BaseException | None]] = []
         try:
-            bases = list(mine)
-            staged = self._stage_all(bases, pool)
-            for b, where in zip(bases, self._publish(bases, staged), strict=True):
-                mine[b].set_result(where)
+            synced = True
+            if temps:
+                try:
+                    self._sync.sync()
+                except OSError as e:
+                    log.warning(
+                        "substituting %s: flushing the local store failed: %s",
+                        [b for b, _ in staged], e,
+                    )  # fmt: skip
+                    synced = False
+            for base, s in staged:
+                if isinstance(s, _Staged):
+                    results.append((base, self._place(base, s) if synced else None))
+                else:
+                    results.append((base, s))
         except BaseException as e:
-            for f in mine.values():
-                if not f.done():
-                    f.set_exception(e)
+            results = [(b, e) for b, _ in staged]
             raise
         finally:
-            with self._lock:
-                for b in mine:
-                    del self._inflight[b]
-        return [f.result() for f in waits]
+            for tmp in temps:
+                shutil.rmtree(tmp, ignore_errors=True)  # read-only modes do not stop it
+            self._settle(results)
 
-    def _stage_all(
-        self, bases: Sequence[str], pool: Executor | None
-    ) -> list[Path | _Staged | None]:
-        """``_stage`` of each base; if one raises, the others are waited for and their
-        temp dirs removed before the error goes on (nothing of the batch is placed)."""
-        staged: list[Path | _Staged | None] = []
-        error: BaseException | None = None
-        if pool is None:
-            for b in bases:
-                try:
-                    staged.append(self._stage(b))
-                except BaseException as e:
-                    error = e
-                    break
-        else:
-            jobs = [pool.submit(self._stage, b) for b in bases]
-            wait(jobs)
-            for j in jobs:
-                if (failed := j.exception()) is not None:
-                    error = error or failed
+    def _place(self, base: str, s: _Staged) -> Path | None:
+        final = self.local_store / base
+        try:
+            os.rename(s.tmp / "p", final)
+        except OSError as e:  # another process won; same hash, same contents
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(final):
+                log.warning("substituting %s: placing it failed: %s", base, e)
+                return None
+        log.info("substituted %s from %s into %s", base, s.cache.url, self.local_store)
+        return final
+
+    def _settle(self, results: Sequence[tuple[str, Path | BaseException | None]]) -> None:
+        """Hands each outcome to the path's waiters and ends its flight."""
+        with self._lock:
+            for base, outcome in results:
+                f = self._inflight.pop(base)
+                if isinstance(outcome, BaseException):
+                    f.set_exception(outcome)
                 else:
-                    staged.append(j.result())
-        if error is None:
-            return staged  # all of them, in order
-        for s in staged:
-            if isinstance(s, _Staged):
-                shutil.rmtree(s.tmp, ignore_errors=True)
-        raise error
+                    f.set_result(outcome)
 
     def _stage(self, basename: str) -> Path | _Staged | None:
         """The path if already in place, else its NAR unpacked from the first cache that
@@ -185,40 +267,6 @@ class Substituter:
             except (StowawayError, OSError) as e:  # OSError: the local disk (ENOSPC, EIO)
                 log.warning("substituting %s from %s failed: %s", basename, cache.url, e)
         return None
-
-    def _publish(
-        self, bases: Sequence[str], staged: Sequence[Path | _Staged | None]
-    ) -> list[Path | None]:
-        """One flush for every staged path, then each renamed into place; temp dirs go."""
-        temps = [s.tmp for s in staged if isinstance(s, _Staged)]
-        try:
-            if temps:
-                try:
-                    self._sync.sync()
-                except OSError as e:
-                    log.warning("substituting %s: flushing the local store failed: %s", bases, e)
-                    return [s if isinstance(s, Path) else None for s in staged]
-            out: list[Path | None] = []
-            for base, s in zip(bases, staged, strict=True):
-                if isinstance(s, _Staged):
-                    final = self.local_store / base
-                    try:
-                        os.rename(s.tmp / "p", final)
-                    except OSError as e:  # another process won; same hash, same contents
-                        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(
-                            final
-                        ):
-                            log.warning("substituting %s: placing it failed: %s", base, e)
-                            out.append(None)
-                            continue
-                    log.info("substituted %s from %s into %s", base, s.cache.url, self.local_store)
-                    out.append(final)
-                else:
-                    out.append(s)
-            return out
-        finally:
-            for tmp in temps:
-                shutil.rmtree(tmp, ignore_errors=True)  # read-only modes do not stop it
 
     def _unpack(self, cache: BinaryCache, basename: str) -> Path:
         """The NAR of ``basename`` unpacked into a new temp dir's ``p``, verified (the

@@ -71,15 +71,26 @@ class StorePaths:
         """Each path in the store or local store, else substituted (in parallel); a
         path still being built in the store is not substituted (see ``present``)."""
         found = self.present(bases)
-        missing = [
-            b
-            for b, w in zip(bases, found, strict=True)
-            if w is None and not os.path.lexists(self.store / b)
-        ]
+        missing = self._missing(bases, found)
         if missing and self.substituter is not None:
             got = dict(zip(missing, self.substituter.fetch_all(missing, self._pool), strict=True))
             found = [w or got.get(b) for b, w in zip(bases, found, strict=True)]
         return found
+
+    def prefetch(self, bases: Sequence[str]) -> None:
+        """Start substituting those of ``bases`` ``locate`` would substitute, without
+        waiting: a later ``locate`` of them waits for these fetches."""
+        if self.substituter is not None:
+            if missing := self._missing(bases, self.present(bases)):
+                self.substituter.start(missing, self._pool)
+
+    def _missing(self, bases: Sequence[str], found: Sequence[Path | None]) -> list[str]:
+        """The paths found nowhere and not being built in the store."""
+        return [
+            b
+            for b, w in zip(bases, found, strict=True)
+            if w is None and not os.path.lexists(self.store / b)
+        ]
 
     def unused(self, keep: Collection[str]) -> list[Path]:
         """The store paths in the local store whose basenames are not in ``keep``.

@@ -10,6 +10,9 @@ carrying the ref label and containerd gets ALREADY_EXISTS, so it never downloads
 blob. Otherwise it becomes an ordinary active snapshot and containerd unpacks the layer:
 never a broken rootfs. So does a layer marked ``stowaway.rules`` (its owners or modes
 were changed at build time, so the store's files are not its files), without a proof.
+An image's first store layer also names the later layers' paths
+(``stowaway.prefetch.<i>``): with binary caches configured, their substitution starts
+there, so the image downloads as a whole while containerd prepares layer after layer.
 
 Order of work (crash safety): expensive file work in temp dirs (under ``snapshots/``,
 and for stub trees under the link dir); GC roots before metadata; then one SQLite
@@ -52,6 +55,7 @@ from stowaway.image.annotations import (
     PathsAnnotationError,
     decode_mtime,
     decode_paths,
+    decode_prefetch,
 )
 from stowaway.runtime.filters import compile_filters, required_labels
 from stowaway.runtime.gcroots import GcRoots
@@ -344,9 +348,22 @@ class StoreSnapshotter(Snapshotter):
         if bases is not None and target and RULES_LABEL in labels:
             log.info("layer %s: owners/modes changed by rules; containerd will unpack it", target)
         elif bases is not None and target:
+            self._prefetch(target, labels)
             if self._commit_store_layer(target, parent, labels, bases):
                 raise AlreadyExists(f"target snapshot {target!r} committed from the Nix store")
         return self._create_mounted(key, parent, Kind.ACTIVE, labels)
+
+    def _prefetch(self, target: str, labels: Mapping[str, str]) -> None:
+        """Start substituting the paths of the image's later layers (the first store
+        layer names them), so they download while containerd works through the layers
+        one by one. Only a hint: a bad list is ignored, each layer is still proven."""
+        try:
+            later = decode_prefetch(labels)
+        except PathsAnnotationError as e:
+            log.warning("layer %s: ignoring its prefetch list: %s", target, e.message)
+            return
+        if later:
+            self.store_paths.prefetch(later)
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         return self._create_mounted(key, parent, Kind.VIEW, labels)

@@ -484,7 +484,7 @@ def test_first_layer_starts_substituting_the_later_layers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The first store layer's prefetch list starts substituting the later layers' paths
-    at its own Prepare; their Prepares then download nothing more and are still proven
+    at its own Prepare, after its own; their Prepares then download nothing more and are still proven
     (a later layer naming paths of another layer than its ref falls back to unpack). A
     bad list is only a hint: ignored with a warning, the layer still commits."""
     store, local = tmp_path / "empty-store", tmp_path / "local"
@@ -519,6 +519,8 @@ def test_first_layer_starts_substituting_the_later_layers(
             time.sleep(0.05)
         assert sorted(os.listdir(local)) == everything
         assert sorted(downloads) == everything  # each once, the later ones at "a"
+        workers = max(2, os.cpu_count() or 2)  # the snapshotter's I/O pool
+        assert os.path.basename(first[0]) in downloads[:workers]  # its own paths go first
         chain, parent = ref_of(first), s.nix_name(ref_of(first), "")
         wrong = layer_labels(later[0], chain, ref=ref_of(later[1], chain))
         s.prepare("lie", parent, wrong)  # no AlreadyExists: an active snapshot to unpack

@@ -348,22 +348,23 @@ class StoreSnapshotter(Snapshotter):
         if bases is not None and target and RULES_LABEL in labels:
             log.info("layer %s: owners/modes changed by rules; containerd will unpack it", target)
         elif bases is not None and target:
-            self._prefetch(target, labels)
+            self._prefetch(target, labels, bases)
             if self._commit_store_layer(target, parent, labels, bases):
                 raise AlreadyExists(f"target snapshot {target!r} committed from the Nix store")
         return self._create_mounted(key, parent, Kind.ACTIVE, labels)
 
-    def _prefetch(self, target: str, labels: Mapping[str, str]) -> None:
+    def _prefetch(self, target: str, labels: Mapping[str, str], bases: list[str]) -> None:
         """Start substituting the paths of the image's later layers (the first store
         layer names them), so they download while containerd works through the layers
-        one by one. Only a hint: a bad list is ignored, each layer is still proven."""
+        one by one; this layer's own paths go first (fetches start in order). Only a
+        hint: a bad list is ignored, each layer is still proven."""
         try:
             later = decode_prefetch(labels)
         except PathsAnnotationError as e:
             log.warning("layer %s: ignoring its prefetch list: %s", target, e.message)
             return
         if later:
-            self.store_paths.prefetch(later)
+            self.store_paths.prefetch([*bases, *later])
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         return self._create_mounted(key, parent, Kind.VIEW, labels)

@@ -10,6 +10,7 @@ from stowaway.errors import StowawayError
 from stowaway.image.annotations import (
     LABEL_LIMIT,
     PATHS_PREFIX,
+    PREFETCH_LIMIT,
     PREFETCH_PREFIX,
     PathsAnnotationError,
     decode_paths,
@@ -76,3 +77,13 @@ def test_prefetch_list_splits_and_reads_back_apart_from_the_paths() -> None:
     assert decode_prefetch(encode_paths(own)) == []
     with pytest.raises(PathsAnnotationError, match=r"stowaway\.prefetch\.0"):
         decode_prefetch({f"{PREFETCH_PREFIX}0": "../../etc"})
+
+
+def test_prefetch_list_keeps_the_first_paths_up_to_its_limit() -> None:
+    """A huge closure's list stops at PREFETCH_LIMIT bytes of names (the manifest must
+    stay under registries' 4 MiB): the first paths, in order; the rest go per layer."""
+    later = [f"/nix/store/{i:032d}-{'n' * 150}-{i}" for i in range(10_000)]
+    kept = decode_prefetch(encode_prefetch(later))
+    assert 0 < len(kept) < len(later)
+    assert kept == [Path(p).name for p in later[: len(kept)]]
+    assert PREFETCH_LIMIT - 200 < sum(len(b) + 1 for b in kept) <= PREFETCH_LIMIT

@@ -37,6 +37,7 @@ __all__ = [
     "LABEL_LIMIT",
     "MTIME_LABEL",
     "PATHS_PREFIX",
+    "PREFETCH_LIMIT",
     "PREFETCH_PREFIX",
     "REF_LABEL",
     "RULES_LABEL",
@@ -54,6 +55,9 @@ SNAPSHOT_LABEL_PREFIX = "containerd.io/snapshot/"
 PATHS_PREFIX = f"{SNAPSHOT_LABEL_PREFIX}stowaway.paths."
 #: On the first store-path layer: the other store-path layers' basenames, in order.
 PREFETCH_PREFIX = f"{SNAPSHOT_LABEL_PREFIX}stowaway.prefetch."
+#: Most bytes of basenames a prefetch list holds: it doubles the manifest's path names,
+#: and registries refuse manifests over 4 MiB; the paths past it are fetched per layer.
+PREFETCH_LIMIT = 512 << 10
 #: The label naming the chain ID a Prepare is for (set by the unpacker).
 REF_LABEL = "containerd.io/snapshot.ref"
 #: The tar members' mtime when it is not DEFAULT_MTIME (absent: the default).
@@ -84,8 +88,16 @@ def encode_paths(paths: Sequence[str], mtime: int = DEFAULT_MTIME) -> dict[str, 
 
 
 def encode_prefetch(paths: Sequence[str]) -> dict[str, str]:
-    """``PREFETCH_PREFIX<i>`` → the basenames of ``paths``, split like ``encode_paths``."""
-    return _encode_names(PREFETCH_PREFIX, paths)
+    """``PREFETCH_PREFIX<i>`` → the basenames of ``paths``, split like ``encode_paths``,
+    as many of the first ones as PREFETCH_LIMIT bytes of names hold."""
+    kept: list[str] = []
+    size = 0
+    for path in paths:
+        size += len(store_basename(path).encode()) + 1
+        if size > PREFETCH_LIMIT:
+            break
+        kept.append(path)
+    return _encode_names(PREFETCH_PREFIX, kept)
 
 
 def _encode_names(prefix: str, paths: Sequence[str]) -> dict[str, str]:

@@ -414,6 +414,21 @@ def test_read_only_store_plus_substituted_local_store(
         subprocess.run(["umount", str(ro)], check=True)
 
 
+def substituting_snapshotter(tmp_path: Path, cache: str, key: str) -> StoreSnapshotter:
+    """A snapshotter over an empty store, substituting into ``tmp_path``/local."""
+    store = tmp_path / "empty-store"
+    store.mkdir()
+    return StoreSnapshotter(
+        SnapshotterConfig(
+            root=tmp_path / "root",
+            store=store,
+            local_store=tmp_path / "local",
+            substituters=(cache,),
+            trusted_public_keys=(key,),
+        )
+    )
+
+
 def test_cleanup_drops_local_paths_no_snapshot_uses(
     tmp_path: Path,
     demo_closure: list[str],
@@ -423,19 +438,11 @@ def test_cleanup_drops_local_paths_no_snapshot_uses(
     """containerd's Cleanup (after its GC) removes substituted paths once no snapshot
     uses them; paths still used, or located by a Prepare not yet committed, stay; so do
     entries that are no store paths. Crash leftovers go at start-up."""
-    store, local = tmp_path / "empty-store", tmp_path / "local"
-    store.mkdir()
+    local = tmp_path / "local"
     local.mkdir()
     (local / ".tmp-abcdefgh-crashed").mkdir()  # a fetch a crash interrupted
     (local / "README").write_text("not a store path: never ours to delete")
-    cfg = SnapshotterConfig(
-        root=tmp_path / "root",
-        store=store,
-        local_store=local,
-        substituters=(signed_caches["zstd"],),
-        trusted_public_keys=(cache_keys["good"],),
-    )
-    s = StoreSnapshotter(cfg)
+    s = substituting_snapshotter(tmp_path, signed_caches["zstd"], cache_keys["good"])
     assert os.listdir(local) == ["README"]
     greeting = next(p for p in demo_closure if p.endswith("-greeting-data"))
     sub = s.store_paths.substituter
@@ -484,19 +491,12 @@ def test_first_layer_starts_substituting_the_later_layers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The first store layer's prefetch list starts substituting the later layers' paths
-    at its own Prepare, after its own; their Prepares then download nothing more and are still proven
-    (a later layer naming paths of another layer than its ref falls back to unpack). A
-    bad list is only a hint: ignored with a warning, the layer still commits."""
-    store, local = tmp_path / "empty-store", tmp_path / "local"
-    store.mkdir()
-    cfg = SnapshotterConfig(
-        root=tmp_path / "root",
-        store=store,
-        local_store=local,
-        substituters=(signed_caches["zstd"],),
-        trusted_public_keys=(cache_keys["good"],),
-    )
-    s = StoreSnapshotter(cfg)
+    at its own Prepare, after its own; their Prepares then download nothing more and
+    are still proven (a later layer naming paths of another layer than its ref falls
+    back to unpack). A bad list is only a hint: ignored with a warning, the layer still
+    commits."""
+    local = tmp_path / "local"
+    s = substituting_snapshotter(tmp_path, signed_caches["zstd"], cache_keys["good"])
     sub = s.store_paths.substituter
     assert sub is not None
     cache = sub.caches[0]

@@ -33,6 +33,7 @@ import os
 import posixpath
 import stat
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,10 @@ class NixImages:
                 "directory without a database (--store DIR) that stowaway may fill",
             )
         sub = Substituter(self.store.caches, self.store.store_dir)
-        for p in missing:
-            if sub.fetch(p.rsplit("/", 1)[-1]) is None:
+        with ThreadPoolExecutor(max(2, os.cpu_count() or 2), "stowaway-substitute") as pool:
+            got = sub.fetch_all([p.rsplit("/", 1)[-1] for p in missing], pool)
+        for p, where in zip(missing, got, strict=True):
+            if where is None:
                 tried = ", ".join(c.url for c in self.store.caches) or "no substituters"
                 raise PathNotFound(
                     f"{p} (in the closure of {store_path}) is neither in {self.store.store_dir} "

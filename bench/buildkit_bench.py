@@ -22,6 +22,7 @@ from /proc: on a shared machine the wall clock varies with the load, the CPU muc
 
 Runs private containerd + dockerd (in a network namespace shared with a registry).
 Usage: .venv/bin/python bench/buildkit_bench.py [--scenario small|heavy|fresh]... [--rounds N]
+       [--work N]
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ from stowaway.buildkit.context import make_context  # noqa: E402
 from stowaway.image.config import ImageOptions  # noqa: E402
 
 FIXTURES = ROOT / "fixtures" / "buildkit"
+#: heavy.nix's ``work``: ≈ 1 s of CPU per derivation on this VM on 2026-12-04 (a local
+#: nix-build of all 15 with work 8,123,997 took 17.4 s on 2 cores); its speed drifts
+#: over the day, so compare tools within one run, and check nix-build's cold time.
+WORK = 3_500_000
 NIX_OPTS = ["--option", "substituters", "", "--max-jobs", "2"]
 
 DOCKERFILE = """\
@@ -179,7 +184,7 @@ def keep_best(rows: dict[str, float], cpu: dict[str, float], b: Bench, name: str
             cpu[name] = b.cpu[name]
 
 
-def small(tmp: Path, netns: Netns, rounds: int) -> None:
+def small(tmp: Path, netns: Netns, rounds: int, base_work: int) -> None:
     stamp = str(time.time_ns())
     best: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -200,13 +205,13 @@ def small(tmp: Path, netns: Netns, rounds: int) -> None:
     )
 
 
-def heavy(tmp: Path, netns: Netns, rounds: int) -> None:
-    stamp = time.time_ns() % 100000
+def heavy(tmp: Path, netns: Netns, rounds: int, base_work: int) -> None:
+    stamp = time.time_ns() % 1000  # + at most 1 % of the work
     rows: dict[str, dict[str, float]] = {"cold": {}, "no-op rebuild": {}, "leaf change": {}}
     cpu: dict[str, dict[str, float]] = {case: {} for case in rows}
     with builder(tmp / "heavy", netns, FIXTURES / "heavy.nix") as b:
         for r in range(rounds):
-            work = str(800000 + stamp * 10 + r)  # new for every round: all 15 build
+            work = str(base_work + stamp * 10 + r)  # new for every round: all 15 build
             cold, changed = {"work": work}, {"work": work, "salt": "-b"}
             for name, fn in (
                 ("stowaway", b.stowaway),
@@ -222,13 +227,13 @@ def heavy(tmp: Path, netns: Netns, rounds: int) -> None:
     report(f"heavy (heavy.nix, 15 derivations of ~1 s), best of {rounds}:", rows, cpu)
 
 
-def fresh(tmp: Path, netns: Netns, rounds: int) -> None:
+def fresh(tmp: Path, netns: Netns, rounds: int, base_work: int) -> None:
     rows: dict[str, dict[str, float]] = {"fresh builder, leaf": {}, "fresh builder, no-op": {}}
     cpu: dict[str, dict[str, float]] = {case: {} for case in rows}
     expr = FIXTURES / "heavy.nix"
     with NetnsRegistry(tmp / "fresh", netns) as reg:
         for r in range(rounds):
-            work = str(900000 + time.time_ns() % 100000)
+            work = str(base_work + time.time_ns() % 10000 * 10 + r)
             first, changed = {"work": work}, {"work": work, "salt": "-b"}
             refs = {n: f"{reg.host}/{n}:cache{r}" for n in ("stowaway", "monolithic")}
             inline = ("--build-arg", "BUILDKIT_INLINE_CACHE=1")
@@ -262,12 +267,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--scenario", action="append", choices=["small", "heavy", "fresh"])
+    ap.add_argument(
+        "--work",
+        type=int,
+        default=WORK,
+        help=f"heavy.nix's CPU per derivation (default {WORK}: about a second here)",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bkbench-", dir="/var/tmp"))
     try:
         with Netns() as netns:
             for name in args.scenario or ["small", "heavy", "fresh"]:
-                {"small": small, "heavy": heavy, "fresh": fresh}[name](tmp, netns, args.rounds)
+                scenario = {"small": small, "heavy": heavy, "fresh": fresh}[name]
+                scenario(tmp, netns, args.rounds, args.work)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -176,7 +176,14 @@ def test_ctrl_c_stops_a_build_at_once_leaving_no_temp_files(big_path: str, tmp_p
     works."""
     cache, layout = tmp_path / "cache", tmp_path / "layout"
     argv = [*STOWAWAY, "build", big_path, "--cache-dir", str(cache), "-o", f"oci:{layout}:1"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as at a terminal, even where the runner ignores SIGINT (a background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
+    )
     try:
         deadline = time.monotonic() + 60
         while not _temp_blob_growing(cache / "blobs" / "sha256"):

@@ -821,9 +821,14 @@ def test_ctrl_c_stops_uploads_under_way_and_commits_nothing(
     big = max(image.layers, key=lambda la: la.size)
     progress = _InterruptOnFirstBytes(big.digest)
     mark = registry.mark()
-    with pytest.raises(KeyboardInterrupt):
-        push(image, registry.host, "interrupted", "v1", tls_verify=False, state_dir=state,
-             progress=progress, jobs=4)  # fmt: skip
+    # Python's own Ctrl-C handler, even where the runner ignores SIGINT (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            push(image, registry.host, "interrupted", "v1", tls_verify=False, state_dir=state,
+                 progress=progress, jobs=4)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert progress.interrupted_at is not None
     took = time.monotonic() - progress.interrupted_at
     assert took < 1.0, f"push went on for {took:.1f}s after Ctrl-C"

@@ -318,21 +318,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--work", type=Path, help="work dir (default: a temp dir, removed)")
     args = ap.parse_args(argv)
-    if not STOWAWAY.exists():
-        print(f"compose_bench: {STOWAWAY} not found (pip install -e .)", file=sys.stderr)
+    result = run_in_work("compose_bench", args.work, lambda w: bench(args.fixture, args.repeat, w))
+    if result is None:
         return 1
-    work = args.work or Path(tempfile.mkdtemp(prefix="stowaway-bench-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        result = bench(args.fixture, args.repeat, work)
-    except BenchError as e:
-        print(f"compose_bench: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=1, sort_keys=True) if args.json else table(result))
     return 0
+
+
+def run_in_work(
+    name: str, given: Path | None, run: Callable[[Path], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """``run`` in the work dir ``given`` (else a temp dir, removed afterwards) once the
+    CLI is installed; None, after saying why on stderr, when it cannot or fails."""
+    if not STOWAWAY.exists():
+        print(f"{name}: {STOWAWAY} not found (pip install -e .)", file=sys.stderr)
+        return None
+    work = given or Path(tempfile.mkdtemp(prefix=f"stowaway-{name}-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(work)
+    except BenchError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return None
+    finally:
+        if given is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

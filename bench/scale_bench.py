@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from compose_bench import (  # noqa: E402  (sibling scripts, not a package)
     floor_cmd,
     fresh,
     relink,
+    run_in_work,
     timed,
 )
 from registry_bench import ENV, OCI, Serve, get  # noqa: E402
@@ -254,21 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--work", type=Path, help="work dir (default: a temp dir, removed)")
     args = ap.parse_args(argv)
-    if not STOWAWAY.exists():
-        print(f"scale_bench: {STOWAWAY} not found (pip install -e .)", file=sys.stderr)
+    result = run_in_work("scale_bench", args.work, lambda work: bench(args, work))
+    if result is None:
         return 1
-    work = args.work or Path(tempfile.mkdtemp(prefix="stowaway-scale-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        result = bench(args, work)
-    except BenchError as e:
-        print(f"scale_bench: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
     if args.work is not None:
-        (work / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        (args.work / "result.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(json.dumps(result, indent=1, sort_keys=True) if args.json else table(result))
     return 0
 

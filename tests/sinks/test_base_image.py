@@ -15,6 +15,7 @@ import pytest
 
 from daemons import Containerd, Registry
 from stowaway.image.config import default_architecture
+from stowaway.sinks.inspect import InspectError, pick_platform
 from stowaway_cli import build_json, run
 
 pytestmark = pytest.mark.slow  # debootstraps Debian once per machine
@@ -287,3 +288,29 @@ def test_a_private_registry_base_takes_its_own_credentials(
         )
         from_file = build_json(*common, "--authfile", str(login), *out)
     assert with_flag["manifest_digest"] == from_file["manifest_digest"]
+
+
+def test_index_entries_of_any_shape_are_passed_over_when_picking_a_platform() -> None:
+    """An index is outside input: entries that are no objects, platforms that are no
+    objects, entries without digests are skipped, never a traceback; the match's listed
+    media type comes back with its digest (a base's manifest may not name its own)."""
+    digest = "sha256:" + "a" * 64
+    index = {
+        "manifests": [
+            "not an entry",
+            {"platform": "linux/amd64"},
+            {"digest": "sha256:" + "b" * 64, "platform": {"os": "linux", "architecture": "s390x"}},
+            {
+                "digest": digest,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
+        ]
+    }
+    assert pick_platform("idx", index, ("linux", "amd64", None)) == (
+        digest,
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+    with pytest.raises(InspectError, match="no linux/arm64 image") as info:
+        pick_platform("idx", index, ("linux", "arm64", None))
+    assert "linux/s390x" in (info.value.hint or "")

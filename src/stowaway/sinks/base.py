@@ -86,10 +86,9 @@ def _read(
 ) -> BaseImage:
     doc, digest, media_type = fetch_manifest(where, reader.reference, reader.fetch)
     if is_index(doc, media_type):
-        entry = pick_platform(where, doc, (*platform, None))
-        listed = next(m.get("mediaType") for m in doc["manifests"] if m.get("digest") == entry)
+        entry, listed = pick_platform(where, doc, (*platform, None))
         doc, digest, media_type = fetch_manifest(where, entry, reader.fetch)
-        media_type = media_type or str(listed or "")  # the manifest may not say it itself
+        media_type = media_type or listed  # the manifest may not say it itself
 
     def make_layer(layer: Layer) -> Layer:
         if in_place:  # a layout directory's own file: read in place, never dropped

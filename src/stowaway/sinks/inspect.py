@@ -150,7 +150,7 @@ def _from_index(
             "manifest_digest": index_digest,
             "platforms": _platforms(index),
         }
-    summary = _from_manifest(target, pick_platform(target, index, want), fetch, blob, None)
+    summary = _from_manifest(target, pick_platform(target, index, want)[0], fetch, blob, None)
     summary["index_digest"] = index_digest
     return summary
 
@@ -158,8 +158,8 @@ def _from_index(
 def _platforms(index: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [
         {
-            "platform": _platform_name(m.get("platform") or {}),
-            "digest": m["digest"],
+            "platform": _platform_name(p if isinstance(p := m.get("platform"), dict) else {}),
+            "digest": str(m.get("digest", "")),
             "media_type": m.get("mediaType", ""),
             "size": m.get("size", 0),
         }
@@ -168,18 +168,24 @@ def _platforms(index: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def pick_platform(target: str, index: Mapping[str, Any], want: tuple[str, str, str | None]) -> str:
-    """The digest of the first manifest of ``index`` for ``want`` (OS, ARCH, VARIANT or
-    None for any); InspectError listing the platforms the index has when none fits."""
+def pick_platform(
+    target: str, index: Mapping[str, Any], want: tuple[str, str, str | None]
+) -> tuple[str, str]:
+    """The digest and listed media type ("" when unsaid) of the first manifest of
+    ``index`` for ``want`` (OS, ARCH, VARIANT or None for any); InspectError listing the
+    platforms the index has when none fits."""
     os_, arch, variant = want
     for m in index.get("manifests", []):
-        p = (m.get("platform") or {}) if isinstance(m, dict) else {}
+        p = m.get("platform") if isinstance(m, dict) else None
+        if not isinstance(p, dict):
+            continue
         if p.get("os") == os_ and p.get("architecture") == arch:
             if variant is None or p.get("variant") == variant:
                 try:  # it names a blob file or goes into a URL
-                    return "{}:{}".format(*parse_digest(str(m.get("digest"))))
+                    digest = "{}:{}".format(*parse_digest(str(m.get("digest"))))
                 except StowawayError as e:
                     raise InspectError(f"{target}: index entry: {e.message}") from None
+                return digest, str(m.get("mediaType") or "")
     raise InspectError(
         f"{target}: no {'/'.join(x for x in want if x)} image in the index",
         hint="it has: " + (", ".join(r["platform"] for r in _platforms(index)) or "nothing"),

@@ -58,3 +58,16 @@ def test_bad_indexes() -> None:
         build_index([(ARM, _image("a")), (AMD, _image("b", "docker"))])
     with pytest.raises(ImageIndexError, match="at least one"):
         build_index([])
+
+
+def test_a_platform_with_a_variant_sorts_beside_the_same_one_without() -> None:
+    """linux/arm and linux/arm/v7 in one index: no variant sorts first (comparing None
+    with "v7" must not fail), in either order given."""
+    plain, v7 = _image("arm"), _image("v7")
+    arm = Platform("linux", "arm")
+    for given in ([(V7, v7), (arm, plain)], [(arm, plain), (V7, v7)]):
+        doc = json.loads(build_index(given).manifest.data or b"")
+        assert [m["digest"] for m in doc["manifests"]] == [
+            plain.manifest.digest,
+            v7.manifest.digest,
+        ]

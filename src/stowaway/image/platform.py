@@ -10,6 +10,7 @@ only when no root has a readable deriver does this machine's architecture stand 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,13 +42,20 @@ class PlatformError(StowawayError):
     """A platform that cannot be parsed, or roots that disagree on theirs."""
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class Platform:
     """An OCI platform: ``linux/arm64``, ``linux/arm/v7``."""
 
     os: str
     architecture: str
     variant: str | None = None
+
+    def __lt__(self, other: Platform) -> bool:
+        """By os, architecture, variant (none first): an index lists its images in one
+        order (a generated order would compare None with a variant and fail)."""
+        mine = (self.os, self.architecture, self.variant or "")
+        return mine < (other.os, other.architecture, other.variant or "")
 
     def __str__(self) -> str:
         return f"{self.os}/{self.architecture}" + (f"/{self.variant}" if self.variant else "")

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -256,3 +256,27 @@ def test_interrupted_path_leaves_nothing_of_it_and_can_be_retried(
     with ThreadPoolExecutor(2) as pool:
         assert sub.fetch_all(bases, pool) == [tmp_path / "local" / b for b in bases]
     assert sorted(os.listdir(tmp_path / "local")) == sorted(bases)
+
+
+def test_a_cancelled_fetch_fails_its_path_and_the_next_one_fetches_it(
+    tmp_path: Path,
+    demo_closure: list[str],
+    signed_caches: dict[str, str],
+    cache_keys: dict[str, str],
+) -> None:
+    """A pool shut down with its queue cancelled: the queued path's future fails with
+    CancelledError (nobody waits forever) and nothing of it is left; a later fetch
+    of it works."""
+    sub, _ = _substituter(signed_caches["zstd"], cache_keys["good"], tmp_path / "local")
+    base = os.path.basename(next(p for p in demo_closure if p.endswith("-greeting-data")))
+    release = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    pool.submit(release.wait, 30)  # the only worker is busy: the fetch waits in the queue
+    (queued,) = sub.start([base], pool)
+    pool.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    with pytest.raises(CancelledError):
+        queued.result(timeout=30)
+    assert os.listdir(tmp_path / "local") == []
+    with ThreadPoolExecutor(1) as again:
+        assert sub.fetch_all([base], again) == [tmp_path / "local" / base]

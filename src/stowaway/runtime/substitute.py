@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import CancelledError, Executor, Future, wait
 from pathlib import Path
 
 from stowaway.errors import StowawayError
@@ -178,7 +178,10 @@ class Substituter:
         return futures, mine
 
     def _job_done(self, base: str, job: Future[Path | _Staged | None]) -> None:
-        self._ready(base, job.exception() or job.result())
+        if job.cancelled():  # a pool shut down with cancel_futures: fail it, never hang
+            self._ready(base, CancelledError(f"substituting {base} was cancelled"))
+        else:
+            self._ready(base, job.exception() or job.result())
 
     def _ready(self, base: str, outcome: _Stage) -> None:
         with self._lock:

@@ -116,7 +116,7 @@ def compose(
         comments,
         format,
         base.config if base else None,
-        bin_dirs=[] if options.contents else bin_dirs_of(source, roots),
+        bin_dirs=None if _path_given(options) else bin_dirs_of(source, roots),
     )
     layers = [*(base_layers(base, format) if base else ()), *layers]
     if format == "docker":
@@ -170,3 +170,9 @@ def _comment(layer: Layer) -> str:
 
 def _blob(data: bytes, media_type: str) -> Blob:
     return Blob(digest=sha256_digest(data), size=len(data), media_type=media_type, data=data)
+
+
+def _path_given(options: ImageOptions) -> bool:
+    """Whether the config's PATH is settled without the roots' ``bin`` dirs (linked
+    ``contents``, or a PATH of the user's), so they need not be read."""
+    return bool(options.contents) or any(e.startswith("PATH=") for e in options.env)

@@ -30,9 +30,6 @@ class Stop:
     def set(self) -> None:
         self._event.set()
 
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
     def check(self) -> None:
         if self._event.is_set():
             raise Stopped
@@ -42,9 +39,9 @@ def run_all(tasks: Sequence[Callable[[Stop], T]], jobs: int, name: str = "stowaw
     """Results of ``tasks`` in order, ``jobs`` at a time. The first exception stops the
     others and is raised once every task has returned; ``Stopped`` of the others is
     never what the caller sees."""
-    stop = Stop()
     if not tasks:
         return []
+    stop = Stop()
     with ThreadPoolExecutor(max(1, min(jobs, len(tasks))), name) as pool:
         futures: list[Future[T]] = [pool.submit(task, stop) for task in tasks]
         try:

@@ -16,7 +16,7 @@ from stowaway.layering import auto, dominator, popularity
 from stowaway.layering.auto import UNKNOWN_SIZE
 from stowaway.layering.model import LayerPlan, PlannedLayer
 from stowaway.layering.reference_graph import ReferenceGraph, build_reference_graph
-from stowaway.store.model import PathInfo
+from stowaway.store.model import PathInfo, sub_closure
 
 __all__ = [
     "MAX_LAYERS_LIMIT",
@@ -84,7 +84,7 @@ def plan(
             f"max_layers {max_layers} leaves no room to plan a layer base apart",
             hint="a layer base needs max_layers of at least 3",
         )
-    base = _reach(closure, base_roots)
+    base = sub_closure(closure, base_roots)
     below = _plan_graph(planner, build_reference_graph(base, base_roots), base_budget(max_layers))
     above: list[PlannedLayer] = []
     room = budget - len(below)
@@ -117,17 +117,6 @@ def base_budget(max_layers: int) -> int:
     base's plan never depends on what else an image holds."""
     budget = max_layers - 1
     return budget - max(1, budget // 5)
-
-
-def _reach(closure: Mapping[str, PathInfo], roots: Sequence[str]) -> dict[str, PathInfo]:
-    """The part of ``closure`` that ``roots`` (paths in it) reach."""
-    todo, seen = list(roots), set(roots)
-    while todo:
-        for r in closure[todo.pop()].references:
-            if r not in seen and r in closure:
-                seen.add(r)
-                todo.append(r)
-    return {p: closure[p] for p in sorted(seen)}
 
 
 def _plan_graph(

@@ -27,8 +27,7 @@ from stowaway.sinks import SinkResult, Target, write_image
 from stowaway.sinks.attach import attach_to_image
 from stowaway.sinks.base import open_base
 from stowaway.sinks.targets import RegistryTarget
-from stowaway.store.model import PathInfo, StoreSource
-from stowaway.store.sources import sub_closure
+from stowaway.store.model import PathInfo, StoreSource, sub_closure
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec

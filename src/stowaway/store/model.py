@@ -6,7 +6,7 @@ these terms, so layering and tarring never care where bytes come from.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -63,3 +63,16 @@ class StoreSource(Protocol):
 
     def entries(self, path: str) -> Iterator[NarEntry]:
         """The file tree of ``path`` as NarEntry events (streaming, no temp files)."""
+
+
+def sub_closure(closure: Mapping[str, PathInfo], roots: Iterable[str]) -> dict[str, PathInfo]:
+    """The part of a computed ``closure`` that ``roots`` (paths in it) reach; references
+    outside it are not followed."""
+    out: dict[str, PathInfo] = {}
+    todo = list(roots)
+    while todo:
+        path = todo.pop()
+        if path not in out:
+            out[path] = closure[path]
+            todo += [r for r in closure[path].references if r not in out and r in closure]
+    return out

@@ -4,7 +4,7 @@ CLI uses to turn ``--store`` / ``--substituter`` flags into sources."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from stowaway.store.local import DirectoryStore, LocalStore, db_path_for
 from stowaway.store.model import STORE_DIR, NarEntry, PathInfo, StoreSource
 from stowaway.store.narinfo import PublicKey
 
-__all__ = ["Sources", "closure", "open_sources", "sub_closure"]
+__all__ = ["Sources", "closure", "open_sources"]
 
 _PARALLEL_QUERIES = 8
 
@@ -124,18 +124,6 @@ def closure(source: StoreSource, roots: Iterable[str]) -> dict[str, PathInfo]:
                             referrer[ref] = i.path
                             frontier.append(ref)
     return result
-
-
-def sub_closure(closure: Mapping[str, PathInfo], roots: Iterable[str]) -> dict[str, PathInfo]:
-    """The part of a computed ``closure`` reachable from ``roots`` (all in it)."""
-    out: dict[str, PathInfo] = {}
-    todo = list(roots)
-    while todo:
-        path = todo.pop()
-        if path not in out:
-            out[path] = closure[path]
-            todo += [r for r in closure[path].references if r not in out]
-    return out
 
 
 def open_sources(

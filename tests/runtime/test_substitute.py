@@ -213,8 +213,8 @@ def test_parallel_fetches_publish_complete_paths(
     signed_caches: dict[str, str],
     cache_keys: dict[str, str],
 ) -> None:
-    """Many fetches of different paths finishing together share their syncfs calls
-    (group commit) and each still publishes its path whole, once."""
+    """Many fetches of different paths finishing together (published in shared syncfs
+    rounds) each publish their path whole, once."""
     sub, streamed = _substituter(signed_caches["zstd"], cache_keys["good"], tmp_path / "local")
     bases = [os.path.basename(p) for p in demo_closure]
     with ThreadPoolExecutor(8) as pool:

@@ -11,10 +11,10 @@ NARs are unpacked in parallel (``start``: a layer's missing paths, or a whole im
 ahead of its layers), and whatever is unpacked by then costs one ``syncfs`` before its
 renames: not an fsync per file (on the benchmark's 25k-file closure per-file fsyncs alone
 took about a minute), nor a syncfs per path (each waits for every dirty page of the
-filesystem, other tenants' too); flushes asked for at the same time are one
-(``_GroupSync``). Each NAR's download, decompression and hashing
-run a few MiB ahead in a thread of the stream (``BinaryCache.entries``): they and the
-writes release the GIL. A path another batch is fetching is waited for (one download);
+filesystem, other tenants' too); one publisher thread does the rounds, so fetches
+finishing together share a flush (group commit). Each NAR's download, decompression
+and hashing run a few MiB ahead in a thread of the stream (``BinaryCache.entries``):
+they and the writes release the GIL. A path another batch is fetching is waited for (one download);
 a path another process placed meanwhile counts as fetched: it was renamed into place
 complete, like ours.
 """
@@ -59,41 +59,6 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
-class _GroupSync:
-    """``syncfs`` shared by concurrent fetches (group commit): a flush that started after
-    a caller's writes covers that caller too, so parallel fetches that finish together
-    wait for one flush of the filesystem, not one each. A failed flush covers nobody:
-    each caller then flushes again itself (and sees the error)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._cond = threading.Condition()
-        self._tickets = 0  # callers so far; ticket t is covered once _covered >= t
-        self._covered = 0
-        self._running = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._tickets += 1
-            mine = self._tickets
-            while self._running and self._covered < mine:
-                self._cond.wait()
-            if self._covered >= mine:
-                return
-            self._running = True
-            upto = self._tickets  # every caller whose writes were done by now
-        ok = False
-        try:
-            _syncfs(self._path)
-            ok = True
-        finally:
-            with self._cond:
-                self._running = False
-                if ok:
-                    self._covered = max(self._covered, upto)
-                self._cond.notify_all()
-
-
 class _Staged:
     """A NAR unpacked and verified in ``tmp``/p, not yet durable nor in place."""
 
@@ -115,7 +80,6 @@ class Substituter:
         self.local_store = local_store
         self._inflight: dict[str, Future[Path | None]] = {}
         self._lock = threading.Condition()
-        self._sync = _GroupSync(local_store)
         self._staged: list[tuple[str, _Stage]] = []  # done, not yet published
         self._unpublished = 0  # staging jobs submitted and not yet published
         self._publishing = False  # a publisher thread runs
@@ -215,7 +179,7 @@ class Substituter:
             synced = True
             if temps:
                 try:
-                    self._sync.sync()
+                    _syncfs(self.local_store)
                 except OSError as e:
                     log.warning(
                         "substituting %s: flushing the local store failed: %s",

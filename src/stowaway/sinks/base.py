@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from stowaway.distribution.credentials import CredentialsLookup
 from stowaway.image.base import BaseImage, BaseImageError, BaseLayer, parse_base
@@ -39,20 +39,19 @@ PLAIN_HTTP_HINT = "for a plain-HTTP registry pass --src-tls-verify=false"
 @contextlib.contextmanager
 def open_base(
     spec: str | None,
-    options: ImageOptions,
     *,
     cache: LayerCache,
     tls_verify: bool = True,
     creds: CredentialsLookup | None = None,
-) -> Iterator[BaseImage | None]:
-    """The base image ``spec`` names (``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``,
-    ``docker://HOST/REPO[:TAG|@DIGEST]``) for the platform of ``options`` (its OS and
-    architecture), checked; open for the ``with`` block, in which its layers' bytes can
-    be read. No ``spec``: None (no base)."""
+) -> Iterator[Callable[[ImageOptions], BaseImage] | None]:
+    """For the base image ``spec`` names (``oci:DIR[:TAG]``, ``oci-archive:FILE[:TAG]``,
+    ``docker://HOST/REPO[:TAG|@DIGEST]``): a function giving it, checked, for the
+    platform of an image's options (its OS and architecture). The image is opened once
+    for the ``with`` block (one registry session for every platform of an index), in
+    which its layers' bytes can be read. No ``spec``: None (no base)."""
     if spec is None:
         yield None
         return
-    platform = (options.os, options.architecture)
     try:
         dest = parse_target(spec)
     except TargetError as e:
@@ -73,12 +72,23 @@ def open_base(
                     dest, tls_verify=tls_verify, creds=creds, plain_http_hint=PLAIN_HTTP_HINT
                 )
             )
-            image = _read(where, reader, platform, cache, in_place=isinstance(dest, OciTarget))
         except (InspectError, LayoutError) as e:
-            message = e.message if e.message.startswith(where) else f"{where}: {e.message}"
-            hint = e.hint or "check that BASE names an existing image (skopeo inspect BASE)"
-            raise BaseImageError(message, hint=hint) from None
-        yield image  # the reader stays open: layers are fetched while the image is written
+            raise _base_error(where, e) from None
+
+        def for_platform(options: ImageOptions) -> BaseImage:
+            platform = (options.os, options.architecture)
+            try:
+                return _read(where, reader, platform, cache, in_place=isinstance(dest, OciTarget))
+            except (InspectError, LayoutError) as e:
+                raise _base_error(where, e) from None
+
+        yield for_platform  # the reader stays open: layers are fetched while images are written
+
+
+def _base_error(where: str, e: InspectError | LayoutError) -> BaseImageError:
+    message = e.message if e.message.startswith(where) else f"{where}: {e.message}"
+    hint = e.hint or "check that BASE names an existing image (skopeo inspect BASE)"
+    return BaseImageError(message, hint=hint)
 
 
 def _read(

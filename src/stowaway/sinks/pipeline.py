@@ -8,7 +8,6 @@ and prints the outcome.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -115,7 +114,12 @@ def build_and_write(
                     hint="name as the base a package the images depend on (or drop it)",
                 )
     images: list[BuiltImage] = []
-    with contextlib.ExitStack() as stack:
+    with open_base(
+        base.target if base else None,
+        cache=cache,
+        tls_verify=base.tls_verify if base else True,
+        creds=base.creds if base else None,
+    ) as base_for:
         for want in wanted:
             roots = [*want.roots, *want.contents]
             own = sub_closure(closure, roots) if as_index else dict(closure)
@@ -123,15 +127,7 @@ def build_and_write(
                 source, roots, own, explicit=want.platform, check_explicit=as_index
             )
             options = with_platform(options_for(want.contents), plat.platform)
-            on_base = stack.enter_context(
-                open_base(
-                    base.target if base else None,
-                    options,
-                    cache=cache,
-                    tls_verify=base.tls_verify if base else True,
-                    creds=base.creds if base else None,
-                )
-            )
+            on_base = base_for(options) if base_for else None
             result = compose(
                 source, roots, options, closure=own, strategy=strategy, max_layers=max_layers,
                 settings=settings, cache=cache, format=format, progress=progress, jobs=jobs,

@@ -77,8 +77,8 @@ from stowaway.store.sources import Sources, closure, open_sources
 
 log = logging.getLogger("stowaway.registry")
 Format = Literal["oci", "docker"]
-#: sorted roots, format, platform ("" = the one the roots' derivations are for)
-#: (roots, format, platform wanted, layer base roots)
+#: (sorted roots, format, platform wanted ("" = the one the roots' derivations are
+#: for), layer base roots)
 Key = tuple[tuple[str, ...], Format, str, tuple[str, ...]]
 MANIFEST_CACHE_SIZE = 4096
 _EMPTY = PackageIndex({})
@@ -192,12 +192,10 @@ class NixResolver:
             if index_fmt is not None:
                 return await self._index_of(request, name, reference, index_fmt)
             assert fmt is not None
-            if systems:  # a client that takes no index: the first system's image
-                sets = self.system_sets[systems[0]]
-                roots, base = await self._roots(request, name, reference, sets)
-                return await self._image((roots, fmt, str(platform_of_system(systems[0])), base))
+            # a client that takes no index gets the first system's image (self.sets)
+            plat = str(platform_of_system(systems[0])) if systems else ""
             roots, base = await self._roots(request, name, reference, self.sets)
-            return await self._image((roots, fmt, "", base))
+            return await self._image((roots, fmt, plat, base))
         except RegistryApiError:
             raise
         except CacheError as err:

@@ -39,6 +39,7 @@ from compose_bench import (  # noqa: E402  (sibling scripts, not a package)
     STOWAWAY,
     BenchError,
     Run,
+    best,
     build_cmd,
     floor_cmd,
     fresh,
@@ -163,8 +164,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "repeat": args.repeat,
         "generator_first_import_s": base["import_seconds"] if base["imported"] else None,
     }
-    plans = sorted((timed([str(STOWAWAY), "plan", app, "--json"]) for _ in range(5)),
-                   key=lambda r: r.seconds)  # fmt: skip
+    plans = best(5, [str(STOWAWAY), "plan", app, "--json"])
     res["plan_s"] = plans[0].seconds
     res["plan_layers"] = len(json.loads(plans[0].stdout)["layers"])
     rss = [r.max_rss for r in plans]
@@ -179,12 +179,11 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         res["floor_all_s"] = [round(r.seconds, 2) for r in floor]
         res["cold_all_s"] = [round(r.seconds, 2) for r in cold]
         note(res, work, "floor + cold build")
-    floor.sort(key=lambda r: r.seconds)
-    cold.sort(key=lambda r: r.seconds)
-    res["floor_s"], res["floor_all_s"] = floor[0].seconds, [round(r.seconds, 2) for r in floor]
-    res["cold_s"], res["cold_all_s"] = cold[0].seconds, [round(r.seconds, 2) for r in cold]
-    res["cold_vs_floor"] = floor[0].seconds / cold[0].seconds
-    layers = json.loads(cold[0].stdout)["layers"]
+    fastest_floor = min(floor, key=lambda r: r.seconds)
+    fastest_cold = min(cold, key=lambda r: r.seconds)
+    res["floor_s"], res["cold_s"] = fastest_floor.seconds, fastest_cold.seconds
+    res["cold_vs_floor"] = fastest_floor.seconds / fastest_cold.seconds
+    layers = json.loads(fastest_cold.stdout)["layers"]
     res["layers"] = len(layers)
     res["compressed_bytes"] = sum(int(la["size"]) for la in layers)
     res["build_rss"] = [r.max_rss for r in cold]
@@ -196,11 +195,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         relink(out, wout)()
 
     warm_cmd = image_cmd(app_v["app"], f"oci:{wout}:app", wcache)
-    warm = sorted(
-        (timed(warm_cmd, prepare) for _ in range(max(3, args.repeat))), key=lambda r: r.seconds
-    )
+    warm = best(max(3, args.repeat), warm_cmd, prepare)
     res["warm_app_s"] = warm[0].seconds
-    res["warm_app_ratio"] = warm[0].seconds / cold[0].seconds
+    res["warm_app_ratio"] = warm[0].seconds / fastest_cold.seconds
     res["warm_app_rebuilt_layers"] = sum(
         not la["reused"] for la in json.loads(warm[0].stdout)["layers"]
     )
